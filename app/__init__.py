@@ -1,0 +1,1 @@
+"""Gradio studio: a thin shell over the training and inference modules."""

@@ -1,0 +1,1 @@
+"""Grading with tuned adapters."""

@@ -1,0 +1,1 @@
+"""Grader studio: fine-tune and run rubric graders."""
