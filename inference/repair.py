@@ -1,0 +1,298 @@
+"""Turn whatever a model wrote into a valid Grade, and say what had to be fixed.
+
+A grader that sometimes answers with broken JSON is still useful if every answer becomes a valid
+grade whose repairs are listed beside it. The rules, in order:
+
+1. find the first JSON object in the text (text before or after it is ignored; an object cut off by
+   the token limit is closed; Python-style literals are tried last);
+2. map its items to the rubric's questions by label (question text, question id, "Question N"),
+   then by order; a question with no item scores 0;
+3. clamp each score to [0, max_score] of the rubric (never the model's own maximum);
+4. the total is the sum of the item scores, the maximum the rubric's.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from typing import Any
+
+from training.rubric import Grade, GradeItem, Rubric
+
+# Keys a model may use for an item's score / label / comment.
+_SCORE_KEYS = ("score", "points", "mark", "grade", "value")
+_LABEL_KEYS = ("question", "question_id", "id", "label", "name", "title")
+_JUSTIFICATION_KEYS = ("justification", "feedback", "comment", "reason", "explanation", "rationale")
+
+
+def zero_grade(rubric: Rubric, feedback: str = "") -> Grade:
+    """A grade with every question at 0: what an unusable answer is worth."""
+    items = [GradeItem(question=q.question, score=0.0, max_score=q.max_score) for q in rubric.questions]
+    return Grade(score=0.0, max_score=rubric.max_score, items=items, feedback=feedback)
+
+
+def _close_truncated(text: str) -> str | None:
+    """Close a JSON object that was cut off (token limit): drop the last incomplete member and
+    append the missing quotes/brackets. None when the text does not start an object."""
+    if not text.startswith("{"):
+        return None
+    stack: list[str] = []
+    in_str = False
+    esc = False
+    last_safe = -1  # index just after the last complete value inside a container
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack:
+                return None
+            stack.pop()
+            last_safe = i + 1
+            if not stack:
+                return text[: i + 1]
+        elif ch == ",":
+            last_safe = i  # cut before the comma: everything before it is complete
+    if not stack:
+        return None
+    # Try the whole text closed as-is first (cut inside a string value), then cut at the last
+    # safe point and recompute the closers for that prefix.
+    candidates = []
+    tail = text + ('"' if in_str else "")
+    candidates.append(tail + "".join(reversed(stack)))
+    if last_safe > 0:
+        prefix = text[:last_safe]
+        candidates.append(prefix + _closers(prefix))
+    for cand in candidates:
+        try:
+            json.loads(cand)
+            return cand
+        except ValueError:
+            continue
+    return None
+
+
+def _closers(prefix: str) -> str:
+    stack: list[str] = []
+    in_str = esc = False
+    for ch in prefix:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack:
+            stack.pop()
+    return ('"' if in_str else "") + "".join(reversed(stack))
+
+
+def extract_json_object(raw_text: str) -> tuple[dict | None, list[str]]:
+    """The first JSON object in the text, and notes on how it was found."""
+    notes: list[str] = []
+    decoder = json.JSONDecoder()
+    starts = [m.start() for m in re.finditer(r"\{", raw_text)]
+    for n_try, pos in enumerate(starts):
+        try:
+            obj, end = decoder.raw_decode(raw_text, pos)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            if raw_text[:pos].strip():
+                notes.append("ignored text before the JSON object")
+            if raw_text[end:].strip():
+                notes.append("ignored text after the JSON object")
+            return obj, notes
+        # Cut off by the token limit: close this (outer) object before trying the ones inside it.
+        if n_try < 3:
+            closed = _close_truncated(raw_text[pos:].rstrip())
+            if closed is not None:
+                obj = json.loads(closed)
+                if isinstance(obj, dict):
+                    notes.append("the JSON object was cut off; closed it and kept its complete parts")
+                    return obj, notes
+    # Python-style dict (single quotes, True/None).
+    for pos in starts[:3]:
+        end = raw_text.rfind("}")
+        if end <= pos:
+            break
+        try:
+            obj = ast.literal_eval(raw_text[pos : end + 1])
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+            continue
+        if isinstance(obj, dict):
+            notes.append("the answer was a Python-style dict, not JSON")
+            return obj, notes
+    return None, notes
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        m = re.search(r"-?\d+(?:\.\d+)?", value)
+        if m:
+            return float(m.group())
+    return None
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", str(text).lower()).strip()
+
+
+def _item_label(item: dict) -> str | None:
+    for key in _LABEL_KEYS:
+        if key in item and isinstance(item[key], (str, int, float)) and not isinstance(item[key], bool):
+            return str(item[key])
+    return None
+
+
+def _match_question(label: str, rubric: Rubric) -> int | None:
+    """Index of the rubric question a label names, or None."""
+    lab = _norm(label)
+    if not lab:
+        return None
+    for k, q in enumerate(rubric.questions):
+        if _norm(q.question) == lab:
+            return k
+    for k, q in enumerate(rubric.questions):
+        if q.question_id is not None:
+            qid = _norm(q.question_id)
+            if lab in (qid, f"question {qid}", f"q{qid}", f"q {qid}"):
+                return k
+    m = re.fullmatch(r"(?:question|q)?\s*(\d+)", lab)
+    if m:
+        k = int(m.group(1)) - 1
+        if 0 <= k < len(rubric.questions):
+            return k
+    # A model that shortens long question texts: a unique prefix match.
+    hits = [k for k, q in enumerate(rubric.questions) if len(lab) >= 12 and _norm(q.question).startswith(lab)]
+    if len(hits) == 1:
+        return hits[0]
+    return None
+
+
+def _items_of(obj: dict) -> list[dict] | None:
+    items = obj.get("items")
+    if items is None:
+        for key in ("scores", "questions", "rubric_alignment", "grades"):
+            if isinstance(obj.get(key), list):
+                items = obj[key]
+                break
+    if isinstance(items, dict):  # {"question text": score} or {"q1": {...}}
+        items = [
+            ({"question": k, **v} if isinstance(v, dict) else {"question": k, "score": v}) for k, v in items.items()
+        ]
+    if not isinstance(items, list):
+        return None
+    return [it for it in items if isinstance(it, dict)]
+
+
+def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
+    """Always a valid Grade for ``rubric``: (grade, repaired, repairs).
+
+    ``repaired`` is True when anything had to be fixed, guessed or filled in; ``repairs`` says what,
+    one sentence each. Never raises on bad text.
+    """
+    obj, repairs = extract_json_object(raw_text or "")
+    if obj is None:
+        return (
+            zero_grade(rubric, feedback=""),
+            True,
+            ["no JSON grade found in the model output; every question scored 0"],
+        )
+
+    items = _items_of(obj)
+    n = len(rubric.questions)
+    assigned: list[dict | None] = [None] * n
+    if items is None:
+        items = []
+        if n == 1 and _as_number(obj.get("score")) is not None:
+            # A one-question rubric answered with just a total.
+            assigned[0] = {"score": obj.get("score")}
+            repairs.append("no items in the output; used its total as the only question's score")
+        else:
+            repairs.append("no items in the output")
+    # By label first, then the unmatched items fill the unmatched questions in order.
+    unmatched: list[dict] = []
+    for it in items:
+        label = _item_label(it)
+        k = _match_question(label, rubric) if label is not None else None
+        if k is not None and assigned[k] is None:
+            assigned[k] = it
+        else:
+            unmatched.append(it)
+    by_order = 0
+    for k in range(n):
+        if assigned[k] is None and unmatched:
+            assigned[k] = unmatched.pop(0)
+            by_order += 1
+    if by_order and items and any(_item_label(it) is not None for it in items):
+        repairs.append(f"{by_order} item(s) matched to questions by order, not by label")
+    if unmatched:
+        repairs.append(f"ignored {len(unmatched)} item(s) that match no rubric question")
+
+    grade_items: list[GradeItem] = []
+    for k, q in enumerate(rubric.questions):
+        it = assigned[k]
+        label = q.question_id or str(k + 1)
+        if it is None:
+            repairs.append(f"question {label}: no item in the output; scored 0")
+            grade_items.append(GradeItem(question=q.question, score=0.0, max_score=q.max_score))
+            continue
+        score = None
+        for key in _SCORE_KEYS:
+            if key in it:
+                score = _as_number(it[key])
+                if score is not None:
+                    if not isinstance(it[key], (int, float)):
+                        repairs.append(f"question {label}: score {it[key]!r} read as {score:g}")
+                    break
+        if score is None:
+            repairs.append(f"question {label}: no readable score; scored 0")
+            score = 0.0
+        if score < 0 or score > q.max_score:
+            clamped = min(max(score, 0.0), q.max_score)
+            repairs.append(f"question {label}: score {score:g} clamped to {clamped:g} (max {q.max_score:g})")
+            score = clamped
+        just = None
+        for key in _JUSTIFICATION_KEYS:
+            if isinstance(it.get(key), str) and it[key].strip():
+                just = it[key]
+                break
+        grade_items.append(GradeItem(question=q.question, score=score, max_score=q.max_score, justification=just))
+
+    total = sum(i.score for i in grade_items)
+    stated = _as_number(obj.get("score"))
+    if stated is not None and abs(stated - total) > 1e-6 and items:
+        repairs.append(f"total {stated:g} replaced by the sum of the item scores {total:g}")
+    stated_max = _as_number(obj.get("max_score"))
+    if stated_max is not None and abs(stated_max - rubric.max_score) > 1e-6:
+        repairs.append(f"max_score {stated_max:g} replaced by the rubric's {rubric.max_score:g}")
+    feedback = obj.get("feedback")
+    if feedback is None:
+        feedback = ""
+    elif not isinstance(feedback, str):
+        feedback = json.dumps(feedback, ensure_ascii=False)
+        repairs.append("feedback was not text; kept it as JSON text")
+    grade = Grade(score=total, max_score=rubric.max_score, items=grade_items, feedback=feedback)
+    # Notes on surrounding text alone are not repairs of the grade itself.
+    real = [r for r in repairs if not r.startswith("ignored text")]
+    return grade, bool(real), repairs

@@ -1,0 +1,109 @@
+"""The grade repair and the agreement metrics: what a user sees when a model writes nonsense, and
+figures checked against values worked out by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from inference.metrics import compute_metrics, infer_step, point_metrics
+from inference.repair import parse_grade
+from training.rubric import Grade, Rubric, RubricQuestion
+
+RUBRIC = Rubric(
+    questions=[
+        RubricQuestion(question="What is a stack?", max_score=5, question_id="1.1"),
+        RubricQuestion(question="What is a queue?", max_score=3, question_id="1.2"),
+    ]
+)
+
+
+def _valid(grade: Grade) -> None:
+    assert len(grade.items) == len(RUBRIC.questions)
+    for item, q in zip(grade.items, RUBRIC.questions):
+        assert item.question == q.question
+        assert 0 <= item.score <= q.max_score
+        assert item.max_score == q.max_score
+    assert math.isclose(grade.score, sum(i.score for i in grade.items))
+    assert grade.max_score == 8
+
+
+def test_clean_answer_is_not_repaired() -> None:
+    raw = (
+        '{"items":[{"question":"What is a stack?","score":4,"max_score":5,"justification":"ok"},'
+        '{"question":"What is a queue?","score":2.5,"max_score":3}],"score":6.5,"max_score":8,"feedback":"good"}'
+    )
+    grade, repaired, repairs = parse_grade(raw, RUBRIC)
+    _valid(grade)
+    assert not repaired, repairs
+    assert [i.score for i in grade.items] == [4, 2.5]
+    assert grade.score == 6.5 and grade.feedback == "good"
+    assert grade.items[0].justification == "ok"
+
+
+def test_trailing_text_clamping_and_wrong_total_are_repaired() -> None:
+    raw = (
+        'Sure! {"items":[{"question":"1.2","score":9},{"question":"1.1","score":"3/5"}],'
+        '"score":100,"max_score":10}\nThanks <|end|> more text {'
+    )
+    grade, repaired, repairs = parse_grade(raw, RUBRIC)
+    _valid(grade)
+    assert repaired
+    # Mapped by question id, not by order; 9 clamped to the question's max 3.
+    assert [i.score for i in grade.items] == [3.0, 3.0]
+    text = " ".join(repairs)
+    assert "clamped" in text and "replaced by the sum" in text and "max_score 10" in text
+
+
+def test_truncated_json_keeps_complete_items() -> None:
+    raw = '{"items":[{"question":"What is a stack?","score":4},{"question":"What is a queue?","sco'
+    grade, repaired, repairs = parse_grade(raw, RUBRIC)
+    _valid(grade)
+    assert repaired and grade.items[0].score == 4 and grade.items[1].score == 0
+    assert any("cut off" in r for r in repairs)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "   ", "no json here at all", "{{{{", '{"items": "lots"}', "[1, 2, 3]", '{"score": NaN}',
+     "\x00\xff<|return|>", '{"items":[{"score":true},{"score":null}]}', "}{" * 50, '{"a":' * 300],
+)
+def test_garbage_still_yields_a_valid_grade(garbage: str) -> None:
+    grade, repaired, repairs = parse_grade(garbage, RUBRIC)
+    _valid(grade)
+    assert repaired and repairs
+    assert grade.score == 0
+
+
+def test_nothing_parseable_says_so() -> None:
+    grade, repaired, repairs = parse_grade("I think it deserves a B.", RUBRIC)
+    assert repaired and "no JSON grade found" in repairs[0]
+    assert grade.score == 0 and all(i.score == 0 for i in grade.items)
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    # human [0,1,2,2], predicted [0,2,2,1] on a 0..2 integer scale, worked out by hand:
+    # MAE (0+1+0+1)/4 = 0.5; RMSE sqrt(2/4); both means 1.25, cov 1.75, var 2.75 each -> r = 7/11;
+    # QWK: observed weighted disagreement 2 * (1/4 * 1/4) = 0.125, expected 0.34375 -> 1 - 4/11 = 7/11;
+    # exact 2/4; every prediction within 1 point.
+    m = point_metrics([0, 1, 2, 2], [0, 2, 2, 1], max_score=2, step=1)
+    assert m["mae"] == pytest.approx(0.5)
+    assert m["rmse"] == pytest.approx(math.sqrt(0.5))
+    assert m["pearson_r"] == pytest.approx(7 / 11)
+    assert m["qwk"] == pytest.approx(7 / 11)
+    assert m["exact"] == pytest.approx(0.5)
+    assert m["within_1"] == pytest.approx(1.0)
+
+
+def test_half_point_scale_rounding_and_constant_predictor() -> None:
+    # 0.74 rounds to 0.5 (exact), 1.3 to 1.5 (not exact): exact = 1/2.
+    m = point_metrics([0.5, 1.0], [0.74, 1.3], max_score=2, step=0.5)
+    assert m["exact"] == pytest.approx(0.5)
+    assert infer_step([0.5, 1.0, 3.0], 5) == 0.5 and infer_step([1, 2], 5) == 1.0
+    # A constant predictor: kappa 0 (chance), r undefined.
+    c = compute_metrics([0, 1, 2, 2, 1], [1.4] * 5, max_score=2, step=1, n_boot=200)
+    assert c["qwk"]["value"] == pytest.approx(0.0)
+    assert c["pearson_r"]["value"] is None
+    assert c["mae"]["value"] == pytest.approx((1.4 + 0.4 + 0.6 + 0.6 + 0.4) / 5)
+    lo, hi = c["mae"]["ci_low"], c["mae"]["ci_high"]
+    assert lo <= c["mae"]["value"] <= hi
