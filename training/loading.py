@@ -1,0 +1,784 @@
+"""Reading graded submissions and rubrics from files, with every problem reported.
+
+A user hands the studio weeks of grading as JSON: one object, a list, JSON Lines, or a folder of
+such files. This module turns those bytes into validated `GradedSubmission` models, or into a
+list of `Problem`s that each say which file, which JSON path (``[12].rubric_alignment[3].score``),
+what value was found and what was expected. It never raises on bad content: binary files,
+invalid UTF-8, broken JSON, absurd nesting, NaN, oversize files all become problems.
+
+A file with any error yields no submissions (nothing partial reaches training or the store).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal
+
+from pydantic import ValidationError
+
+from training.rubric import TOTAL_TOLERANCE, GradedSubmission, Rubric
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+# Real submissions are a few levels deep; anything far deeper is an accident or an attack, and
+# would make recursive code (json.dumps, pydantic) hit Python's recursion limit later on.
+MAX_DEPTH = 64
+# A report listing a hundred thousand problems helps nobody; the report keeps them all, the
+# human-readable text shows this many per file.
+MAX_SHOWN_PER_FILE = 50
+
+_BOM = b"\xef\xbb\xbf"
+_SUBMISSION_FIELDS = {"score", "max_score", "rubric_alignment", "feedback", "submission_id"}
+
+
+@dataclass
+class Problem:
+    """One thing wrong (error) or suspicious (warning) in one file."""
+
+    file: str
+    path: str
+    value: str
+    expected: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.path}: " if self.path else f"{self.file}: "
+        return f"{where}got {self.value}; expected {self.expected}"
+
+
+@dataclass
+class FileReport:
+    """What one file held: its submissions (only when it has no errors) and its problems."""
+
+    file: str
+    submissions: list[GradedSubmission] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    # Where each submission sits in the file ("[3]", "line 4", ""), for messages about it later.
+    record_paths: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of loading several files: per-file reports plus totals."""
+
+    files: list[FileReport] = field(default_factory=list)
+
+    @property
+    def submissions(self) -> list[GradedSubmission]:
+        """All submissions of files without errors, in file order."""
+        return [s for f in self.files if f.ok for s in f.submissions]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for f in self.files for p in f.errors]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for f in self.files for p in f.warnings]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.files) and all(f.ok for f in self.files)
+
+    def format(self, max_ok_listed: int = 10) -> str:
+        """A report for people: each file OK or its errors and warnings, then totals.
+
+        Files that are OK without warnings are listed one per line up to ``max_ok_listed``,
+        then summarised, so validating a folder of hundreds of files stays readable.
+        """
+        lines: list[str] = []
+        clean = [f for f in self.files if f.ok and not f.warnings]
+        for f in self.files:
+            if f.ok and not f.warnings:
+                continue
+            n = len(f.submissions)
+            if f.ok:
+                head = f"{f.file}: OK, {n} submission{'s' if n != 1 else ''}, {len(f.warnings)} warning(s)"
+            else:
+                head = f"{f.file}: INVALID, {len(f.errors)} error(s), {len(f.warnings)} warning(s); nothing loaded from it"
+            lines.append(head)
+            shown = f.errors + f.warnings
+            for p in shown[:MAX_SHOWN_PER_FILE]:
+                where = f"{p.path}: " if p.path else ""
+                lines.append(f"  {p.severity}: {where}got {p.value}; expected {p.expected}")
+            if len(shown) > MAX_SHOWN_PER_FILE:
+                lines.append(f"  ... and {len(shown) - MAX_SHOWN_PER_FILE} more problem(s) in this file")
+        for f in clean[:max_ok_listed]:
+            n = len(f.submissions)
+            lines.append(f"{f.file}: OK, {n} submission{'s' if n != 1 else ''}")
+        if len(clean) > max_ok_listed:
+            rest = clean[max_ok_listed:]
+            lines.append(
+                f"... and {len(rest)} more file(s) OK ({sum(len(f.submissions) for f in rest)} submissions)"
+            )
+        n_bad = sum(1 for f in self.files if not f.ok)
+        lines.append(
+            f"Total: {len(self.files)} file(s), {len(self.files) - n_bad} valid, {n_bad} invalid; "
+            f"{len(self.submissions)} valid submission(s); {len(self.errors)} error(s), "
+            f"{len(self.warnings)} warning(s)"
+        )
+        lines.append("Result: OK" if self.ok else "Result: INVALID (fix the errors above; files with errors are not loaded)")
+        return "\n".join(lines)
+
+
+class DataError(ValueError):
+    """A file cannot be used; the message names the file, the field and the fix."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: how values and paths are shown
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short, JSON-like rendering of a value for messages."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for 'got a string' style messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _join(prefix: str, part: str | int) -> str:
+    """Extend a JSON path: ints become ``[i]``, names become ``.name`` (no dot at the start)."""
+    if isinstance(part, int):
+        return f"{prefix}[{part}]"
+    if not prefix:
+        return part
+    if prefix.endswith(": "):  # JSONL prefix "line 3: "
+        return prefix + part
+    return f"{prefix}.{part}"
+
+
+def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
+    """Translate a pydantic error location into our JSON path format."""
+    path = prefix
+    for part in loc:
+        path = _join(path, part if isinstance(part, int) else str(part))
+    return path.rstrip(": ") if path.endswith(": ") else path
+
+
+def _depth_exceeds(value: Any, limit: int) -> int | None:
+    """The nesting depth if it exceeds ``limit`` (iterative: deep input must not recurse)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return d
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return None
+
+
+def _non_finite(value: Any, prefix: str) -> Iterator[tuple[str, float]]:
+    """Every NaN/Infinity in a parsed document with its path (Python's json accepts them)."""
+    stack: list[tuple[Any, str]] = [(value, prefix)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            yield (p.rstrip(": ") if p.endswith(": ") else p), v
+        elif isinstance(v, dict):
+            stack.extend((x, _join(p, str(k))) for k, x in reversed(list(v.items())))
+        elif isinstance(v, list):
+            stack.extend((x, _join(p, i)) for i, x in reversed(list(enumerate(v))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes -> text -> JSON records
+
+
+def _decode(name: str, data: bytes) -> tuple[str | None, list[Problem]]:
+    """UTF-8 (BOM allowed) text, or a problem that says what the bytes look like instead."""
+    if data.startswith(b"\xff\xfe") or data.startswith(b"\xfe\xff"):
+        return None, [Problem(name, "", "UTF-16 text (byte order mark FF FE / FE FF)",
+                              "UTF-8 text (re-save the file as UTF-8)")]
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    if b"\x00" in data:
+        pos = data.index(b"\x00")
+        return None, [Problem(name, "", f"a binary file (NUL byte at offset {pos})",
+                              "UTF-8 JSON text; is this the right file?")]
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line = before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        bad = data[e.start : e.start + 4].hex(" ")
+        return None, [Problem(name, f"line {line}, column {col}",
+                              f"bytes that are not valid UTF-8 ({bad} at byte offset {e.start})",
+                              "UTF-8 text (re-save the file as UTF-8)")]
+
+
+def _json_error(name: str, text: str, e: json.JSONDecodeError, line_offset: int = 0) -> Problem:
+    lines = text.splitlines() or [""]
+    snippet = lines[e.lineno - 1] if 0 < e.lineno <= len(lines) else ""
+    start = max(0, e.colno - 30)
+    context = snippet[start : e.colno + 20].strip()
+    where = f"line {e.lineno + line_offset}, column {e.colno}"
+    return Problem(name, where, f"invalid JSON near {_show(context)}",
+                   f"valid JSON ({e.msg} at {where})")
+
+
+def _loads(name: str, text: str, line_offset: int = 0) -> tuple[Any, list[Problem]]:
+    """json.loads that turns every failure into a problem (never a traceback)."""
+    try:
+        return json.loads(text), []
+    except json.JSONDecodeError as e:
+        return None, [_json_error(name, text, e, line_offset)]
+    except RecursionError:
+        where = f"line {line_offset + 1}" if line_offset else ""
+        return None, [Problem(name, where, "JSON nested too deeply to read",
+                              f"at most {MAX_DEPTH} levels of nested lists/objects")]
+    except (ValueError, TypeError, MemoryError) as e:  # e.g. a 5000-digit integer
+        where = f"line {line_offset + 1}" if line_offset else ""
+        return None, [Problem(name, where, f"JSON that cannot be read ({e})", "ordinary JSON numbers and strings")]
+
+
+def _records(name: str, text: str, jsonl: bool) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """The file's records as (path prefix, value): one object, a list's elements, or JSONL lines."""
+    if not text.strip():
+        return [], [Problem(name, "", "an empty file", "a JSON object, a list of objects, or JSON Lines")]
+    if not jsonl:
+        value, problems = _loads(name, text)
+        if problems and "Extra data" in problems[0].expected:
+            # A .json file holding JSON Lines: accept it if every line parses as JSON Lines.
+            recs, jl_problems = _records(name, text, True)
+            if not jl_problems:
+                return recs, []
+        if problems:
+            return [], problems
+        if isinstance(value, list):
+            if not value:
+                return [], [Problem(name, "", "an empty list []", "at least one graded submission")]
+            return [(f"[{i}]", v) for i, v in enumerate(value)], []
+        return [("", value)], []
+    records: list[tuple[str, Any]] = []
+    problems: list[Problem] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        value, p = _loads(name, line, n - 1)
+        problems += p
+        if not p:
+            records.append((f"line {n}: ", value))
+    if not records and not problems:
+        problems.append(Problem(name, "", "no JSON lines", "one graded submission per line"))
+    return records, problems
+
+
+def _read_limited(path: Path, max_bytes: int) -> tuple[bytes | None, list[Problem]]:
+    """The file's bytes, refusing (before reading) files above ``max_bytes``."""
+    name = str(path)
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        return None, [Problem(name, "", f"a file that cannot be opened ({e.strerror})", "a readable file")]
+    if size > max_bytes:
+        return None, [_too_big(name, size, max_bytes)]
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)  # +1: the file may have grown since stat
+    except OSError as e:
+        return None, [Problem(name, "", f"a file that cannot be read ({e.strerror})", "a readable file")]
+    if len(data) > max_bytes:
+        return None, [_too_big(name, len(data), max_bytes)]
+    return data, []
+
+
+def _too_big(name: str, size: int, max_bytes: int) -> Problem:
+    return Problem(name, "", f"{size:,} bytes",
+                   f"at most {max_bytes:,} bytes (split the file, or raise the limit with --max-bytes)")
+
+
+# ---------------------------------------------------------------------------------------------
+# One record -> problems (all of them) -> GradedSubmission
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_number(name: str, path: str, v: Any, what: str, *, positive: bool = False) -> list[Problem]:
+    """A JSON number, finite, >= 0 (or > 0). Strings like "5" are refused: the data is wrong."""
+    if not _is_number(v):
+        hint = " (write it without quotes)" if isinstance(v, str) and _looks_numeric(v) else ""
+        return [Problem(name, path, f"{_show(v)} ({_kind(v)})", f"a number: {what}{hint}")]
+    if not math.isfinite(v):
+        return [Problem(name, path, _show(v), "a finite number (JSON has no NaN or Infinity)")]
+    if positive and v <= 0:
+        return [Problem(name, path, _show(v), f"a number above 0: {what}")]
+    if v < 0:
+        return [Problem(name, path, _show(v), f"a number >= 0: {what}")]
+    return []
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_optional_str(name: str, path: str, obj: dict, key: str, what: str) -> list[Problem]:
+    if key in obj and obj[key] is not None and not isinstance(obj[key], str):
+        return [Problem(name, _join(path, key), f"{_show(obj[key])} ({_kind(obj[key])})",
+                        f"a string or null: {what}")]
+    return []
+
+
+def _check_submission(name: str, prefix: str, rec: Any) -> tuple[GradedSubmission | None, list[Problem]]:
+    """Every problem of one record, then the model (only if there were no errors)."""
+    here = prefix.rstrip(": ") if prefix.endswith(": ") else prefix
+    if not isinstance(rec, dict):
+        return None, [Problem(name, here, f"{_show(rec)} ({_kind(rec)})",
+                              "an object with score, max_score and rubric_alignment (a graded submission)")]
+    problems: list[Problem] = []
+    for key, what in (("score", "the total score"), ("max_score", "the total maximum score")):
+        if key not in rec:
+            problems.append(Problem(name, _join(prefix, key), "nothing (field missing)", f"a number: {what}"))
+        else:
+            problems += _check_number(name, _join(prefix, key), rec[key], what)
+    score_ok = "score" in rec and not any(p.path == _join(prefix, "score") for p in problems)
+    max_ok = "max_score" in rec and not any(p.path == _join(prefix, "max_score") for p in problems)
+    if score_ok and max_ok and rec["score"] > rec["max_score"]:
+        problems.append(Problem(name, _join(prefix, "score"),
+                                f"{_show(rec['score'])} (above max_score {_show(rec['max_score'])})",
+                                "0 <= score <= max_score"))
+    problems += _check_optional_str(name, prefix, rec, "feedback", "the overall feedback")
+    problems += _check_optional_str(name, prefix, rec, "submission_id", "an id unique in the data set")
+
+    items_path = _join(prefix, "rubric_alignment")
+    items = rec.get("rubric_alignment")
+    item_maxes: list[float | None] = []
+    items_valid = False
+    if "rubric_alignment" not in rec:
+        problems.append(Problem(name, items_path, "nothing (field missing)",
+                                "a non-empty list of items {question, answer, score, max_score?}"))
+    elif not isinstance(items, list):
+        problems.append(Problem(name, items_path, f"{_show(items)} ({_kind(items)})",
+                                "a non-empty list of items {question, answer, score, max_score?}"))
+    elif not items:
+        problems.append(Problem(name, items_path, "an empty list []",
+                                "at least one item {question, answer, score, max_score?}"))
+    else:
+        n_before = len(problems)
+        for i, item in enumerate(items):
+            ip = _join(items_path, i)
+            item_problems, mx = _check_item(name, ip, item)
+            problems += item_problems
+            item_maxes.append(mx)
+        items_valid = len(problems) == n_before
+
+    if items_valid and max_ok:
+        problems += _check_item_maxes(name, prefix, rec, item_maxes)
+    # Whatever the checks above missed (they should miss nothing): pydantic decides validity.
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    try:
+        sub = GradedSubmission.model_validate(rec)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.append(Problem(name, _loc_to_path(prefix, tuple(err["loc"])),
+                                    _show(err.get("input")), err["msg"]))
+        return None, problems
+    except (RecursionError, ValueError, TypeError) as e:
+        problems.append(Problem(name, here, f"a value that cannot be validated ({e})", "a graded submission"))
+        return None, problems
+    mismatch = sub.total_mismatch()
+    if mismatch:
+        stated, summed = mismatch
+        problems.append(Problem(name, _join(prefix, "score"),
+                                f"{_show(rec['score'])} (the stated total)",
+                                f"the sum of the item scores, {summed:g} (total {stated:g} != items {summed:g}; "
+                                "training uses the sum of the items)", "warning"))
+    return sub, problems
+
+
+def _check_item(name: str, ip: str, item: Any) -> tuple[list[Problem], float | None]:
+    """Problems of one rubric_alignment item, and its max_score when usable."""
+    if not isinstance(item, dict):
+        return [Problem(name, ip, f"{_show(item)} ({_kind(item)})",
+                        "an object {question, answer, score, max_score?}")], None
+    problems: list[Problem] = []
+    q = item.get("question")
+    if "question" not in item:
+        problems.append(Problem(name, _join(ip, "question"), "nothing (field missing)", "a non-empty string: the question"))
+    elif not isinstance(q, str) or not q.strip():
+        problems.append(Problem(name, _join(ip, "question"), f"{_show(q)} ({_kind(q)})", "a non-empty string: the question"))
+    if "answer" not in item:
+        problems.append(Problem(name, _join(ip, "answer"), "nothing (field missing)",
+                                "a string: the student's answer (\"\" if none)"))
+    elif not isinstance(item["answer"], str):
+        problems.append(Problem(name, _join(ip, "answer"), f"{_show(item['answer'])} ({_kind(item['answer'])})",
+                                "a string: the student's answer"))
+    if "score" not in item:
+        problems.append(Problem(name, _join(ip, "score"), "nothing (field missing)", "a number: the points this answer earned"))
+    else:
+        problems += _check_number(name, _join(ip, "score"), item["score"], "the points this answer earned")
+    mx: float | None = None
+    if item.get("max_score") is not None:
+        mp = _check_number(name, _join(ip, "max_score"), item["max_score"],
+                           "the points this question is worth", positive=True)
+        problems += mp
+        if not mp:
+            mx = float(item["max_score"])
+            s = item.get("score")
+            if _is_number(s) and math.isfinite(s) and s > mx:
+                problems.append(Problem(name, _join(ip, "score"), f"{_show(s)} (above max_score {_show(item['max_score'])})",
+                                        "0 <= score <= max_score"))
+    problems += _check_optional_str(name, ip, item, "reference_answer", "the model answer")
+    return problems, mx
+
+
+def _check_item_maxes(name: str, prefix: str, rec: dict, maxes: list[float | None]) -> list[Problem]:
+    """Item maxima against the total: what `GradedSubmission.rubric()` relies on."""
+    total_max = float(rec["max_score"])
+    known = sum(m for m in maxes if m is not None)
+    missing = [i for i, m in enumerate(maxes) if m is None]
+    if not missing:
+        if abs(known - total_max) > TOTAL_TOLERANCE:
+            return [Problem(name, _join(prefix, "max_score"), f"{_show(rec['max_score'])} (the stated maximum)",
+                            f"the sum of the items' max_score, {known:g} (training uses the sum of the items)",
+                            "warning")]
+        return []
+    share = total_max - known
+    if share <= TOTAL_TOLERANCE:
+        first = _join(_join(prefix, "rubric_alignment"), missing[0])
+        return [Problem(name, _join(first, "max_score"), "nothing (field missing)",
+                        f"a number: items without max_score share what max_score {total_max:g} leaves over, "
+                        f"but the other items already use {known:g}")]
+    problems = []
+    share /= len(missing)
+    for i in missing:
+        s = rec["rubric_alignment"][i]["score"]
+        if s > share + TOTAL_TOLERANCE:
+            problems.append(Problem(name, _join(_join(_join(prefix, "rubric_alignment"), i), "score"),
+                                    f"{_show(s)} (above this item's share of the maximum, {share:g})",
+                                    "a max_score on this item, or a score within its share", "warning"))
+    return problems
+
+
+def _report_from_records(name: str, records: list[tuple[str, Any]], problems: list[Problem]) -> FileReport:
+    subs: list[GradedSubmission] = []
+    where: list[str] = []
+    seen: dict[str, str] = {}
+    for prefix, rec in records:
+        here = prefix.rstrip(": ") if prefix.endswith(": ") else prefix
+        deep = _depth_exceeds(rec, MAX_DEPTH)
+        if deep:
+            problems.append(Problem(name, here, f"data nested more than {MAX_DEPTH} levels deep",
+                                    f"at most {MAX_DEPTH} levels of nested lists/objects"))
+            continue
+        bad_numbers = list(_non_finite(rec, prefix))
+        for path, v in bad_numbers:
+            problems.append(Problem(name, path, _show(v), "a finite number (JSON has no NaN or Infinity)"))
+        sub, p = _check_submission(name, prefix, rec)
+        # NaN/Infinity found by the scan above are not repeated by the field checks.
+        nan_paths = {path for path, _ in bad_numbers}
+        problems += [x for x in p if not (x.path in nan_paths and "finite" in x.expected)]
+        if sub is None or bad_numbers:
+            continue
+        if sub.submission_id is not None:
+            if sub.submission_id in seen:
+                problems.append(Problem(name, _join(prefix, "submission_id"),
+                                        f"{_show(sub.submission_id)} (also at {seen[sub.submission_id]})",
+                                        "a submission_id unique in the data set"))
+                continue
+            seen[sub.submission_id] = here or "the top level"
+        subs.append(sub)
+        where.append(here)
+    report = FileReport(file=name, problems=problems)
+    if report.ok:
+        report.submissions, report.record_paths = subs, where
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_graded_bytes(name: str, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> FileReport:
+    """Validate one uploaded file. ``name`` is shown in messages (and its ending picks JSON Lines
+    for ``.jsonl``); it is never used as a path. Never raises on bad content."""
+    try:
+        if len(data) > max_bytes:
+            return FileReport(file=name, problems=[_too_big(name, len(data), max_bytes)])
+        text, problems = _decode(name, data)
+        if text is None:
+            return FileReport(file=name, problems=problems)
+        records, problems = _records(name, text, name.lower().endswith(".jsonl"))
+        if problems and not records:
+            return FileReport(file=name, problems=problems)
+        return _report_from_records(name, records, problems)
+    except (RecursionError, MemoryError) as e:  # belt and braces: bad content never escapes as a traceback
+        return FileReport(file=name, problems=[Problem(name, "", f"content that cannot be processed ({type(e).__name__})",
+                                                       "a graded submission JSON file")])
+
+
+def _expand(paths: Iterable[str | Path]) -> Iterator[tuple[Path, list[Problem]]]:
+    """Files to read: files as given; folders searched recursively for .json/.jsonl (sorted)."""
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in (".json", ".jsonl")
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            if not found:
+                yield p, [Problem(str(p), "", "a folder without .json or .jsonl files",
+                                  "graded submissions as .json or .jsonl files")]
+            for f in found:
+                yield f, []
+        elif p.exists():
+            yield p, []
+        else:
+            yield p, [Problem(str(p), "", "a path that does not exist", "a .json/.jsonl file or a folder of them")]
+
+
+def load_graded(paths: Iterable[str | Path], max_bytes: int = DEFAULT_MAX_BYTES) -> ValidationReport:
+    """Load graded submissions from files (.json: one object or a list; .jsonl) and folders.
+
+    Every problem is reported with file, JSON path, value and expectation; files over
+    ``max_bytes`` are refused before they are read. A duplicate ``submission_id`` (within a file
+    or across the files) is an error in the file where it appears again.
+    """
+    report = ValidationReport()
+    seen: dict[str, str] = {}
+    done: set[Path] = set()
+    for path, problems in _expand(paths):
+        if not problems:
+            # A file named twice (itself and via its folder) is read once, not reported as duplicates.
+            key = path.resolve()
+            if key in done:
+                continue
+            done.add(key)
+        if problems:
+            report.files.append(FileReport(file=str(path), problems=problems))
+            continue
+        data, problems = _read_limited(path, max_bytes)
+        if data is None:
+            report.files.append(FileReport(file=str(path), problems=problems))
+            continue
+        fr = load_graded_bytes(str(path), data, max_bytes)
+        # Duplicates across files: the records carry no path prefix here, so search by id.
+        for i, sub in enumerate(fr.submissions):
+            sid = sub.submission_id
+            if sid is None:
+                continue
+            if sid in seen:
+                at = fr.record_paths[i] if i < len(fr.record_paths) else ""
+                fr.problems.append(Problem(fr.file, _join(at + (": " if at.startswith("line") else ""), "submission_id"),
+                                           f"{_show(sid)} (also in {seen[sid]})",
+                                           "a submission_id unique in the data set"))
+        if fr.ok:
+            for sub, at in zip(fr.submissions, fr.record_paths):
+                if sub.submission_id is not None:
+                    seen[sub.submission_id] = f"{fr.file} {at}".strip()
+        else:
+            fr.submissions = []
+        report.files.append(fr)
+    return report
+
+
+def content_hash(submissions: list[GradedSubmission]) -> str:
+    """A canonical sha256 of submissions (order matters): same data -> same hash, whatever the
+    file's whitespace, key order or BOM. Used for idempotent import."""
+    canon = json.dumps([s.model_dump(mode="json") for s in submissions], sort_keys=True,
+                       ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def validate_cli(paths: list[str], max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """`python -m training validate PATH...`: print the report; exit code 0 only if all files are valid."""
+    if not paths:
+        print("validate: give at least one .json/.jsonl file or folder")
+        return 2
+    report = load_graded(paths, max_bytes=max_bytes)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Rubrics
+
+
+def load_rubric(path: str | Path) -> Rubric:
+    """Read a rubric file, or a graded submission of that assignment (its answers and scores are
+    ignored). Raises `DataError` naming the file, the field and the fix."""
+    p = Path(path)
+    data, problems = _read_limited(p, DEFAULT_MAX_BYTES)
+    if data is None:
+        raise DataError("\n".join(map(str, problems)), problems)
+    return parse_rubric_bytes(str(p), data)
+
+
+def parse_rubric_bytes(name: str, data: bytes) -> Rubric:
+    """Same as `load_rubric`, from bytes (uploads: ``name`` is for messages only)."""
+    if len(data) > DEFAULT_MAX_BYTES:
+        _raise([_too_big(name, len(data), DEFAULT_MAX_BYTES)])
+    text, problems = _decode(name, data)
+    if text is None:
+        _raise(problems)
+    records, problems = _records(name, text, name.lower().endswith(".jsonl"))
+    if problems:
+        _raise(problems)
+    prefix, first = records[0]
+    if _depth_exceeds(first, MAX_DEPTH):
+        _raise([Problem(name, prefix.rstrip(": "), f"data nested more than {MAX_DEPTH} levels deep",
+                        f"at most {MAX_DEPTH} levels")])
+    bad = list(_non_finite(first, prefix))
+    if bad:
+        _raise([Problem(name, p, _show(v), "a finite number (JSON has no NaN or Infinity)") for p, v in bad])
+    # A bare list of questions is a rubric too.
+    if isinstance(first, dict) and "question" in first and "rubric_alignment" not in first and prefix.startswith("["):
+        return _validate_rubric(name, "", {"questions": [v for _, v in records]})
+    if isinstance(first, dict) and "questions" in first:
+        return _validate_rubric(name, prefix, first)
+    if isinstance(first, dict) and "rubric_alignment" in first:
+        return _rubric_from_graded(name, prefix, first)
+    _raise([Problem(name, prefix.rstrip(": "), f"{_show(first)} ({_kind(first)})",
+                    'a rubric {"questions": [{"question", "max_score", "reference_answer"?}]} '
+                    "or a graded submission {score, max_score, rubric_alignment}")])
+    raise AssertionError("unreachable")
+
+
+def _raise(problems: list[Problem]) -> None:
+    raise DataError("\n".join(map(str, problems)), problems)
+
+
+def _validate_rubric(name: str, prefix: str, obj: dict) -> Rubric:
+    problems: list[Problem] = []
+    qs = obj.get("questions")
+    qpath = _join(prefix, "questions")
+    if not isinstance(qs, list) or not qs:
+        _raise([Problem(name, qpath, _show(qs) if "questions" in obj else "nothing (field missing)",
+                        "a non-empty list of {question, max_score, reference_answer?}")])
+    clean = dict(obj)
+    clean["questions"] = []
+    for i, q in enumerate(qs):
+        ip = _join(qpath, i)
+        if not isinstance(q, dict):
+            problems.append(Problem(name, ip, f"{_show(q)} ({_kind(q)})", "an object {question, max_score, reference_answer?}"))
+            continue
+        q = dict(q)
+        if isinstance(q.get("question_id"), int) and not isinstance(q.get("question_id"), bool):
+            q["question_id"] = str(q["question_id"])  # "question_id": 3 is a natural way to write it
+        if not isinstance(q.get("question"), str) or not q.get("question", "").strip():
+            problems.append(Problem(name, _join(ip, "question"),
+                                    _show(q.get("question")) if "question" in q else "nothing (field missing)",
+                                    "a non-empty string: the question"))
+        if "max_score" not in q:
+            problems.append(Problem(name, _join(ip, "max_score"), "nothing (field missing)",
+                                    "a number above 0: what the question is worth"))
+        else:
+            problems += _check_number(name, _join(ip, "max_score"), q["max_score"],
+                                      "what the question is worth", positive=True)
+        problems += _check_optional_str(name, ip, q, "reference_answer", "the model answer")
+        problems += _check_optional_str(name, ip, q, "question_id", "the question's label, e.g. \"1.2\"")
+        clean["questions"].append(q)
+    problems += _check_optional_str(name, prefix, obj, "title", "the rubric's title")
+    if problems:
+        _raise(problems)
+    try:
+        return Rubric.model_validate(clean)
+    except ValidationError as e:
+        _raise([Problem(name, _loc_to_path(prefix, tuple(err["loc"])), _show(err.get("input")), err["msg"])
+                for err in e.errors()])
+    raise AssertionError("unreachable")
+
+
+def _rubric_from_graded(name: str, prefix: str, rec: dict) -> Rubric:
+    """A graded submission's rubric. Only what a rubric needs is checked: answers and scores are
+    ignored, so a submission with a bad score still gives a usable rubric."""
+    items = rec.get("rubric_alignment")
+    ipath = _join(prefix, "rubric_alignment")
+    if not isinstance(items, list) or not items:
+        _raise([Problem(name, ipath, _show(items), "a non-empty list of items {question, max_score?, ...}")])
+    problems: list[Problem] = []
+    maxes: list[float | None] = []
+    for i, item in enumerate(items):
+        ip = _join(ipath, i)
+        if not isinstance(item, dict):
+            problems.append(Problem(name, ip, f"{_show(item)} ({_kind(item)})", "an object {question, max_score?, ...}"))
+            maxes.append(None)
+            continue
+        q = item.get("question")
+        if not isinstance(q, str) or not q.strip():
+            problems.append(Problem(name, _join(ip, "question"),
+                                    _show(q) if "question" in item else "nothing (field missing)",
+                                    "a non-empty string: the question"))
+        if item.get("max_score") is not None:
+            mp = _check_number(name, _join(ip, "max_score"), item["max_score"], "what the question is worth", positive=True)
+            problems += mp
+            maxes.append(None if mp else float(item["max_score"]))
+        else:
+            maxes.append(None)
+        problems += _check_optional_str(name, ip, item, "reference_answer", "the model answer")
+    missing = [i for i, (m, it) in enumerate(zip(maxes, items)) if m is None and isinstance(it, dict)
+               and it.get("max_score") is None]
+    share = 0.0
+    if missing and not problems:
+        total = rec.get("max_score")
+        tp = _check_number(name, _join(prefix, "max_score"), total, "the total maximum score") if "max_score" in rec else [
+            Problem(name, _join(prefix, "max_score"), "nothing (field missing)",
+                    "a number, or a max_score on every item")]
+        if tp:
+            _raise(tp)
+        share = (float(total) - sum(m for m in maxes if m is not None)) / len(missing)
+        if share <= 0:
+            _raise([Problem(name, _join(_join(ipath, missing[0]), "max_score"), "nothing (field missing)",
+                            f"a number: the other items already use all of max_score {total}")])
+    if problems:
+        _raise(problems)
+    qs = []
+    for item, m in zip(items, maxes):
+        qid = item.get("question_id")
+        qs.append({"question": item["question"], "max_score": m if m is not None else share,
+                   "reference_answer": item.get("reference_answer"),
+                   "question_id": None if qid is None else str(qid)})
+    title = rec.get("assignment") if isinstance(rec.get("assignment"), str) else None
+    return Rubric.model_validate({"questions": qs, "title": title})

@@ -1,0 +1,220 @@
+"""Markdown submissions: what a student hands in, and how it is matched to a rubric.
+
+Training data (graded JSON) is rendered to the same Markdown a student would write, so the model
+sees the same kind of text at training and at grading time. A Markdown file to grade is split
+into per-question answers when its headings match the rubric's questions (by question id, by
+number, or by the question's text); otherwise the whole text is kept.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from training.loading import DEFAULT_MAX_BYTES, DataError, Problem
+from training.rubric import GradedSubmission, Rubric
+
+# An ATX heading ("## Question 1: ..."), optionally closed by #s; or a line that is bold only
+# ("**Question 1**"), which students often use instead of a heading.
+_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+_BOLD = re.compile(r"^ {0,3}(?:\*\*|__)(.+?)(?:\*\*|__)[ \t]*:?[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+# "Question 1.2: text", "Q3) text", "Problem 2 - text", "Exercise 4", "Answer 1.1"
+_PREFIXED = re.compile(
+    r"^(?:(?:question|problem|exercise|task|part|answer|aufgabe|frage)\b\.?|q(?=\s*\d))\s*(?:no\.?|number|#)?\s*"
+    r"(?P<label>[A-Za-z0-9]+(?:[.\-_][A-Za-z0-9]+)*)\s*(?:[:.)\]\-\u2013\u2014]\s*)?(?P<rest>.*)$",
+    re.IGNORECASE,
+)
+# "1.2: text", "3) text", "2. text", "4" (a bare label)
+_NUMBERED = re.compile(
+    r"^(?P<label>\d+(?:\.\d+)*[a-z]?)(?:(?:\s*[:.)\]\-\u2013\u2014]|\s)\s*(?P<rest>.*))?$", re.IGNORECASE
+)
+# How close a heading's text must be to a question's text (difflib ratio on normalised text).
+FUZZY_RATIO = 0.9
+
+
+def _heading_text(question: str) -> str:
+    """Questions go on one heading line: a multi-line question would break the Markdown."""
+    return " ".join(question.split())
+
+
+# A line of an answer that starts with "#" would read as a heading (and could end the answer
+# early when split); like the Mohler files we escape it as "\#", and unescape when splitting.
+_HASH_LINE = re.compile(r"^( {0,3})#", re.MULTILINE)
+_ESCAPED_HASH_LINE = re.compile(r"^( {0,3})\\#", re.MULTILINE)
+
+
+def _escape_answer(answer: str) -> str:
+    return _HASH_LINE.sub(r"\1\\#", answer.strip())
+
+
+def _unescape_answer(answer: str) -> str:
+    return _ESCAPED_HASH_LINE.sub(r"\1#", answer)
+
+
+def _render(labels: list[str], questions: list[str], answers: list[str]) -> str:
+    return "".join(
+        f"## Question {label}: {_heading_text(q)}\n\n{_escape_answer(a)}\n\n"
+        for label, q, a in zip(labels, questions, answers)
+    )
+
+
+def render_submission_markdown(sub: GradedSubmission) -> str:
+    """The Markdown a student would hand in: a heading per question, the answer below.
+
+    No title line, no scores, no reference answers. The heading uses the item's ``question_id``
+    when it has one, else the 1-based position (the style of the Mohler Markdown files).
+    """
+    labels = [item.question_id or str(n) for n, item in enumerate(sub.rubric_alignment, start=1)]
+    return _render(labels, [i.question for i in sub.rubric_alignment], [i.answer for i in sub.rubric_alignment])
+
+
+def decode_markdown(name: str, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """Text of an uploaded Markdown file (UTF-8, BOM ok, CRLF -> LF); `DataError` naming ``name``."""
+    if len(data) > max_bytes:
+        _fail(name, "", f"{len(data):,} bytes", f"at most {max_bytes:,} bytes")
+    if data.startswith(b"\xff\xfe") or data.startswith(b"\xfe\xff"):
+        _fail(name, "", "UTF-16 text", "UTF-8 text (re-save the file as UTF-8)")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if b"\x00" in data:
+        pos = data.index(b"\x00")
+        _fail(name, "", f"a binary file (NUL byte at offset {pos})", "a UTF-8 Markdown or text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line = before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        _fail(name, f"line {line}, column {col}", f"bytes that are not valid UTF-8 (at byte offset {e.start})",
+              "UTF-8 text (re-save the file as UTF-8)")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_markdown(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """Read a Markdown submission (UTF-8, BOM ok); refuses files over ``max_bytes`` before reading."""
+    p = Path(path)
+    try:
+        size = os.stat(p).st_size
+        if size > max_bytes:
+            _fail(str(p), "", f"{size:,} bytes", f"at most {max_bytes:,} bytes")
+        with open(p, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as e:
+        _fail(str(p), "", f"a file that cannot be read ({e.strerror})", "a readable Markdown file")
+    return decode_markdown(str(p), data, max_bytes)
+
+
+def _fail(name: str, path: str, value: str, expected: str) -> None:
+    problem = Problem(name, path, value, expected)
+    raise DataError(str(problem), [problem])
+
+
+def _norm(text: str) -> str:
+    """Text for comparing a heading with a question: case, punctuation, quotes, spacing ignored."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = re.sub(r"[*_`~]", "", text)  # Markdown emphasis around the question
+    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+
+
+def _headings(text: str) -> list[tuple[int, int, str]]:
+    """(line index, end offset of the line, heading text) for each heading outside code fences:
+    a `# comment` in a fenced code answer is not a heading."""
+    out: list[tuple[int, int, str]] = []
+    in_fence: str | None = None
+    offset = 0
+    for n, line in enumerate(text.split("\n")):
+        end = offset + len(line) + 1
+        fence = _FENCE.match(line)
+        if fence:
+            if in_fence is None:
+                in_fence = fence.group(1)
+            elif fence.group(1) == in_fence:
+                in_fence = None
+        elif in_fence is None:
+            m = _ATX.match(line) or _BOLD.match(line)
+            if m:
+                out.append((offset, min(end, len(text)), m.group(m.lastindex or 1).strip()))
+        offset = end
+    return out
+
+
+def _text_matches(candidate: str, question: str) -> bool:
+    a, b = _norm(candidate), _norm(question)
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    # A heading that is a truncated question ("What is a variable ..."), long enough to be specific.
+    if len(a) >= 20 and (b.startswith(a.rstrip(" .")) or a.startswith(b)):
+        return True
+    sm = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    # The cheap upper bounds first: long unrelated headings must not cost a full comparison.
+    return sm.real_quick_ratio() >= FUZZY_RATIO and sm.quick_ratio() >= FUZZY_RATIO and sm.ratio() >= FUZZY_RATIO
+
+
+def _candidates(heading: str, rubric: Rubric) -> list[int]:
+    """Rubric questions a heading may introduce, from the strongest kind of match that applies:
+    the question id, else the question's text, else the question's number."""
+    h = heading.strip().strip("*_").strip()
+    label: str | None = None
+    rest = ""
+    prefixed = _PREFIXED.match(h)
+    numbered = None if prefixed else _NUMBERED.match(h)
+    if prefixed:
+        label, rest = prefixed.group("label"), prefixed.group("rest") or ""
+    elif numbered:
+        label, rest = numbered.group("label"), numbered.group("rest") or ""
+    if label:
+        by_id = [i for i, q in enumerate(rubric.questions)
+                 if q.question_id and q.question_id.strip().casefold() == label.casefold()]
+        if by_id:
+            return by_id
+    by_text = [i for i, q in enumerate(rubric.questions)
+               if (rest.strip() and _text_matches(rest, q.question)) or _text_matches(h, q.question)]
+    if by_text:
+        return by_text
+    # By position only when the heading says nothing else ("Question 2", "2."), or says
+    # "Question 2: <anything>": a numbered essay heading "2. Method" must not match question 2.
+    if label and label.isdigit() and (not rest.strip() or prefixed):
+        n = int(label) - 1
+        if 0 <= n < len(rubric.questions):
+            return [n]
+    return []
+
+
+def split_sections(text: str, rubric: Rubric) -> list[str] | None:
+    """The answer to each rubric question (in rubric order) when the text's headings match every
+    question exactly once; otherwise None.
+
+    A heading that matches no question (a title, a sub-heading inside an answer) is part of the
+    text around it; text before the first matched heading (a title, the student's name) is dropped.
+    """
+    if not rubric.questions:
+        return None
+    assigned: dict[int, tuple[int, int]] = {}  # question index -> (heading start, body start)
+    for start, body, heading in _headings(text):
+        for q in _candidates(heading, rubric):
+            if q not in assigned:
+                assigned[q] = (start, body)
+                break
+    if len(assigned) != len(rubric.questions):
+        return None
+    order = sorted(assigned.items(), key=lambda kv: kv[1][0])
+    answers: dict[int, str] = {}
+    for k, (q, (_, body)) in enumerate(order):
+        end = order[k + 1][1][0] if k + 1 < len(order) else len(text)
+        answers[q] = _unescape_answer(text[body:end].strip())
+    return [answers[i] for i in range(len(rubric.questions))]
+
+
+def normalize_submission(text: str, rubric: Rubric) -> str:
+    """The text as the model sees it: re-rendered exactly like `render_submission_markdown` when
+    the headings match the rubric, otherwise the whole text (stripped)."""
+    sections = split_sections(text, rubric)
+    if sections is None:
+        return text.strip()
+    labels = [q.question_id or str(n) for n, q in enumerate(rubric.questions, start=1)]
+    return _render(labels, [q.question for q in rubric.questions], sections)
