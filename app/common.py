@@ -1,0 +1,100 @@
+"""Small helpers shared by the tabs: choices for dropdowns and the loss figure."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+from training import paths
+
+EMBEDDED_MODELS = ["embedded:gemma-3-270m", "embedded:tiny-gpt-oss"]
+
+
+@dataclass
+class Settings:
+    """Server-wide limits, set from the command line (app.py)."""
+
+    max_upload_mb: float = 20.0
+    max_jobs: int = 2  # concurrent grading jobs (queue concurrency)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def model_choices() -> list[str]:
+    """Embedded models, the presets' models and every model folder the presets name."""
+    out = list(EMBEDDED_MODELS)
+    try:
+        from training.model_zoo import EMBEDDED
+
+        out += [f"embedded:{k}" for k in EMBEDDED]
+    except Exception:
+        pass
+    try:
+        from training.config import PRESETS
+
+        out += [p.model for p in PRESETS.values()]
+    except Exception:
+        pass
+    return list(dict.fromkeys(out))
+
+
+def dataset_choices() -> list[str]:
+    """Stored datasets as `db:<name>` plus the sample folders, for the config's datasets field."""
+    out: list[str] = []
+    try:
+        from training.store import Store
+
+        out += [f"db:{d['name']}" for d in Store().list_datasets()]
+    except Exception:
+        pass
+    graded = paths.data_dir() / "graded"
+    if graded.exists():
+        out.append(str(graded))
+    return out
+
+
+def rubric_choices() -> list[tuple[str, str]]:
+    """(file name, path) of the rubrics shipped in data/rubrics."""
+    folder = paths.data_dir() / "rubrics"
+    if not folder.exists():
+        return []
+    return [(p.name, str(p)) for p in sorted(folder.glob("*.json"))]
+
+
+def empty_figure(title: str, message: str = "no data yet") -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title=title, height=360, margin=dict(l=40, r=20, t=50, b=40),
+                      annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5,
+                                        xref="paper", yref="paper")])
+    return fig
+
+
+def loss_figure(series: dict[str, list[dict[str, Any]]], title: str = "Loss") -> go.Figure:
+    """Train (solid) and eval (dotted, markers) loss against step for one or several runs."""
+    if not any(series.values()):
+        return empty_figure(title)
+    fig = go.Figure()
+    several = len(series) > 1
+    for name, rows in series.items():
+        train = [r for r in rows if r.get("kind", "train") == "train" and r.get("loss") is not None]
+        evals = [r for r in rows if r.get("kind") == "eval" and r.get("eval_loss") is not None]
+        prefix = f"{name} " if several else ""
+        if train:
+            fig.add_trace(go.Scatter(x=[r["step"] for r in train], y=[r["loss"] for r in train],
+                                     mode="lines+markers", name=f"{prefix}train loss"))
+        if evals:
+            fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals],
+                                     mode="lines+markers", line=dict(dash="dot"),
+                                     name=f"{prefix}eval loss"))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=360,
+                      margin=dict(l=40, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def safe_display_name(name: str) -> str:
+    """An uploaded file's name for display only (never used to build a path)."""
+    return Path(str(name)).name or "upload"

@@ -1,0 +1,139 @@
+"""Configure tab: the RunConfig form (generated from the pydantic model), presets, a live memory
+estimate per GPU, validation messages, the exact launch command, save/load config files.
+
+Everything here calls `training.config` and `training.launcher.build_command`, the same code the
+CLI uses, so the command shown is the command that runs.
+"""
+from __future__ import annotations
+
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app.common import Settings, dataset_choices, model_choices
+from app.forms import ModelForm
+from training import paths
+
+# Layout only (which accordion a field sits in); widgets and values come from the model itself.
+GROUPS = {
+    "Run": ["name", "model", "datasets", "eval_fraction", "split_seed", "max_length"],
+    "Schedule": ["epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
+                 "learning_rate", "lr_scheduler", "warmup_ratio", "save_every_steps",
+                 "eval_every_steps", "seed"],
+    "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_experts"],
+    "Hardware": ["precision", "quantization", "zero_stage", "offload_optimizer", "num_gpus",
+                 "num_processes", "hostfile", "gpu_memory_gib", "gradient_checkpointing",
+                 "fast_path", "trust_remote_code"],
+}
+DEFAULT_PRESET = "smoke"
+
+
+def presets() -> dict[str, Any]:
+    from training.config import PRESETS
+
+    return PRESETS
+
+
+def memory_markdown(cfg) -> str:
+    """The per-GPU memory estimate as a small table, with the OOM warning up front."""
+    from training.config import estimate_memory
+
+    try:
+        est = estimate_memory(cfg)
+    except Exception as exc:
+        return f"Memory estimate unavailable: {type(exc).__name__}: {exc}"
+    parts = [(k, v) for k, v in est.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    head = ""
+    if est.get("fits") is False:
+        head = f"**Warning: likely out of memory.** {est.get('warning') or ''}\n\n"
+    elif est.get("warning"):
+        head = f"Note: {est['warning']}\n\n"
+    rows = "\n".join(f"| {k.replace('_gib', '').replace('_', ' ')} | {v:.2f} |" for k, v in parts)
+    fits = {True: "fits", False: "does NOT fit"}.get(est.get("fits"), "")
+    return f"{head}Estimated memory per GPU (GiB) {fits}\n\n| part | GiB |\n|---|---|\n{rows}"
+
+
+def command_text(cfg) -> str:
+    from training.launcher import build_command
+
+    try:
+        cmd = build_command(cfg, paths.checkpoints_dir() / "<run id>")
+    except Exception as exc:
+        return f"# cannot build the command: {exc}"
+    return shlex.join(str(c) for c in cmd)
+
+
+def describe(form: ModelForm, values) -> tuple[str, str, str]:
+    """(validation messages, memory estimate, launch command) for the form's current values."""
+    from training.config import check_config
+
+    cfg, errors = form.to_model(values)
+    if cfg is None:
+        return ("**Invalid config:**\n" + "\n".join(f"- {e}" for e in errors), "", "")
+    problems = check_config(cfg)
+    msg = ("**Launch refused until fixed:**\n" + "\n".join(f"- {p}" for p in problems)
+           if problems else "Config is valid.")
+    return msg, memory_markdown(cfg), command_text(cfg)
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    from training.config import RunConfig, load_config, save_config
+
+    all_presets = presets()
+    initial = all_presets.get(DEFAULT_PRESET) or next(iter(all_presets.values()))
+    with gr.Row():
+        preset = gr.Dropdown(list(all_presets), value=DEFAULT_PRESET if DEFAULT_PRESET in all_presets
+                             else None, label="Preset", elem_id="cfg-preset")
+        load_file = gr.File(label="Load config file (.json)", file_types=[".json"],
+                            elem_id="cfg-load")
+        save_btn = gr.Button("Save config file", elem_id="cfg-save")
+        saved = gr.File(label="Saved config", interactive=False, elem_id="cfg-saved")
+    form = ModelForm(RunConfig, choices={"model": model_choices(), "datasets": dataset_choices()},
+                     groups=GROUPS)
+    form.render(initial)
+    with gr.Row():
+        with gr.Column():
+            messages = gr.Markdown(elem_id="cfg-messages")
+            memory = gr.Markdown(elem_id="cfg-memory")
+        command = gr.Code(label="Launch command (exactly what Train runs)", language="shell",
+                          interactive=False, elem_id="cfg-command")
+
+    def on_preset(name):
+        if name not in all_presets:
+            return [gr.update()] * len(form.names)
+        return form.values_of(all_presets[name])
+
+    def on_load(file):
+        if not file:
+            return [gr.update()] * len(form.names)
+        try:
+            cfg = load_config(file)
+        except Exception as exc:
+            gr.Warning(f"Could not load the config: {exc}")
+            return [gr.update()] * len(form.names)
+        return form.values_of(cfg)
+
+    def on_save(*values):
+        cfg, errors = form.to_model(values)
+        if cfg is None:
+            raise gr.Error("Fix the config first: " + "; ".join(errors))
+        out = Path(tempfile.mkdtemp(prefix="grader-config-")) / "run_config.json"
+        save_config(cfg, out)
+        return str(out)
+
+    preset.change(on_preset, [preset], form.inputs)
+    load_file.upload(on_load, [load_file], form.inputs)
+    save_btn.click(on_save, form.inputs, [saved], api_name="save_config")
+    gr.on([w.change for w in form.inputs], lambda *v: describe(form, v), form.inputs,
+          [messages, memory, command], trigger_mode="always_last", api_name="describe_config")
+
+    def refresh_choices():
+        return gr.update(choices=dataset_choices())
+
+    return {"form": form, "preset": preset, "describe": (lambda *v: describe(form, v),
+                                                        form.inputs, [messages, memory, command]),
+            "refresh_datasets": (refresh_choices, None, [form.widgets["datasets"]])}

@@ -1,0 +1,250 @@
+"""Data tab: upload graded JSON/JSONL, see every problem per file, preview, statistics, store.
+
+Uploads are read as bytes and validated by `training.loading.load_graded_bytes`, the same
+validator `python -m training validate` uses; the uploaded file name is only shown, never used to
+build a path. A dataset is stored only when every file is valid (nothing partial).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from app.common import Settings, empty_figure, model_choices, safe_display_name
+
+PROBLEM_COLUMNS = ["file", "JSON path", "severity", "reason"]
+PREVIEW_COLUMNS = ["file", "submission", "question", "answer", "score", "max score"]
+DATASET_COLUMNS = ["id", "name", "submissions", "items", "created", "content hash"]
+# Token statistics tokenize at most this many submissions: the page stays quick on big uploads.
+TOKEN_SAMPLE = 300
+
+
+# -- pure functions (the handlers below only wire them to widgets) ----------------------------
+def read_uploads(files: list[str] | None, max_bytes: int) -> list:
+    """Validate each uploaded file from its bytes. Oversize files are refused before reading all."""
+    from training.loading import FileReport, Problem, load_graded_bytes
+
+    reports = []
+    for f in files or []:
+        path = Path(f if isinstance(f, str) else getattr(f, "name", str(f)))
+        name = safe_display_name(path.name)
+        size = path.stat().st_size
+        if size > max_bytes:
+            reports.append(FileReport(file=name, submissions=[], problems=[Problem(
+                file=name, path="(file)", value=f"{size} bytes",
+                expected=f"at most {max_bytes} bytes; split the file", severity="error")]))
+            continue
+        reports.append(load_graded_bytes(name, path.read_bytes(), max_bytes=max_bytes))
+    return reports
+
+
+def problems_table(reports: list) -> pd.DataFrame:
+    rows = []
+    for rep in reports:
+        for p in rep.problems:
+            reason = f"got {p.value}; expected {p.expected}" if p.value or p.expected else str(p)
+            rows.append([p.file, p.path, p.severity, reason])
+    return pd.DataFrame(rows, columns=PROBLEM_COLUMNS)
+
+
+def summary_markdown(reports: list) -> str:
+    if not reports:
+        return "Upload one or more `.json` / `.jsonl` files of graded submissions."
+    lines = []
+    for rep in reports:
+        n_err = sum(p.severity == "error" for p in rep.problems)
+        n_warn = sum(p.severity == "warning" for p in rep.problems)
+        mark = "OK" if rep.ok else "ERRORS"
+        lines.append(f"- **{rep.file}**: {mark}: {len(rep.submissions)} submissions, "
+                     f"{n_err} errors, {n_warn} warnings")
+    all_ok = all(r.ok for r in reports)
+    head = ("### All files valid: ready to store" if all_ok else
+            "### Some files have errors: fix them and upload again (nothing is stored from a "
+            "set with errors)")
+    return head + "\n" + "\n".join(lines)
+
+
+def preview_table(reports: list, limit: int = 200) -> pd.DataFrame:
+    rows = []
+    for rep in reports:
+        for k, sub in enumerate(rep.submissions):
+            maxes = sub.item_max_scores()
+            for item, m in zip(sub.rubric_alignment, maxes):
+                rows.append([rep.file, sub.submission_id or f"#{k + 1}", item.question[:120],
+                             item.answer[:160], item.score, m])
+                if len(rows) >= limit:
+                    return pd.DataFrame(rows, columns=PREVIEW_COLUMNS)
+    return pd.DataFrame(rows, columns=PREVIEW_COLUMNS)
+
+
+def score_figure(submissions: list) -> go.Figure:
+    if not submissions:
+        return empty_figure("Score distribution")
+    pct = [100.0 * s.score / s.max_score if s.max_score else 0.0 for s in submissions]
+    fig = go.Figure(go.Histogram(x=pct, nbinsx=20, name="submissions"))
+    fig.update_layout(title="Score distribution (% of max score per submission)",
+                      xaxis_title="score %", yaxis_title="submissions", height=320,
+                      margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_for(model: str):
+    """(tokenizer, prompt format) of a model, loaded once per model (tokenizer only: cheap)."""
+    from transformers import AutoTokenizer
+
+    from training.model_zoo import resolve_model_path
+    from training.prompt_format import detect_format
+
+    path = resolve_model_path(model)
+    model_type = None
+    cfg = Path(path) / "config.json"
+    if cfg.exists():
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return tok, detect_format(tok, model_type)
+
+
+def token_stats(submissions: list, model: str, max_length: int) -> dict[str, Any]:
+    """Tokens per training example with `model`'s tokenizer and the real prompt format, and how
+    many examples `max_length` would cut."""
+    from training.prompt_format import build_training_examples
+
+    sample = submissions[:TOKEN_SAMPLE]
+    tok, fmt = _tokenizer_for(model)
+    # Encode without a cap to see each example's true length, then count the ones over the cap.
+    examples, _ = build_training_examples(sample, tok, fmt, 10**9)
+    lengths = [len(e.input_ids) for e in examples]
+    return {
+        "model": model, "format": fmt, "sampled": len(sample), "of": len(submissions),
+        "min": min(lengths), "median": int(statistics.median(lengths)), "max": max(lengths),
+        "cut": sum(n > max_length for n in lengths), "max_length": max_length,
+    }
+
+
+def stats_markdown(submissions: list, tokens: dict[str, Any] | str | None) -> str:
+    if not submissions:
+        return ""
+    n_items = sum(len(s.rubric_alignment) for s in submissions)
+    mean_pct = statistics.mean(100.0 * s.score / s.max_score if s.max_score else 0.0
+                               for s in submissions)
+    lines = [f"**{len(submissions)} submissions**, **{n_items} items**, mean score {mean_pct:.1f}%"]
+    if isinstance(tokens, dict):
+        sampled = ("" if tokens["sampled"] == tokens["of"]
+                   else f" (first {tokens['sampled']} of {tokens['of']})")
+        lines.append(
+            f"Tokens per example with `{tokens['model']}` ({tokens['format']} format){sampled}: "
+            f"min {tokens['min']}, median {tokens['median']}, max {tokens['max']}. "
+            f"**{tokens['cut']} would be cut** at max length {tokens['max_length']} "
+            "(the submission is shortened, never the grade).")
+    elif tokens:
+        lines.append(f"Token counts unavailable: {tokens}")
+    return "\n\n".join(lines)
+
+
+def datasets_table() -> pd.DataFrame:
+    from training.store import Store
+
+    rows = [[d["id"], d["name"], d["n_submissions"], d["n_items"], str(d.get("created_at", "")),
+             str(d.get("content_hash", ""))[:12]] for d in Store().list_datasets()]
+    return pd.DataFrame(rows, columns=DATASET_COLUMNS)
+
+
+def dataset_names() -> list[str]:
+    from training.store import Store
+
+    return [d["name"] for d in Store().list_datasets()]
+
+
+# -- handlers ---------------------------------------------------------------------------------
+def build(settings: Settings) -> dict[str, Any]:
+    """Create the Data tab's widgets (inside a gr.Tab context) and wire them."""
+    gr.Markdown("Upload graded submissions (`.json` with one submission or a list, or `.jsonl`). "
+                f"Each file is checked on its own; files over {settings.max_upload_mb:g} MB are refused.")
+    with gr.Row():
+        files = gr.File(label="Graded JSON / JSONL files", file_count="multiple",
+                        file_types=[".json", ".jsonl"], elem_id="data-files")
+        with gr.Column():
+            token_model = gr.Dropdown(model_choices(), value="embedded:tiny-gpt-oss",
+                                      allow_custom_value=True, label="Model (for token counts)",
+                                      elem_id="data-token-model")
+            max_length = gr.Number(value=2048, precision=0, label="max length (tokens)",
+                                   elem_id="data-max-length")
+            check_btn = gr.Button("Validate", elem_id="data-validate")
+    summary = gr.Markdown(elem_id="data-summary")
+    problems = gr.Dataframe(headers=PROBLEM_COLUMNS, label="Problems (file, JSON path, reason)",
+                            interactive=False, wrap=True, elem_id="data-problems")
+    with gr.Row():
+        stats = gr.Markdown(elem_id="data-stats")
+        plot = gr.Plot(label="Score distribution", elem_id="data-plot")
+    preview = gr.Dataframe(headers=PREVIEW_COLUMNS, label="Preview (first 200 items)",
+                           interactive=False, wrap=True, elem_id="data-preview")
+    valid_state = gr.State(None)  # (submissions as dicts, source names) when every file is valid
+    with gr.Row():
+        ds_name = gr.Textbox(label="Dataset name", placeholder="e.g. essays-fall", elem_id="data-name")
+        save_btn = gr.Button("Store as dataset", variant="primary", elem_id="data-save")
+    save_msg = gr.Markdown(elem_id="data-save-msg")
+    gr.Markdown("### Stored datasets")
+    table = gr.Dataframe(headers=DATASET_COLUMNS, interactive=False, elem_id="data-datasets")
+    with gr.Row():
+        del_name = gr.Dropdown([], label="Dataset to delete", elem_id="data-del-name")
+        del_btn = gr.Button("Delete dataset", variant="stop", elem_id="data-delete")
+    del_msg = gr.Markdown()
+
+    def validate(file_list, model, max_len):
+        reports = read_uploads(file_list, settings.max_upload_bytes)
+        subs = [s for r in reports if r.ok for s in r.submissions]
+        tokens: dict | str | None = None
+        if subs:
+            try:
+                tokens = token_stats(subs, model, int(max_len or 2048))
+            except Exception as exc:  # a missing model must not hide the validation report
+                tokens = f"{type(exc).__name__}: {exc}"
+        ok = bool(reports) and all(r.ok for r in reports)
+        state = ({"submissions": [s.model_dump(mode="json") for s in subs],
+                  "sources": [r.file for r in reports]} if ok else None)
+        return (summary_markdown(reports), problems_table(reports), stats_markdown(subs, tokens),
+                score_figure(subs), preview_table(reports), state)
+
+    def save(state, name):
+        from training.rubric import GradedSubmission
+        from training.store import Store
+
+        name = (name or "").strip()
+        if not state:
+            return "Nothing stored: upload files and fix every error first.", *refresh()
+        if not name:
+            return "Give the dataset a name.", *refresh()
+        subs = [GradedSubmission.model_validate(d) for d in state["submissions"]]
+        ds_id, created = Store().import_dataset(name, subs, state["sources"])
+        msg = (f"Stored dataset **{name}** (id {ds_id}, {len(subs)} submissions). Use it in "
+               f"Configure as `db:{name}`." if created else
+               f"Same content already stored (id {ds_id}); nothing new written.")
+        return msg, *refresh()
+
+    def refresh():
+        names = dataset_names()
+        return datasets_table(), gr.update(choices=names, value=names[0] if names else None)
+
+    def delete(name):
+        from training.store import Store
+
+        st = Store()
+        ds = st.find_dataset(name) if name else None
+        if not ds:
+            return "Pick a stored dataset.", *refresh()
+        st.delete_dataset(ds["id"])
+        return f"Deleted dataset **{ds['name']}**.", *refresh()
+
+    outputs = [summary, problems, stats, plot, preview, valid_state]
+    files.upload(validate, [files, token_model, max_length], outputs, api_name="validate_upload")
+    check_btn.click(validate, [files, token_model, max_length], outputs, api_name="validate")
+    save_btn.click(save, [valid_state, ds_name], [save_msg, table, del_name], api_name="store_dataset")
+    del_btn.click(delete, [del_name], [del_msg, table, del_name], api_name="delete_dataset")
+    return {"refresh": (refresh, None, [table, del_name]), "files": files}

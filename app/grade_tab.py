@@ -1,0 +1,292 @@
+"""Grade tab: pick a base model and an adapter (a checkpoint of a run), a rubric, paste or upload
+Markdown; the answer streams in, then shows as a table (question, score, justification) with the
+total. Base and tuned side by side; many .md files at once give a downloadable CSV.
+
+Grading goes through `inference.engine` (the same engine as `python -m inference grade`).
+"""
+from __future__ import annotations
+
+import csv
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from app import jobs
+from app.common import Settings, model_choices, rubric_choices, safe_display_name
+
+GRADE_COLUMNS = ["question", "score", "max score", "justification"]
+BATCH_COLUMNS = ["file", "total", "max total", "repaired", "latency s"]
+NO_ADAPTER = "(none: base model only)"
+_engine_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(base: str) -> threading.Lock:
+    """One grading at a time per engine: adapters are switched on a shared, cached engine."""
+    with _locks_guard:
+        return _engine_locks.setdefault(base, threading.Lock())
+
+
+def adapter_choices() -> list[tuple[str, str]]:
+    return [(NO_ADAPTER, "")] + jobs.list_adapters()
+
+
+def base_of(adapter: str | None) -> str | None:
+    if not adapter:
+        return None
+    from inference.engine import base_model_of_adapter
+
+    try:
+        return base_model_of_adapter(adapter)
+    except Exception:
+        return None
+
+
+def _inside_checkpoints(adapter: str) -> Path:
+    """Adapters come from the checkpoints folder only (the dropdown's paths, re-checked here)."""
+    from training import paths
+
+    root = paths.checkpoints_dir().resolve()
+    path = Path(adapter).resolve()
+    if root not in path.parents:
+        raise gr.Error(f"Adapter {adapter!r} is not inside {root}.")
+    if not (path / "adapter_model.safetensors").exists():
+        raise gr.Error(f"{path} has no adapter_model.safetensors (only safetensors adapters load).")
+    return path
+
+
+def load_rubric_choice(rubric_path: str | None, rubric_file: str | None):
+    """The rubric from an upload (read as bytes; its name only displayed) or from data/rubrics."""
+    from training.loading import load_rubric, parse_rubric_bytes
+
+    if rubric_file:
+        p = Path(rubric_file)
+        return parse_rubric_bytes(safe_display_name(p.name), p.read_bytes())
+    if rubric_path:
+        allowed = {path for _, path in rubric_choices()}
+        if rubric_path not in allowed:
+            raise gr.Error("Pick a rubric from the list or upload one.")
+        return load_rubric(rubric_path)
+    raise gr.Error("Pick a rubric from the list or upload one.")
+
+
+def rubric_markdown(rubric) -> str:
+    lines = [f"**{rubric.title or 'Rubric'}**: {len(rubric.questions)} questions, "
+             f"max {rubric.max_score:g} points"]
+    for k, q in enumerate(rubric.questions, 1):
+        lines.append(f"{k}. {q.question} ({q.max_score:g} pts)")
+    return "\n".join(lines)
+
+
+def grade_table(result) -> pd.DataFrame:
+    if result is None:
+        return pd.DataFrame(columns=GRADE_COLUMNS)
+    rows = [[i.question, i.score, i.max_score, i.justification or ""] for i in result.grade.items]
+    return pd.DataFrame(rows, columns=GRADE_COLUMNS)
+
+
+def total_markdown(result, who: str) -> str:
+    if result is None:
+        return ""
+    g = result.grade
+    note = " (output repaired: " + "; ".join(result.repairs) + ")" if result.repaired else ""
+    fb = f"\n\n{g.feedback}" if g.feedback else ""
+    return f"**{who}: {g.score:g} / {g.max_score:g}** in {result.latency_s:.1f} s{note}{fb}"
+
+
+def _record(result, name: str, rubric) -> None:
+    try:
+        jobs.store().add_grade(grade=result.grade.model_dump(), raw_text=result.raw_text,
+                               base_model=result.base_model, adapter=result.adapter,
+                               submission_name=name, rubric=rubric.model_dump(),
+                               repaired=result.repaired, latency_s=result.latency_s)
+    except Exception:
+        pass  # the grade is shown either way; the history is a convenience
+
+
+def stream_grade(base: str, adapter: str | None, markdown: str, rubric,
+                 max_new_tokens: int) -> Iterator[tuple[str, Any]]:
+    """Yield ("token", text_so_far) while generating, then ("done", GradeResult)."""
+    from inference.engine import get_engine
+
+    q: queue.Queue = queue.Queue()
+    box: dict[str, Any] = {}
+
+    def work():
+        try:
+            with _lock_for(base):
+                engine = get_engine(base)
+                engine.use_adapter(adapter or None)
+                box["result"] = engine.grade(markdown, rubric, max_new_tokens=max_new_tokens,
+                                             on_token=lambda t: q.put(t))
+        except Exception as exc:  # shown to the user
+            box["error"] = exc
+        finally:
+            q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    text = ""
+    while True:
+        tok = q.get()
+        if tok is None:
+            break
+        text += tok
+        yield "token", text
+    if "error" in box:
+        raise gr.Error(f"Grading failed: {type(box['error']).__name__}: {box['error']}")
+    yield "done", box["result"]
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    with gr.Row():
+        adapter = gr.Dropdown(adapter_choices(), value="", label="Adapter (run checkpoint)",
+                              elem_id="grade-adapter")
+        base = gr.Dropdown(model_choices(), value="embedded:gemma-3-270m", allow_custom_value=True,
+                           label="Base model", elem_id="grade-base")
+        refresh_btn = gr.Button("Refresh adapters", size="sm", elem_id="grade-refresh")
+    with gr.Row():
+        rubrics = rubric_choices()
+        rubric_pick = gr.Dropdown(rubrics, value=rubrics[0][1] if rubrics else None,
+                                  label="Rubric (data/rubrics)", elem_id="grade-rubric")
+        rubric_file = gr.File(label="...or upload a rubric JSON", file_types=[".json", ".jsonl"],
+                              elem_id="grade-rubric-file")
+    rubric_view = gr.Markdown(elem_id="grade-rubric-view")
+    with gr.Tab("One submission"):
+        with gr.Row():
+            md_text = gr.Textbox(label="Submission (Markdown)", lines=10, elem_id="grade-md")
+            md_file = gr.File(label="...or upload a .md file", file_types=[".md", ".txt"],
+                              elem_id="grade-md-file")
+        with gr.Row():
+            compare = gr.Checkbox(label="Also grade with the base model (side by side)",
+                                  value=False, elem_id="grade-compare")
+            max_new = gr.Number(value=512, precision=0, label="max new tokens",
+                                elem_id="grade-max-new")
+            grade_btn = gr.Button("Grade", variant="primary", elem_id="grade-run")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("#### Tuned (adapter)")
+                tuned_raw = gr.Textbox(label="Model output (streamed)", lines=6,
+                                       elem_id="grade-tuned-raw")
+                tuned_total = gr.Markdown(elem_id="grade-tuned-total")
+                tuned_table = gr.Dataframe(headers=GRADE_COLUMNS, interactive=False, wrap=True,
+                                           elem_id="grade-tuned-table")
+            with gr.Column():
+                gr.Markdown("#### Base model")
+                base_raw = gr.Textbox(label="Model output (streamed)", lines=6,
+                                      elem_id="grade-base-raw")
+                base_total = gr.Markdown(elem_id="grade-base-total")
+                base_table = gr.Dataframe(headers=GRADE_COLUMNS, interactive=False, wrap=True,
+                                          elem_id="grade-base-table")
+    with gr.Tab("Many submissions"):
+        batch_files = gr.File(label="Markdown submissions (.md)", file_count="multiple",
+                              file_types=[".md", ".txt"], elem_id="grade-batch-files")
+        batch_btn = gr.Button("Grade all", variant="primary", elem_id="grade-batch-run")
+        batch_table = gr.Dataframe(headers=BATCH_COLUMNS, interactive=False,
+                                   elem_id="grade-batch-table")
+        batch_csv = gr.File(label="Grades (CSV)", interactive=False, elem_id="grade-batch-csv")
+
+    def on_adapter(path):
+        b = base_of(path)
+        return gr.update(value=b) if b else gr.update()
+
+    def on_refresh():
+        return gr.update(choices=adapter_choices())
+
+    def on_rubric(path, file):
+        try:
+            return rubric_markdown(load_rubric_choice(path, file))
+        except gr.Error as exc:
+            return str(exc)
+        except Exception as exc:
+            return f"Rubric problem: {exc}"
+
+    def on_md_file(file):
+        from training.markdown import read_markdown
+
+        if not file:
+            return gr.update()
+        try:
+            return read_markdown(file, max_bytes=settings.max_upload_bytes)
+        except Exception as exc:
+            raise gr.Error(str(exc))
+
+    def do_grade(base_model, adapter_path, rubric_path, rubric_upload, text, both, max_new_tokens):
+        if not (text or "").strip():
+            raise gr.Error("Paste a submission or upload a .md file.")
+        rubric = load_rubric_choice(rubric_path, rubric_upload)
+        adapter_dir = str(_inside_checkpoints(adapter_path)) if adapter_path else None
+        base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
+        n = int(max_new_tokens or 512)
+        runs = [("tuned", adapter_dir)] if adapter_dir else []
+        if both or not adapter_dir:
+            runs.append(("base", None))
+        out = {"tuned": ["", None], "base": ["", None]}
+
+        def view():
+            t, b = out["tuned"], out["base"]
+            return (t[0], total_markdown(t[1], "Tuned"), grade_table(t[1]),
+                    b[0], total_markdown(b[1], "Base"), grade_table(b[1]))
+
+        for who, adp in runs:
+            for kind, value in stream_grade(base_model, adp, text, rubric, n):
+                if kind == "token":
+                    out[who][0] = value
+                else:
+                    out[who] = [value.raw_text, value]
+                    _record(value, "pasted.md", rubric)
+                yield view()
+
+    def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files):
+        from inference.engine import get_engine
+        from training.markdown import read_markdown
+
+        if not files:
+            raise gr.Error("Upload one or more .md files.")
+        rubric = load_rubric_choice(rubric_path, rubric_upload)
+        adapter_dir = str(_inside_checkpoints(adapter_path)) if adapter_path else None
+        base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
+        items = []
+        for f in files:
+            p = Path(f)
+            items.append((safe_display_name(p.name),
+                          read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
+        with _lock_for(base_model):
+            engine = get_engine(base_model)
+            engine.use_adapter(adapter_dir)
+            results = engine.grade_many(items)
+        out_dir = Path(tempfile.mkdtemp(prefix="grader-batch-"))
+        csv_path = out_dir / "grades.csv"
+        rows = []
+        with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "question", "score", "max_score", "justification", "total",
+                        "max_total", "feedback", "repaired", "base_model", "adapter"])
+            for (name, _, _), res in zip(items, results):
+                g = res.grade
+                for it in g.items:
+                    w.writerow([name, it.question, it.score, it.max_score, it.justification or "",
+                                g.score, g.max_score, g.feedback, res.repaired, res.base_model,
+                                res.adapter or ""])
+                rows.append([name, g.score, g.max_score, res.repaired, round(res.latency_s, 2)])
+                _record(res, name, rubric)
+        return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)
+
+    adapter.change(on_adapter, [adapter], [base])
+    refresh_btn.click(on_refresh, None, [adapter])
+    rubric_pick.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
+    rubric_file.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
+    md_file.upload(on_md_file, [md_file], [md_text])
+    grade_btn.click(do_grade, [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new],
+                    [tuned_raw, tuned_total, tuned_table, base_raw, base_total, base_table],
+                    api_name="grade", concurrency_limit=settings.max_jobs,
+                    concurrency_id="grading")
+    batch_btn.click(do_batch, [base, adapter, rubric_pick, rubric_file, batch_files],
+                    [batch_table, batch_csv], api_name="grade_batch",
+                    concurrency_limit=settings.max_jobs, concurrency_id="grading")
+    return {"refresh": (on_refresh, None, [adapter]),
+            "rubric_load": (on_rubric, [rubric_pick, rubric_file], [rubric_view])}
