@@ -1,0 +1,492 @@
+"""THE prompt format: how a (rubric, submission) pair becomes tokens, for training and inference.
+
+Defined once so that the prompt a model is trained on and the prompt it grades with are the same
+tokens. Three renderings of the same content:
+
+- ``harmony`` (GPT-OSS): rendered by OpenAI's ``openai-harmony``. System message (reasoning
+  effort low), developer message = :func:`instructions`, user message = the submission Markdown,
+  and the grade as the assistant's ``final`` channel message. The prompt ends with
+  ``<|start|>assistant<|channel|>final<|message|>`` so the model answers straight in the final
+  channel; a training example ends with ``<|return|>``, token-exact with
+  ``render_conversation_for_training``.
+- ``chat_template`` (models whose tokenizer has one): system = instructions, user = submission,
+  ``add_generation_prompt=True``; then the grade and the template's end-of-turn token.
+- ``plain`` (base models such as Gemma 3 270M): a fixed text template, then the grade and EOS.
+
+The grade (the target) is compact one-line JSON, items first so the model grades each question
+before it writes the total::
+
+    {"items":[{"question":"1.1","justification":"...","score":3.5,"max_score":5}, ...],
+     "score":25,"max_score":35,"feedback":"..."}
+
+``items[].question`` is the question's *label*, not its text: the rubric's ``question_id`` or,
+without one, its 1-based position -- the same label the submission's Markdown headings use
+(``## Question 1.1: ...``). It keeps targets short (long essay prompts are not copied into every
+answer) and maps back to the rubric with :func:`match_question` (``inference.repair`` matches the
+same labels). ``justification`` appears only when the training data has one; it comes before the
+score so the model argues first and scores second.
+
+Student text is never read as control tokens: harmony encodes message content as plain text,
+and for the other formats the rubric and submission are encoded with special tokens split.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from training.rubric import Grade, GradedSubmission, Rubric
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    from openai_harmony import HarmonyEncoding
+
+log = logging.getLogger(__name__)
+
+Format = Literal["harmony", "chat_template", "plain"]
+FORMATS: tuple[Format, ...] = ("harmony", "chat_template", "plain")
+
+TRUNCATION_MARK = "\n\n[...]"  # what a cut submission ends with, so the model sees it was cut
+IGNORE_INDEX = -100  # label value the loss ignores (PyTorch / HF convention)
+
+# The GPT-OSS control tokens (o200k_harmony ids) that the harmony format relies on.
+HARMONY_START, HARMONY_CHANNEL, HARMONY_MESSAGE = 200006, 200005, 200008
+HARMONY_RETURN, HARMONY_CALL, HARMONY_END = 200002, 200012, 200007
+
+PLAIN_SUBMISSION_HEADER = "\n\n## Submission\n\n"
+PLAIN_ANSWER_HEADER = "\n\n## Grade (JSON)\n"
+
+
+class PromptTooLongError(ValueError):
+    """Even an empty submission leaves no room: instructions + grade exceed the length limit."""
+
+
+# --------------------------------------------------------------------------- the content
+
+
+def question_labels(rubric: Rubric) -> list[str]:
+    """Each question's label: its ``question_id``, else its 1-based position (as the Markdown
+    headings of a submission and ``inference.repair`` use)."""
+    return [q.question_id or str(k + 1) for k, q in enumerate(rubric.questions)]
+
+
+def match_question(label: str, rubric: Rubric) -> int | None:
+    """Index of the rubric question that ``label`` (a label, ``Question 1.2``, or the question's
+    text) names, or None."""
+    norm = " ".join(str(label).split()).lower()
+    norm = re.sub(r"^(question|q)\s*", "", norm).strip(" :.")
+    labels = [lab.lower() for lab in question_labels(rubric)]
+    if norm in labels:
+        return labels.index(norm)
+    texts = [" ".join(q.question.split()).lower() for q in rubric.questions]
+    full = " ".join(str(label).split()).lower()
+    if full in texts:
+        return texts.index(full)
+    return None
+
+
+def _num(x: float) -> int | float:
+    """Scores as short JSON numbers: 4 rather than 4.0, at most 3 decimals (fewer tokens)."""
+    x = round(float(x), 3)
+    return int(x) if x.is_integer() else x
+
+
+def _fmt_num(x: float) -> str:
+    return json.dumps(_num(x))
+
+
+def response_example(rubric: Rubric) -> str:
+    """The JSON shape the grader must answer with: the first question's item spelled out (the
+    rest follow the same pattern; listing them all would cost tokens on every prompt)."""
+    lab, q = question_labels(rubric)[0], rubric.questions[0]
+    item = (
+        f'{{"question":{json.dumps(lab)},"justification":"<why>","score":<0 to {_fmt_num(q.max_score)}>,'
+        f'"max_score":{_fmt_num(q.max_score)}}}'
+    )
+    more = ",..." if len(rubric.questions) > 1 else ""
+    return (
+        f'{{"items":[{item}{more}],"score":<sum of item scores>,"max_score":{_fmt_num(rubric.max_score)},'
+        f'"feedback":"<feedback to the student>"}}'
+    )
+
+
+def instructions(rubric: Rubric) -> str:
+    """The grader's instructions: the rubric (labels, questions, max scores, reference answers
+    when present) and the exact JSON to answer with."""
+    lines = [
+        "You grade a student's submission against the rubric below. The submission is the user "
+        "message, one Markdown section per question.",
+    ]
+    if rubric.title:
+        lines += ["", f"Assignment: {rubric.title}"]
+    lines += ["", f"# Rubric ({len(rubric.questions)} questions, {_fmt_num(rubric.max_score)} points in total)"]
+    for lab, q in zip(question_labels(rubric), rubric.questions):
+        lines += ["", f"## Question {lab} (max {_fmt_num(q.max_score)} points)", q.question.strip()]
+        if q.reference_answer and q.reference_answer.strip():
+            lines.append(f"Reference answer: {q.reference_answer.strip()}")
+    lines += [
+        "",
+        "# Answer",
+        "Reply with one JSON object on one line and nothing else, in exactly this shape:",
+        response_example(rubric),
+        f"Give one item per question, in rubric order ({', '.join(question_labels(rubric))}), with "
+        '"question" set to the question\'s label. '
+        "Each score is a number from 0 to that question's max_score; \"score\" is the sum of the "
+        'item scores. "justification" is optional.',
+    ]
+    return "\n".join(lines)
+
+
+def target_text(grade: Grade, rubric: Rubric | None = None) -> str:
+    """The grade as the model must write it: compact one-line JSON, keys in the order
+    items -> score -> max_score -> feedback; each item question -> justification? -> score -> max_score.
+
+    With ``rubric``, ``items[].question`` becomes the question's label (matched by label or text,
+    else by position); without it the item's ``question`` is written as is.
+    """
+    labels = question_labels(rubric) if rubric is not None else None
+    items: list[dict[str, Any]] = []
+    for k, item in enumerate(grade.items):
+        question = item.question
+        if labels is not None:
+            # Same position first (a rubric may repeat a question text), then by label or text.
+            same = k < len(labels) and item.question in (rubric.questions[k].question, labels[k])  # type: ignore[union-attr]
+            idx = k if same else match_question(item.question, rubric)  # type: ignore[arg-type]
+            if idx is None and k < len(labels):
+                idx = k
+            if idx is not None:
+                question = labels[idx]
+        obj: dict[str, Any] = {"question": question}
+        if item.justification:
+            obj["justification"] = item.justification
+        obj["score"] = _num(item.score)
+        obj["max_score"] = _num(item.max_score)
+        items.append(obj)
+    out = {"items": items, "score": _num(grade.score), "max_score": _num(grade.max_score), "feedback": grade.feedback}
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- format detection
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+def _is_harmony_tokenizer(tokenizer: Any) -> bool:
+    return (
+        _token_id(tokenizer, "<|start|>") == HARMONY_START
+        and _token_id(tokenizer, "<|channel|>") == HARMONY_CHANNEL
+        and _token_id(tokenizer, "<|message|>") == HARMONY_MESSAGE
+    )
+
+
+def detect_format(tokenizer: Any, model_type: str | None) -> Format:
+    """gpt_oss (or an o200k_harmony tokenizer when the model type is unknown) -> harmony;
+    a tokenizer with a chat template -> chat_template; else plain."""
+    if model_type == "gpt_oss" or (model_type is None and _is_harmony_tokenizer(tokenizer)):
+        return "harmony"
+    if getattr(tokenizer, "chat_template", None):
+        return "chat_template"
+    return "plain"
+
+
+# --------------------------------------------------------------------------- harmony
+
+
+@functools.lru_cache(maxsize=1)
+def harmony_encoding() -> "HarmonyEncoding":
+    """openai-harmony's GPT-OSS encoding, loaded offline (see training.tokenizer_offline)."""
+    from training.tokenizer_offline import ensure_harmony_env
+
+    ensure_harmony_env()
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
+    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = None) -> list[Any]:
+    """The harmony conversation: system, developer (instructions), user (submission) and, for
+    training, the assistant's final-channel grade. No date in the system message: the prompt
+    must not change from one day to the next."""
+    from openai_harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent
+
+    msgs = [
+        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.LOW)),
+        Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions(rubric))),
+        Message.from_role_and_content(Role.USER, submission_md),
+    ]
+    if target is not None:
+        msgs.append(Message.from_role_and_content(Role.ASSISTANT, target).with_channel("final"))
+    return msgs
+
+
+def _harmony_prompt(rubric: Rubric, submission_md: str) -> list[int]:
+    from openai_harmony import Conversation, Role
+
+    enc = harmony_encoding()
+    ids = enc.render_conversation_for_completion(
+        Conversation.from_messages(harmony_messages(rubric, submission_md)), Role.ASSISTANT
+    )
+    # Force the final channel: the grader answers directly, without an analysis message.
+    return list(ids) + [HARMONY_CHANNEL] + enc.encode("final", allowed_special=set()) + [HARMONY_MESSAGE]
+
+
+# --------------------------------------------------------------------------- chat template / plain
+
+
+def _encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ordinary text -> ids; strings that look like special tokens stay plain text."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _encode_template(tokenizer: Any, text: str) -> list[int]:
+    """Template text (its control tokens are real special tokens)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_SYS_SLOT = "GRADERSYSTEMSLOT7f3a"
+_USER_SLOT = "GRADERUSERSLOT9c1e"
+
+
+def _render_chat(tokenizer: Any, system: str | None, user: str, assistant: str | None = None) -> str:
+    msgs: list[dict[str, str]] = []
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    msgs.append({"role": "user", "content": user})
+    if assistant is not None:
+        msgs.append({"role": "assistant", "content": assistant})
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=assistant is None)
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_skeleton(tokenizer: Any) -> tuple[list[tuple[str, str]], bool]:
+    """The chat template rendered around two placeholders, split into (kind, text) pieces.
+
+    Rendering once with placeholders and encoding the template's own text apart from the rubric
+    and submission lets us encode user text with special tokens split (a student who writes
+    ``<end_of_turn>`` cannot end the turn), and makes re-rendering during truncation cheap.
+    Templates that refuse a system role get the instructions at the top of the user message.
+    """
+    try:
+        text = _render_chat(tokenizer, _SYS_SLOT, _USER_SLOT)
+        has_system = _SYS_SLOT in text
+    except Exception:  # e.g. "System role not supported"
+        has_system = False
+    if not has_system:
+        text = _render_chat(tokenizer, None, _SYS_SLOT + "\n\n" + _USER_SLOT)
+    pieces: list[tuple[str, str]] = []
+    for part in re.split(f"({_SYS_SLOT}|{_USER_SLOT})", text):
+        if part == _SYS_SLOT:
+            pieces.append(("system", ""))
+        elif part == _USER_SLOT:
+            pieces.append(("user", ""))
+        elif part:
+            pieces.append(("template", part))
+    if [k for k, _ in pieces if k != "template"] != ["system", "user"]:
+        raise ValueError("the tokenizer's chat template did not render the system and user messages once each")
+    return pieces, has_system
+
+
+def _chat_prompt(tokenizer: Any, rubric: Rubric, submission_md: str) -> list[int]:
+    pieces, _ = _chat_skeleton(tokenizer)
+    ids: list[int] = []
+    for kind, text in pieces:
+        if kind == "template":
+            ids += _encode_template(tokenizer, text)
+        elif kind == "system":
+            ids += _encode_text(tokenizer, instructions(rubric))
+        else:
+            ids += _encode_text(tokenizer, submission_md)
+    return ids
+
+
+def plain_prompt_text(rubric: Rubric, submission_md: str) -> str:
+    """The plain template (models without a chat template), as text."""
+    return instructions(rubric) + PLAIN_SUBMISSION_HEADER + submission_md.strip() + PLAIN_ANSWER_HEADER
+
+
+def _plain_prompt(tokenizer: Any, rubric: Rubric, submission_md: str) -> list[int]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + _encode_text(tokenizer, plain_prompt_text(rubric, submission_md))
+
+
+@functools.lru_cache(maxsize=16)
+def _chat_end_token(tokenizer: Any) -> int | None:
+    """The token the chat template puts right after an assistant message (``<|im_end|>``,
+    ``<end_of_turn>``, ``<|eot_id|>`` ...): what the model must learn to stop with."""
+    try:
+        text = _render_chat(tokenizer, None, "Hi", "GRADERANSWERSLOT")
+    except Exception:
+        return None
+    after = text.split("GRADERANSWERSLOT", 1)[-1]
+    ids = _encode_template(tokenizer, after)
+    special = set(tokenizer.all_special_ids) | {
+        tid for tid, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False)
+    }
+    for tid in ids:
+        if tid in special:
+            return tid
+        if tokenizer.decode([tid]).strip():
+            return None  # real text before any special token: no usable end token
+    return None
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def stop_token_ids(tokenizer: Any, fmt: Format) -> list[int]:
+    """Token ids that end the grader's answer: harmony <|return|>, <|call|>, <|end|>; other
+    formats the end-of-turn token of the chat template and the tokenizer's EOS."""
+    if fmt == "harmony":
+        return [HARMONY_RETURN, HARMONY_CALL, HARMONY_END]
+    out: list[int] = []
+    if fmt == "chat_template":
+        end = _chat_end_token(tokenizer)
+        if end is not None:
+            out.append(end)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
+        out.append(tokenizer.eos_token_id)
+    return out
+
+
+def end_token_id(tokenizer: Any, fmt: Format) -> int:
+    """The single token a training example ends with (the first stop token)."""
+    ids = stop_token_ids(tokenizer, fmt)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token: set tokenizer.eos_token so the model can learn to stop")
+    return ids[0]
+
+
+def _check_format(tokenizer: Any, fmt: Format) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "harmony" and not _is_harmony_tokenizer(tokenizer):
+        raise ValueError("the harmony format needs the GPT-OSS (o200k_harmony) tokenizer")
+    if fmt == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("format chat_template: this tokenizer has no chat template; use plain")
+
+
+def _render_prompt(tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str) -> list[int]:
+    if fmt == "harmony":
+        return _harmony_prompt(rubric, submission_md)
+    if fmt == "chat_template":
+        return _chat_prompt(tokenizer, rubric, submission_md)
+    return _plain_prompt(tokenizer, rubric, submission_md)
+
+
+def _cut_submission(submission_md: str, keep_chars: int) -> str:
+    return submission_md[:keep_chars].rstrip() + TRUNCATION_MARK
+
+
+def encode_prompt_checked(
+    tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str, max_prompt_tokens: int | None = None
+) -> tuple[list[int], bool]:
+    """:func:`encode_prompt` that also says whether the submission was cut.
+
+    Over-long prompts keep the longest head of the submission (found by binary search on
+    characters, each candidate re-rendered) that fits, ending with ``[...]``. The rubric is
+    never cut: when even an empty submission does not fit, PromptTooLongError.
+    """
+    _check_format(tokenizer, fmt)
+    ids = _render_prompt(tokenizer, fmt, rubric, submission_md)
+    if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
+        return ids, False
+    shortest = _render_prompt(tokenizer, fmt, rubric, _cut_submission(submission_md, 0))
+    if len(shortest) > max_prompt_tokens:
+        raise PromptTooLongError(
+            f"the instructions alone take {len(shortest)} tokens, more than the {max_prompt_tokens} allowed "
+            "for the prompt; raise max_length (or shorten the rubric's reference answers)"
+        )
+    lo, hi, best = 0, len(submission_md) - 1, shortest  # lo chars always fit; hi+1 never checked yet
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        cand = _render_prompt(tokenizer, fmt, rubric, _cut_submission(submission_md, mid))
+        if len(cand) <= max_prompt_tokens:
+            lo, best = mid, cand
+        else:
+            hi = mid - 1
+    return best, True
+
+
+def encode_prompt(
+    tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str, max_prompt_tokens: int | None = None
+) -> list[int]:
+    """The prompt tokens, ending exactly where the grade JSON begins (harmony:
+    ``...<|start|>assistant<|channel|>final<|message|>``). Inference uses this; training uses
+    :func:`encode_example`, whose ``input_ids`` start with the same tokens."""
+    return encode_prompt_checked(tokenizer, fmt, rubric, submission_md, max_prompt_tokens)[0]
+
+
+def encode_target(tokenizer: Any, fmt: Format, target: str) -> list[int]:
+    """The grade's tokens followed by the end token (harmony ``<|return|>``)."""
+    if fmt == "harmony":
+        body = harmony_encoding().encode(target, allowed_special=set(), disallowed_special=())
+    else:
+        body = _encode_text(tokenizer, target)
+    return list(body) + [end_token_id(tokenizer, fmt)]
+
+
+@dataclass
+class EncodedExample:
+    """One training example. ``labels`` is ``IGNORE_INDEX`` on the prompt, so the loss covers
+    only the grade and its end token."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    truncated: bool
+
+
+def encode_example(
+    tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str, grade: Grade, max_length: int
+) -> EncodedExample:
+    """prompt + grade + end token, at most ``max_length`` tokens. Over-long: the submission is
+    cut (never the grade), ``truncated`` is True. PromptTooLongError when the grade and the
+    instructions alone do not fit."""
+    target = encode_target(tokenizer, fmt, target_text(grade, rubric))
+    budget = max_length - len(target)
+    if budget <= 0:
+        raise PromptTooLongError(f"the grade alone takes {len(target)} tokens; max_length {max_length} is too small")
+    prompt, truncated = encode_prompt_checked(tokenizer, fmt, rubric, submission_md, budget)
+    return EncodedExample(
+        input_ids=prompt + target,
+        labels=[IGNORE_INDEX] * len(prompt) + target,
+        prompt_len=len(prompt),
+        truncated=truncated,
+    )
+
+
+def build_training_examples(
+    submissions: list[GradedSubmission], tokenizer: Any, fmt: Format, max_length: int
+) -> tuple[list[EncodedExample], int]:
+    """Every graded submission as a training example: (examples, number whose submission was cut).
+
+    Each submission's answers are rendered to the Markdown a student would hand in
+    (``training.markdown.render_submission_markdown``), graded against ``sub.rubric()`` with
+    ``sub.grade()`` as the target. A submission whose instructions + grade alone exceed
+    ``max_length`` is skipped with a warning (and counted as cut); if that leaves nothing,
+    PromptTooLongError.
+    """
+    from training.markdown import render_submission_markdown
+
+    examples: list[EncodedExample] = []
+    n_cut = n_dropped = 0
+    for k, sub in enumerate(submissions):
+        try:
+            ex = encode_example(tokenizer, fmt, sub.rubric(), render_submission_markdown(sub), sub.grade(), max_length)
+        except PromptTooLongError as e:
+            n_dropped += 1
+            log.warning("skipped submission %s: %s", sub.submission_id or f"#{k}", e)
+            continue
+        examples.append(ex)
+        n_cut += ex.truncated
+    if n_dropped and not examples:
+        raise PromptTooLongError(
+            f"all {n_dropped} submissions need more than max_length={max_length} tokens for the "
+            "instructions and grade alone; raise max_length"
+        )
+    return examples, n_cut + n_dropped
