@@ -197,17 +197,21 @@ def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return path.rstrip(": ") if path.endswith(": ") else path
 
 
-def _depth_exceeds(value: Any, limit: int) -> int | None:
-    """The nesting depth if it exceeds ``limit`` (iterative: deep input must not recurse)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+def _too_deep(value: Any, limit: int, prefix: str = "") -> str | None:
+    """The path (first few levels) of data nested deeper than ``limit``, else None.
+
+    Iterative on purpose: deeply nested input must not make the checker itself recurse.
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 1, prefix)]
     while stack:
-        v, d = stack.pop()
+        v, d, p = stack.pop()
         if d > limit:
-            return d
+            return p.rstrip(": ") if p.endswith(": ") else p
+        # Name the path for the first levels only: a path 64 levels long helps nobody.
         if isinstance(v, dict):
-            stack.extend((x, d + 1) for x in v.values())
+            stack.extend((x, d + 1, _join(p, str(k)) if d <= 3 else p) for k, x in v.items())
         elif isinstance(v, list):
-            stack.extend((x, d + 1) for x in v)
+            stack.extend((x, d + 1, _join(p, i) if d <= 3 else p) for i, x in enumerate(v))
     return None
 
 
@@ -507,9 +511,9 @@ def _report_from_records(name: str, records: list[tuple[str, Any]], problems: li
     seen: dict[str, str] = {}
     for prefix, rec in records:
         here = prefix.rstrip(": ") if prefix.endswith(": ") else prefix
-        deep = _depth_exceeds(rec, MAX_DEPTH)
-        if deep:
-            problems.append(Problem(name, here, f"data nested more than {MAX_DEPTH} levels deep",
+        deep = _too_deep(rec, MAX_DEPTH, prefix)
+        if deep is not None:
+            problems.append(Problem(name, deep, f"data nested more than {MAX_DEPTH} levels deep",
                                     f"at most {MAX_DEPTH} levels of nested lists/objects"))
             continue
         bad_numbers = list(_non_finite(rec, prefix))
@@ -667,8 +671,9 @@ def parse_rubric_bytes(name: str, data: bytes) -> Rubric:
     if problems:
         _raise(problems)
     prefix, first = records[0]
-    if _depth_exceeds(first, MAX_DEPTH):
-        _raise([Problem(name, prefix.rstrip(": "), f"data nested more than {MAX_DEPTH} levels deep",
+    deep = _too_deep(first, MAX_DEPTH, prefix)
+    if deep is not None:
+        _raise([Problem(name, deep, f"data nested more than {MAX_DEPTH} levels deep",
                         f"at most {MAX_DEPTH} levels")])
     bad = list(_non_finite(first, prefix))
     if bad:

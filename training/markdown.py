@@ -31,6 +31,10 @@ _PREFIXED = re.compile(
 _NUMBERED = re.compile(
     r"^(?P<label>\d+(?:\.\d+)*[a-z]?)(?:(?:\s*[:.)\]\-\u2013\u2014]|\s)\s*(?P<rest>.*))?$", re.IGNORECASE
 )
+# "b", "c: text", "1.2b) text": any short label, matched against question ids only
+_LABELLED = re.compile(
+    r"^(?P<label>[A-Za-z0-9]+(?:[.\-_][A-Za-z0-9]+)*)\s*(?:[:.)\]\-\u2013\u2014]\s*(?P<rest>.*))?$"
+)
 # How close a heading's text must be to a question's text (difflib ratio on normalised text).
 FUZZY_RATIO = 0.9
 
@@ -167,11 +171,13 @@ def _candidates(heading: str, rubric: Rubric) -> list[int]:
         label, rest = prefixed.group("label"), prefixed.group("rest") or ""
     elif numbered:
         label, rest = numbered.group("label"), numbered.group("rest") or ""
-    if label:
-        by_id = [i for i, q in enumerate(rubric.questions)
-                 if q.question_id and q.question_id.strip().casefold() == label.casefold()]
-        if by_id:
-            return by_id
+    labelled = _LABELLED.match(h)
+    for lab in (label, labelled.group("label") if labelled else None):
+        if lab:
+            by_id = [i for i, q in enumerate(rubric.questions)
+                     if q.question_id and q.question_id.strip().casefold() == lab.casefold()]
+            if by_id:
+                return by_id
     by_text = [i for i, q in enumerate(rubric.questions)
                if (rest.strip() and _text_matches(rest, q.question)) or _text_matches(h, q.question)]
     if by_text:
