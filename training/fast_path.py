@@ -1,0 +1,426 @@
+"""The GPU speed path for LoRA training (GPT-OSS first, any causal LM where it is safe).
+
+Two entry points the training engine calls:
+
+* ``apply(model, cfg=None) -> list[str]``: switches a model (plain or PEFT-wrapped) onto the fast
+  kernels when it sits on a CUDA device and returns the names of what it applied; on CPU it
+  changes nothing and returns ``[]``.  What it can apply:
+
+  - ``flex_attention``: GPT-OSS attention (sinks + sliding window) through transformers'
+    flex_attention integration instead of eager attention (``sdpa`` is refused for GPT-OSS).
+  - ``project_experts``: our own MoE expert path (``moe_forward`` below): one sort by expert,
+    grouped GEMMs (``torch.nn.functional.grouped_mm``), a SwiGLU-with-clamp autograd function that
+    keeps only the gate/up output for backward, and **fused expert LoRA**: when PEFT put LoRA on
+    ``mlp.experts.gate_up_proj``/``down_proj`` (``target_parameters``) we read PEFT's own A/B
+    factors and add ``(x @ A_e) @ B_e * scale`` with two more grouped GEMMs instead of
+    materialising ``W + B A`` for every expert on every forward (what PEFT does).  Adapters stay
+    PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  NF4 experts
+    (``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
+    function so no bf16 copy is kept for backward.
+  - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
+    with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
+    positions that carry labels are projected at all.
+
+* ``compute_loss(model, batch) -> (mean loss over label tokens, n_label_tokens)``: the same value
+  as ``model(**batch).loss`` (causal shift, ``-100`` ignored, mean over label tokens).  On CUDA it
+  takes the fused path when the model allows it; on CPU the plain ``model(...)`` path (``fused=True``
+  forces the fused path anywhere, which is how the CPU tests prove the two agree).
+
+Everything here is importable and runs without a GPU; nothing here needs bitsandbytes unless
+experts are NF4-quantized.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Models whose causal-LM head is a plain ``lm_head`` over ``model.model``'s last hidden state, with
+# nothing between them (no logit soft-capping or scaling): the fused loss is exact for these.
+_FUSED_CE_MODEL_TYPES = {
+    "gpt_oss", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma", "phi3", "olmo2",
+}
+CE_CHUNK_TOKENS = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# model plumbing
+# --------------------------------------------------------------------------------------------
+def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers ``*ForCausalLM`` under any PEFT wrapping."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "get_base_model") and callable(m.get_base_model):
+            inner = m.get_base_model()
+            if inner is m:
+                break
+            m = inner
+        else:
+            break
+    return m
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _model_type(model: torch.nn.Module) -> str | None:
+    cfg = getattr(base_causal_lm(model), "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def _cfg_get(cfg: Any, name: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def apply(model: torch.nn.Module, cfg: Any = None, *, force: bool = False) -> list[str]:
+    """Turn on the GPU speedups for ``model``; returns what was applied ([] on CPU or when
+    ``cfg.fast_path`` is False).  ``force=True`` installs the device-independent parts
+    (project experts) on CPU too; the tests use it."""
+    if not _cfg_get(cfg, "fast_path", True):
+        return []
+    device = _model_device(model)
+    on_cuda = device.type == "cuda"
+    if not on_cuda and not force:
+        return []
+    applied: list[str] = []
+    lm = base_causal_lm(model)
+    mtype = _model_type(model)
+    if on_cuda and mtype == "gpt_oss" and _cfg_get(cfg, "attn_implementation", "flex_attention") == "flex_attention":
+        if _set_attn(lm, "flex_attention"):
+            applied.append("flex_attention")
+    if mtype == "gpt_oss" and _cfg_get(cfg, "project_experts", True):
+        n = install_moe_forward(lm)
+        if n:
+            applied.append("project_experts")
+            if any(_lora_factors(_unwrap_experts(m.experts)[1]) for m in _gpt_oss_mlps(lm)):
+                applied.append("fused_expert_lora")
+    if on_cuda and fused_ce_supported(model):
+        applied.append("fused_ce")
+    return applied
+
+
+def _set_attn(lm: torch.nn.Module, impl: str) -> bool:
+    try:
+        if hasattr(lm, "set_attn_implementation"):
+            lm.set_attn_implementation(impl)
+        else:  # older transformers
+            lm.config._attn_implementation = impl
+        return True
+    except Exception:  # kernel unavailable: keep what the model had
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# fused, chunked cross-entropy from the last hidden state
+# --------------------------------------------------------------------------------------------
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(h @ W^T, target), computed chunk by chunk; the gradient w.r.t. h (and
+    W if it trains) is formed in the forward pass so no logits are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int):
+        n = h.shape[0]
+        need_h = h.requires_grad
+        need_w = weight.requires_grad
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            hc = h[s : s + chunk]
+            tc = target[s : s + chunk]
+            logits = (hc @ weight.t()).float()  # same rounding as lm_head then .float() in the stock loss
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, tc[:, None]).squeeze(1)
+            total += (lse - picked).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: softmax
+                probs[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+                g = probs.to(h.dtype)
+                if need_h:
+                    grad_h[s : s + chunk] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ hc).float()
+                del g, probs
+            del logits
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.need = (need_h, need_w)
+        ctx.wdtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.need
+        gh = None
+        gw = None
+        if need_h:
+            t = saved.pop(0)
+            gh = t * grad_out.to(t.dtype)
+        if need_w:
+            t = saved.pop(0)
+            gw = (t * grad_out).to(ctx.wdtype)
+        return gh, gw, None, None
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                             chunk: int = CE_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of token cross-entropies of ``h @ weight.T`` against ``target`` (fp32 scalar)."""
+    return _LinearCrossEntropy.apply(h, weight, target, int(chunk))
+
+
+def fused_ce_supported(model: torch.nn.Module) -> bool:
+    lm = base_causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in _FUSED_CE_MODEL_TYPES:
+        return False
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_scaling", None):
+        return False
+    if getattr(cfg, "output_router_logits", False):  # stock adds the router aux loss: keep stock
+        return False
+    head = getattr(lm, "lm_head", None)
+    inner = getattr(lm, "model", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or inner is None:
+        return False  # a LoRA-wrapped or biased head: use the plain path
+    return True
+
+
+def _label_count(labels: torch.Tensor) -> int:
+    return int((labels[..., 1:] != -100).sum().item())
+
+
+def compute_loss(model: torch.nn.Module, batch: dict, *, fused: bool | None = None) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over label tokens, number of label tokens) for a causal-LM batch with
+    ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss).  Equal to ``model(**batch).loss``
+    (next-token shift).  ``fused=None``: fused on CUDA when supported, plain elsewhere."""
+    input_ids = batch["input_ids"]
+    labels = batch["labels"]
+    attention_mask = batch.get("attention_mask")
+    if fused is None:
+        fused = input_ids.device.type == "cuda" and fused_ce_supported(model)
+    elif fused and not fused_ce_supported(model):
+        fused = False
+    if not fused:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        return out.loss, _label_count(labels)
+
+    lm = base_causal_lm(model)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    hidden = lm.model(**kwargs).last_hidden_state  # LoRA layers live inside: they run here too
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    n = int(mask.sum().item())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    h = hidden[:, :-1][mask]
+    tgt = shift_labels[mask]
+    total = linear_cross_entropy_sum(h, lm.lm_head.weight, tgt)
+    return total / n, n
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-OSS experts: grouped GEMMs, fused expert LoRA, NF4 weights
+# --------------------------------------------------------------------------------------------
+def _gpt_oss_mlps(lm: torch.nn.Module):
+    for m in lm.modules():
+        if type(m).__name__ == "GptOssMLP" and hasattr(m, "router") and hasattr(m, "experts"):
+            yield m
+
+
+def _unwrap_experts(experts: torch.nn.Module):
+    """(base GptOssExperts, [PEFT ParamWrapper, ...]) for a possibly PEFT-wrapped experts module."""
+    wrappers = []
+    m = experts
+    while hasattr(m, "base_layer") and hasattr(m, "parameter_name"):
+        wrappers.append(m)
+        m = m.base_layer
+    return m, wrappers
+
+
+def _lora_factors(wrappers) -> dict:
+    """{param_name: (lhs (E,in,r), rhs (E,r,out), scale)} from PEFT ParamWrappers, active adapters only."""
+    out: dict = {}
+    for w in wrappers:
+        if getattr(w, "disable_adapters", False) or getattr(w, "merged", False):
+            continue
+        active = [a for a in getattr(w, "active_adapters", []) if a in w.lora_A]
+        if not active:
+            continue
+        if len(active) > 1:
+            raise NotImplementedError("project experts path: one active LoRA adapter on experts at a time")
+        a = active[0]
+        if getattr(w, "_did_swap_in_out_features", False):
+            raise NotImplementedError("project experts path expects GPT-OSS (experts, in, out) weights")
+        E = w.num_experts
+        A = w.lora_A[a].weight  # (r*E, in)
+        B = w.lora_B[a].weight  # (out, r*E)
+        lhs = A.reshape(E, -1, A.shape[-1]).transpose(-2, -1)  # (E, in, r)
+        rhs = B.reshape(B.shape[0], -1, E).permute(2, 1, 0)  # (E, r, out)
+        out[w.parameter_name] = (lhs, rhs, float(w.scaling[a]))
+    return out
+
+
+def _gmm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if x.device.type != "cuda" or not hasattr(F, "grouped_mm"):
+        return False
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return False
+    es = x.element_size()
+    return (x.shape[-1] * es) % 16 == 0 and (w.shape[-1] * es) % 16 == 0 and (w.shape[-2] * es) % 16 == 0
+
+
+def gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+    """Grouped matmul: rows offs[e-1]:offs[e] of x (S, K) times w[e] (K, N) -> (S, N)."""
+    if _gmm_ok(x, w):
+        if not w.is_contiguous() and not w.transpose(-2, -1).is_contiguous():
+            w = w.contiguous()
+        return F.grouped_mm(x, w, offs=offs)
+    if counts is None:
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    outs = []
+    s = 0
+    for e, c in enumerate(counts):
+        if c:
+            outs.append(x[s : s + c] @ w[e].to(x.dtype))
+        s += c
+    if not outs:
+        return x.new_zeros((0, w.shape[-1]))
+    return torch.cat(outs, 0)
+
+
+class _SwiGLUClamp(torch.autograd.Function):
+    """GPT-OSS activation on interleaved gate/up; saves only its input for backward."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, alpha: float, limit: float):
+        gate = gu[..., ::2].clamp(max=limit)
+        up = gu[..., 1::2].clamp(min=-limit, max=limit)
+        glu = gate * torch.sigmoid(gate * alpha)
+        ctx.save_for_backward(gu)
+        ctx.alpha, ctx.limit = alpha, limit
+        return (up + 1) * glu
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gu,) = ctx.saved_tensors
+        alpha, limit = ctx.alpha, ctx.limit
+        g_raw = gu[..., ::2].float()
+        u_raw = gu[..., 1::2].float()
+        gate = g_raw.clamp(max=limit)
+        up = u_raw.clamp(min=-limit, max=limit)
+        sig = torch.sigmoid(gate * alpha)
+        glu = gate * sig
+        dyf = dy.float()
+        dgate = dyf * (up + 1) * (sig + gate * alpha * sig * (1 - sig))
+        dgate = dgate * (g_raw <= limit)
+        dup = dyf * glu * ((u_raw >= -limit) & (u_raw <= limit))
+        dgu = torch.stack((dgate, dup), dim=-1).reshape(gu.shape).to(gu.dtype)
+        return dgu, None, None
+
+
+class _FrozenNF4GMM(torch.autograd.Function):
+    """x @ W_e with W dequantized from NF4 on the fly, forward and backward; W never saved."""
+
+    @staticmethod
+    def forward(ctx, x, store, offs, counts, dtype):
+        w = store.dequantize(dtype)
+        y = gmm(x, w, offs, counts)
+        ctx.store, ctx.counts, ctx.dtype = store, counts, dtype
+        ctx.save_for_backward(offs)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (offs,) = ctx.saved_tensors
+        w = ctx.store.dequantize(ctx.dtype)
+        dx = gmm(dy.contiguous(), w.transpose(-2, -1), offs, ctx.counts)
+        return dx, None, None, None, None
+
+
+def _expert_linear(experts, name: str, x, offs, counts, ids_sorted, lora: dict):
+    store = getattr(experts, name + "_nf4", None)
+    if store is not None:
+        y = _FrozenNF4GMM.apply(x, store, offs, counts, x.dtype)
+    else:
+        y = gmm(x, getattr(experts, name), offs, counts)
+    bias = getattr(experts, name + "_bias", None)
+    if bias is not None:
+        y = y + bias[ids_sorted].to(y.dtype)
+    if name in lora:
+        lhs, rhs, scale = lora[name]
+        xa = gmm(x, lhs.to(x.dtype).contiguous(), offs, counts)
+        y = y + gmm(xa, rhs.to(x.dtype).contiguous(), offs, counts) * scale
+    return y
+
+
+def moe_forward(experts_module, hidden_states, router_indices, routing_weights):
+    """Project experts forward: same maths as transformers' grouped_mm experts, plus fused LoRA
+    and NF4.  hidden_states (T, H), router_indices/routing_weights (T, k) -> (T, H)."""
+    experts, wrappers = _unwrap_experts(experts_module)
+    lora = _lora_factors(wrappers)
+    T, k = router_indices.shape
+    E = experts.num_experts
+    flat = router_indices.reshape(-1)
+    ids_sorted, perm = torch.sort(flat)
+    x = hidden_states[perm // k]
+    if hidden_states.device.type == "cuda":
+        cnt = torch.histc(ids_sorted.int(), bins=E, min=0, max=E - 1)
+        offs = torch.cumsum(cnt, 0, dtype=torch.int32)
+        counts = None
+        if not _gmm_ok(x, x.new_empty((1, 16, 16))):
+            counts = cnt.long().tolist()
+    else:
+        cnt = torch.bincount(ids_sorted, minlength=E)
+        counts = cnt.tolist()
+        offs = torch.cumsum(cnt, 0).to(torch.int32)
+    gu = _expert_linear(experts, "gate_up_proj", x, offs, counts, ids_sorted, lora)
+    act = _SwiGLUClamp.apply(gu, float(experts.alpha), float(experts.limit))
+    out = _expert_linear(experts, "down_proj", act, offs, counts, ids_sorted, lora)
+    out = out * routing_weights.reshape(-1)[perm].unsqueeze(-1).to(out.dtype)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    res = out[inv].view(T, k, -1).sum(dim=1)
+    return res.to(hidden_states.dtype)
+
+
+def _mlp_forward(self, hidden_states):
+    b, s, h = hidden_states.shape
+    flat = hidden_states.reshape(-1, h)
+    _, router_scores, router_indices = self.router(flat)
+    out = moe_forward(self.experts, flat, router_indices, router_scores)
+    return out.reshape(b, s, h), router_scores
+
+
+def install_moe_forward(model: torch.nn.Module) -> int:
+    """Route every GPT-OSS MLP of ``model`` through ``moe_forward``; returns how many."""
+    n = 0
+    for mlp in _gpt_oss_mlps(base_causal_lm(model)):
+        mlp.forward = types.MethodType(_mlp_forward, mlp)
+        n += 1
+    return n
+
+
+def uninstall_moe_forward(model: torch.nn.Module) -> int:
+    n = 0
+    for mlp in _gpt_oss_mlps(base_causal_lm(model)):
+        if "forward" in mlp.__dict__:
+            del mlp.__dict__["forward"]
+            n += 1
+    return n
+
+
+def expert_lora_supported(quantization: str = "none") -> bool:
+    """LoRA on GPT-OSS experts (PEFT target_parameters) trains through the fused path for bf16/fp32
+    and for NF4 experts alike (lora_dropout must be 0 there: a PEFT rule for parameter targets)."""
+    return quantization in ("none", "nf4")

@@ -1,0 +1,434 @@
+"""4-bit (bitsandbytes NF4, double quant) storage for GPT-OSS's 3-D expert weights.
+
+bitsandbytes replaces only ``nn.Linear``; GPT-OSS keeps its experts as 3-D ``nn.Parameter``s
+(``mlp.experts.gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H)), which are >95 % of the
+weights.  ``quantize_experts_nf4`` packs each of them with ``bitsandbytes.functional.quantize_4bit``
+(NF4, blocksize 64, double-quantized absmax: ~0.516 bytes per weight), in groups of experts, and
+deletes the bf16 parameter.  The forward pass (``training.fast_path.moe_forward``) dequantizes a
+layer's experts right before its grouped GEMM and again in backward (never saved), so the bf16
+copy lives only while that layer runs.  The packed weights are frozen buffers, so optimizers,
+DeepSpeed ZeRO-0/2 and PEFT never see them as trainable; ``.to(device)`` moves them.  LoRA on the
+experts (PEFT ``target_parameters``) works with NF4 experts in either order (before or after
+``quantize_experts_nf4``): the adapter factors are read from PEFT and fused into the grouped GEMMs.
+
+Not supported: ZeRO-3 partitioning of NF4 experts, merging expert LoRA into NF4 weights.
+
+Also here: ``load_gpt_oss_nf4`` / ``load_gpt_oss`` build a GPT-OSS model from a local checkpoint
+folder (bf16 or MXFP4 ``*_blocks``/``*_scales`` safetensors) straight onto a device, quantizing
+experts layer by layer so a 120B never needs its 234 GB bf16 form in memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+_CHUNK_ELEMS = 1 << 28  # quantize at most this many weights per bitsandbytes call
+
+
+def _bnb_functional():
+    import bitsandbytes.functional as bnbf  # noqa: WPS433 (optional dependency, imported late)
+
+    return bnbf
+
+
+def _f32_to_i32(t: torch.Tensor) -> torch.Tensor:
+    # fp32 statistics are stored as int32 bit patterns so model.to(bf16)/.half() never rounds them
+    return t.detach().float().contiguous().view(torch.int32)
+
+
+class NF4Store(nn.Module):
+    """A 3-D weight held as NF4 chunks (groups of whole experts); ``dequantize(dtype)`` rebuilds it."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.meta: list[dict] = []  # per chunk: expert range, blocksizes, numel
+
+    @property
+    def logical_numel(self) -> int:
+        return math.prod(self.shape)
+
+    def add_chunk(self, e0: int, e1: int, packed: torch.Tensor, state) -> None:
+        i = len(self.meta)
+        self.register_buffer(f"q{i}", packed, persistent=False)
+        self.register_buffer(f"code{i}", _f32_to_i32(state.code), persistent=False)
+        if state.nested:
+            self.register_buffer(f"absmax{i}", state.absmax, persistent=False)  # uint8
+            self.register_buffer(f"offset{i}", _f32_to_i32(state.offset.reshape(1)), persistent=False)
+            self.register_buffer(f"s2absmax{i}", _f32_to_i32(state.state2.absmax), persistent=False)
+            self.register_buffer(f"s2code{i}", _f32_to_i32(state.state2.code), persistent=False)
+        else:
+            self.register_buffer(f"absmax{i}", _f32_to_i32(state.absmax), persistent=False)
+        self.meta.append({
+            "e0": e0, "e1": e1, "nested": bool(state.nested), "blocksize": int(state.blocksize),
+            "blocksize2": int(state.state2.blocksize) if state.nested else None,
+            "numel": int(math.prod(state.shape)), "quant_type": state.quant_type,
+        })
+
+    def _state(self, i: int, dtype: torch.dtype):
+        bnbf = _bnb_functional()
+        m = self.meta[i]
+        code = getattr(self, f"code{i}").view(torch.float32)
+        if m["nested"]:
+            state2 = bnbf.QuantState(
+                absmax=getattr(self, f"s2absmax{i}").view(torch.float32),
+                code=getattr(self, f"s2code{i}").view(torch.float32),
+                blocksize=m["blocksize2"], dtype=torch.float32,
+            )
+            return bnbf.QuantState(
+                absmax=getattr(self, f"absmax{i}"), shape=torch.Size([m["numel"]]), code=code,
+                blocksize=m["blocksize"], quant_type=m["quant_type"], dtype=dtype,
+                offset=getattr(self, f"offset{i}").view(torch.float32)[0], state2=state2,
+            )
+        return bnbf.QuantState(
+            absmax=getattr(self, f"absmax{i}").view(torch.float32), shape=torch.Size([m["numel"]]),
+            code=code, blocksize=m["blocksize"], quant_type=m["quant_type"], dtype=dtype,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        bnbf = _bnb_functional()
+        dtype = dtype or torch.bfloat16
+        q0 = getattr(self, "q0")
+        out = torch.empty(self.shape, dtype=dtype, device=q0.device)
+        flat = out.view(self.shape[0], -1)
+        for i, m in enumerate(self.meta):
+            dst = flat[m["e0"] : m["e1"]].reshape(-1)
+            q = getattr(self, f"q{i}")
+            st = self._state(i, dtype)
+            if q.device.type == "cuda":
+                bnbf.dequantize_4bit(q, st, out=dst)
+            else:  # bitsandbytes' CPU backend has no out= variant
+                dst.copy_(bnbf.dequantize_4bit(q, st).reshape(-1))
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, nf4 double-quant, {len(self.meta)} chunk(s)"
+
+
+def _placeholder(self, name: str) -> torch.Tensor:
+    store: NF4Store = getattr(self, name + "_nf4")
+    ref = store.q0
+    dtype = getattr(self, "_nf4_compute_dtype", torch.bfloat16)
+    # zero-stride view: shape/device/dtype for PEFT's ParamWrapper, no memory
+    return torch.empty((), dtype=dtype, device=ref.device).expand(store.shape)
+
+
+_NF4_CLASSES: dict[type, type] = {}
+
+
+def _nf4_class(cls: type) -> type:
+    if cls not in _NF4_CLASSES:
+        _NF4_CLASSES[cls] = type(
+            "NF4" + cls.__name__, (cls,),
+            {
+                "gate_up_proj": property(lambda self: _placeholder(self, "gate_up_proj")),
+                "down_proj": property(lambda self: _placeholder(self, "down_proj")),
+                "_is_nf4_experts": True,
+                # PEFT matches `target_parameters` through named_parameters(), which no longer lists
+                # the packed experts; on modules that have a `parametrizations` attribute it matches
+                # by getattr instead (a plain dict: torch's is_parametrized() still says False).
+                # This lets LoRA go onto experts that were quantized first (load_gpt_oss_nf4).
+                "parametrizations": {},
+            },
+        )
+    return _NF4_CLASSES[cls]
+
+
+def _iter_experts(model: nn.Module):
+    for name, m in model.named_modules():
+        if type(m).__name__.endswith("GptOssExperts") and hasattr(m, "num_experts"):
+            yield name, m
+
+
+def quantize_tensor_nf4(w: torch.Tensor | None, shape: tuple[int, ...], *, device: torch.device,
+                        compute_dtype: torch.dtype, random_std: float | None = None,
+                        generator: torch.Generator | None = None) -> NF4Store:
+    """Pack a (E, ...) weight into an NF4Store chunk by chunk (whole experts per chunk).  ``w`` None
+    (or on meta) with ``random_std``: draw N(0, std) weights chunk by chunk (random-weights bench)."""
+    bnbf = _bnb_functional()
+    E = shape[0]
+    per = math.prod(shape[1:])
+    step = max(1, min(E, _CHUNK_ELEMS // per))
+    store = NF4Store(shape)
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        if w is None or w.device.type == "meta":
+            if random_std is None:
+                raise ValueError("expert weight is on the meta device: give random_std to fill it")
+            chunk = torch.randn((e1 - e0) * per, device=device, dtype=torch.float32, generator=generator)
+            chunk = chunk.mul_(random_std).to(compute_dtype)
+        else:
+            chunk = w.detach()[e0:e1].to(device=device, dtype=compute_dtype).reshape(-1)
+        packed, state = bnbf.quantize_4bit(
+            chunk, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
+        )
+        store.add_chunk(e0, e1, packed, state)
+        del chunk
+    return store
+
+
+def _default_compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = None, *,
+                         device: torch.device | str | None = None, random_std: float | None = None,
+                         seed: int = 0) -> dict:
+    """Replace every GPT-OSS experts' ``gate_up_proj``/``down_proj`` with frozen NF4 storage and
+    route the MLPs through ``training.fast_path.moe_forward``.  Works on a plain or PEFT-wrapped
+    model, before or after LoRA.  ``compute_dtype``: the dtype experts are dequantized to (default
+    the weights' dtype; bf16 on CUDA for meta weights, fp32 on CPU).  Returns the memory report."""
+    from training import fast_path
+
+    n = 0
+    gen = None
+    for _name, ex in _iter_experts(model):
+        if getattr(ex, "_is_nf4_experts", False):
+            continue
+        ref = ex._parameters.get("gate_up_proj")
+        dev = torch.device(device) if device is not None else (
+            ref.device if ref is not None and ref.device.type != "meta"
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        cdt = compute_dtype or (ref.dtype if ref is not None and ref.device.type != "meta" and ref.dtype.is_floating_point
+                                 else _default_compute_dtype(dev))
+        if gen is None and random_std is not None:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(seed)
+        stores = {}
+        for pname in EXPERT_PARAMS:
+            p = ex._parameters[pname]
+            stores[pname] = quantize_tensor_nf4(p, tuple(p.shape), device=dev, compute_dtype=cdt,
+                                                random_std=random_std, generator=gen)
+        for pname in EXPERT_PARAMS:
+            del ex._parameters[pname]
+            setattr(ex, pname + "_nf4", stores[pname])
+        ex._nf4_compute_dtype = cdt
+        ex.__class__ = _nf4_class(type(ex))
+        n += 2
+    if n:
+        fast_path.install_moe_forward(model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    rep = memory_report(model)
+    rep["quantized_tensors"] = n
+    return rep
+
+
+def expert_target_parameters(model: nn.Module) -> list[str]:
+    """The ``LoraConfig(target_parameters=...)`` list that puts LoRA on GPT-OSS experts.  For NF4
+    experts (quantized before ``get_peft_model``) PEFT only matches full names, so this returns
+    one entry per layer (``model.layers.N.mlp.experts.gate_up_proj`` ...); otherwise the short
+    ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``."""
+    names = [n for n, _ in _iter_experts(model)]
+    if names and any(getattr(m, "_is_nf4_experts", False) for _, m in _iter_experts(model)):
+        return [f"{n}.{p}" for n in names for p in EXPERT_PARAMS]
+    return [f"mlp.experts.{p}" for p in EXPERT_PARAMS]
+
+
+def _nf4_stores(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, NF4Store)]
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes held by the model's weights, split into NF4 experts and the rest."""
+    stores = _nf4_stores(model)
+    store_ids = {id(b) for s in stores for b in s.buffers()}
+    expert_bytes = sum(s.nbytes() for s in stores)
+    expert_params = sum(s.logical_numel for s in stores)
+    seen = set()
+    other_bytes = 0
+    other_params = 0
+    trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        other_bytes += p.numel() * p.element_size()
+        other_params += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    for b in model.buffers():
+        if id(b) in store_ids or id(b) in seen:
+            continue
+        seen.add(id(b))
+        other_bytes += b.numel() * b.element_size()
+    total_params = expert_params + other_params
+    total_bytes = expert_bytes + other_bytes
+    return {
+        "bytes_per_param": total_bytes / max(1, total_params),
+        "expert_bytes": expert_bytes,
+        "expert_params": expert_params,
+        "expert_bytes_per_param": expert_bytes / expert_params if expert_params else None,
+        "other_bytes": other_bytes,
+        "other_params": other_params,
+        "total_bytes": total_bytes,
+        "total_params": total_params,
+        "trainable_params": trainable,
+    }
+
+
+def bytes_per_param(model: nn.Module) -> float:
+    """Bytes of weights held per logical parameter (NF4 experts count their unpacked size)."""
+    return memory_report(model)["bytes_per_param"]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(getattr(m, "_is_nf4_experts", False) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# Loading GPT-OSS checkpoints (bf16 or MXFP4) straight to a device, experts layer by layer
+# --------------------------------------------------------------------------------------------
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """OpenAI's MXFP4 layout: blocks (..., G, 16) uint8 (two e2m1 nibbles, low first), scales
+    (..., G) uint8 exponent with bias 127 -> (..., G*32) values.  Same maths as transformers'."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    lo = (blocks & 0x0F).long()
+    hi = (blocks >> 4).long()
+    vals = torch.stack((lut[lo], lut[hi]), dim=-1).reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)
+    exp = scales.to(torch.int32) - 127
+    out = torch.ldexp(vals.float(), exp[..., None].float()).to(dtype) if dtype != torch.float32 else torch.ldexp(vals, exp[..., None].float())
+    return out.reshape(*blocks.shape[:-2], -1)
+
+
+def _mxfp4_expert_weight(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    # checkpoint stores (E, out, G, 16) for the transposed weight; the model wants (E, in, out)
+    w = dequantize_mxfp4(blocks, scales, dtype)  # (E, out, in)
+    return w.transpose(1, 2).contiguous()
+
+
+def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 quantization: str = "none", attn_implementation: str | None = None) -> tuple[nn.Module, dict]:
+    """Build a ``GptOssForCausalLM`` from a local folder straight onto ``device``: meta init, then
+    tensors read with safetensors (mmap) and placed; MXFP4 expert blocks are dequantized on the
+    device; with ``quantization="nf4"`` each expert tensor is packed right after it is read, so
+    peak memory is the final model plus one expert tensor.  Returns (model, timings)."""
+    import time
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        try:
+            delattr(config, "quantization_config")
+        except AttributeError:
+            config.quantization_config = None
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors shards")
+    name_to_file: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                name_to_file[k] = f
+    params = dict(model.named_parameters())
+    experts_by_prefix = {n: m for n, m in _iter_experts(model)}
+    bytes_read = sum(f.stat().st_size for f in files)
+    handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
+
+    def get(name: str) -> torch.Tensor:
+        return handles[name_to_file[name]].get_tensor(name)
+
+    loaded = set()
+    # experts first (the big ones), one tensor at a time
+    for prefix, ex in experts_by_prefix.items():
+        cdt = dtype
+        for pname in EXPERT_PARAMS:
+            full = f"{prefix}.{pname}"
+            if full + "_blocks" in name_to_file:
+                w = _mxfp4_expert_weight(get(full + "_blocks").to(device), get(full + "_scales").to(device), cdt)
+                loaded.update({full + "_blocks", full + "_scales"})
+            elif full in name_to_file:
+                w = get(full).to(device=device, dtype=cdt)
+                loaded.add(full)
+            else:
+                raise KeyError(f"{path}: no tensor for {full} (nor {full}_blocks)")
+            if quantization == "nf4":
+                store = quantize_tensor_nf4(w, tuple(w.shape), device=device, compute_dtype=cdt)
+                del ex._parameters[pname]
+                setattr(ex, pname + "_nf4", store)
+            else:
+                ex._parameters[pname] = nn.Parameter(w, requires_grad=False)
+            del w
+        if quantization == "nf4":
+            ex._nf4_compute_dtype = cdt
+            ex.__class__ = _nf4_class(type(ex))
+    # everything else
+    for name, p in params.items():
+        pre, _, pname = name.rpartition(".")
+        if pre in experts_by_prefix and pname in EXPERT_PARAMS:
+            continue
+        key = name if name in name_to_file else None
+        if key is None and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        if key is None:
+            raise KeyError(f"{path}: checkpoint lacks {name}")
+        t = get(key)
+        mod = model.get_submodule(pre) if pre else model
+        keep_fp32 = any(k in name for k in getattr(model, "_keep_in_fp32_modules", None) or [])
+        mod._parameters[pname] = nn.Parameter(
+            t.to(device=device, dtype=torch.float32 if keep_fp32 and dtype != torch.float32 else dtype),
+            requires_grad=p.requires_grad)
+        loaded.add(key)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # non-persistent buffers (rotary inv_freq) were left on meta: rebuild those modules on the device
+    _materialize_meta_buffers(model, config, device)
+    handles.clear()
+    if quantization == "nf4":
+        from training import fast_path
+
+        fast_path.install_moe_forward(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    unused = sorted(set(name_to_file) - loaded)
+    return model, {"load_s": t1 - t0, "bytes_read": bytes_read, "s_per_gb": (t1 - t0) / (bytes_read / 1e9),
+                   "unused_tensors": unused[:10], "n_unused": len(unused)}
+
+
+def _materialize_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
+    for name, mod in list(model.named_modules()):
+        if not any(b is not None and b.device.type == "meta" for b in mod._buffers.values()):
+            continue
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            with torch.device(device):
+                fresh = type(mod)(config=config)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+        else:
+            for bname, b in list(mod._buffers.items()):
+                if b is not None and b.device.type == "meta":
+                    mod._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+
+
+def load_gpt_oss_nf4(path: str | Path, *, device: str | torch.device = "cuda",
+                     dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, dict]:
+    """``load_gpt_oss`` with NF4 experts (what a 120B on one GPU needs)."""
+    model, info = load_gpt_oss(path, device=device, dtype=dtype, quantization="nf4")
+    info.update(memory_report(model))
+    return model, info
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2))
