@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=None, max_size=256)
     demo.launch(server_name=args.host, server_port=args.port, auth=parse_auth(args.auth),
-                max_file_size=f"{args.max_upload_mb}mb", show_error=True, ssr_mode=False,
+                max_file_size=settings.max_upload_bytes, show_error=True, ssr_mode=False,
                 share=False)
 
 

@@ -68,7 +68,8 @@ def rubric_choices() -> list[tuple[str, str]]:
 def empty_figure(title: str, message: str = "no data yet") -> go.Figure:
     fig = go.Figure()
     fig.update_layout(title=title, height=360, margin=dict(l=40, r=20, t=50, b=40),
-                      annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      plot_bgcolor="rgba(0,0,0,0)", annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5,
                                         xref="paper", yref="paper")])
     return fig
 

@@ -144,8 +144,10 @@ def stream_grade(base: str, adapter: str | None, markdown: str, rubric,
 
 def build(settings: Settings) -> dict[str, Any]:
     with gr.Row():
+        # Custom values are accepted here and checked server-side (inside the checkpoints folder,
+        # safetensors only), so API clients can name a checkpoint directly.
         adapter = gr.Dropdown(adapter_choices(), value="", label="Adapter (run checkpoint)",
-                              elem_id="grade-adapter")
+                              allow_custom_value=True, elem_id="grade-adapter")
         base = gr.Dropdown(model_choices(), value="embedded:gemma-3-270m", allow_custom_value=True,
                            label="Base model", elem_id="grade-base")
         refresh_btn = gr.Button("Refresh adapters", size="sm", elem_id="grade-refresh")
@@ -277,7 +279,7 @@ def build(settings: Settings) -> dict[str, Any]:
         return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)
 
     adapter.change(on_adapter, [adapter], [base])
-    refresh_btn.click(on_refresh, None, [adapter])
+    refresh_btn.click(on_refresh, None, [adapter], api_name="refresh_adapters")
     rubric_pick.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
     rubric_file.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
     md_file.upload(on_md_file, [md_file], [md_text])

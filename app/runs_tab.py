@@ -100,12 +100,14 @@ def build(settings: Settings) -> dict[str, Any]:
     table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True, elem_id="runs-table")
     with gr.Row():
         pick = gr.Dropdown([], multiselect=True, label="Runs to compare", elem_id="runs-compare")
-        one = gr.Dropdown([], label="Run (details / delete)", elem_id="runs-one")
+        one = gr.Dropdown([], label="Run (details / delete)", allow_custom_value=True,
+                          elem_id="runs-one")
     plot = gr.Plot(label="Loss curves", elem_id="runs-plot")
     details = gr.Markdown(elem_id="runs-details")
     with gr.Row():
         del_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete")
-        ckpt = gr.Dropdown([], label="Checkpoint to export (merge)", elem_id="runs-ckpt")
+        ckpt = gr.Dropdown([], label="Checkpoint to export (merge)", allow_custom_value=True,
+                           elem_id="runs-ckpt")
         export_btn = gr.Button("Export merged model", elem_id="runs-export")
     message = gr.Markdown(elem_id="runs-message")
 
