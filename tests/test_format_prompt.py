@@ -280,6 +280,15 @@ def test_build_training_examples_reports_cuts(gpt_oss_tok, essay: GradedSubmissi
     assert all(len(e.input_ids) <= 2048 for e in examples)
 
 
+def test_examples_whose_rubric_alone_is_too_long_are_skipped(gpt_oss_tok, essay: GradedSubmission) -> None:
+    huge = essay.model_copy(deep=True)
+    huge.rubric_alignment[0].reference_answer = "A very long reference answer. " * 300
+    examples, n_cut = build_training_examples([essay, huge], gpt_oss_tok, "harmony", max_length=1024)
+    assert len(examples) == 1 and n_cut == 0  # skipped, not cut: the rubric is never shortened
+    with pytest.raises(PromptTooLongError, match="raise max_length"):
+        build_training_examples([huge], gpt_oss_tok, "harmony", max_length=1024)
+
+
 def test_detect_format(tokenizers: dict) -> None:
     assert detect_format(tokenizers["harmony"], "gpt_oss") == "harmony"
     assert detect_format(tokenizers["harmony"], None) == "harmony"  # o200k_harmony tokenizer alone

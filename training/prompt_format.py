@@ -468,8 +468,9 @@ def build_training_examples(
     Each submission's answers are rendered to the Markdown a student would hand in
     (``training.markdown.render_submission_markdown``), graded against ``sub.rubric()`` with
     ``sub.grade()`` as the target. A submission whose instructions + grade alone exceed
-    ``max_length`` is skipped with a warning (and counted as cut); if that leaves nothing,
-    PromptTooLongError.
+    ``max_length`` cannot be used without cutting the rubric or the grade: it is skipped with a
+    logged warning (so ``len(submissions) - len(examples)`` were too long to use); if that
+    leaves nothing, PromptTooLongError.
     """
     from training.markdown import render_submission_markdown
 
@@ -489,4 +490,4 @@ def build_training_examples(
             f"all {n_dropped} submissions need more than max_length={max_length} tokens for the "
             "instructions and grade alone; raise max_length"
         )
-    return examples, n_cut + n_dropped
+    return examples, n_cut
