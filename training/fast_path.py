@@ -329,6 +329,13 @@ class _SwiGLUClamp(torch.autograd.Function):
         return dgu, None, None
 
 
+def _in_backward() -> bool:
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
 class _FrozenNF4GMM(torch.autograd.Function):
     """x @ W_e with W dequantized from NF4 on the fly, forward and backward; W never saved."""
 
@@ -337,13 +344,18 @@ class _FrozenNF4GMM(torch.autograd.Function):
         w = store.dequantize(dtype)
         y = gmm(x, w, offs, counts)
         ctx.store, ctx.counts, ctx.dtype = store, counts, dtype
+        # Inside backward (activation-checkpoint recomputation) this layer's backward follows at
+        # once: keep the dequantized weight for it instead of dequantizing a third time.  In the
+        # first forward it is dropped (keeping it would hold every layer's bf16 experts).
+        ctx.w = w if _in_backward() else None
         ctx.save_for_backward(offs)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (offs,) = ctx.saved_tensors
-        w = ctx.store.dequantize(ctx.dtype)
+        w = ctx.w if ctx.w is not None else ctx.store.dequantize(ctx.dtype)
+        ctx.w = None
         dx = gmm(dy.contiguous(), w.transpose(-2, -1), offs, ctx.counts)
         return dx, None, None, None, None
 
@@ -417,6 +429,29 @@ def uninstall_moe_forward(model: torch.nn.Module) -> int:
         if "forward" in mlp.__dict__:
             del mlp.__dict__["forward"]
             n += 1
+    return n
+
+
+def set_recompute(model: torch.nn.Module, mode: str | int = "full") -> int:
+    """Activation recomputation per decoder layer: "full" (every layer checkpointed), "none", or an
+    int k: the last k layers keep their activations (selective), the rest are checkpointed.
+    Returns the number of checkpointed layers."""
+    lm = base_causal_lm(model)
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if layers is None:
+        return 0
+    if mode == "none":
+        if getattr(lm, "is_gradient_checkpointing", False):
+            lm.gradient_checkpointing_disable()
+        return 0
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep = 0 if mode == "full" else int(mode)
+    n = 0
+    for i, layer in enumerate(layers):
+        on = i < len(layers) - keep
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = on
+        n += int(on)
     return n
 
 

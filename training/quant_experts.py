@@ -291,16 +291,24 @@ def is_quantized(model: nn.Module) -> bool:
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
+                     rows_per_chunk: int = 1 << 24) -> torch.Tensor:
     """OpenAI's MXFP4 layout: blocks (..., G, 16) uint8 (two e2m1 nibbles, low first), scales
-    (..., G) uint8 exponent with bias 127 -> (..., G*32) values.  Same maths as transformers'."""
+    (..., G) uint8 exponents with bias 127 -> (..., G*32).  Same maths as transformers', in row
+    chunks so the index tensors stay small."""
     lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    lo = (blocks & 0x0F).long()
-    hi = (blocks >> 4).long()
-    vals = torch.stack((lut[lo], lut[hi]), dim=-1).reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)
-    exp = scales.to(torch.int32) - 127
-    out = torch.ldexp(vals.float(), exp[..., None].float()).to(dtype) if dtype != torch.float32 else torch.ldexp(vals, exp[..., None].float())
-    return out.reshape(*blocks.shape[:-2], -1)
+    *prefix, G, B = blocks.shape
+    rows = math.prod(prefix) * G
+    blk = blocks.reshape(rows, B)
+    exp = (scales.to(torch.int32) - 127).reshape(rows, 1)
+    out = torch.empty(rows, 2 * B, dtype=dtype, device=blocks.device)
+    for r0 in range(0, rows, rows_per_chunk):
+        r1 = min(rows, r0 + rows_per_chunk)
+        sub = out[r0:r1]
+        sub[:, 0::2] = lut[(blk[r0:r1] & 0x0F).to(torch.int32)]
+        sub[:, 1::2] = lut[(blk[r0:r1] >> 4).to(torch.int32)]
+        torch.ldexp(sub, exp[r0:r1], out=sub)
+    return out.view(*prefix, G * B * 2)
 
 
 def _mxfp4_expert_weight(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:

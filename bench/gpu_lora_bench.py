@@ -1,0 +1,295 @@
+"""GPT-OSS LoRA training speed on one GPU: the project's path vs stock transformers+PEFT, same run.
+
+Builds GPT-OSS-shaped models with random weights straight on the GPU (meta init, then the
+weights are drawn on the device; NF4 experts are drawn and packed chunk by chunk so a 120b shape
+never exists in bf16), puts LoRA r 8 on q/k/v/o (and on the experts), and times optimizer steps:
+
+  stock   : transformers + PEFT as shipped: flex_attention, grouped_mm experts, PEFT's
+            target_parameters for expert LoRA, model(..., labels=...).loss, full grad checkpointing
+  project : training.fast_path.apply (flex_attention, project experts with fused expert LoRA),
+            fast_path.compute_loss (chunked linear cross-entropy), recomputation as the row says
+
+tokens/s is the median of >= 5 steps after warm-up; peak GiB is torch's max allocated over the
+config; MFU = tokens/s x (6 x active params, 4 x when nothing is recomputed) / 989 TFLOP/s (H200
+dense bf16 datasheet; ~790 measured).  Every row carries the first-step loss on the same batch
+(LoRA reset to the same init before each config), so project and stock losses can be compared.
+
+    python bench/gpu_lora_bench.py --name h200 --shapes 20b,120b --seqs 2048 --batches 1,2,4
+Rows go to bench/results/<name>.json (appended/replaced by key), a table is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from training import fast_path  # noqa: E402
+from training import quant_experts as qe  # noqa: E402
+
+PEAK_FLOPS = 989e12
+SHAPES = {
+    "20b": dict(num_hidden_layers=24, num_local_experts=32),
+    "120b": dict(num_hidden_layers=36, num_local_experts=128),
+    "tiny": dict(num_hidden_layers=2, num_local_experts=4, sliding_window=8, hidden_size=64, intermediate_size=64,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024),
+}
+
+
+def gpt_oss_config(shape: str, layers: int | None = None):
+    from transformers import GptOssConfig
+
+    kw = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+              head_dim=64, vocab_size=201088, num_experts_per_tok=4, sliding_window=128,
+              max_position_embeddings=131072, tie_word_embeddings=False, router_aux_loss_coef=0.9,
+              output_router_logits=False)
+    kw.update(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = GptOssConfig(**kw)
+    return cfg
+
+
+def active_params(cfg) -> int:
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
+    hd = cfg.head_dim
+    attn = H * cfg.num_attention_heads * hd * 2 + H * cfg.num_key_value_heads * hd * 2
+    experts = cfg.num_local_experts * (H * 2 * cfg.intermediate_size + cfg.intermediate_size * H)
+    router = H * cfg.num_local_experts
+    per_layer = attn + router + experts * cfg.num_experts_per_tok / cfg.num_local_experts
+    return int(L * per_layer + cfg.vocab_size * H)  # + lm_head; embedding lookup has no FLOPs
+
+
+@torch.no_grad()
+def build_random(cfg, device, dtype=torch.bfloat16, quant: str = "bf16", seed: int = 0, std: float = 0.02):
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = GptOssForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    if quant == "nf4":
+        qe.quantize_experts_nf4(model, compute_dtype=dtype, device=device, random_std=std, seed=seed)
+    qe._materialize_meta_buffers(model, cfg, torch.device(device))
+    for name, mod in model.named_modules():
+        if any(p.device.type == "meta" for p in mod.parameters(recurse=False)):
+            mod.to_empty(device=device, recurse=False)
+            for pname, p in mod.named_parameters(recurse=False):
+                if "norm" in name and pname == "weight":
+                    p.fill_(1.0)
+                elif pname.endswith("bias") and not name.endswith("router"):
+                    p.zero_()
+                else:  # linear/embedding weights, expert stacks, sinks, router weight and bias
+                    p.normal_(0.0, std)
+    model.train()
+    return model
+
+
+def lora_model(model, lora: str, r: int = 8):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    kw = {}
+    if lora == "attention+experts":
+        kw["target_parameters"] = qe.expert_target_parameters(model)
+    lc = LoraConfig(r=r, lora_alpha=32, lora_dropout=0.0, target_modules=targets, **kw)
+    pm = get_peft_model(model, lc)
+    return pm
+
+
+def lora_state(pm):
+    return {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def load_lora_state(pm, st):
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if n in st:
+                p.copy_(st[n])
+
+
+def make_batch(bs, seq, vocab, device, seed=1234):
+    g = torch.Generator(device="cpu").manual_seed(seed + bs * 7 + seq)
+    ids = torch.randint(0, vocab, (bs, seq), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def configure(pm, impl: str, recompute):
+    lm = fast_path.base_causal_lm(pm)
+    if impl == "stock":
+        fast_path.uninstall_moe_forward(pm)
+        on_cuda = fast_path._model_device(pm).type == "cuda"
+        fast_path._set_attn(lm, "flex_attention" if on_cuda else "eager")
+        applied = ["flex_attention"] if on_cuda else []
+    else:
+        applied = fast_path.apply(pm)
+    fast_path.set_recompute(pm, recompute)
+    return applied
+
+
+def cuda_ok(params):
+    return all(p.device.type == "cuda" for p in params)
+
+
+def time_config(pm, impl, batch, steps, warmup, init_state):
+    load_lora_state(pm, init_state)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda_ok(params))
+    cuda = batch["input_ids"].device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        sync()
+        t = time.perf_counter()
+        if impl == "stock":
+            loss = pm(**batch).loss
+        else:
+            loss, _ = fast_path.compute_loss(pm, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.item()))
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    del opt
+    return times, losses, peak
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="h200")
+    ap.add_argument("--shapes", default="20b")
+    ap.add_argument("--layers", type=int, default=None, help="override layer count (smoke runs)")
+    ap.add_argument("--seqs", default="2048")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--loras", default="attention,attention+experts")
+    ap.add_argument("--impls", default="stock,project")
+    ap.add_argument("--recompute", default="full", help="project recomputation modes: full,none,<k layers kept>")
+    ap.add_argument("--quant-120b", default="nf4")
+    ap.add_argument("--stock-batches", default="1", help="batch sizes to run stock at")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip what would start after this")
+    ap.add_argument("--mem-limit-gib", type=float, default=None, help="skip configs whose peak exceeded this at a smaller batch")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args(argv)
+
+    t_start = time.time()
+    device = torch.device(a.device)
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"{a.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+
+    def save(row):
+        key = lambda r: (r["shape"], r["seq"], r["batch"], r["lora"], r["impl"], r["quant"], str(r.get("recompute")))
+        nonlocal rows
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+        out.write_text(json.dumps(rows, indent=1))
+        print("ROW", json.dumps(row), flush=True)
+
+    for shape in a.shapes.split(","):
+        cfg = gpt_oss_config(shape, a.layers)
+        quant = a.quant_120b if shape == "120b" else "bf16"
+        t0 = time.time()
+        model = build_random(cfg, device, dtype=dtype, quant=quant)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        build_s = time.time() - t0
+        rep = qe.memory_report(model)
+        print(f"== {shape} ({cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts) {quant}: built in {build_s:.1f}s, "
+              f"weights {rep['total_bytes']/2**30:.1f} GiB, {rep['bytes_per_param']:.3f} B/param, "
+              f"allocated {torch.cuda.memory_allocated()/2**30 if device.type == 'cuda' else 0:.1f} GiB", flush=True)
+        act = active_params(cfg)
+        for lora in a.loras.split(","):
+            pm = lora_model(model, lora)
+            init = lora_state(pm)
+            for seq in [int(s) for s in a.seqs.split(",")]:
+                for bs in [int(b) for b in a.batches.split(",")]:
+                    batch = make_batch(bs, seq, cfg.vocab_size, device)
+                    for impl in a.impls.split(","):
+                        if impl == "stock" and (quant == "nf4" or str(bs) not in a.stock_batches.split(",")):
+                            continue
+                        modes = ["full"] if impl == "stock" else a.recompute.split(",")
+                        for rc in modes:
+                            if time.time() - t_start > a.budget_s:
+                                print(f"SKIP (budget) {shape} {lora} {seq} {bs} {impl} {rc}", flush=True)
+                                continue
+                            row = dict(gpu=gpu, gpus=1, shape=shape, layers=cfg.num_hidden_layers, seq=seq, batch=bs,
+                                       lora=lora, impl=impl, quant=quant, recompute=rc, date=date)
+                            try:
+                                applied = configure(pm, impl, rc)
+                                n_layers = cfg.num_hidden_layers
+                                ck = n_layers if rc == "full" else 0 if rc == "none" else n_layers - int(rc)
+                                mult = 4 + 2 * ck / n_layers
+                                times, losses, peak = time_config(pm, impl, batch, a.steps, a.warmup, init)
+                                med = statistics.median(times[a.warmup:])
+                                tps = bs * seq / med
+                                row.update(tokens_per_s=round(tps, 1), peak_gib=round(peak, 2),
+                                           mfu=round(tps * mult * act / PEAK_FLOPS, 4), loss=round(losses[0], 5),
+                                           step_s=round(med, 4), first_step_s=round(times[0], 2), applied=applied,
+                                           flops_per_token=mult * act, active_params=act,
+                                           losses=[round(x, 4) for x in losses])
+                            except torch.OutOfMemoryError as e:
+                                row.update(tokens_per_s=None, peak_gib=None, mfu=None, error="OOM: " + str(e)[:200])
+                            except Exception as e:  # record and go on: one broken variant must not lose the run
+                                traceback.print_exc()
+                                row.update(tokens_per_s=None, peak_gib=None, mfu=None, error=f"{type(e).__name__}: {e}"[:400])
+                            gc.collect()
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                            save(row)
+            # drop this LoRA before the next kind
+            fast_path.uninstall_moe_forward(pm)
+            model = pm.unload()
+            if qe.is_quantized(model):
+                fast_path.install_moe_forward(model)
+            del pm, init
+            gc.collect()
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print_table(rows)
+    return rows
+
+
+def print_table(rows):
+    hdr = f"{'shape':5} {'quant':5} {'seq':>5} {'bs':>3} {'lora':18} {'impl':8} {'recomp':6} {'tok/s':>8} {'peakGiB':>8} {'MFU':>6} {'loss':>8}"
+    print(hdr)
+    for r in rows:
+        tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
+        pk = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
+        mfu = f"{r['mfu']*100:.1f}%" if r.get("mfu") else "-"
+        loss = f"{r['loss']:.4f}" if r.get("loss") is not None else (r.get("error", "")[:30])
+        print(f"{r['shape']:5} {r['quant']:5} {r['seq']:>5} {r['batch']:>3} {r['lora']:18} {r['impl']:8} "
+              f"{str(r.get('recompute')):6} {tps:>8} {pk:>8} {mfu:>6} {loss:>8}")
+
+
+if __name__ == "__main__":
+    main()
