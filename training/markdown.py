@@ -123,7 +123,7 @@ def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^\w]+", " ", text).split())
 
 
-def _headings(text: str) -> list[tuple[int, int, str]]:
+def _headings(text: str, bold: bool) -> list[tuple[int, int, str]]:
     """(line index, end offset of the line, heading text) for each heading outside code fences:
     a `# comment` in a fenced code answer is not a heading."""
     out: list[tuple[int, int, str]] = []
@@ -138,28 +138,57 @@ def _headings(text: str) -> list[tuple[int, int, str]]:
             elif fence.group(1) == in_fence:
                 in_fence = None
         elif in_fence is None:
-            m = _ATX.match(line) or _BOLD.match(line)
+            m = _ATX.match(line) or (_BOLD.match(line) if bold else None)
             if m:
                 out.append((offset, min(end, len(text)), m.group(m.lastindex or 1).strip()))
         offset = end
     return out
 
 
-def _text_matches(candidate: str, question: str) -> bool:
-    a, b = _norm(candidate), _norm(question)
-    if not a or not b:
-        return False
-    if a == b:
-        return True
-    # A heading that is a truncated question ("What is a variable ..."), long enough to be specific.
-    if len(a) >= 20 and (b.startswith(a.rstrip(" .")) or a.startswith(b)):
-        return True
-    sm = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    # The cheap upper bounds first: long unrelated headings must not cost a full comparison.
-    return sm.real_quick_ratio() >= FUZZY_RATIO and sm.quick_ratio() >= FUZZY_RATIO and sm.ratio() >= FUZZY_RATIO
+class _QuestionIndex:
+    """The rubric's questions prepared once per split: normalised texts, word sets and difflib
+    matchers (building a matcher is the expensive part: once per question, not per heading)."""
+
+    # Fuzzy comparisons allowed per split. A hand-in has tens of headings; a 20 MB file of
+    # look-alike headings must not keep the UI busy for minutes (exact/id/number matching stays).
+    FUZZY_BUDGET = 20_000
+
+    def __init__(self, rubric: Rubric) -> None:
+        self.ids = [(q.question_id or "").strip().casefold() for q in rubric.questions]
+        self.texts = [_norm(q.question) for q in rubric.questions]
+        self.words = [set(t.split()) for t in self.texts]
+        self.matchers = []
+        for t in self.texts:
+            sm = difflib.SequenceMatcher(None, autojunk=False)
+            sm.set_seq2(t)
+            self.matchers.append(sm)
+        self.budget = self.FUZZY_BUDGET
+
+    def text_matches(self, a: str, i: int) -> bool:
+        """Whether normalised heading text ``a`` is question ``i``'s text (exact, truncated, fuzzy)."""
+        b = self.texts[i]
+        if not a or not b:
+            return False
+        if a == b:
+            return True
+        # A heading that is a truncated question ("What is a variable ..."), long enough to be specific.
+        if len(a) >= 20 and (b.startswith(a.rstrip(" .")) or a.startswith(b)):
+            return True
+        # Cheap necessary conditions first: similar lengths, and most words shared.
+        if 2 * min(len(a), len(b)) < FUZZY_RATIO * (len(a) + len(b)):
+            return False
+        aw, bw = set(a.split()), self.words[i]
+        if 2 * len(aw & bw) < max(len(aw), len(bw)):
+            return False
+        if self.budget <= 0:
+            return False
+        self.budget -= 1
+        sm = self.matchers[i]
+        sm.set_seq1(a)
+        return sm.quick_ratio() >= FUZZY_RATIO and sm.ratio() >= FUZZY_RATIO
 
 
-def _candidates(heading: str, rubric: Rubric) -> list[int]:
+def _candidates(heading: str, index: _QuestionIndex) -> list[int]:
     """Rubric questions a heading may introduce, from the strongest kind of match that applies:
     the question id, else the question's text, else the question's number."""
     h = heading.strip().strip("*_").strip()
@@ -174,21 +203,36 @@ def _candidates(heading: str, rubric: Rubric) -> list[int]:
     labelled = _LABELLED.match(h)
     for lab in (label, labelled.group("label") if labelled else None):
         if lab:
-            by_id = [i for i, q in enumerate(rubric.questions)
-                     if q.question_id and q.question_id.strip().casefold() == lab.casefold()]
+            by_id = [i for i, qid in enumerate(index.ids) if qid and qid == lab.casefold()]
             if by_id:
                 return by_id
-    by_text = [i for i, q in enumerate(rubric.questions)
-               if (rest.strip() and _text_matches(rest, q.question)) or _text_matches(h, q.question)]
+    n_questions = len(index.texts)
+    rest_norm, h_norm = _norm(rest), _norm(h)
+    by_text = [i for i in range(n_questions)
+               if (rest_norm and index.text_matches(rest_norm, i)) or index.text_matches(h_norm, i)]
     if by_text:
         return by_text
     # By position only when the heading says nothing else ("Question 2", "2."), or says
     # "Question 2: <anything>": a numbered essay heading "2. Method" must not match question 2.
     if label and label.isdigit() and (not rest.strip() or prefixed):
         n = int(label) - 1
-        if 0 <= n < len(rubric.questions):
+        if 0 <= n < n_questions:
             return [n]
     return []
+
+
+def _assign(headings: list[tuple[int, int, str]], index: _QuestionIndex) -> dict[int, tuple[int, int]]:
+    """Question index -> (heading start, body start): each heading takes the first question of
+    its best kind of match that is still free; later headings for a taken question are text."""
+    assigned: dict[int, tuple[int, int]] = {}
+    for start, body, heading in headings:
+        if len(assigned) == len(index.texts):
+            break  # every question has its heading: later headings belong to the last answer
+        for q in _candidates(heading, index):
+            if q not in assigned:
+                assigned[q] = (start, body)
+                break
+    return assigned
 
 
 def split_sections(text: str, rubric: Rubric) -> list[str] | None:
@@ -200,14 +244,18 @@ def split_sections(text: str, rubric: Rubric) -> list[str] | None:
     """
     if not rubric.questions:
         return None
-    assigned: dict[int, tuple[int, int]] = {}  # question index -> (heading start, body start)
-    for start, body, heading in _headings(text):
-        for q in _candidates(heading, rubric):
-            if q not in assigned:
-                assigned[q] = (start, body)
-                break
+    # Real headings first; bold lines ("**Question 2**") only when headings alone don't cover the
+    # rubric, so a bold line inside an answer cannot split a properly headed submission.
+    index = _QuestionIndex(rubric)
+    plain = _headings(text, False)
+    assigned = _assign(plain, index)
     if len(assigned) != len(rubric.questions):
-        return None
+        with_bold = _headings(text, True)
+        if len(with_bold) == len(plain):
+            return None  # no bold lines: the second pass would see the same headings
+        assigned = _assign(with_bold, index)
+        if len(assigned) != len(rubric.questions):
+            return None
     order = sorted(assigned.items(), key=lambda kv: kv[1][0])
     answers: dict[int, str] = {}
     for k, (q, (_, body)) in enumerate(order):
