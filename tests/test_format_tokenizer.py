@@ -118,6 +118,7 @@ def test_build_is_idempotent_and_repairs_a_damaged_folder(gpt_oss_tokenizer_dir:
     assert (out / "tokenizer.json").stat().st_mtime_ns == before  # already built: untouched
 
     (out / TIKTOKEN_FILE).write_bytes(b"damaged")
+    (tmp_path / "tok.tmp-killed").mkdir()  # what a build killed half-way leaves behind
     build_gpt_oss_tokenizer(out)
     assert hashlib.sha256((out / TIKTOKEN_FILE).read_bytes()).hexdigest() == O200K_BASE_SHA256
     assert not list(tmp_path.glob("tok.tmp-*"))  # no leftovers from the rebuild

@@ -57,6 +57,13 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
+def _remove_stale_builds(out_dir: Path) -> None:
+    """Delete half-built folders of a builder that was killed. Only call holding the lock:
+    builds happen only under it, so any such folder then is abandoned (Gemma's is 1+ GB)."""
+    for stale in out_dir.parent.glob(out_dir.name + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _build_locked(out_dir: Path, spec: dict, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp)`` once across processes unless ``out_dir`` already holds ``spec``."""
     from filelock import FileLock
@@ -67,6 +74,7 @@ def _build_locked(out_dir: Path, spec: dict, build: Callable[[Path], None]) -> P
     with FileLock(str(out_dir) + ".lock"):
         if _read_marker(out_dir) == spec:  # built by another process while we waited
             return out_dir
+        _remove_stale_builds(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
         try:
             build(tmp)

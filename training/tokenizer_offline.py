@@ -208,6 +208,9 @@ def build_gpt_oss_tokenizer(out_dir: Path | None = None) -> Path:
             return out_dir
         # Build next to the target and swap in, so a crash never leaves a half-written folder
         # that looks finished.
+        # Builds happen only under the lock, so a leftover .tmp- folder is from a killed build.
+        for stale in out_dir.parent.glob(out_dir.name + ".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
         try:
             _build_into(tmp)
