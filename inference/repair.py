@@ -59,8 +59,8 @@ def _close_truncated(text: str) -> str | None:
                 return None
             stack.pop()
             last_safe = i + 1
-            if not stack:
-                return text[: i + 1]
+            if not stack:  # a complete object that raw_decode already refused: not fixable here
+                return None
         elif ch == ",":
             last_safe = i  # cut before the comma: everything before it is complete
     if not stack:
@@ -122,7 +122,10 @@ def extract_json_object(raw_text: str) -> tuple[dict | None, list[str]]:
         if n_try < 3:
             closed = _close_truncated(raw_text[pos:].rstrip())
             if closed is not None:
-                obj = json.loads(closed)
+                try:
+                    obj = json.loads(closed)
+                except ValueError:
+                    obj = None
                 if isinstance(obj, dict):
                     notes.append("the JSON object was cut off; closed it and kept its complete parts")
                     return obj, notes
@@ -166,6 +169,11 @@ def _item_label(item: dict) -> str | None:
 
 def _match_question(label: str, rubric: Rubric) -> int | None:
     """Index of the rubric question a label names, or None."""
+    from training.prompt_format import match_question  # the labels the prompt format writes
+
+    k = match_question(label, rubric)
+    if k is not None:
+        return k
     lab = _norm(label)
     if not lab:
         return None

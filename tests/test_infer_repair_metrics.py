@@ -107,3 +107,11 @@ def test_half_point_scale_rounding_and_constant_predictor() -> None:
     assert c["mae"]["value"] == pytest.approx((1.4 + 0.4 + 0.6 + 0.6 + 0.4) / 5)
     lo, hi = c["mae"]["ci_low"], c["mae"]["ci_high"]
     assert lo <= c["mae"]["value"] <= hi
+
+
+def test_retry_opening_with_random_continuation_is_valid() -> None:
+    # What the engine's retry produces with a random model: the forced opening, then noise.
+    for tail in ['}', ' ]]]', '"1"', '"1",,,"score":', '"1","score":}', '\u00e9\u4e2d<|end|>']:
+        grade, repaired, _ = parse_grade('{"items":[{"question":' + tail, RUBRIC)
+        _valid(grade)
+        assert repaired

@@ -1,0 +1,176 @@
+"""Command line: grade submissions, grade a folder, evaluate against human grades, export a merged model.
+
+    python -m inference grade    [--base MODEL] [--adapter DIR] --rubric RUBRIC.json FILE.md...
+    python -m inference batch    [--base MODEL] [--adapter DIR] --rubric RUBRIC.json --out-dir OUT DIR
+    python -m inference evaluate [--base MODEL] [--adapter DIR] --data PATH... [--json OUT]
+    python -m inference export   --adapter DIR --out DIR [--base MODEL]
+
+--base defaults to the model the adapter was trained on (its run_config.json), and without an
+adapter to the embedded Gemma 3 270M. Every grade is recorded in the studio's SQLite store.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _engine(args):
+    from inference.engine import get_engine, resolve_base
+
+    base = resolve_base(args.base, args.adapter)
+    engine = get_engine(base, device=args.device, trust_remote_code=args.trust_remote_code)
+    engine.use_adapter(args.adapter)
+    return engine
+
+
+def _submission(path: Path, rubric) -> str:
+    from training.markdown import normalize_submission, read_markdown
+
+    return normalize_submission(read_markdown(path), rubric)
+
+
+def cmd_grade(args) -> int:
+    from training.loading import load_rubric
+
+    rubric = load_rubric(args.rubric)
+    engine = _engine(args)
+    out = []
+    for f in args.files:
+        path = Path(f)
+        md = _submission(path, rubric)
+        on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
+        r = engine.grade(md, rubric, max_new_tokens=args.max_new_tokens, on_token=on_token, submission_name=path.name)
+        if args.stream:
+            sys.stderr.write("\n")
+        out.append({"file": str(path), **r.to_dict()})
+    print(json.dumps(out, indent=1, ensure_ascii=False))
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from tqdm import tqdm
+
+    from training.loading import load_rubric
+
+    rubric = load_rubric(args.rubric)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"batch: {folder} is not a folder", file=sys.stderr)
+        return 2
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".md", ".markdown", ".txt") and p.is_file())
+    if not files:
+        print(f"batch: no .md files in {folder}", file=sys.stderr)
+        return 2
+    engine = _engine(args)
+    items = [(p.name, _submission(p, rubric), rubric) for p in files]
+    with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
+        results = engine.grade_many(items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                    progress=bar.update)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [q.question_id or str(k + 1) for k, q in enumerate(rubric.questions)]
+    with open(out / "grades.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "score", "max_score", *[f"q{lab}" for lab in labels], "repaired", "repairs", "feedback"])
+        for p, r in zip(files, results):
+            w.writerow([p.name, r.grade.score, r.grade.max_score, *[i.score for i in r.grade.items],
+                        int(r.repaired), "; ".join(r.repairs), r.grade.feedback])
+    with open(out / "grades.jsonl", "w", encoding="utf-8") as fh:
+        for p, r in zip(files, results):
+            fh.write(json.dumps({"file": p.name, **r.to_dict()}, ensure_ascii=False) + "\n")
+    n_rep = sum(r.repaired for r in results)
+    print(f"graded {len(results)} submissions ({n_rep} repaired) -> {out / 'grades.csv'}, {out / 'grades.jsonl'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from inference.evaluate import evaluate
+
+    with tqdm(desc="grading", unit="sub", file=sys.stderr) as bar:
+        report = evaluate(args.data, adapter=args.adapter, base=args.base, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, n_boot=args.n_boot, include_base=not args.no_base,
+                          progress=bar.update)
+    print(report["table_markdown"])
+    const = report["predictors"]["constant (training mean)"]
+    print(f"\nconstant predictor: {const['mean_fraction']:.3f} of each maximum, from the {const['source']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        print(f"report -> {args.json}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from inference.engine import export_merged
+
+    out = export_merged(args.adapter, args.out, base_model=args.base, trust_remote_code=args.trust_remote_code)
+    print(f"merged model -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m inference", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, adapter_required=False):
+        p.add_argument("--base", help="base model: folder or embedded:NAME (default: the adapter's, else "
+                                      "embedded:gemma-3-270m)")
+        p.add_argument("--adapter", required=adapter_required, help="LoRA adapter folder (a run's final/)")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
+
+    p = sub.add_parser("grade", help="grade Markdown submissions, print JSON grades")
+    common(p)
+    p.add_argument("--rubric", required=True, help="rubric JSON (or a graded submission of the assignment)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--stream", action="store_true", help="print tokens to stderr as they come")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("batch", help="grade every .md file of a folder; write grades.csv and grades.jsonl")
+    common(p)
+    p.add_argument("--rubric", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("evaluate", help="compare with human grades: adapter, base zero-shot, constant")
+    common(p)
+    p.add_argument("--data", required=True, nargs="+", help="graded submissions: .json/.jsonl files or folders")
+    p.add_argument("--json", help="write the full report here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--no-base", action="store_true", help="skip the zero-shot base run")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="merge the adapter into its base and save a plain model folder")
+    common(p, adapter_required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from inference.engine import AdapterError
+    from training.loading import DataError
+    from training.model_zoo import ModelNotFoundError
+
+    try:
+        return args.func(args)
+    except (AdapterError, DataError, ModelNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

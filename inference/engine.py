@@ -1,0 +1,546 @@
+"""The grading engine: a base model loaded once, LoRA adapters attached by folder, grades that are
+always valid.
+
+- One :class:`GraderEngine` per base model (:func:`get_engine` caches them). Adapters are attached
+  with PEFT (``PeftModel.from_pretrained`` for the first, ``load_adapter`` for the next) and
+  switched with ``set_adapter``: switching never reloads the base. ``use_adapter(None)`` grades
+  with the base alone (inside PEFT's ``disable_adapter`` context).
+- Only safetensors adapters are loaded (a pickle can run code when it is unpickled); an adapter
+  trained for another base model is refused with both models named.
+- Prompts come from ``training.prompt_format.encode_prompt`` (the tokens training used) and
+  generation stops at ``stop_token_ids``. Decoding is greedy with the KV cache; tokens stream to a
+  callback. The answer goes through ``inference.repair.parse_grade``; if it holds no JSON at all,
+  one retry starts the answer with the grade JSON's opening (as training taught it) and lets the
+  model fill in the rest; if that fails too, every question scores 0 and the grade says why.
+- Every grade is recorded in the store with the base model and adapter that made it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from inference.repair import parse_grade, zero_grade
+from training.rubric import Grade, Rubric
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_CONFIG = "run_config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be used: missing, not safetensors, or for another base."""
+
+
+@dataclass
+class GradeResult:
+    grade: Grade
+    raw_text: str
+    repaired: bool
+    repairs: list[str]
+    latency_s: float
+    base_model: str
+    adapter: str | None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    retried: bool = False
+    grade_id: int | None = None  # row id in the store
+
+    def to_dict(self) -> dict:
+        return {
+            "grade": self.grade.model_dump(),
+            "repaired": self.repaired,
+            "repairs": self.repairs,
+            "raw_text": self.raw_text,
+            "latency_s": round(self.latency_s, 3),
+            "base_model": self.base_model,
+            "adapter": self.adapter,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+        }
+
+
+# --------------------------------------------------------------------------- adapter folders
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: cannot be read as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return data
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The adapter folder, checked: it exists, has adapter_config.json and safetensors weights.
+    A folder whose weights are only pickles (.bin/.pt) is refused: unpickling can run code."""
+    folder = Path(adapter_dir).expanduser()
+    if not folder.exists():
+        raise AdapterError(f"adapter folder {folder} does not exist (give a run's final/ or checkpoint-N/ folder)")
+    if not folder.is_dir():
+        raise AdapterError(f"adapter {folder} is a file; give the folder that holds {ADAPTER_CONFIG}")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        final = folder / "final"
+        hint = f" (did you mean {final}?)" if (final / ADAPTER_CONFIG).is_file() else ""
+        raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}: not a PEFT adapter folder{hint}")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                f"{folder} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+                f"the studio loads {ADAPTER_WEIGHTS} only. Convert it with safetensors "
+                "(load it in a trusted environment and save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS}")
+    return folder.resolve()
+
+
+def base_model_of_adapter(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on: run_config.json "model", else
+    adapter_config.json "base_model_name_or_path"."""
+    folder = Path(adapter_dir).expanduser()
+    if not folder.exists():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    for cand in (folder / RUN_CONFIG, folder.parent / "config.json"):
+        if cand.is_file():
+            try:
+                model = json.loads(cand.read_text()).get("model")
+            except (OSError, ValueError, AttributeError):
+                model = None
+            if isinstance(model, str) and model:
+                return model
+    if (folder / ADAPTER_CONFIG).is_file():
+        model = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if isinstance(model, str) and model:
+            return model
+    raise AdapterError(
+        f"{folder}: cannot tell which base model this adapter belongs to (no {RUN_CONFIG} with \"model\", "
+        f"no base_model_name_or_path in {ADAPTER_CONFIG}); pass --base MODEL"
+    )
+
+
+def _config_summary(cfg) -> dict:
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    text = get("text_config")
+    if text is not None and get("hidden_size") is None:  # multimodal configs nest the LM's
+        return _config_summary(text)
+    return {"model_type": get("model_type"), "hidden_size": get("hidden_size"), "vocab_size": get("vocab_size"),
+            "num_hidden_layers": get("num_hidden_layers")}
+
+
+def _describe(summary: dict) -> str:
+    return (f"{summary.get('model_type')}, hidden {summary.get('hidden_size')}, vocab {summary.get('vocab_size')}, "
+            f"{summary.get('num_hidden_layers')} layers")
+
+
+def _adapter_base_summary(spec: str) -> dict | None:
+    """The config summary of the adapter's base when it is on this machine (without building it)."""
+    try:
+        if spec.startswith("embedded:"):
+            from training import model_zoo, paths
+
+            name = spec.split(":", 1)[1]
+            folder = paths.cache_dir() / name
+            if name == "tiny-gpt-oss" and not (folder / "config.json").is_file():
+                return _config_summary(model_zoo.tiny_gpt_oss_config().to_dict())
+        else:
+            folder = Path(spec).expanduser()
+        if (folder / "config.json").is_file():
+            return _config_summary(json.loads((folder / "config.json").read_text()))
+    except Exception:  # unknown or unreadable: the weight shapes still get checked
+        return None
+    return None
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class _CallbackStreamer:
+    """A transformers streamer (put/end) that decodes incrementally and hands new text to a
+    callback; generate() calls it synchronously, so no thread is needed."""
+
+    def __init__(self, tokenizer, on_token: Callable[[str], None], stop_ids: Iterable[int]) -> None:
+        self.tokenizer = tokenizer
+        self.on_token = on_token
+        self.stop_ids = set(stop_ids)
+        self.ids: list[int] = []
+        self.sent = 0
+        self.skip_prompt = True
+
+    def put(self, value) -> None:
+        if self.skip_prompt:  # the first put() is the prompt
+            self.skip_prompt = False
+            return
+        for t in value.reshape(-1).tolist():
+            if t not in self.stop_ids:
+                self.ids.append(int(t))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+            return
+        if len(text) > self.sent:
+            self.on_token(text[self.sent :])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if len(text) > self.sent:
+            self.on_token(text[self.sent :])
+            self.sent = len(text)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class GraderEngine:
+    """A base model, its tokenizer and the adapters attached to it."""
+
+    def __init__(self, base_model: str, *, device: str | None = None, dtype=None, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from training.model_zoo import resolve_model_path
+        from training.prompt_format import detect_format, stop_token_ids
+
+        self.base_model = base_model
+        self.base_path = resolve_model_path(base_model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            # fp32 on CPU (bf16 is ~60x slower there), bf16 on GPUs.
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+                     "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_path), trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self.base_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except OSError as e:
+            raise OSError(f"cannot load base model {base_model} from {self.base_path}: {e} "
+                          "(the studio loads safetensors weights only)") from e
+        self.model = model.to(self.device).eval()
+        self.base_summary = _config_summary(self.model.config)
+        self.format = detect_format(self.tokenizer, getattr(self.model.config, "model_type", None))
+        self.stop_ids = list(stop_token_ids(self.tokenizer, self.format))
+        self.pad_id = self._pad_id()
+        self.peft = None  # the PeftModel once an adapter is attached
+        self.adapters: dict[str, str] = {}  # resolved folder -> PEFT adapter name
+        self.active: str | None = None  # resolved folder of the active adapter
+        self._lock = threading.RLock()  # one generation at a time per engine (UI threads)
+
+    # ----------------------------------------------------------------- adapters
+
+    def _pad_id(self) -> int:
+        for cand in (self.tokenizer.pad_token_id, getattr(self.model.generation_config, "pad_token_id", None),
+                     self.tokenizer.eos_token_id):
+            if isinstance(cand, int):
+                return cand
+            if isinstance(cand, list) and cand:
+                return int(cand[0])
+        return 0
+
+    def check_adapter_base(self, folder: Path) -> None:
+        """Refuse an adapter trained for another base: compare the adapter's base (run_config model /
+        base_model_name_or_path and its config when it is here) and its LoRA weight shapes with the
+        loaded base."""
+        try:
+            claimed = base_model_of_adapter(folder)
+        except AdapterError:
+            claimed = None
+        if claimed is not None and not _same_model(claimed, self.base_model) and not _same_model(claimed, str(self.base_path)):
+            theirs = _adapter_base_summary(claimed)
+            if theirs is not None and any(
+                theirs.get(k) is not None and theirs.get(k) != self.base_summary.get(k) for k in theirs
+            ):
+                raise AdapterError(
+                    f"adapter {folder} was trained for base model {claimed!r} ({_describe(theirs)}), but the loaded "
+                    f"base is {self.base_model!r} ({_describe(self.base_summary)}); grade with --base {claimed}"
+                )
+        # The weights themselves: every LoRA matrix must fit the module it attaches to.
+        from safetensors import safe_open
+
+        modules = dict(self.model.named_modules())
+        params = dict(self.model.named_parameters())
+        with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+            for key in f.keys():
+                m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+                if not m:
+                    continue
+                target, which = m.group(1), m.group(2)
+                shape = f.get_slice(key).get_shape()
+                mod = modules.get(target)
+                expected = None
+                if mod is not None and hasattr(mod, "in_features"):
+                    expected = mod.in_features if which == "A" else mod.out_features
+                    got = shape[1] if which == "A" else shape[0]
+                elif mod is None and target in params:  # target_parameters (e.g. GPT-OSS experts)
+                    continue
+                elif mod is None:
+                    raise AdapterError(
+                        f"adapter {folder} attaches to {target}, which the base {self.base_model!r} "
+                        f"({_describe(self.base_summary)}) does not have: it was made for "
+                        f"{claimed or 'another base model'}"
+                    )
+                if expected is not None and got != expected:
+                    raise AdapterError(
+                        f"adapter {folder} does not fit base {self.base_model!r} ({_describe(self.base_summary)}): "
+                        f"{key} has shape {list(shape)}, the base's {target} needs {expected} features; it was "
+                        f"trained for {claimed or 'another base model'}"
+                    )
+
+    def use_adapter(self, adapter_dir: str | Path | None) -> None:
+        """Make ``adapter_dir`` the active adapter (loaded once, then switched); None = base only."""
+        with self._lock:
+            if adapter_dir is None:
+                self.active = None
+                return
+            folder = check_adapter_dir(adapter_dir)
+            key = str(folder)
+            if key not in self.adapters:
+                self.check_adapter_base(folder)
+                name = f"adapter{len(self.adapters)}"
+                from peft import PeftModel
+
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.model, key, adapter_name=name, is_trainable=False)
+                else:
+                    self.peft.load_adapter(key, adapter_name=name, is_trainable=False)
+                self.peft.to(self.device)
+                self.peft.eval()
+                self.adapters[key] = name
+            self.peft.set_adapter(self.adapters[key])
+            self.active = key
+
+    def _runner(self):
+        """(model to call, context manager): the PEFT model with the active adapter, or the
+        base alone (adapters disabled) for zero-shot grading."""
+        if self.peft is None:
+            return self.model, nullcontext()
+        if self.active is None:
+            return self.peft, self.peft.disable_adapter()
+        return self.peft, nullcontext()
+
+    # ----------------------------------------------------------------- generation
+
+    def encode(self, submission_md: str, rubric: Rubric, max_new_tokens: int) -> list[int]:
+        from training.prompt_format import encode_prompt
+
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        max_prompt = limit - max_new_tokens if isinstance(limit, int) and limit > max_new_tokens else None
+        return encode_prompt(self.tokenizer, self.format, rubric, submission_md, max_prompt_tokens=max_prompt)
+
+    def _generate(self, batch_ids: list[list[int]], max_new_tokens: int, streamer=None) -> list[list[int]]:
+        """Greedy decoding with the KV cache over left-padded prompts; new tokens per row, cut at
+        the first stop token."""
+        import torch
+        from transformers import GenerationConfig
+
+        width = max(len(x) for x in batch_ids)
+        ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, x in enumerate(batch_ids):
+            ids[k, width - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[k, width - len(x):] = 1
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, eos_token_id=self.stop_ids or None,
+            pad_token_id=self.pad_id,
+        )
+        model, ctx = self._runner()
+        with torch.inference_mode(), ctx:
+            out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 generation_config=gen_cfg, streamer=streamer)
+        rows = []
+        stops = set(self.stop_ids)
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            rows.append(row[:cut])
+        return rows
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _json_opening(self, rubric: Rubric) -> str:
+        """The start of the grade JSON as training writes it, up to the first item's question
+        label: the retry's forced beginning."""
+        from training.prompt_format import target_text
+
+        text = target_text(zero_grade(rubric), rubric)
+        m = re.search(r'"question":', text)
+        return text[: m.end()] if m else '{"items":['
+
+    def _retry(self, prompt: list[int], rubric: Rubric, max_new_tokens: int) -> tuple[str, list[int]]:
+        opening = self._json_opening(rubric)
+        # Encoded as text (special-token look-alikes split), as the prompt format encodes answers.
+        forced = list(self.tokenizer(opening, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        new = self._generate([prompt + forced], max_new_tokens)[0]
+        return opening + self._decode(new), new
+
+    def _finish(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int, t0: float,
+                retry: bool = True) -> GradeResult:
+        raw = self._decode(new)
+        grade, repaired, repairs = parse_grade(raw, rubric)
+        retried = False
+        if retry and repairs and repairs[0].startswith("no JSON grade found"):
+            # One bounded retry: start the answer with the JSON opening and let the model go on.
+            raw2, new2 = self._retry(prompt, rubric, max_new_tokens)
+            grade2, repaired2, repairs2 = parse_grade(raw2, rubric)
+            retried = True
+            if not (repairs2 and repairs2[0].startswith("no JSON grade found")):
+                raw, new, grade = raw + "\n[retry]\n" + raw2, new2, grade2
+                repairs = ["no JSON in the first answer; retried with the JSON opening forced"] + repairs2
+                repaired = True
+            else:
+                raw = raw + "\n[retry]\n" + raw2
+                repairs = ["no JSON grade found in the model output (also after one retry with the JSON "
+                           "opening forced); every question scored 0"]
+                repaired = True
+        return GradeResult(grade=grade, raw_text=raw, repaired=repaired, repairs=repairs,
+                           latency_s=time.perf_counter() - t0, base_model=self.base_model, adapter=self.active,
+                           prompt_tokens=len(prompt), new_tokens=len(new), retried=retried)
+
+    def _store(self, result: GradeResult, name: str, rubric: Rubric) -> None:
+        from training.store import Store
+
+        result.grade_id = Store().add_grade(
+            grade=result.grade.model_dump(), raw_text=result.raw_text, base_model=result.base_model,
+            adapter=result.adapter, submission_name=name, rubric=rubric.model_dump(), repaired=result.repaired,
+            latency_s=result.latency_s,
+        )
+
+    def grade(self, submission_md: str, rubric: Rubric, *, max_new_tokens: int = 512,
+              on_token: Callable[[str], None] | None = None, submission_name: str = "submission",
+              store: bool = True) -> GradeResult:
+        """Grade one submission (Markdown) against ``rubric``: always a valid Grade."""
+        with self._lock:
+            t0 = time.perf_counter()
+            prompt = self.encode(submission_md, rubric, max_new_tokens)
+            streamer = _CallbackStreamer(self.tokenizer, on_token, self.stop_ids) if on_token else None
+            new = self._generate([prompt], max_new_tokens, streamer=streamer)[0]
+            result = self._finish(prompt, new, rubric, max_new_tokens, t0)
+        if store:
+            self._store(result, submission_name, rubric)
+        return result
+
+    def grade_many(self, items: list[tuple[str, str, Rubric]], *, batch_size: int = 8, max_new_tokens: int = 512,
+                   progress: Callable[[int], None] | None = None, store: bool = True) -> list[GradeResult]:
+        """Grade (name, markdown, rubric) triples with batched generation; results in input order.
+        ``progress(n)`` is called after each batch with the number just finished."""
+        prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
+        # Similar lengths together: less padding. Results go back to input order.
+        order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
+        results: list[GradeResult | None] = [None] * len(items)
+        for start in range(0, len(order), max(1, batch_size)):
+            chunk = order[start : start + batch_size]
+            with self._lock:
+                t0 = time.perf_counter()
+                news = self._generate([prompts[i] for i in chunk], max_new_tokens)
+                share = (time.perf_counter() - t0) / len(chunk)
+                for i, new in zip(chunk, news):
+                    t_i = time.perf_counter() - share  # each row is charged its share of the batch
+                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i)
+            if store:
+                for i in chunk:
+                    self._store(results[i], items[i][0], items[i][2])  # type: ignore[arg-type]
+            if progress:
+                progress(len(chunk))
+        return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- scores without generation
+
+    def next_token_logits(self, ids: list[int]):
+        """Logits for the token after ``ids`` with the active adapter (or the base alone)."""
+        import torch
+
+        model, ctx = self._runner()
+        with self._lock, torch.inference_mode(), ctx:
+            out = model(input_ids=torch.tensor([ids], device=self.device), logits_to_keep=1)
+        return out.logits[0, -1].float().cpu()
+
+    def describe(self) -> dict:
+        return {"base_model": self.base_model, "base_path": str(self.base_path), "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "format": self.format,
+                "adapters": list(self.adapters), "active_adapter": self.active, **self.base_summary}
+
+
+_ENGINES: dict[tuple, GraderEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(base_model: str, **kw) -> GraderEngine:
+    """The engine for ``base_model`` (built once per base, device, dtype and trust setting)."""
+    key = (base_model, kw.get("device"), str(kw.get("dtype")), bool(kw.get("trust_remote_code", False)))
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(key)
+        if eng is None:
+            eng = GraderEngine(base_model, **kw)
+            _ENGINES[key] = eng
+        return eng
+
+
+def clear_engines() -> None:
+    """Forget cached engines (frees their memory once nothing else holds them)."""
+    with _ENGINES_LOCK:
+        _ENGINES.clear()
+
+
+def resolve_base(base: str | None, adapter_dir: str | Path | None) -> str:
+    """--base if given, else the adapter's run_config model, else the embedded default model."""
+    if base:
+        return base
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir)
+        return base_model_of_adapter(adapter_dir)
+    from training.model_zoo import DEFAULT_CPU_MODEL
+
+    return DEFAULT_CPU_MODEL
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base_model: str | None = None,
+                  trust_remote_code: bool = False) -> Path:
+    """Merge the adapter into a fresh copy of its base (merge_and_unload) and save the result as a
+    plain model folder (safetensors + tokenizer) that needs no PEFT to load."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.model_zoo import resolve_model_path
+
+    folder = check_adapter_dir(adapter_dir)
+    base = resolve_base(base_model, folder)
+    path = resolve_model_path(base)
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    # Reuse the engine's compatibility check without keeping an engine around.
+    probe = GraderEngine.__new__(GraderEngine)
+    probe.model, probe.base_model, probe.base_path = model, base, path
+    probe.base_summary = _config_summary(model.config)
+    probe.check_adapter_base(folder)
+    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code).save_pretrained(str(out))
+    (out / "merged_from.json").write_text(json.dumps({"base_model": base, "adapter": str(folder)}, indent=1))
+    return out

@@ -1,0 +1,168 @@
+"""Evaluate a grader against human grades: the adapter, the same base zero-shot, and a constant
+predictor (the training mean), side by side, per item and per submission.
+
+Metrics are those of :mod:`inference.metrics`. When all items (or all submissions) share one
+maximum the metrics use that scale; otherwise scores are put on a common 0-10 scale first (score /
+max * 10) and the report says so.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from inference.engine import GradeResult, get_engine, resolve_base
+from inference.metrics import compute_metrics, format_table, infer_step
+from training.rubric import GradedSubmission
+
+NORMALIZED_MAX = 10.0
+
+
+def _scale(human: list[float], maxes: list[float]) -> tuple[float, float, bool]:
+    """(max_score, step, normalized)."""
+    if len(set(maxes)) == 1:
+        return maxes[0], infer_step(human, maxes[0]), False
+    return NORMALIZED_MAX, 0.5, True
+
+
+def _level_metrics(human: list[float], pred: list[float], maxes: list[float], n_boot: int) -> dict:
+    max_score, step, normalized = _scale(human, maxes)
+    h, p, m = np.array(human, float), np.array(pred, float), np.array(maxes, float)
+    if normalized:
+        h, p = h / m * NORMALIZED_MAX, p / m * NORMALIZED_MAX
+    out = compute_metrics(h, p, max_score, step, n_boot=n_boot)
+    out["normalized_to_0_10"] = normalized
+    return out
+
+
+def training_mean_fraction(adapter_dir: str | Path | None) -> tuple[float | None, str]:
+    """Mean item score as a fraction of its max over the adapter's training data, when the run
+    says what it was trained on (run_config.json "datasets"); (None, why) otherwise."""
+    if adapter_dir is None:
+        return None, "no adapter"
+    import json
+
+    folder = Path(adapter_dir)
+    cfg_path = next((p for p in (folder / "run_config.json", folder.parent / "config.json") if p.is_file()), None)
+    if cfg_path is None:
+        return None, "the adapter has no run_config.json"
+    try:
+        datasets = json.loads(cfg_path.read_text()).get("datasets") or []
+    except (OSError, ValueError, AttributeError):
+        return None, f"{cfg_path} is unreadable"
+    subs: list[GradedSubmission] = []
+    files = []
+    for spec in datasets:
+        if isinstance(spec, str) and spec.startswith("db:"):
+            from training.store import Store
+
+            store = Store()
+            found = store.find_dataset(spec[3:])
+            if found is None:
+                return None, f"dataset {spec} is not in the store"
+            subs += store.dataset_submissions(found["id"])
+        else:
+            files.append(spec)
+    if files:
+        from training.loading import load_graded
+
+        missing = [f for f in files if not Path(f).exists()]
+        if missing:
+            return None, f"training data {missing[0]} is not on this machine"
+        subs += load_graded(files).submissions
+    fracs = [it.score / m for s in subs for it, m in zip(s.rubric_alignment, s.item_max_scores()) if m > 0]
+    if not fracs:
+        return None, "the training data could not be read"
+    return float(np.mean(fracs)), f"training data of the adapter ({len(fracs)} items)"
+
+
+def evaluate(
+    data: list[str],
+    *,
+    adapter: str | None = None,
+    base: str | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    n_boot: int = 1000,
+    include_base: bool = True,
+    progress: Callable[[int], None] | None = None,
+    store: bool = True,
+) -> dict:
+    """Grade the labelled submissions in ``data`` and compare with the human grades."""
+    from training.loading import DataError, load_graded
+    from training.markdown import render_submission_markdown
+
+    report = load_graded(data)
+    if not report.ok:
+        raise DataError("the evaluation data has problems:\n" + report.format())
+    subs = report.submissions
+    if not subs:
+        raise DataError(f"no graded submissions in {', '.join(map(str, data))}")
+    base_model = resolve_base(base, adapter)
+    engine = get_engine(base_model)
+    items = [(s.submission_id or f"#{k + 1}", render_submission_markdown(s), s.rubric()) for k, s in enumerate(subs)]
+    human = [s.grade() for s in subs]
+    item_h = [it.score for g in human for it in g.items]
+    item_max = [it.max_score for g in human for it in g.items]
+    sub_h = [g.score for g in human]
+    sub_max = [g.max_score for g in human]
+
+    runs: dict[str, list[GradeResult]] = {}
+    if adapter is not None:
+        engine.use_adapter(adapter)
+        runs["adapter"] = engine.grade_many(items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                            progress=progress, store=store)
+    if include_base or adapter is None:
+        engine.use_adapter(None)
+        runs["base zero-shot"] = engine.grade_many(items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                   progress=progress, store=store)
+    frac, source = training_mean_fraction(adapter)
+    if frac is None:
+        frac = float(np.mean([h / m for h, m in zip(item_h, item_max)]))
+        source = f"mean of the evaluation data itself (optimistic; {source})"
+
+    predictors: dict[str, dict] = {}
+    for name, results in runs.items():
+        ip = [it.score for r in results for it in r.grade.items]
+        sp = [r.grade.score for r in results]
+        predictors[name] = {
+            "items": _level_metrics(item_h, ip, item_max, n_boot),
+            "submissions": _level_metrics(sub_h, sp, sub_max, n_boot),
+            "n_repaired": sum(r.repaired for r in results),
+            "mean_latency_s": float(np.mean([r.latency_s for r in results])),
+        }
+    const_name = "constant (training mean)"
+    predictors[const_name] = {
+        "items": _level_metrics(item_h, [frac * m for m in item_max], item_max, n_boot),
+        "submissions": _level_metrics(sub_h, [frac * m for m in sub_max], sub_max, n_boot),
+        "mean_fraction": frac,
+        "source": source,
+    }
+    per_submission = []
+    for k, (name, _, _) in enumerate(items):
+        row = {"submission": name, "human": sub_h[k], "max_score": sub_max[k]}
+        for pname, results in runs.items():
+            row[pname] = results[k].grade.score
+        per_submission.append(row)
+    tables = "\n\n".join(
+        format_table({n: p[level] for n, p in predictors.items()}, f"{level} ({len(item_h) if level == 'items' else len(subs)})")
+        for level in ("items", "submissions")
+    )
+    out = {
+        "data": [str(d) for d in data],
+        "base_model": base_model,
+        "adapter": str(Path(adapter).resolve()) if adapter else None,
+        "n_submissions": len(subs),
+        "n_items": len(item_h),
+        "max_new_tokens": max_new_tokens,
+        "predictors": predictors,
+        "per_submission": per_submission,
+        "table_markdown": tables,
+    }
+    if store:
+        from training.store import Store
+
+        out["evaluation_id"] = Store().add_evaluation(base_model=base_model, adapter=out["adapter"],
+                                                      data=", ".join(out["data"]), report=out)
+    return out

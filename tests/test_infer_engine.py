@@ -1,0 +1,160 @@
+"""The grading engine on the tiny GPT-OSS: adapters load and change outputs, switching adapters
+keeps the one base in memory, garbage output still becomes a valid grade, wrong adapters are
+refused with a clear message, and the CLI prints JSON grades that land in the store."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.engine import AdapterError, GraderEngine, export_merged, get_engine
+from training.loading import load_rubric
+from training.rubric import Rubric, RubricQuestion
+from training.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+RUBRICS = REPO / "data" / "rubrics"
+SUBMISSIONS = REPO / "data" / "submissions"
+RUBRIC = Rubric(questions=[RubricQuestion(question="What is a stack?", max_score=5, question_id="1"),
+                           RubricQuestion(question="What is a queue?", max_score=3, question_id="2")])
+MD = "## Question 1: What is a stack?\n\nLIFO.\n\n## Question 2: What is a queue?\n\nFIFO.\n"
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter saved the way training saves one, with random non-zero B so it matters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(str(out))
+    (out / "run_config.json").write_text(json.dumps({"name": out.name, "model": str(base_dir), "datasets": []}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_gpt_oss_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return make_adapter(tiny_gpt_oss_dir, root / "a", 1), make_adapter(tiny_gpt_oss_dir, root / "b", 2)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gpt_oss_dir: Path) -> GraderEngine:
+    return get_engine(str(tiny_gpt_oss_dir), device="cpu")
+
+
+def test_adapter_changes_outputs_and_switching_keeps_the_base(engine: GraderEngine, adapters) -> None:
+    a, b = adapters
+    ids = engine.encode(MD, RUBRIC, 16)
+    engine.use_adapter(None)
+    base = engine.next_token_logits(ids)
+    base_obj = id(engine.model)
+    engine.use_adapter(a)
+    la = engine.next_token_logits(ids)
+    engine.use_adapter(b)
+    lb = engine.next_token_logits(ids)
+    engine.use_adapter(a)
+    la2 = engine.next_token_logits(ids)
+    engine.use_adapter(None)
+    base2 = engine.next_token_logits(ids)
+    assert not torch.allclose(base, la, atol=1e-4) and not torch.allclose(la, lb, atol=1e-4)
+    assert torch.allclose(la, la2, atol=1e-5) and torch.allclose(base, base2, atol=1e-5)
+    # One base model, in place: PEFT wraps the same object; each adapter was loaded once.
+    assert id(engine.model) == base_obj and id(engine.peft.get_base_model()) == base_obj
+    assert len(engine.adapters) == 2
+    assert get_engine(engine.base_model, device="cpu") is engine
+
+
+def test_random_model_output_still_gives_a_valid_stored_grade(engine: GraderEngine, adapters) -> None:
+    engine.use_adapter(adapters[0])
+    streamed: list[str] = []
+    r = engine.grade(MD, RUBRIC, max_new_tokens=12, on_token=streamed.append, submission_name="s1.md")
+    g = r.grade
+    assert [i.question for i in g.items] == [q.question for q in RUBRIC.questions]
+    assert all(0 <= i.score <= i.max_score for i in g.items) and g.score == sum(i.score for i in g.items)
+    assert g.max_score == 8
+    assert r.raw_text.startswith("".join(streamed))  # what streamed is what the model wrote
+    if r.repaired:
+        assert r.repairs
+    rows = Store().grades()
+    assert rows[0]["submission_name"] == "s1.md" and rows[0]["adapter"] == str(adapters[0].resolve())
+    assert rows[0]["base_model"] == engine.base_model and rows[0]["raw_text"] == r.raw_text
+
+
+def test_grade_many_batches_in_order(engine: GraderEngine, adapters) -> None:
+    engine.use_adapter(adapters[1])
+    items = [(f"s{k}.md", MD + "x" * k * 40, RUBRIC) for k in range(3)]
+    batched = engine.grade_many(items, batch_size=3, max_new_tokens=6)
+    single = [engine.grade(md, rb, max_new_tokens=6, store=False) for _, md, rb in items]
+    assert len(batched) == 3
+    # Left padding must not change what greedy decoding writes (first attempt's text).
+    for bt, sg in zip(batched, single):
+        assert bt.raw_text.split("\n[retry]\n")[0] == sg.raw_text.split("\n[retry]\n")[0]
+    assert [r["submission_name"] for r in Store().grades()[:3]] == ["s2.md", "s1.md", "s0.md"]
+
+
+def test_bad_adapter_folders_give_clear_errors(engine: GraderEngine, tmp_path: Path) -> None:
+    from training.model_zoo import build_tiny_gpt_oss
+
+    with pytest.raises(AdapterError, match="does not exist"):
+        engine.use_adapter(tmp_path / "nope")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text("{}")
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(AdapterError, match="only pickle weights"):
+        engine.use_adapter(pickled)
+    other_base = build_tiny_gpt_oss(hidden_size=128)
+    other = make_adapter(other_base, tmp_path / "other", 3)
+    with pytest.raises(AdapterError) as e:
+        engine.use_adapter(other)
+    assert "hidden 128" in str(e.value) and "hidden 64" in str(e.value) and str(other_base) in str(e.value)
+    # Same check when the adapter does not say which base it belongs to: its weight shapes.
+    (other / "run_config.json").unlink()
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="does not fit base"):
+        engine.use_adapter(other)
+
+
+def test_export_merged_matches_the_adapter(engine: GraderEngine, adapters, tmp_path: Path) -> None:
+    out = export_merged(adapters[0], tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() or list(out.glob("model*.safetensors"))
+    merged = GraderEngine(str(out), device="cpu")
+    ids = engine.encode(MD, RUBRIC, 16)
+    engine.use_adapter(adapters[0])
+    assert torch.allclose(merged.next_token_logits(ids), engine.next_token_logits(ids), atol=1e-4)
+
+
+def test_cli_grade_prints_json_and_stores(tiny_gpt_oss_dir: Path, adapters, isolated_store: Path) -> None:
+    rubric_file = sorted(RUBRICS.glob("*.json"))[0]
+    subs = sorted(SUBMISSIONS.glob(rubric_file.stem + "*.md"))[:2]
+    assert subs, "the sample data has submissions for each rubric"
+    proc = subprocess.run(
+        [sys.executable, "-m", "inference", "grade", "--adapter", str(adapters[0]), "--rubric", str(rubric_file),
+         "--max-new-tokens", "8", "--device", "cpu", *map(str, subs)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    rubric = load_rubric(rubric_file)
+    assert [o["file"] for o in out] == [str(s) for s in subs]
+    for o in out:
+        assert len(o["grade"]["items"]) == len(rubric.questions)
+        assert o["grade"]["max_score"] == rubric.max_score and o["base_model"] == str(tiny_gpt_oss_dir)
+    assert len(Store().grades()) == len(subs)
+    # A missing adapter is a clear one-line error, not a traceback.
+    bad = subprocess.run([sys.executable, "-m", "inference", "grade", "--adapter", "/no/such/adapter", "--rubric",
+                          str(rubric_file), str(subs[0])], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
