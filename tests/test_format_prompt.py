@@ -21,6 +21,7 @@ from training.prompt_format import (
     encode_prompt_checked,
     instructions,
     match_question,
+    preview,
     question_labels,
     stop_token_ids,
     target_text,
@@ -110,8 +111,8 @@ def _target_tokens(tok, ex) -> list[int]:
 def test_target_is_compact_json_with_labels_items_first(essay: GradedSubmission) -> None:
     mohler = _mohler(1)[0]
     text = target_text(mohler.grade(), mohler.rubric())
-    assert "\n" not in text and ": " not in text.replace('": "', "")  # one compact line
     obj = json.loads(text)
+    assert text == json.dumps(obj, ensure_ascii=False, separators=(",", ":"))  # one compact line
     assert list(obj) == ["items", "score", "max_score", "feedback"]
     assert [i["question"] for i in obj["items"]] == [q.question_id for q in mohler.rubric().questions]
     assert obj["score"] == mohler.grade().score and obj["max_score"] == mohler.grade().max_score
@@ -315,3 +316,12 @@ def test_plain_format_with_the_real_gemma_tokenizer(essay: GradedSubmission) -> 
     ids = encode_prompt(tok, "plain", sneaky.rubric(), render_submission_markdown(sneaky))
     turn_markers = {tok.convert_tokens_to_ids("<end_of_turn>"), tok.convert_tokens_to_ids("<start_of_turn>")}
     assert not turn_markers & set(ids)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_preview_shows_what_the_model_sees(tokenizers: dict, essay: GradedSubmission, fmt: str) -> None:
+    tok = tokenizers[fmt]
+    rubric, md, grade = essay.rubric(), render_submission_markdown(essay), essay.grade()
+    text = preview(tok, fmt, rubric, md, grade)
+    assert instructions(rubric) in text and "Naval race 🚢" in text
+    assert text.endswith(target_text(grade, rubric) + tok.decode([stop_token_ids(tok, fmt)[0]]))

@@ -430,6 +430,17 @@ def encode_target(tokenizer: Any, fmt: Format, target: str) -> list[int]:
     return list(body) + [end_token_id(tokenizer, fmt)]
 
 
+def preview(tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str, grade: Grade | None = None) -> str:
+    """The prompt (and, with ``grade``, the target and end token) exactly as the model sees it,
+    decoded with special tokens shown: for a "show the prompt" view and for debugging."""
+    ids = encode_prompt(tokenizer, fmt, rubric, submission_md)
+    if grade is not None:
+        ids = ids + encode_target(tokenizer, fmt, target_text(grade, rubric))
+    if fmt == "harmony":
+        return harmony_encoding().decode(ids)
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 @dataclass
 class EncodedExample:
     """One training example. ``labels`` is ``IGNORE_INDEX`` on the prompt, so the loss covers
