@@ -197,6 +197,25 @@ def _loc_to_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return path.rstrip(": ") if path.endswith(": ") else path
 
 
+def _scan(value: Any, limit: int) -> tuple[bool, bool]:
+    """(nested deeper than ``limit``, holds NaN/Infinity): one fast pass without paths; the
+    path-naming walks below run only when something is wrong."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    non_finite = False
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True, non_finite
+        t = type(v)
+        if t is dict:
+            stack.extend((x, d + 1) for x in v.values())
+        elif t is list:
+            stack.extend((x, d + 1) for x in v)
+        elif t is float and not math.isfinite(v):
+            non_finite = True
+    return False, non_finite
+
+
 def _too_deep(value: Any, limit: int, prefix: str = "") -> str | None:
     """The path (first few levels) of data nested deeper than ``limit``, else None.
 
@@ -380,13 +399,16 @@ def _check_submission(name: str, prefix: str, rec: Any) -> tuple[GradedSubmissio
         return None, [Problem(name, here, f"{_show(rec)} ({_kind(rec)})",
                               "an object with score, max_score and rubric_alignment (a graded submission)")]
     problems: list[Problem] = []
+    usable: dict[str, bool] = {}
     for key, what in (("score", "the total score"), ("max_score", "the total maximum score")):
         if key not in rec:
             problems.append(Problem(name, _join(prefix, key), "nothing (field missing)", f"a number: {what}"))
+            usable[key] = False
         else:
-            problems += _check_number(name, _join(prefix, key), rec[key], what)
-    score_ok = "score" in rec and not any(p.path == _join(prefix, "score") for p in problems)
-    max_ok = "max_score" in rec and not any(p.path == _join(prefix, "max_score") for p in problems)
+            found = _check_number(name, _join(prefix, key), rec[key], what)
+            problems += found
+            usable[key] = not found
+    score_ok, max_ok = usable["score"], usable["max_score"]
     if score_ok and max_ok and rec["score"] > rec["max_score"]:
         problems.append(Problem(name, _join(prefix, "score"),
                                 f"{_show(rec['score'])} (above max_score {_show(rec['max_score'])})",
@@ -511,12 +533,13 @@ def _report_from_records(name: str, records: list[tuple[str, Any]], problems: li
     seen: dict[str, str] = {}
     for prefix, rec in records:
         here = prefix.rstrip(": ") if prefix.endswith(": ") else prefix
-        deep = _too_deep(rec, MAX_DEPTH, prefix)
+        is_deep, has_non_finite = _scan(rec, MAX_DEPTH)
+        deep = _too_deep(rec, MAX_DEPTH, prefix) if is_deep else None
         if deep is not None:
             problems.append(Problem(name, deep, f"data nested more than {MAX_DEPTH} levels deep",
                                     f"at most {MAX_DEPTH} levels of nested lists/objects"))
             continue
-        bad_numbers = list(_non_finite(rec, prefix))
+        bad_numbers = list(_non_finite(rec, prefix)) if has_non_finite else []
         for path, v in bad_numbers:
             problems.append(Problem(name, path, _show(v), "a finite number (JSON has no NaN or Infinity)"))
         sub, p = _check_submission(name, prefix, rec)
