@@ -320,3 +320,15 @@ def test_unreadable_rubric_files(tmp_path: Path) -> None:
             load_rubric(tmp_path / name)
     with pytest.raises(DataError, match="nope.json"):
         load_rubric(tmp_path / "nope.json")
+
+
+def test_duplicate_ids_across_uploads() -> None:
+    from training.loading import check_across_files
+
+    first = load_graded_bytes("a.json", json.dumps([sub(submission_id="x"), sub(submission_id="y")]).encode())
+    second = load_graded_bytes("b.json", json.dumps(sub(submission_id="y")).encode())
+    report = check_across_files([first, second])
+    assert report.files[0].ok and not report.files[1].ok
+    (err,) = report.errors
+    assert str(err) == 'b.json: submission_id: got "y" (also in a.json [1]); expected a submission_id unique in the data set'
+    assert [s.submission_id for s in report.submissions] == ["x", "y"]

@@ -613,8 +613,7 @@ def load_graded(paths: Iterable[str | Path], max_bytes: int = DEFAULT_MAX_BYTES)
     ``max_bytes`` are refused before they are read. A duplicate ``submission_id`` (within a file
     or across the files) is an error in the file where it appears again.
     """
-    report = ValidationReport()
-    seen: dict[str, str] = {}
+    reports: list[FileReport] = []
     done: set[Path] = set()
     for path, problems in _expand(paths):
         if not problems:
@@ -624,31 +623,37 @@ def load_graded(paths: Iterable[str | Path], max_bytes: int = DEFAULT_MAX_BYTES)
                 continue
             done.add(key)
         if problems:
-            report.files.append(FileReport(file=str(path), problems=problems))
+            reports.append(FileReport(file=str(path), problems=problems))
             continue
         data, problems = _read_limited(path, max_bytes)
         if data is None:
-            report.files.append(FileReport(file=str(path), problems=problems))
+            reports.append(FileReport(file=str(path), problems=problems))
             continue
-        fr = load_graded_bytes(str(path), data, max_bytes)
-        # Duplicates across files: the records carry no path prefix here, so search by id.
+        reports.append(load_graded_bytes(str(path), data, max_bytes))
+    return check_across_files(reports)
+
+
+def check_across_files(reports: list[FileReport]) -> ValidationReport:
+    """Combine per-file reports (e.g. several uploads) into one, adding the checks that span files:
+    a ``submission_id`` seen in an earlier file is an error in the later one (which then yields
+    nothing)."""
+    seen: dict[str, str] = {}
+    for fr in reports:
         for i, sub in enumerate(fr.submissions):
             sid = sub.submission_id
-            if sid is None:
+            if sid is None or sid not in seen:
                 continue
-            if sid in seen:
-                at = fr.record_paths[i] if i < len(fr.record_paths) else ""
-                fr.problems.append(Problem(fr.file, _join(at + (": " if at.startswith("line") else ""), "submission_id"),
-                                           f"{_show(sid)} (also in {seen[sid]})",
-                                           "a submission_id unique in the data set"))
+            at = fr.record_paths[i] if i < len(fr.record_paths) else ""
+            fr.problems.append(Problem(fr.file, _join(at + (": " if at.startswith("line") else ""), "submission_id"),
+                                       f"{_show(sid)} (also in {seen[sid]})",
+                                       "a submission_id unique in the data set"))
         if fr.ok:
             for sub, at in zip(fr.submissions, fr.record_paths):
                 if sub.submission_id is not None:
                     seen[sub.submission_id] = f"{fr.file} {at}".strip()
         else:
             fr.submissions = []
-        report.files.append(fr)
-    return report
+    return ValidationReport(files=list(reports))
 
 
 def content_hash(submissions: list[GradedSubmission]) -> str:
