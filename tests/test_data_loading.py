@@ -332,3 +332,9 @@ def test_duplicate_ids_across_uploads() -> None:
     (err,) = report.errors
     assert str(err) == 'b.json: submission_id: got "y" (also in a.json [1]); expected a submission_id unique in the data set'
     assert [s.submission_id for s in report.submissions] == ["x", "y"]
+
+
+def test_any_assignment_field_still_gives_a_rubric() -> None:
+    for assignment, title in ((3, "3"), ("essay", "essay"), ({"name": "x"}, None), (None, None)):
+        (s,) = load_graded_bytes("a.json", json.dumps(sub(assignment=assignment)).encode()).submissions
+        assert s.rubric().title == title and s.grade().max_score == 10

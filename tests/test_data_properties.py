@@ -37,7 +37,8 @@ def near_submissions(draw: st.DrawFn) -> object:
     items = draw(st.lists(st.fixed_dictionaries({}, optional=item_fields), max_size=4) | json_values)
     top = draw(st.fixed_dictionaries({}, optional={
         "score": numbers, "max_score": numbers, "feedback": st.text(max_size=10) | json_values,
-        "submission_id": st.sampled_from(["a", "b"]) | st.integers(), "extra": json_values}))
+        "submission_id": st.sampled_from(["a", "b"]) | st.integers(), "extra": json_values,
+        "assignment": json_values}))
     if draw(st.booleans()):
         top["rubric_alignment"] = items
     return top

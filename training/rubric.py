@@ -21,6 +21,16 @@ def _finite(value: float | None, what: str) -> float | None:
     return value
 
 
+def _title(assignment: Any) -> str | None:
+    """The free-form ``assignment`` field as a rubric title: ``"assignment": 3`` must not make
+    `GradedSubmission.rubric()` fail validation, and a nested object is no title."""
+    if isinstance(assignment, str):
+        return assignment or None
+    if isinstance(assignment, (int, float)) and not isinstance(assignment, bool):
+        return str(assignment)
+    return None
+
+
 class RubricItem(BaseModel):
     """One graded answer: the question, the student's answer, and the score it earned.
 
@@ -110,7 +120,7 @@ class GradedSubmission(BaseModel):
                 )
                 for i, m in zip(self.rubric_alignment, maxes)
             ],
-            title=(self.model_extra or {}).get("assignment"),
+            title=_title((self.model_extra or {}).get("assignment")),
         )
 
     def grade(self) -> "Grade":
