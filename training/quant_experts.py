@@ -122,6 +122,29 @@ def _placeholder(self, name: str) -> torch.Tensor:
     return torch.empty((), dtype=dtype, device=ref.device).expand(store.shape)
 
 
+def _nf4_named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+    """PEFT finds ``target_parameters`` by calling ``module.named_parameters(recurse=False)`` on
+    each module.  For that direct, non-recursive call the packed experts answer with zero-memory
+    placeholders in the original order (gate_up_proj, its bias, down_proj, its bias), so LoRA can
+    go onto experts that were quantized first, and the adapter's layout (PEFT nests one wrapper
+    per parameter, in this order) is the same as on a bf16 model.  Recursive walks from a parent
+    (optimizers, ``model.parameters()``) never see the placeholders."""
+    if recurse:
+        yield from nn.Module.named_parameters(self, prefix=prefix, recurse=True, remove_duplicate=remove_duplicate)
+        return
+    own = dict(self._parameters)
+    prefix = prefix + "." if prefix else ""
+    for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+        if name in own:
+            if own[name] is not None:
+                yield prefix + name, own.pop(name)
+        elif name in EXPERT_PARAMS:
+            yield prefix + name, getattr(self, name)
+    for name, p in own.items():
+        if p is not None:
+            yield prefix + name, p
+
+
 _NF4_CLASSES: dict[type, type] = {}
 
 
@@ -133,11 +156,7 @@ def _nf4_class(cls: type) -> type:
                 "gate_up_proj": property(lambda self: _placeholder(self, "gate_up_proj")),
                 "down_proj": property(lambda self: _placeholder(self, "down_proj")),
                 "_is_nf4_experts": True,
-                # PEFT matches `target_parameters` through named_parameters(), which no longer lists
-                # the packed experts; on modules that have a `parametrizations` attribute it matches
-                # by getattr instead (a plain dict: torch's is_parametrized() still says False).
-                # This lets LoRA go onto experts that were quantized first (load_gpt_oss_nf4).
-                "parametrizations": {},
+                "named_parameters": _nf4_named_parameters,
             },
         )
     return _NF4_CLASSES[cls]
@@ -223,14 +242,9 @@ def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = N
     return rep
 
 
-def expert_target_parameters(model: nn.Module) -> list[str]:
-    """The ``LoraConfig(target_parameters=...)`` list that puts LoRA on GPT-OSS experts.  For NF4
-    experts (quantized before ``get_peft_model``) PEFT only matches full names, so this returns
-    one entry per layer (``model.layers.N.mlp.experts.gate_up_proj`` ...); otherwise the short
-    ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``."""
-    names = [n for n, _ in _iter_experts(model)]
-    if names and any(getattr(m, "_is_nf4_experts", False) for _, m in _iter_experts(model)):
-        return [f"{n}.{p}" for n in names for p in EXPERT_PARAMS]
+def expert_target_parameters(model: nn.Module | None = None) -> list[str]:
+    """The ``LoraConfig(target_parameters=...)`` list that puts LoRA on GPT-OSS experts (bf16 or
+    NF4, quantized before or after ``get_peft_model``)."""
     return [f"mlp.experts.{p}" for p in EXPERT_PARAMS]
 
 
