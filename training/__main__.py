@@ -1,0 +1,201 @@
+"""`python -m training COMMAND`: the studio's training tools, usable without the UI.
+
+    run      --preset NAME | --config FILE [--set key=value ...] [--resume RUN] [--detach]
+    stop     RUN                     finish the current step, save, mark "stopped"
+    status   [RUN]                   one run in detail, or the newest runs
+    list                             runs and stored datasets
+    validate PATH... [--max-mb N]    check graded-submission files, report every problem
+    import   NAME PATH...            store a dataset (validated) under NAME, for datasets=db:NAME
+    tokenizer [--out DIR]            build the offline GPT-OSS tokenizer
+    presets                          print the presets as JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from training import config as C
+    from training import launcher
+
+    if args.resume and not (args.preset or args.config):
+        cfg = None  # the run's own config.json (overrides applied below)
+        if args.set:
+            from training import paths
+
+            cfg = C.load_config(paths.checkpoints_dir() / args.resume / "config.json")
+    elif args.config:
+        cfg = C.load_config(args.config)
+    else:
+        cfg = C.preset(args.preset or "cpu-default")
+    if cfg is not None and args.set:
+        cfg = C.apply_overrides(cfg, args.set)
+    try:
+        handle = launcher.launch(cfg, resume=args.resume)
+    except launcher.ConfigRefused as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(f"run {handle.run_id}: {handle.run_dir}")
+    print(f"command: {shlex.join(handle.command)}")
+    print(f"log: {handle.run_dir / 'train.log'}")
+    if args.detach:
+        print(f"detached; follow with: python -m training status {handle.run_id}  (stop: python -m training stop {handle.run_id})")
+        return 0
+    status = launcher.follow(handle)
+    final = handle.run_dir / "final"
+    print(f"run {handle.run_id} {status}" + (f"; adapter: {final}" if final.exists() else ""))
+    if status == "stopped":
+        print(f"resume with: python -m training run --resume {handle.run_id}")
+    print(handle.run_dir)
+    return 0 if status in ("finished", "stopped") else 1
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from training.launcher import stop_run
+
+    if stop_run(args.run):
+        print(f"stop requested for {args.run}: it saves a checkpoint after the current step")
+        return 0
+    print(f"{args.run} is not running")
+    return 1
+
+
+def _fmt_run(r: dict) -> str:
+    return f"{r['run_id']:<40} {r['status']:<9} {r.get('updated_at') or ''}"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from training.launcher import run_status
+    from training.store import Store
+
+    if not args.run:
+        runs = Store().list_runs()[:20]
+        for r in runs:
+            print(_fmt_run(r))
+        if not runs:
+            print("no runs yet: python -m training run --preset smoke")
+        return 0
+    try:
+        st = run_status(args.run)
+    except KeyError as e:
+        print(e.args[0], file=sys.stderr)
+        return 1
+    print(_fmt_run(st))
+    print(f"folder: {st['run_dir']}  alive: {st['alive']}")
+    if st.get("error"):
+        print(f"error: {st['error']}")
+    t = st.get("last_train")
+    if t:
+        print(f"step {t['step']}/{t['total_steps']}  epoch {t['epoch']}  loss {t['loss']:.4f}  "
+              f"lr {t['lr']:.2e}  {t['tokens_per_s']:.0f} tok/s  elapsed {t['elapsed_s']:.0f}s")
+    e = st.get("last_eval")
+    if e:
+        print(f"eval loss {e['eval_loss']:.4f} at step {e['step']}")
+    for c in st["checkpoints"]:
+        print(f"  checkpoint step {c['step']}: {c['path']}{' (final)' if c.get('final') else ''}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from training.store import Store
+
+    store = Store()
+    print("runs:")
+    for r in store.list_runs():
+        print("  " + _fmt_run(r))
+    print("datasets:")
+    for d in store.list_datasets():
+        print(f"  {d['id']:>3} {d['name']:<30} {d['n_submissions']} submissions, {d['n_items']} items")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from training.loading import validate_cli
+
+    return validate_cli(args.paths, max_bytes=int(args.max_mb * 1024 * 1024))
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from training.loading import load_graded
+    from training.store import Store
+
+    report = load_graded(args.paths)
+    if not report.ok:
+        print(report.format())
+        print("nothing imported: fix the errors above first", file=sys.stderr)
+        return 1
+    ds_id, created = Store().import_dataset(args.name, report.submissions, [str(Path(p).resolve()) for p in args.paths])
+    verb = "stored" if created else "already stored (same content)"
+    print(f"{verb}: dataset {args.name!r} id {ds_id}, {len(report.submissions)} submissions; "
+          f"train on it with --set datasets=db:{args.name}")
+    return 0
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    from training.tokenizer_offline import build_gpt_oss_tokenizer
+
+    print(build_gpt_oss_tokenizer(Path(args.out) if args.out else None))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from training.config import PRESETS
+
+    print(json.dumps({k: v.model_dump() for k, v in PRESETS.items()}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="start (or resume) a training run")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="seed-2xh200-120b | h200-20b | cpu-default | smoke")
+    src.add_argument("--config", help="a RunConfig JSON file")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    r.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete checkpoint")
+    r.add_argument("--detach", action="store_true", help="start and return (the run keeps going)")
+    r.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("stop", help="stop a run after its current step (it saves first)")
+    s.add_argument("run")
+    s.set_defaults(fn=_cmd_stop)
+
+    s = sub.add_parser("status", help="a run's progress, or the newest runs")
+    s.add_argument("run", nargs="?")
+    s.set_defaults(fn=_cmd_status)
+
+    sub.add_parser("list", help="runs and datasets").set_defaults(fn=_cmd_list)
+
+    v = sub.add_parser("validate", help="check graded-submission files")
+    v.add_argument("paths", nargs="+")
+    v.add_argument("--max-mb", type=float, default=20.0)
+    v.set_defaults(fn=_cmd_validate)
+
+    i = sub.add_parser("import", help="store a dataset under a name")
+    i.add_argument("name")
+    i.add_argument("paths", nargs="+")
+    i.set_defaults(fn=_cmd_import)
+
+    t = sub.add_parser("tokenizer", help="build the offline GPT-OSS tokenizer")
+    t.add_argument("--out")
+    t.set_defaults(fn=_cmd_tokenizer)
+
+    sub.add_parser("presets", help="print the presets").set_defaults(fn=_cmd_presets)
+
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

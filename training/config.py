@@ -1,0 +1,601 @@
+"""The one typed training configuration: `RunConfig`.
+
+The UI edits it, the CLI reads it from a file (or a preset plus `--set key=value` overrides), the
+launcher writes it into the run folder, and the trainer reads it back. Every knob lives here.
+
+`check_config` refuses configurations that cannot work before anything is launched (each message
+says what to change); `estimate_memory` is the per-GPU memory arithmetic behind the "does it fit"
+checks.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from training import paths
+
+# GPT-OSS expert weights are 3-D parameters (not nn.Linear); peft reaches them via target_parameters.
+GPT_OSS_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+class RunConfig(BaseModel):
+    """Everything a training run needs. Field names are the contract (UI, CLI, run folder)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = "run"
+    model: str = "embedded:gemma-3-270m"  # local folder, or embedded:gemma-3-270m | embedded:tiny-gpt-oss
+    datasets: list[str] = Field(default_factory=list)  # files/folders, or "db:<dataset name or id>"
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    max_length: int = 2048
+    # LoRA
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_experts: bool = False  # MoE: LoRA on the expert weights too (peft target_parameters)
+    # numerics
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # DeepSpeed / processes
+    zero_stage: Literal[0, 2, 3] = 2
+    offload_optimizer: bool = False
+    num_gpus: int | None = None  # GPUs on this host (None: all visible); ignored on CPU
+    num_processes: int = 1  # CPU ranks (gloo)
+    hostfile: str | None = None  # several nodes: a DeepSpeed hostfile
+    # optimisation
+    per_device_batch_size: int = 3
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    gradient_checkpointing: bool = True
+    save_every_steps: int = 50
+    eval_every_steps: int | None = None
+    seed: int = 42
+    gpu_memory_gib: float | None = None  # memory of one GPU, for the fit check (None: ask CUDA)
+    trust_remote_code: bool = False
+    fast_path: bool = True  # use training.fast_path (GPU kernels) when it is available
+    # Test/diagnostic mode: each rank writes a hash of its LoRA weights, rank 0 records reference
+    # logits of the final model, so a test can check replication and reload.
+    debug: bool = False
+
+
+PRESETS: dict[str, RunConfig] = {
+    # The user's seed recipe: gpt-oss-120b, 4-bit, ZeRO-2 on two H200s.
+    "seed-2xh200-120b": RunConfig(
+        name="seed-2xh200-120b",
+        model="openai/gpt-oss-120b",
+        datasets=[str(paths.data_dir() / "graded")],
+        max_length=2048,
+        lora_r=8,
+        lora_alpha=32,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        quantization="nf4",
+        precision="bf16",
+        zero_stage=2,
+        num_gpus=2,
+        per_device_batch_size=3,
+        gradient_accumulation_steps=4,
+        learning_rate=2e-4,
+        epochs=3.0,
+        gpu_memory_gib=140.0,
+    ),
+    # gpt-oss-20b fits one H200 in bf16 (~44 GiB at batch 1, seq 2048, checkpointing).
+    "h200-20b": RunConfig(
+        name="h200-20b",
+        model="openai/gpt-oss-20b",
+        datasets=[str(paths.data_dir() / "graded")],
+        max_length=2048,
+        quantization="none",
+        precision="bf16",
+        zero_stage=2,
+        num_gpus=1,
+        per_device_batch_size=4,
+        gradient_accumulation_steps=4,
+        learning_rate=2e-4,
+        epochs=3.0,
+        gpu_memory_gib=140.0,
+    ),
+    # No GPU: the embedded Gemma 3 270M in fp32, sized to finish a first run in minutes on 2 cores.
+    "cpu-default": RunConfig(
+        name="cpu-default",
+        model="embedded:gemma-3-270m",
+        datasets=[str(paths.data_dir() / "graded")],
+        eval_fraction=0.1,
+        max_length=512,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        precision="fp32",
+        zero_stage=0,
+        num_processes=1,
+        per_device_batch_size=1,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-4,
+        lr_scheduler="cosine",
+        warmup_ratio=0.05,
+        epochs=1.0,
+        max_steps=20,
+        gradient_checkpointing=False,
+        save_every_steps=10,
+    ),
+    # Pipeline check: a tiny GPT-OSS with the real tokenizer, 2 gloo ranks, ZeRO-2, ~1 minute.
+    "smoke": RunConfig(
+        name="smoke",
+        model="embedded:tiny-gpt-oss",
+        datasets=[str(paths.data_dir() / "graded")],
+        eval_fraction=0.2,
+        max_length=1536,  # the sample submissions are 1.0-1.4k GPT-OSS tokens
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        precision="fp32",
+        zero_stage=2,
+        num_processes=2,
+        per_device_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-3,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        epochs=1.0,
+        max_steps=12,
+        gradient_checkpointing=False,
+        save_every_steps=6,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a RunConfig from JSON. Unknown keys are refused with close matches."""
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    unknown = [k for k in data if k not in RunConfig.model_fields]
+    if unknown:
+        raise ValueError(f"{path}: " + "; ".join(_unknown_key_message(k) for k in unknown))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"{path}: {_validation_message(e)}") from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(cfg.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def preset(name: str) -> RunConfig:
+    """A copy of a preset (so callers may change it freely)."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}.{hint} Presets: {', '.join(PRESETS)}")
+    return PRESETS[name].model_copy(deep=True)
+
+
+# ------------------------------------------------------------------------------- overrides
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, RunConfig.model_fields, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown setting {key!r}.{hint} Known settings: {', '.join(RunConfig.model_fields)}"
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """Turn the text of `key=raw` into the field's type: numbers, booleans, null, lists."""
+    annotation = RunConfig.model_fields[key].annotation
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    text = raw.strip()
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    is_list = typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in args)
+    if is_list:
+        if text.startswith("["):
+            return json.loads(text)
+        return [x.strip() for x in text.split(",") if x.strip()]
+    if annotation is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true or false, got {raw!r}")
+    # Numbers and literals: let pydantic coerce ("3" -> 3, "2e-4" -> 0.0002, "2" -> Literal 2).
+    try:
+        return TypeAdapter(annotation).validate_python(json.loads(text))
+    except (json.JSONDecodeError, ValidationError):
+        pass
+    try:
+        return TypeAdapter(annotation).validate_strings(text)
+    except ValidationError:
+        return text  # let the final model validation produce the message
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `key=value` settings (as typed on the command line) to a copy of `cfg`.
+
+    Values are parsed by the field's type: `lora_r=16`, `learning_rate=1e-4`, `max_steps=none`,
+    `target_modules=q_proj,v_proj` (or a JSON list), `gradient_checkpointing=false`.
+    """
+    data = cfg.model_dump()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. lora_r=16)")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in RunConfig.model_fields:
+            raise ValueError(_unknown_key_message(key))
+        data[key] = _parse_value(key, raw)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(_validation_message(e)) from None
+
+
+# ------------------------------------------------------------------------ model inspection
+
+# Module names of embedded models that may not be built yet (building Gemma takes a minute).
+_EMBEDDED_KIND = {"embedded:gemma-3-270m": "gemma3_text", "embedded:tiny-gpt-oss": "gpt_oss"}
+_KNOWN_LINEAR = {
+    "gemma3_text": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"},
+    "gpt_oss": {"q_proj", "k_proj", "v_proj", "o_proj", "lm_head"},
+}
+# Dims used by the memory estimate when an embedded model is not built yet.
+_EMBEDDED_SHAPES = {
+    "embedded:gemma-3-270m": dict(n_params=268_098_176, n_layers=18, hidden=640, heads=4, vocab=262_144,
+                                  model_type="gemma3_text"),
+    "embedded:tiny-gpt-oss": dict(n_params=26_000_000, n_layers=2, hidden=64, heads=4, vocab=201_088,
+                                  model_type="gpt_oss"),
+}
+
+
+def model_dir(cfg: RunConfig) -> Path | None:
+    """The local folder of `cfg.model` if it exists now (never builds an embedded model)."""
+    if cfg.model.startswith("embedded:"):
+        folder = paths.cache_dir() / cfg.model.split(":", 1)[1]  # where model_zoo builds it
+        return folder if (folder / "config.json").exists() else None
+    p = Path(cfg.model).expanduser()
+    if p.is_dir():
+        return p
+    # A hub id like "openai/gpt-oss-120b" resolves only when a local copy exists (offline).
+    try:
+        from training.model_zoo import resolve_model_path
+
+        return Path(resolve_model_path(cfg.model))
+    except Exception:
+        return None
+
+
+@lru_cache(maxsize=8)
+def _inspect_folder(folder: str, trust_remote_code: bool) -> dict:
+    """Shapes and module names of the model in `folder`, from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=trust_remote_code)
+    linear_names: set[str] = set()
+    linear_params = 0
+    lora_in_out: dict[str, list[tuple[int, int]]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) or type(mod).__name__ == "Conv1D":
+            leaf = name.split(".")[-1]
+            linear_names.add(leaf)
+            if isinstance(mod, torch.nn.Linear):
+                lora_in_out.setdefault(leaf, []).append((mod.in_features, mod.out_features))
+                if leaf != "lm_head":
+                    linear_params += mod.weight.numel()
+    expert_params = 0
+    expert_shapes: dict[str, list[tuple[int, ...]]] = {}
+    for name, p in model.named_parameters():
+        if ".experts." in name and p.dim() == 3:
+            expert_params += p.numel()
+            for suffix in GPT_OSS_EXPERT_PARAMETERS:
+                if name.endswith(suffix):
+                    expert_shapes.setdefault(suffix, []).append(tuple(p.shape))
+    text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
+    return dict(
+        model_type=hf_cfg.model_type,
+        n_params=sum(p.numel() for p in model.parameters()),
+        linear_params=linear_params,
+        expert_params=expert_params,
+        linear_names=sorted(linear_names),
+        lora_in_out=lora_in_out,
+        expert_shapes=expert_shapes,
+        n_layers=int(getattr(text_cfg, "num_hidden_layers", 1)),
+        hidden=int(getattr(text_cfg, "hidden_size", 1)),
+        heads=int(getattr(text_cfg, "num_attention_heads", 1)),
+        vocab=int(getattr(text_cfg, "vocab_size", 1)),
+        quantized_checkpoint=(getattr(hf_cfg, "quantization_config", None) or {}).get("quant_method")
+        if isinstance(getattr(hf_cfg, "quantization_config", None), dict) else None,
+    )
+
+
+def inspect_model(cfg: RunConfig) -> dict | None:
+    """Shapes and LoRA-targetable module names of `cfg.model`, or None when it cannot be read."""
+    folder = model_dir(cfg)
+    if folder is not None and (folder / "config.json").exists():
+        return _inspect_folder(str(folder), cfg.trust_remote_code)
+    return None
+
+
+# ------------------------------------------------------------------------ memory estimate
+
+_GIB = 1024**3
+_NF4_BYTES = (4 + 0.127) / 8  # 4 bits + double-quantized absmax (~0.127 bit) per weight
+_INT8_BYTES = 1.0 + 4 / 64  # int8 + per-row/col scales, roughly
+
+
+def _on_cpu(cfg: RunConfig) -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:
+        return True
+
+
+def compute_dtype_bytes(cfg: RunConfig) -> int:
+    if cfg.precision == "fp32":
+        return 4
+    if cfg.precision == "bf16":
+        return 2
+    return 4 if _on_cpu(cfg) else 2
+
+
+def world_size(cfg: RunConfig) -> int:
+    """Number of data-parallel ranks the launcher will start (hostfile: counted from its slots)."""
+    if cfg.hostfile:
+        try:
+            total = 0
+            for line in Path(cfg.hostfile).read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if "slots=" in line:
+                    total += int(line.split("slots=", 1)[1].split()[0])
+            if total:
+                return total
+        except (OSError, ValueError):
+            pass
+    if _on_cpu(cfg) and cfg.num_gpus is None:
+        return max(1, cfg.num_processes)
+    if cfg.num_gpus is not None:
+        return max(1, cfg.num_gpus)
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:
+        return 1
+
+
+def _lora_params(cfg: RunConfig, info: dict) -> int:
+    n = 0
+    for target in cfg.target_modules:
+        for fin, fout in info.get("lora_in_out", {}).get(target, []):
+            n += cfg.lora_r * (fin + fout)
+    if cfg.lora_experts:
+        for shapes in info.get("expert_shapes", {}).values():
+            for e, fin, fout in shapes:
+                n += cfg.lora_r * e * (fin + fout)
+    return n
+
+
+def estimate_memory(cfg: RunConfig) -> dict:
+    """Per-GPU (per-rank) memory of a run, in GiB: weights, lora, optimizer, activations, total.
+
+    Rough arithmetic, calibrated on GPT-OSS-20b on an H200 (bf16, seq 2048, checkpointing: 44 GiB
+    at batch 1, +4.9 GiB per extra sample; without checkpointing +23.6 GiB per sample).
+    """
+    info = inspect_model(cfg) or _EMBEDDED_SHAPES.get(cfg.model)
+    if info is None:
+        return dict(weights=None, lora=None, optimizer=None, activations=None, total_gib=None, fits=True,
+                    warning=f"cannot read the model config of {cfg.model!r}: no estimate")
+    ws = world_size(cfg)
+    cb = compute_dtype_bytes(cfg)
+    n_params = info["n_params"]
+    quantizable = info.get("linear_params", 0) + info.get("expert_params", 0)
+    if cfg.quantization == "nf4":
+        # bitsandbytes takes the nn.Linear layers; training.quant_experts takes GPT-OSS experts.
+        q_bytes = _NF4_BYTES
+    elif cfg.quantization == "int8":
+        q_bytes = _INT8_BYTES
+    else:
+        q_bytes = cb
+        quantizable = 0
+    weights = quantizable * q_bytes + (n_params - quantizable) * cb
+    if cfg.zero_stage == 3:
+        weights /= ws
+    lora_n = _lora_params(cfg, info) if "lora_in_out" in info else int(n_params * 0.002)
+    lora = lora_n * 4  # trainable LoRA weights are kept in fp32
+    grads = lora_n * 4
+    optim = lora_n * 8  # AdamW exp_avg + exp_avg_sq, fp32
+    if cfg.zero_stage >= 2:
+        grads /= ws
+        optim /= ws
+    if cfg.offload_optimizer:
+        optim = 0
+    if cfg.zero_stage == 3:
+        lora /= ws
+    # Activations per sample (bytes): see the docstring for the calibration.
+    s, h, L, a, V = cfg.max_length, info["hidden"], info["n_layers"], info["heads"], info["vocab"]
+    scale = cb / 2
+    per_layer_full = (34 * s * h + 2.5 * a * s * s) * scale
+    logits = s * V * (cb + 4 + 4)  # logits, their fp32 upcast for the loss, and its gradient
+    if cfg.gradient_checkpointing:
+        per_sample = L * s * h * cb + per_layer_full + logits
+    else:
+        per_sample = L * per_layer_full + logits
+    activations = per_sample * cfg.per_device_batch_size
+    overhead = 1.5 * _GIB  # CUDA context, allocator fragmentation, temporary buffers
+    total = weights + lora + grads + optim + activations + overhead
+    gib = lambda x: round(x / _GIB, 2)  # noqa: E731
+    limit = cfg.gpu_memory_gib
+    if limit is None and not _on_cpu(cfg):
+        try:
+            import torch
+
+            limit = torch.cuda.get_device_properties(0).total_memory / _GIB
+        except Exception:
+            limit = None
+    fits = True if limit is None else total / _GIB <= limit
+    warning = None
+    if limit is None:
+        warning = "no gpu_memory_gib stated: fit not checked"
+    elif not fits:
+        warning = f"needs ~{gib(total)} GiB per GPU, more than the {limit:g} GiB available"
+    return dict(
+        weights=gib(weights), lora=gib(lora + grads), optimizer=gib(optim), activations=gib(activations),
+        overhead=gib(overhead), total_gib=gib(total), fits=fits, warning=warning, world_size=ws,
+        params=n_params, lora_params=lora_n, limit_gib=limit,
+    )
+
+
+# ------------------------------------------------------------------------------ the checks
+
+
+def _weights_present(folder: Path) -> bool:
+    pats = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
+    return any(any(folder.glob(p)) for p in pats)
+
+
+def check_config(cfg: RunConfig) -> list[str]:
+    """Problems that refuse a launch. Each message names the setting and what to change."""
+    problems: list[str] = []
+    if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
+        problems.append(f"learning_rate must be > 0 (got {cfg.learning_rate}); try learning_rate=2e-4")
+    if cfg.lora_r <= 0:
+        problems.append(f"lora_r must be >= 1 (got {cfg.lora_r}); r=0 trains nothing. Try lora_r=8")
+    if cfg.lora_alpha <= 0:
+        problems.append(f"lora_alpha must be > 0 (got {cfg.lora_alpha}); a common choice is 2-4x lora_r")
+    if not 0 <= cfg.lora_dropout < 1:
+        problems.append(f"lora_dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if cfg.per_device_batch_size < 1:
+        problems.append(f"per_device_batch_size must be >= 1 (got {cfg.per_device_batch_size})")
+    if cfg.gradient_accumulation_steps < 1:
+        problems.append(f"gradient_accumulation_steps must be >= 1 (got {cfg.gradient_accumulation_steps})")
+    if cfg.max_length < 32:
+        problems.append(f"max_length {cfg.max_length} is too short for a rubric and a grade; use >= 256")
+    if cfg.max_steps is None and not cfg.epochs > 0:
+        problems.append(f"epochs must be > 0 (got {cfg.epochs}), or set max_steps")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        problems.append(f"max_steps must be >= 1 (got {cfg.max_steps}), or max_steps=none to use epochs")
+    if not 0 <= cfg.eval_fraction < 1:
+        problems.append(f"eval_fraction must be in [0, 1) (got {cfg.eval_fraction})")
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})")
+    if cfg.save_every_steps < 1:
+        problems.append(f"save_every_steps must be >= 1 (got {cfg.save_every_steps})")
+    if cfg.num_processes < 1:
+        problems.append(f"num_processes must be >= 1 (got {cfg.num_processes})")
+    if cfg.num_gpus is not None and cfg.num_gpus < 1:
+        problems.append(f"num_gpus must be >= 1 (got {cfg.num_gpus}), or none for all visible GPUs")
+    if cfg.hostfile and not Path(cfg.hostfile).is_file():
+        problems.append(f"hostfile {cfg.hostfile} does not exist; give a DeepSpeed hostfile or hostfile=none")
+    if not cfg.datasets:
+        problems.append("no datasets: set datasets=path/to/graded.json (files, folders or db:<name>)")
+    for d in cfg.datasets:
+        if not d.startswith("db:") and not Path(d).expanduser().exists():
+            problems.append(f"dataset {d} does not exist; give a .json/.jsonl file, a folder, or db:<name>")
+    if cfg.offload_optimizer and cfg.zero_stage == 0:
+        problems.append("offload_optimizer needs ZeRO: set zero_stage=2 (or offload_optimizer=false)")
+    if cfg.quantization != "none" and cfg.zero_stage == 3:
+        problems.append(f"quantization={cfg.quantization} cannot be sharded by ZeRO-3; use zero_stage=2 "
+                        "or quantization=none")
+
+    # The model: folder, weights, module names.
+    folder = model_dir(cfg)
+    info = None
+    if cfg.model.startswith("embedded:"):
+        if cfg.model not in _EMBEDDED_KIND:
+            problems.append(f"unknown embedded model {cfg.model!r}; use one of {', '.join(_EMBEDDED_KIND)}")
+        elif folder is not None:
+            info = inspect_model(cfg)
+        known = set(info["linear_names"]) if info else _KNOWN_LINEAR.get(_EMBEDDED_KIND.get(cfg.model, ""), set())
+        model_type = info["model_type"] if info else _EMBEDDED_KIND.get(cfg.model)
+    else:
+        if folder is None:
+            problems.append(f"model folder {cfg.model} not found; set model=<a local folder with config.json "
+                            "and weights> (the hub is not reachable) or model=embedded:gemma-3-270m")
+            known, model_type = set(), None
+        elif not (folder / "config.json").exists():
+            problems.append(f"model folder {folder} has no config.json; point model= at a Hugging Face model folder")
+            known, model_type = set(), None
+        else:
+            if not _weights_present(folder):
+                problems.append(f"model folder {folder} has no weights (*.safetensors/*.bin); copy the checkpoint there")
+            info = inspect_model(cfg)
+            known, model_type = set(info["linear_names"]), info["model_type"]
+    if known:
+        for t in cfg.target_modules:
+            if t not in known and not any(k.endswith(t) for k in known):
+                close = difflib.get_close_matches(t, sorted(known), n=3, cutoff=0.4)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                problems.append(
+                    f"target module {t!r} is not a layer of this {model_type} model.{hint} "
+                    f"Its LoRA-able layers: {', '.join(sorted(known - {'lm_head', 'embed_tokens'}))}"
+                )
+    if not cfg.target_modules and not cfg.lora_experts:
+        problems.append("target_modules is empty: LoRA would train nothing; e.g. target_modules=q_proj,k_proj,v_proj,o_proj")
+    if cfg.lora_experts and model_type is not None and model_type != "gpt_oss":
+        problems.append(f"lora_experts applies to GPT-OSS expert weights; this model is {model_type}: "
+                        "set lora_experts=false")
+
+    # Memory: does one rank hold what it must?
+    if info is not None:
+        est = estimate_memory(cfg)
+        limit = est.get("limit_gib")
+        if limit is not None and not est["fits"]:
+            weights_gib = est["weights"]
+            if weights_gib is not None and weights_gib > 0.9 * limit:
+                what = "ZeRO-2 keeps a full copy of the weights on every rank" if cfg.zero_stage in (0, 2) \
+                    else "the weights shard"
+                alt_nf4 = estimate_memory(cfg.model_copy(update={"quantization": "nf4", "zero_stage": 2}))
+                alt_z3 = estimate_memory(cfg.model_copy(update={"quantization": "none", "zero_stage": 3}))
+                problems.append(
+                    f"the weights alone need ~{weights_gib} GiB per rank ({what}; {est['params'] / 1e9:.1f}B params, "
+                    f"precision={cfg.precision}, quantization={cfg.quantization}) but one GPU has {limit:g} GiB. "
+                    f"Set quantization=nf4 (~{alt_nf4['total_gib']} GiB per GPU) or zero_stage=3 with more GPUs "
+                    f"(~{alt_z3['total_gib']} GiB per GPU with {alt_z3['world_size']}), or a smaller model."
+                )
+            else:
+                # Largest batch that fits, by the same arithmetic.
+                fit_bs = 0
+                for bs in range(cfg.per_device_batch_size - 1, 0, -1):
+                    if estimate_memory(cfg.model_copy(update={"per_device_batch_size": bs}))["fits"]:
+                        fit_bs = bs
+                        break
+                if fit_bs:
+                    ga = math.ceil(cfg.per_device_batch_size * cfg.gradient_accumulation_steps / fit_bs)
+                    fix = (f"set per_device_batch_size={fit_bs} and gradient_accumulation_steps={ga} "
+                           "(same effective batch)")
+                else:
+                    fix = "lower max_length, enable gradient_checkpointing, or use quantization=nf4"
+                problems.append(
+                    f"batch does not fit: per_device_batch_size={cfg.per_device_batch_size} at max_length="
+                    f"{cfg.max_length} needs ~{est['total_gib']} GiB per GPU (weights {est['weights']}, "
+                    f"activations {est['activations']}) but gpu_memory_gib is {limit:g}; {fix}"
+                )
+    return problems

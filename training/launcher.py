@@ -1,0 +1,396 @@
+"""Start, follow, stop and inspect training runs.
+
+A run is a folder `paths.checkpoints_dir()/<run_id>/` plus a row in the store. `launch` writes
+`config.json` (the RunConfig), `ds_config.json` (built here from it), `command.txt` (the exact
+command), then starts the `deepspeed` launcher as a subprocess (no shell, its own process group)
+with stdout+stderr going to `train.log`. The launcher runs `training/train_entry.py` on every rank.
+
+Stopping is cooperative: `stop_run` drops a STOP file into the run folder and sends SIGTERM to the
+rank processes; they finish the current optimizer step, save a checkpoint, mark the run "stopped"
+and exit 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from training import paths
+from training.config import RunConfig, check_config, load_config, save_config
+
+ENTRY = Path(__file__).resolve().parent / "train_entry.py"
+STOP_FILE = "STOP"  # same name as train_entry.STOP_FILE (not imported: that module imports torch)
+
+
+class ConfigRefused(ValueError):
+    """The configuration cannot work; `problems` says what to change."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("refusing to launch:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class RunHandle:
+    run_id: str
+    run_dir: Path
+    command: list[str]
+    process: subprocess.Popen | None
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def deepspeed_binary() -> Path:
+    """The `deepspeed` launcher of this interpreter's environment (.venv/bin/deepspeed)."""
+    here = Path(sys.executable).parent / "deepspeed"
+    if here.exists():
+        return here
+    import shutil
+
+    found = shutil.which("deepspeed")
+    if found:
+        return Path(found)
+    raise FileNotFoundError(f"no `deepspeed` launcher next to {sys.executable} or on PATH: pip install deepspeed")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def build_ds_config(cfg: RunConfig) -> dict:
+    """The DeepSpeed JSON for `cfg`.
+
+    No "optimizer" block: DeepSpeed would JIT-compile fused_adam (~80 s, fails on some GPUs); the
+    trainer passes a torch AdamW instead. DeepSpeed's bf16 mode stays off: it would call
+    `.bfloat16()` on the whole module (the fp32 LoRA masters and 4-bit weights included); the
+    base model is already loaded in bf16 on GPU by `training.models`.
+    """
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True,
+                    allgather_bucket_size=int(2e8), reduce_bucket_size=int(2e8))
+    if cfg.offload_optimizer and cfg.zero_stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _cuda_available()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_command(cfg: RunConfig, run_dir: Path, *, resume: bool = False, master_port: int | None = None) -> list[str]:
+    """The deepspeed launcher command (a list: no shell is involved)."""
+    cmd = [str(deepspeed_binary())]
+    if cfg.hostfile:
+        cmd += ["--hostfile", str(cfg.hostfile)]
+    elif _cuda_available():
+        if cfg.num_gpus is not None:
+            cmd += ["--num_gpus", str(cfg.num_gpus)]
+    else:
+        cmd += ["--num_accelerators", str(cfg.num_processes)]  # CPU ranks, gloo
+    cmd += ["--master_port", str(master_port or _free_port())]
+    cmd += [str(ENTRY), "--run_dir", str(run_dir)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def new_run_id(cfg: RunConfig) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.name).strip("-.") or "run"
+    base = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, n = base, 2
+    while (paths.checkpoints_dir() / run_id).exists():
+        run_id, n = f"{base}-{n}", n + 1
+    return run_id
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(paths.cache_dir() / "torch_extensions"))  # shm_comm JIT, once
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    root = str(paths.REPO_ROOT)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # The run folder and store must be the same ones this process sees, wherever the child runs.
+    env["GRADER_CHECKPOINTS"] = str(paths.checkpoints_dir())
+    env["GRADER_DB"] = str(paths.db_path())
+    env["GRADER_CACHE"] = str(paths.cache_dir())
+    return env
+
+
+# ------------------------------------------------------------------------------- running
+
+
+def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait: bool = False) -> RunHandle:
+    """Check `cfg`, prepare the run folder and start training; returns at once unless `wait`.
+
+    `resume=RUN_ID` reuses that run's folder and continues from its last complete checkpoint;
+    `cfg` may then be None (the run's own config.json) or a changed config (say, more steps).
+    """
+    from training.store import Store
+
+    store = store or Store()
+    if resume:
+        run_id = resume
+        run_dir = paths.checkpoints_dir() / run_id
+        if not (run_dir / "config.json").exists():
+            raise FileNotFoundError(f"no run {run_id!r} in {paths.checkpoints_dir()} (no config.json)")
+        cfg = cfg or load_config(run_dir / "config.json")
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+    else:
+        if cfg is None:
+            raise ValueError("launch needs a RunConfig (or resume=RUN_ID)")
+        run_id = new_run_id(cfg)
+        run_dir = paths.checkpoints_dir() / run_id
+    problems = check_config(cfg)
+    if problems:
+        raise ConfigRefused(problems)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+    (run_dir / "ds_config.json").write_text(json.dumps(build_ds_config(cfg), indent=2) + "\n")
+    command = build_command(cfg, run_dir, resume=bool(resume))
+    with open(run_dir / "command.txt", "a" if resume else "w", encoding="utf-8") as f:
+        f.write(shlex.join(command) + "\n")
+    if resume and store.get_run(run_id) is not None:
+        store.set_run_status(run_id, "created")
+    else:
+        store.create_run(run_id, cfg.model_dump(), command, str(run_dir))
+
+    log = open(run_dir / "train.log", "ab")
+    log.write(f"$ {shlex.join(command)}\n".encode())
+    log.flush()
+    process = subprocess.Popen(
+        command, cwd=str(paths.REPO_ROOT), env=_env(), stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,  # own process group: stop/kill reach every rank
+    )
+    log.close()
+    (run_dir / "pid").write_text(str(process.pid))
+    store.set_run_status(run_id, "running", pid=process.pid)
+    handle = RunHandle(run_id, run_dir, command, process)
+    if wait:
+        process.wait()
+        finalize(handle)
+    return handle
+
+
+def finalize(handle: RunHandle) -> str:
+    """After the launcher exits: a run the trainer did not mark (crash before start) -> failed."""
+    from training.store import Store
+
+    store = Store()
+    rc = handle.process.wait() if handle.process else None
+    row = store.get_run(handle.run_id) or {}
+    status = row.get("status")
+    if status in ("created", "running"):
+        tail = _log_tail(handle.run_dir, 15)
+        store.set_run_status(handle.run_id, "failed", error=f"launcher exited with {rc}; train.log ends:\n{tail}")
+        status = "failed"
+    return status or "unknown"
+
+
+def _log_tail(run_dir: Path, n: int) -> str:
+    try:
+        return "\n".join((run_dir / "train.log").read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _pid_of(run_id: str) -> int | None:
+    from training.store import Store
+
+    row = Store().get_run(run_id) or {}
+    if row.get("pid"):
+        return int(row["pid"])
+    f = paths.checkpoints_dir() / run_id / "pid"
+    return int(f.read_text()) if f.exists() else None
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        import psutil
+
+        p = psutil.Process(pid)
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+def _rank_processes(pid: int) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for c in children:
+        try:
+            if any(str(ENTRY.name) in part for part in c.cmdline()):
+                out.append(c)
+        except psutil.Error:
+            pass
+    return out
+
+
+def stop_run(run_id: str) -> bool:
+    """Ask a run to stop: it finishes the step, saves, marks itself "stopped". False if not running.
+
+    SIGTERM goes to the rank processes themselves (not the deepspeed launcher, which would kill
+    them after 30 s); the STOP file covers ranks on other hosts.
+    """
+    run_dir = paths.checkpoints_dir() / run_id
+    pid = _pid_of(run_id)
+    if not _alive(pid):
+        return False
+    (run_dir / STOP_FILE).write_text(str(time.time()))
+    ranks = _rank_processes(pid)
+    for r in ranks:
+        try:
+            r.send_signal(signal.SIGTERM)
+        except Exception:
+            pass
+    if not ranks:  # still starting up: the process group gets it
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    return True
+
+
+def run_status(run_id: str) -> dict:
+    """The store's row for the run, plus `alive`, the last train/eval metrics and checkpoints.
+
+    A run marked running whose process is gone is marked failed here (it crashed unrecorded)."""
+    from training.store import Store
+
+    store = Store()
+    row = store.get_run(run_id)
+    if row is None:
+        raise KeyError(f"no run {run_id!r} in {store.path}")
+    alive = _alive(row.get("pid"))
+    if row["status"] in ("running", "created") and not alive and row.get("pid"):
+        store.set_run_status(run_id, "failed", error="the training process exited without recording an end; "
+                             f"see {Path(row['run_dir']) / 'train.log'}")
+        row = store.get_run(run_id)
+    metrics = read_metrics(Path(row["run_dir"]))
+    last_train = next((m for m in reversed(metrics) if m.get("kind") == "train"), None)
+    last_eval = next((m for m in reversed(metrics) if m.get("kind") == "eval"), None)
+    return {**row, "alive": alive, "last_train": last_train, "last_eval": last_eval,
+            "checkpoints": store.checkpoints(run_id)}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.exists():
+        return []
+    rows = []
+    for line in f.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return rows
+
+
+def follow(handle: RunHandle, out=sys.stdout) -> str:
+    """Print progress (a bar with ETA) until the run's launcher exits; Ctrl-C stops the run cleanly."""
+    from tqdm import tqdm
+
+    metrics_file = handle.run_dir / "metrics.jsonl"
+    offset = metrics_file.stat().st_size if metrics_file.exists() else 0
+    bar = None
+    log_pos = 0
+    stopping = False
+    while True:
+        try:
+            done = handle.process.poll() is not None
+            if bar is None:  # until the first step, show what the trainer says
+                log_pos = _echo_log(handle.run_dir / "train.log", log_pos, out)
+            if metrics_file.exists():
+                with open(metrics_file, encoding="utf-8") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                complete = chunk[: chunk.rfind("\n") + 1]
+                offset += len(complete.encode("utf-8"))
+                for line in complete.splitlines():
+                    row = json.loads(line)
+                    if bar is None:
+                        bar = tqdm(total=row["total_steps"], initial=row["step"] - 1, unit="step", file=out,
+                                   dynamic_ncols=True, desc=handle.run_id)
+                    if row["kind"] == "train":
+                        bar.update(row["step"] - bar.n)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    else:
+                        bar.write(f"eval loss {row['eval_loss']:.4f} at step {row['step']}")
+            if done:
+                break
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            if stopping:
+                os.killpg(handle.process.pid, signal.SIGKILL)
+            else:
+                stopping = True
+                print("\nstopping after this step (Ctrl-C again kills)...", file=out, flush=True)
+                stop_run(handle.run_id)
+    if bar is not None:
+        bar.close()
+    _echo_log(handle.run_dir / "train.log", log_pos if bar is None else _tail_pos(handle.run_dir, 8), out)
+    return finalize(handle)
+
+
+def _tail_pos(run_dir: Path, n: int) -> int:
+    try:
+        data = (run_dir / "train.log").read_bytes()
+    except OSError:
+        return 0
+    pos = len(data)
+    for _ in range(n + 1):
+        pos = data.rfind(b"\n", 0, pos)
+        if pos < 0:
+            return 0
+    return pos + 1
+
+
+def _echo_log(path: Path, pos: int, out) -> int:
+    """Print the trainer's own lines (timestamped "[hh:mm:ss] ...") written since `pos`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            data = f.read()
+    except OSError:
+        return pos
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].decode("utf-8", "replace").splitlines():
+        if re.match(r"\[\d\d:\d\d:\d\d\] ", line) or "Error" in line or "Traceback" in line:
+            print(line, file=out, flush=True)
+    return pos + end
