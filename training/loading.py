@@ -496,6 +496,14 @@ def _check_item(name: str, ip: str, item: Any) -> tuple[list[Problem], float | N
                 problems.append(Problem(name, _join(ip, "score"), f"{_show(s)} (above max_score {_show(item['max_score'])})",
                                         "0 <= score <= max_score"))
     problems += _check_optional_str(name, ip, item, "reference_answer", "the model answer")
+    s = item.get("score")
+    if (not problems and isinstance(item.get("answer"), str) and not item["answer"].strip()
+            and _is_number(s) and s > 0):
+        # Points for nothing usually means the answer text was lost (Mohler has 9 such items);
+        # training on it teaches the model to reward empty answers.
+        problems.append(Problem(name, _join(ip, "answer"), f'an empty answer that scored {_show(s)}',
+                                "the student's answer text (was it lost? leave such items out of training)",
+                                "warning"))
     return problems, mx
 
 
