@@ -8,13 +8,15 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.loading import DataError, FileReport, load_graded_bytes, parse_rubric_bytes
+from training.loading import DataError, FileReport, content_hash, load_graded_bytes, parse_rubric_bytes
 from training.markdown import decode_markdown, normalize_submission, render_submission_markdown, split_sections
 from training.rubric import GradedSubmission, Rubric
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-json_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=20)
+# lone surrogates ("\ud800" escapes) are valid JSON syntax but not valid text
+json_scalars = (st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=20)
+                | st.sampled_from(["\ud800", "a\udfffb", "\u2028"]))
 json_values = st.recursive(
     json_scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
@@ -55,17 +57,14 @@ def check_report(name: str, report: FileReport) -> None:
             assert sub.rubric_alignment and all(0 <= i.score for i in sub.rubric_alignment)
             sub.rubric()  # usable as training data
             sub.grade()
+        content_hash(report.submissions)  # storable: canonical UTF-8 JSON exists
     else:
         assert report.submissions == []
     for p in report.problems:
         assert p.file == name and p.value and p.expected
         assert str(p).startswith(f"{name}: ")
         assert "Traceback" not in str(p)
-
-
-def has_submission_field(path: str) -> bool:
-    """Content errors point into the data: a JSON path, a line, or a [index]."""
-    return bool(path)
+        str(p).encode("utf-8")  # printable
 
 
 @SETTINGS

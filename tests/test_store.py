@@ -2,7 +2,6 @@
 processes writing at once lose no rows."""
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys

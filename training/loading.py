@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -31,7 +32,6 @@ MAX_DEPTH = 64
 MAX_SHOWN_PER_FILE = 50
 
 _BOM = b"\xef\xbb\xbf"
-_SUBMISSION_FIELDS = {"score", "max_score", "rubric_alignment", "feedback", "submission_id"}
 
 
 @dataclass
@@ -158,7 +158,8 @@ def _show(value: Any, limit: int = 80) -> str:
         text = repr(value)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
-    return text
+    # Lone surrogates (from "\ud800" escapes) would make printing the message itself fail.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _kind(value: Any) -> str:
@@ -247,6 +248,34 @@ def _non_finite(value: Any, prefix: str) -> Iterator[tuple[str, float]]:
             stack.extend((x, _join(p, i)) for i, x in reversed(list(enumerate(v))))
 
 
+# A \uD800-\uDFFF escape: the only way a lone surrogate gets into decoded UTF-8 JSON. Python's json
+# accepts it, but such a string cannot be written as UTF-8 again (hashing, SQLite, tokenizers).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogates(value: Any, prefix: str) -> Iterator[tuple[str, str]]:
+    """(path, string) for every string or key holding a lone surrogate."""
+    stack: list[tuple[Any, str]] = [(value, prefix)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                yield (p.rstrip(": ") if p.endswith(": ") else p), v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if _SURROGATE.search(k):
+                    yield _join(p, "<key>"), k
+                stack.append((x, _join(p, k)))
+        elif isinstance(v, list):
+            stack.extend((x, _join(p, i)) for i, x in enumerate(v))
+
+
+def _unicode_problem(name: str, path: str, text: str) -> Problem:
+    return Problem(name, path, f"{_show(text, 60)} (a lone UTF-16 surrogate escape)",
+                   "valid Unicode text (a \\uD800-\\uDFFF escape must be half of a pair)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bytes -> text -> JSON records
 
@@ -275,7 +304,7 @@ def _decode(name: str, data: bytes) -> tuple[str | None, list[Problem]]:
 
 
 def _json_error(name: str, text: str, e: json.JSONDecodeError, line_offset: int = 0) -> Problem:
-    lines = text.splitlines() or [""]
+    lines = text.split("\n")
     snippet = lines[e.lineno - 1] if 0 < e.lineno <= len(lines) else ""
     start = max(0, e.colno - 30)
     context = snippet[start : e.colno + 20].strip()
@@ -319,7 +348,8 @@ def _records(name: str, text: str, jsonl: bool) -> tuple[list[tuple[str, Any]], 
         return [("", value)], []
     records: list[tuple[str, Any]] = []
     problems: list[Problem] = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON strings may hold.
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         value, p = _loads(name, line, n - 1)
@@ -392,8 +422,10 @@ def _check_optional_str(name: str, path: str, obj: dict, key: str, what: str) ->
     return []
 
 
-def _check_submission(name: str, prefix: str, rec: Any) -> tuple[GradedSubmission | None, list[Problem]]:
-    """Every problem of one record, then the model (only if there were no errors)."""
+def _check_submission(name: str, prefix: str, rec: Any, known_bad: bool = False
+                      ) -> tuple[GradedSubmission | None, list[Problem]]:
+    """Every problem of one record, then the model (only if there were no errors and the caller
+    found none elsewhere in the record: ``known_bad``)."""
     here = prefix.rstrip(": ") if prefix.endswith(": ") else prefix
     if not isinstance(rec, dict):
         return None, [Problem(name, here, f"{_show(rec)} ({_kind(rec)})",
@@ -441,7 +473,7 @@ def _check_submission(name: str, prefix: str, rec: Any) -> tuple[GradedSubmissio
     if items_valid and max_ok:
         problems += _check_item_maxes(name, prefix, rec, item_maxes)
     # Whatever the checks above missed (they should miss nothing): pydantic decides validity.
-    if any(p.severity == "error" for p in problems):
+    if known_bad or any(p.severity == "error" for p in problems):
         return None, problems
     try:
         sub = GradedSubmission.model_validate(rec)
@@ -535,7 +567,8 @@ def _check_item_maxes(name: str, prefix: str, rec: dict, maxes: list[float | Non
     return problems
 
 
-def _report_from_records(name: str, records: list[tuple[str, Any]], problems: list[Problem]) -> FileReport:
+def _report_from_records(name: str, records: list[tuple[str, Any]], problems: list[Problem],
+                         maybe_surrogates: bool = False) -> FileReport:
     subs: list[GradedSubmission] = []
     where: list[str] = []
     seen: dict[str, str] = {}
@@ -548,13 +581,15 @@ def _report_from_records(name: str, records: list[tuple[str, Any]], problems: li
                                     f"at most {MAX_DEPTH} levels of nested lists/objects"))
             continue
         bad_numbers = list(_non_finite(rec, prefix)) if has_non_finite else []
+        bad_text = list(_lone_surrogates(rec, prefix)) if maybe_surrogates else []
+        problems += [_unicode_problem(name, path, v) for path, v in bad_text]
         for path, v in bad_numbers:
             problems.append(Problem(name, path, _show(v), "a finite number (JSON has no NaN or Infinity)"))
-        sub, p = _check_submission(name, prefix, rec)
+        sub, p = _check_submission(name, prefix, rec, known_bad=bool(bad_numbers or bad_text))
         # NaN/Infinity found by the scan above are not repeated by the field checks.
         nan_paths = {path for path, _ in bad_numbers}
         problems += [x for x in p if not (x.path in nan_paths and "finite" in x.expected)]
-        if sub is None or bad_numbers:
+        if sub is None or bad_numbers or bad_text:
             continue
         if sub.submission_id is not None:
             if sub.submission_id in seen:
@@ -587,7 +622,7 @@ def load_graded_bytes(name: str, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES
         records, problems = _records(name, text, name.lower().endswith(".jsonl"))
         if problems and not records:
             return FileReport(file=name, problems=problems)
-        return _report_from_records(name, records, problems)
+        return _report_from_records(name, records, problems, bool(_SURROGATE_ESCAPE.search(text)))
     except (RecursionError, MemoryError) as e:  # belt and braces: bad content never escapes as a traceback
         return FileReport(file=name, problems=[Problem(name, "", f"content that cannot be processed ({type(e).__name__})",
                                                        "a graded submission JSON file")])
@@ -711,6 +746,9 @@ def parse_rubric_bytes(name: str, data: bytes) -> Rubric:
     if deep is not None:
         _raise([Problem(name, deep, f"data nested more than {MAX_DEPTH} levels deep",
                         f"at most {MAX_DEPTH} levels")])
+    bad_text = list(_lone_surrogates(first, prefix)) if _SURROGATE_ESCAPE.search(text) else []
+    if bad_text:
+        _raise([_unicode_problem(name, p, v) for p, v in bad_text])
     bad = list(_non_finite(first, prefix))
     if bad:
         _raise([Problem(name, p, _show(v), "a finite number (JSON has no NaN or Infinity)") for p, v in bad])
