@@ -125,6 +125,8 @@ CORPUS: dict[str, tuple[str, bytes, list[str]]] = {
     "jsonl_bad_line": ("lines.jsonl", (S + "\n" + S + "\n" + '{"score": }' + "\n").encode(), ["line 3, column 11"]),
     "jsonl_bad_record": ("records.jsonl", (S + "\n\n" + json.dumps({**sub(), "max_score": "x"}) + "\n").encode(),
                          ["line 3: max_score"]),
+    "integer_too_big_for_float": ("bigint.json", json.dumps(sub()).replace('"max_score": 10', '"max_score": 1' + "0" * 400).encode(),
+                                  ["max_score"]),
     "lone_surrogate": ("surrogate.json", json.dumps({**sub(), "feedback": "bad \ud800"}).encode(), ["feedback"]),
     "zero_item_max": ("zero.json", json.dumps({**sub(1), "score": 0, "rubric_alignment": [
         {"question": "q", "answer": "a", "score": 0, "max_score": 0}]}).encode(), ["rubric_alignment[0].max_score"]),

@@ -16,13 +16,14 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 # lone surrogates ("\ud800" escapes) are valid JSON syntax but not valid text
 json_scalars = (st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=20)
-                | st.sampled_from(["\ud800", "a\udfffb", "\u2028"]))
+                | st.sampled_from(["\ud800", "a\udfffb", "\u2028", 10**400, -(10**400)]))
 json_values = st.recursive(
     json_scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=20,
 )
-numbers = st.integers(-3, 12) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=3) | st.none()
+numbers = (st.integers(-3, 12) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=3) | st.none()
+           | st.just(10**400) | st.booleans())
 
 
 @st.composite
@@ -65,6 +66,7 @@ def check_report(name: str, report: FileReport) -> None:
         assert str(p).startswith(f"{name}: ")
         assert "Traceback" not in str(p)
         str(p).encode("utf-8")  # printable
+        assert "internal error" not in p.value, str(p)  # the catch-all in the loader was never needed
 
 
 @SETTINGS
@@ -81,6 +83,19 @@ def test_arbitrary_json_values_never_raise(value: object) -> None:
     report = load_graded_bytes("v.json", data)
     check_report("v.json", report)
     assert not report.ok  # arbitrary values are never graded submissions
+    check_rubric_bytes(data)
+    check_rubric_bytes(json.dumps({"questions": value}, allow_nan=True).encode())
+
+
+def check_rubric_bytes(data: bytes) -> None:
+    """A rubric or a DataError naming the file, nothing else."""
+    try:
+        rubric = parse_rubric_bytes("rubric.json", data)
+    except DataError as e:
+        assert str(e).startswith("rubric.json") and e.problems
+        str(e).encode("utf-8")
+    else:
+        assert rubric.questions and all(q.max_score > 0 for q in rubric.questions)
 
 
 @SETTINGS
@@ -93,6 +108,7 @@ def test_near_submissions_give_data_or_field_errors(subs: list, as_jsonl: bool) 
         data = json.dumps(subs, allow_nan=True).encode()
     report = load_graded_bytes(name, data)
     check_report(name, report)
+    check_rubric_bytes(data)
     for p in report.errors:
         # each error points at a record and a field inside it ("[1].rubric_alignment[0].score", "line 2: score")
         assert p.path.startswith("line " if as_jsonl else "["), str(p)
@@ -135,8 +151,4 @@ def test_markdown_and_rubric_bytes_raise_only_data_errors(data: bytes) -> None:
         assert isinstance(text, str)
     except DataError as e:
         assert str(e).startswith("sub.md")
-    try:
-        rubric = parse_rubric_bytes("rubric.json", data)
-        assert rubric.questions
-    except DataError as e:
-        assert str(e).startswith("rubric.json") and e.problems
+    check_rubric_bytes(data)

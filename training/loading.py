@@ -393,13 +393,23 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_finite(v: Any) -> bool:
+    """A number that is finite as a float: a 400-digit JSON integer is not (float() overflows)."""
+    if not _is_number(v):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _check_number(name: str, path: str, v: Any, what: str, *, positive: bool = False) -> list[Problem]:
     """A JSON number, finite, >= 0 (or > 0). Strings like "5" are refused: the data is wrong."""
     if not _is_number(v):
         hint = " (write it without quotes)" if isinstance(v, str) and _looks_numeric(v) else ""
         return [Problem(name, path, f"{_show(v)} ({_kind(v)})", f"a number: {what}{hint}")]
-    if not math.isfinite(v):
-        return [Problem(name, path, _show(v), "a finite number (JSON has no NaN or Infinity)")]
+    if not _is_finite(v):
+        return [Problem(name, path, _show(v, 40), "a finite number (JSON has no NaN or Infinity; at most about 1e308)")]
     if positive and v <= 0:
         return [Problem(name, path, _show(v), f"a number above 0: {what}")]
     if v < 0:
@@ -524,7 +534,7 @@ def _check_item(name: str, ip: str, item: Any) -> tuple[list[Problem], float | N
         if not mp:
             mx = float(item["max_score"])
             s = item.get("score")
-            if _is_number(s) and math.isfinite(s) and s > mx:
+            if _is_finite(s) and s > mx:
                 problems.append(Problem(name, _join(ip, "score"), f"{_show(s)} (above max_score {_show(item['max_score'])})",
                                         "0 <= score <= max_score"))
     problems += _check_optional_str(name, ip, item, "reference_answer", "the model answer")
@@ -623,9 +633,13 @@ def load_graded_bytes(name: str, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES
         if problems and not records:
             return FileReport(file=name, problems=problems)
         return _report_from_records(name, records, problems, bool(_SURROGATE_ESCAPE.search(text)))
-    except (RecursionError, MemoryError) as e:  # belt and braces: bad content never escapes as a traceback
+    except (RecursionError, MemoryError) as e:
         return FileReport(file=name, problems=[Problem(name, "", f"content that cannot be processed ({type(e).__name__})",
                                                        "a graded submission JSON file")])
+    except Exception as e:  # noqa: BLE001 - a checker bug must still not reach the user as a traceback
+        return FileReport(file=name, problems=[Problem(
+            name, "", f"content the checker failed on (internal error {type(e).__name__}: {e})",
+            "a graded submission JSON file; please report this file to the studio's developers")])
 
 
 def _expand(paths: Iterable[str | Path]) -> Iterator[tuple[Path, list[Problem]]]:
