@@ -138,8 +138,18 @@ def configure(pm, impl: str, recompute):
         applied = ["flex_attention"] if on_cuda else []
     else:
         applied = fast_path.apply(pm)
-    fast_path.set_recompute(pm, recompute)
-    return applied
+    rc = str(recompute)
+    compile_layers = rc.endswith("+compile")
+    rc = rc.removesuffix("+compile")
+    fast_path.set_recompute(pm, rc if rc in ("full", "none") else int(rc))
+    for layer in lm.model.layers:  # torch.compile per decoder layer (only for "+compile" variants)
+        if compile_layers:
+            layer.compile()
+        else:
+            layer._compiled_call_impl = None
+    if compile_layers:
+        applied = applied + ["compile_layers"]
+    return applied + [f"attn={lm.config._attn_implementation}"]
 
 
 def cuda_ok(params):
@@ -186,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--loras", default="attention,attention+experts")
     ap.add_argument("--impls", default="stock,project")
     ap.add_argument("--recompute", default="full", help="project recomputation modes: full,none,<k layers kept>")
+    ap.add_argument("--compile-batches", default="", help="batch sizes at which '+compile' recompute modes run")
+    ap.add_argument("--quant", default="bf16", help="expert storage for shapes other than 120b")
     ap.add_argument("--quant-120b", default="nf4")
     ap.add_argument("--stock-batches", default="1", help="batch sizes to run stock at")
     ap.add_argument("--steps", type=int, default=5)
@@ -214,7 +226,7 @@ def main(argv=None):
 
     for shape in a.shapes.split(","):
         cfg = gpt_oss_config(shape, a.layers)
-        quant = a.quant_120b if shape == "120b" else "bf16"
+        quant = a.quant_120b if shape == "120b" else a.quant
         t0 = time.time()
         model = build_random(cfg, device, dtype=dtype, quant=quant)
         if device.type == "cuda":
@@ -234,7 +246,8 @@ def main(argv=None):
                     for impl in a.impls.split(","):
                         if impl == "stock" and (quant == "nf4" or str(bs) not in a.stock_batches.split(",")):
                             continue
-                        modes = ["full"] if impl == "stock" else a.recompute.split(",")
+                        modes = ["full"] if impl == "stock" else [
+                            m for m in a.recompute.split(",") if not m.endswith("+compile") or str(bs) in a.compile_batches.split(",")]
                         for rc in modes:
                             if time.time() - t_start > a.budget_s:
                                 print(f"SKIP (budget) {shape} {lora} {seq} {bs} {impl} {rc}", flush=True)
@@ -244,7 +257,8 @@ def main(argv=None):
                             try:
                                 applied = configure(pm, impl, rc)
                                 n_layers = cfg.num_hidden_layers
-                                ck = n_layers if rc == "full" else 0 if rc == "none" else n_layers - int(rc)
+                                rcb = rc.removesuffix("+compile")
+                                ck = n_layers if rcb == "full" else 0 if rcb == "none" else n_layers - int(rcb)
                                 mult = 4 + 2 * ck / n_layers
                                 times, losses, peak = time_config(pm, impl, batch, a.steps, a.warmup, init)
                                 med = statistics.median(times[a.warmup:])

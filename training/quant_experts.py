@@ -128,9 +128,12 @@ def _nf4_named_parameters(self, prefix: str = "", recurse: bool = True, remove_d
     placeholders in the original order (gate_up_proj, its bias, down_proj, its bias), so LoRA can
     go onto experts that were quantized first, and the adapter's layout (PEFT nests one wrapper
     per parameter, in this order) is the same as on a bf16 model.  Recursive walks from a parent
-    (optimizers, ``model.parameters()``) never see the placeholders."""
-    if recurse:
-        yield from nn.Module.named_parameters(self, prefix=prefix, recurse=True, remove_duplicate=remove_duplicate)
+    (optimizers, ``model.parameters()``) and every other caller never see the placeholders."""
+    import sys
+
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    if recurse or not caller.startswith("peft."):  # only PEFT's matcher sees the placeholders
+        yield from nn.Module.named_parameters(self, prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
         return
     own = dict(self._parameters)
     prefix = prefix + "." if prefix else ""
