@@ -208,3 +208,24 @@ def test_concurrent_import_of_the_same_file_creates_one_dataset(tmp_path: Path) 
     assert sorted(results) == ["(1, False)", "(1, True)"]
     (info,) = Store(db).list_datasets()
     assert info["n_submissions"] == 336
+
+
+def test_threads_share_one_store_object(tmp_path: Path) -> None:
+    """The UI serves requests from several threads with one Store: no 'SQLite objects created in
+    a thread can only be used in that same thread', no lost rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(tmp_path / "s.db")
+    store.create_run("r", {}, [], "d")
+
+    def work(k: int) -> None:
+        for i in range(20):
+            store.add_metrics("r", [{"kind": "train", "step": k * 100 + i}])
+            store.add_grade(grade={"score": 0, "max_score": 1}, raw_text="", base_model="m", adapter=None,
+                            submission_name=f"{k}-{i}", rubric={}, repaired=False, latency_s=0.0)
+            store.get_run("r")
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(work, range(6)))
+    assert sorted(r["step"] for r in store.metrics("r")) == sorted(k * 100 + i for k in range(6) for i in range(20))
+    assert len(store.grades(limit=1000)) == 120

@@ -117,6 +117,12 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.enable_wal()  # persistent: stored in the database file
+            # Opening an existing, current database must not take the write lock (the UI opens
+            # a Store per request while the trainer writes).
+            if "schema_version" in db.table_names():
+                row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+                if row and row[0] == SCHEMA_VERSION:
+                    return
         with self._write() as db:
             for table, (columns, kwargs) in _SCHEMA.items():
                 db[table].create(columns, if_not_exists=True, **kwargs)
