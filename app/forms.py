@@ -99,7 +99,7 @@ class ModelForm:
             names = [n for n in names if n in self.model_cls.model_fields and n not in placed]
             if not names:
                 continue
-            with gr.Accordion(title, open=title in ("Run", "Data")):
+            with gr.Accordion(title, open=title in ("Run", "Schedule")):
                 for start in range(0, len(names), self.columns):
                     with gr.Row():
                         for n in names[start:start + self.columns]:

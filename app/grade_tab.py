@@ -99,19 +99,11 @@ def total_markdown(result, who: str) -> str:
     return f"**{who}: {g.score:g} / {g.max_score:g}** in {result.latency_s:.1f} s{note}{fb}"
 
 
-def _record(result, name: str, rubric) -> None:
-    try:
-        jobs.store().add_grade(grade=result.grade.model_dump(), raw_text=result.raw_text,
-                               base_model=result.base_model, adapter=result.adapter,
-                               submission_name=name, rubric=rubric.model_dump(),
-                               repaired=result.repaired, latency_s=result.latency_s)
-    except Exception:
-        pass  # the grade is shown either way; the history is a convenience
+def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_tokens: int,
+                 name: str = "pasted.md") -> Iterator[tuple[str, Any]]:
+    """Yield ("token", text_so_far) while generating, then ("done", GradeResult).
 
-
-def stream_grade(base: str, adapter: str | None, markdown: str, rubric,
-                 max_new_tokens: int) -> Iterator[tuple[str, Any]]:
-    """Yield ("token", text_so_far) while generating, then ("done", GradeResult)."""
+    The engine records every grade in the store (the Runs/grades history)."""
     from inference.engine import get_engine
 
     q: queue.Queue = queue.Queue()
@@ -123,7 +115,7 @@ def stream_grade(base: str, adapter: str | None, markdown: str, rubric,
                 engine = get_engine(base)
                 engine.use_adapter(adapter or None)
                 box["result"] = engine.grade(markdown, rubric, max_new_tokens=max_new_tokens,
-                                             on_token=lambda t: q.put(t))
+                                             on_token=lambda t: q.put(t), submission_name=name)
         except Exception as exc:  # shown to the user
             box["error"] = exc
         finally:
@@ -150,6 +142,7 @@ def build(settings: Settings) -> dict[str, Any]:
                               allow_custom_value=True, elem_id="grade-adapter")
         base = gr.Dropdown(model_choices(), value="embedded:gemma-3-270m", allow_custom_value=True,
                            label="Base model", elem_id="grade-base")
+        max_new = gr.Number(value=512, precision=0, label="max new tokens", elem_id="grade-max-new")
         refresh_btn = gr.Button("Refresh adapters", size="sm", elem_id="grade-refresh")
     with gr.Row():
         rubrics = rubric_choices()
@@ -166,8 +159,6 @@ def build(settings: Settings) -> dict[str, Any]:
         with gr.Row():
             compare = gr.Checkbox(label="Also grade with the base model (side by side)",
                                   value=False, elem_id="grade-compare")
-            max_new = gr.Number(value=512, precision=0, label="max new tokens",
-                                elem_id="grade-max-new")
             grade_btn = gr.Button("Grade", variant="primary", elem_id="grade-run")
         with gr.Row():
             with gr.Column():
@@ -240,10 +231,9 @@ def build(settings: Settings) -> dict[str, Any]:
                     out[who][0] = value
                 else:
                     out[who] = [value.raw_text, value]
-                    _record(value, "pasted.md", rubric)
                 yield view()
 
-    def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files):
+    def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens):
         from inference.engine import get_engine
         from training.markdown import read_markdown
 
@@ -260,7 +250,7 @@ def build(settings: Settings) -> dict[str, Any]:
         with _lock_for(base_model):
             engine = get_engine(base_model)
             engine.use_adapter(adapter_dir)
-            results = engine.grade_many(items)
+            results = engine.grade_many(items, max_new_tokens=int(max_new_tokens or 512))
         out_dir = Path(tempfile.mkdtemp(prefix="grader-batch-"))
         csv_path = out_dir / "grades.csv"
         rows = []
@@ -275,7 +265,6 @@ def build(settings: Settings) -> dict[str, Any]:
                                 g.score, g.max_score, g.feedback, res.repaired, res.base_model,
                                 res.adapter or ""])
                 rows.append([name, g.score, g.max_score, res.repaired, round(res.latency_s, 2)])
-                _record(res, name, rubric)
         return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)
 
     adapter.change(on_adapter, [adapter], [base])
@@ -287,7 +276,7 @@ def build(settings: Settings) -> dict[str, Any]:
                     [tuned_raw, tuned_total, tuned_table, base_raw, base_total, base_table],
                     api_name="grade", concurrency_limit=settings.max_jobs,
                     concurrency_id="grading")
-    batch_btn.click(do_batch, [base, adapter, rubric_pick, rubric_file, batch_files],
+    batch_btn.click(do_batch, [base, adapter, rubric_pick, rubric_file, batch_files, max_new],
                     [batch_table, batch_csv], api_name="grade_batch",
                     concurrency_limit=settings.max_jobs, concurrency_id="grading")
     return {"refresh": (on_refresh, None, [adapter]),

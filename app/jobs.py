@@ -91,14 +91,31 @@ def conflict_message(config: dict[str, Any]) -> str | None:
 
 
 def launch_run(cfg, *, resume: str | None = None):
-    """Check the devices are free and launch; serialized so two clicks cannot both start."""
-    from training.launcher import launch
+    """Check the devices are free and launch; serialized so two clicks cannot both start.
+
+    `resume=RUN_ID` continues that run in its own folder from its last complete checkpoint
+    (cfg None: the run's own config.json). A thread reaps the launcher when it exits and marks a
+    run the trainer did not mark (a crash before it started) as failed.
+    """
+    from training.config import load_config
+    from training.launcher import finalize, launch
 
     with _launch_lock:
-        msg = conflict_message(cfg.model_dump())
+        check = cfg if cfg is not None else load_config(run_dir(resume) / "config.json")
+        msg = conflict_message(check.model_dump())
         if msg:
             raise RuntimeError(msg)
-        return launch(cfg, resume=resume, store=store())
+        handle = launch(cfg, resume=resume, store=store())
+    threading.Thread(target=_reap, args=(handle, finalize), daemon=True,
+                     name=f"reap-{handle.run_id}").start()
+    return handle
+
+
+def _reap(handle, finalize) -> None:
+    try:
+        finalize(handle)
+    except Exception:
+        pass  # run_status() marks a dead run failed on the next look anyway
 
 
 def latest_run_id() -> str | None:

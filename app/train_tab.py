@@ -7,7 +7,6 @@ about the run lives in the app's memory, so a reload or an app restart shows it 
 from __future__ import annotations
 
 import html
-import json
 from typing import Any
 
 import gradio as gr
@@ -102,17 +101,6 @@ def run_choices() -> list[str]:
     return [r["run_id"] for r in jobs.store().list_runs()]
 
 
-def _run_config(run_id: str):
-    from training.config import RunConfig, load_config
-
-    f = jobs.run_dir(run_id) / "config.json"
-    if f.exists():
-        return load_config(f)
-    run = jobs.store().get_run(run_id) or {}
-    cfg = run.get("config")
-    return RunConfig.model_validate(json.loads(cfg) if isinstance(cfg, str) else cfg)
-
-
 def build(settings: Settings, form) -> dict[str, Any]:
     gr.Markdown("Launches the config from **Configure** (the command shown there) as a separate "
                 "process; closing the page or restarting the app does not stop it.")
@@ -140,7 +128,7 @@ def build(settings: Settings, form) -> dict[str, Any]:
             return "Not launched: " + "; ".join(problems), gr.update()
         try:
             handle = jobs.launch_run(cfg)
-        except RuntimeError as exc:
+        except Exception as exc:  # refused (devices busy, config) or could not start
             return str(exc), gr.update()
         return (f"Launched run `{handle.run_id}`.",
                 gr.update(choices=run_choices(), value=handle.run_id))
@@ -158,11 +146,10 @@ def build(settings: Settings, form) -> dict[str, Any]:
         if not run_id:
             return "No run selected.", gr.update()
         try:
-            cfg = _run_config(run_id)
-            handle = jobs.launch_run(cfg, resume=run_id)
+            handle = jobs.launch_run(None, resume=run_id)
         except Exception as exc:
             return f"Not resumed: {exc}", gr.update()
-        return (f"Resumed `{run_id}` as run `{handle.run_id}`.",
+        return (f"Resuming `{run_id}` from its last complete checkpoint.",
                 gr.update(choices=run_choices(), value=handle.run_id))
 
     def on_load():

@@ -34,7 +34,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         t_grade.select(*grade["refresh"])
         t_runs.select(*runs["refresh"])
         # A reload (or an app restart) shows the stored state again: the latest run, datasets...
-        demo.load(*train["on_load"])
+        demo.load(*train["on_load"], api_name="current_run")
         demo.load(*data["refresh"])
         demo.load(*runs["refresh"])
         demo.load(*cfg["describe"])

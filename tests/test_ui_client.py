@@ -1,0 +1,262 @@
+"""The studio through its HTTP API (gradio_client), against a real `python app.py` server.
+
+One server per module (own store and checkpoints folder); one smoke training run shared by the
+flow test: upload sample data -> store -> launch -> loss points -> checkpoint -> grade Markdown.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+# The run tests wait for: smoke preset (tiny GPT-OSS, 2 gloo ranks) incl. a first JIT build.
+TRAIN_TIMEOUT_S = 900
+SMOKE_MAX_LENGTH = 1536
+# The UI tests train on one sample assignment (10 graded files): 8 train, 2 eval examples.
+TRAIN_ASSIGNMENT = "algebra-linear"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def app_server(tmp: Path, *args: str, env: dict[str, str] | None = None,
+               timeout_s: float = 240) -> Iterator[str]:
+    """`python app.py --port N ARGS` with its own store/checkpoints under `tmp`; yields the URL."""
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "checkpoints").mkdir(exist_ok=True)
+    full_env = {**os.environ, "GRADER_DB": str(tmp / "studio.db"),
+                "GRADER_CHECKPOINTS": str(tmp / "checkpoints"), "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    full_env.pop("GRADER_AUTH", None) if "GRADER_AUTH" not in (env or {}) else None
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), *args],
+                            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("app.py exited:\n" + (tmp / "server.log").read_text()[-4000:])
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except urllib.error.HTTPError:
+                break  # answering (e.g. login required)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("app.py did not answer:\n"
+                                       + (tmp / "server.log").read_text()[-4000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def kill_runs(checkpoints: Path) -> None:
+    """Test cleanup: end every training run started under `checkpoints` (own process groups)."""
+    import signal
+
+    for pid_file in checkpoints.glob("*/pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) with a socket listening on `port`."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            addr, p = parts[1].rsplit(":", 1)
+            if int(p, 16) == port and parts[3] == "0A":  # 0A = LISTEN
+                out.add(addr)
+    return out
+
+
+def ui_run_config(dataset: str):
+    """The smoke preset (tiny GPT-OSS, real DeepSpeed launcher, 2 gloo ranks) cut to two steps:
+    enough for loss points, a checkpoint per step, an eval point and a final adapter."""
+    from training.config import PRESETS
+
+    smoke = PRESETS["smoke"]
+    return smoke.model_copy(update={
+        "datasets": [f"db:{dataset}"], "max_steps": 2, "save_every_steps": 1,
+        "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
+        # The sample data's harmony prompts are ~1.1-1.4k tokens: keep every example trainable.
+        "max_length": max(smoke.max_length, SMOKE_MAX_LENGTH)})
+
+
+def launch_values(dataset: str) -> list:
+    """The Launch endpoint's inputs, made by the same form generator the page uses."""
+    from app.forms import ModelForm
+    from training.config import RunConfig
+
+    return ModelForm(RunConfig).values_of(ui_run_config(dataset))
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+class AppServer:
+    """`python app.py` on a fixed store/checkpoints folder that can be stopped and started again
+    (an app restart while a run trains)."""
+
+    def __init__(self, workdir: Path, *args: str):
+        self.workdir, self.args = workdir, args
+        self._cm = None
+        self.url = ""
+
+    def start(self) -> str:
+        self._cm = app_server(self.workdir, *self.args)
+        self.url = self._cm.__enter__()
+        return self.url
+
+    def stop(self) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = None
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Iterator[AppServer]:
+    srv = AppServer(tmp_path_factory.mktemp("ui_client"))
+    srv.start()
+    yield srv
+    srv.stop()
+    kill_runs(srv.workdir / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def server(app) -> str:
+    return app.url
+
+
+def test_server_listens_on_localhost_only_by_default(server):
+    port = int(server.rsplit(":", 1)[1].strip("/"))
+    addrs = listening_addresses(port)
+    assert addrs == {"0100007F"}, f"listening on {addrs} (expected only 127.0.0.1)"
+
+
+def test_malformed_upload_reports_file_path_reason_and_stores_nothing(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"score": 7, "max_score": 5, "rubric_alignment": '
+                   '[{"question": "Q1", "answer": "a", "score": 7, "max_score": 5}]}]')
+    good = sorted((DATA / "graded").rglob("*.json"))[0]
+    summary, problems, *_ = client.predict([handle_file(str(bad)), handle_file(str(good))],
+                                           "embedded:tiny-gpt-oss", 512, api_name="/validate")
+    assert "errors" in summary.lower() and "broken.json" in summary
+    rows = problems["data"]
+    assert rows and all(r[0] == "broken.json" for r in rows)
+    assert any("score" in r[1] for r in rows), rows
+    msg, table, _ = client.predict("should-not-exist", api_name="/store_dataset")
+    assert "Nothing stored" in msg
+    assert "should-not-exist" not in str(table["data"])
+
+
+def test_upload_train_restart_and_grade_flow(app):
+    """Upload -> store -> launch -> loss points -> app restart reattaches -> checkpoint -> grade."""
+    from gradio_client import Client, handle_file
+
+    client = Client(app.url, verbose=False)
+    files = sorted((DATA / "graded" / TRAIN_ASSIGNMENT).glob("*.json"))
+    assert files, "sample data missing"
+    summary, problems, stats, _plot, preview = client.predict(
+        [handle_file(str(f)) for f in files], "embedded:tiny-gpt-oss", SMOKE_MAX_LENGTH,
+        api_name="/validate")[:5]
+    assert "All files valid" in summary, (summary, problems)
+    assert f"{len(files)} submissions" in stats and "would be cut" in stats, stats
+    assert preview["data"], "preview table empty"
+    msg, table, _ = client.predict("samples", api_name="/store_dataset")
+    assert "Stored dataset" in msg, msg
+    assert "samples" in str(table["data"])
+
+    message, run = client.predict(*launch_values("samples"), api_name="/launch")
+    assert message.startswith("Launched"), message
+    run_id = run if isinstance(run, str) else run.get("value")
+    # A second launch on the same devices is refused with a clear message.
+    again, _ = client.predict(*launch_values("samples"), api_name="/launch")
+    assert again.startswith("Refused") and run_id in again, again
+
+    def view(c):
+        return c.predict(run_id, api_name="/run_view")  # status, progress bar, figure, log tail
+
+    def has_loss():
+        status, _, fig, log = view(client)
+        assert "failed" not in status, (status, log)
+        return status if re.search(r"\bloss \d", status) and "train loss" in str(fig) else None
+
+    wait_for(has_loss, TRAIN_TIMEOUT_S, "loss points")
+
+    # Restart the app while the run trains: the new app shows the same run (reattached).
+    app.stop()
+    app.start()
+    client = Client(app.url, verbose=False)
+    picked, status, *_ = client.predict(api_name="/current_run")
+    assert (picked.get("value") if isinstance(picked, dict) else picked) == run_id
+    assert run_id in status and ("running" in status or "finished" in status), status
+
+    def finished():
+        status, bar, fig, log = view(client)
+        assert "failed" not in status, (status, log)
+        return (status, bar, fig) if "finished" in status else None
+
+    status, bar, fig = wait_for(finished, TRAIN_TIMEOUT_S, "the run to finish")
+    assert "checkpoints:" in status and "(final)" in status, status
+    assert 'data-step="2"' in bar and "eval loss" in str(fig)
+    # The checkpoints are offered in the Grade tab.
+    update = client.predict(api_name="/refresh_adapters")
+    choices = {label: path for label, path in update["choices"]}
+    assert f"{run_id}/final" in choices and f"{run_id}/checkpoint-1" in choices, choices
+
+    rubric = DATA / "rubrics" / f"{TRAIN_ASSIGNMENT}.json"
+    md = next((DATA / "submissions").glob(f"{TRAIN_ASSIGNMENT}-*.md")).read_text()
+    out = client.predict("embedded:tiny-gpt-oss", choices[f"{run_id}/final"], str(rubric), None,
+                         md, True, 24, api_name="/grade")
+    tuned_raw, tuned_total, tuned_table, base_raw, base_total, base_table = out
+    assert tuned_total.startswith("**Tuned:") and " / " in tuned_total, tuned_total
+    assert base_total.startswith("**Base:"), base_total
+    n_questions = len(json.loads(rubric.read_text())["questions"])
+    assert len(tuned_table["data"]) == n_questions == len(base_table["data"])
+    assert [r[0] for r in tuned_table["data"]] == [
+        q["question"] for q in json.loads(rubric.read_text())["questions"]]
