@@ -482,6 +482,15 @@ def _check_submission(name: str, prefix: str, rec: Any, known_bad: bool = False
 
     if items_valid and max_ok:
         problems += _check_item_maxes(name, prefix, rec, item_maxes)
+    # The total against its items: a warning, shown even when other fields have errors.
+    item_scores = ([i.get("score") for i in items]
+                   if isinstance(items, list) and all(isinstance(i, dict) for i in items) else [])
+    if score_ok and item_scores and all(map(_is_finite, item_scores)):
+        summed = math.fsum(item_scores)
+        if abs(summed - rec["score"]) > TOTAL_TOLERANCE:
+            problems.append(Problem(name, _join(prefix, "score"), f"{_show(rec['score'])} (the stated total)",
+                                    f"the sum of the item scores, {summed:g} (total {rec['score']:g} != items "
+                                    f"{summed:g}; training uses the sum of the items)", "warning"))
     # Whatever the checks above missed (they should miss nothing): pydantic decides validity.
     if known_bad or any(p.severity == "error" for p in problems):
         return None, problems
@@ -495,13 +504,6 @@ def _check_submission(name: str, prefix: str, rec: Any, known_bad: bool = False
     except (RecursionError, ValueError, TypeError) as e:
         problems.append(Problem(name, here, f"a value that cannot be validated ({e})", "a graded submission"))
         return None, problems
-    mismatch = sub.total_mismatch()
-    if mismatch:
-        stated, summed = mismatch
-        problems.append(Problem(name, _join(prefix, "score"),
-                                f"{_show(rec['score'])} (the stated total)",
-                                f"the sum of the item scores, {summed:g} (total {stated:g} != items {summed:g}; "
-                                "training uses the sum of the items)", "warning"))
     return sub, problems
 
 
