@@ -37,24 +37,36 @@ def presets() -> dict[str, Any]:
     return PRESETS
 
 
+GIB_PARTS = ["weights", "lora", "optimizer", "activations", "overhead", "total_gib"]
+
+
 def memory_markdown(cfg) -> str:
-    """The per-GPU memory estimate as a small table, with the OOM warning up front."""
+    """The per-GPU memory estimate as a small table, with the out-of-memory warning up front."""
     from training.config import estimate_memory
 
     try:
         est = estimate_memory(cfg)
     except Exception as exc:
         return f"Memory estimate unavailable: {type(exc).__name__}: {exc}"
-    parts = [(k, v) for k, v in est.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
     head = ""
     if est.get("fits") is False:
-        head = f"**Warning: likely out of memory.** {est.get('warning') or ''}\n\n"
+        head = f"### Warning: likely out of memory\n{est.get('warning') or ''}\n\n"
     elif est.get("warning"):
         head = f"Note: {est['warning']}\n\n"
-    rows = "\n".join(f"| {k.replace('_gib', '').replace('_', ' ')} | {v:.2f} |" for k, v in parts)
-    fits = {True: "fits", False: "does NOT fit"}.get(est.get("fits"), "")
-    return f"{head}Estimated memory per GPU (GiB) {fits}\n\n| part | GiB |\n|---|---|\n{rows}"
+    rows = "\n".join(f"| {k.replace('_gib', '')} | {est[k]:.2f} |" for k in GIB_PARTS
+                     if isinstance(est.get(k), (int, float)))
+    limit = est.get("limit_gib")
+    fits = "" if limit is None else (f" - fits in {limit:g} GiB" if est.get("fits")
+                                      else f" - does NOT fit in {limit:g} GiB")
+    extra = []
+    if est.get("params"):
+        extra.append(f"{est['params']:,} parameters")
+    if est.get("lora_params"):
+        extra.append(f"{est['lora_params']:,} trainable (LoRA)")
+    if est.get("world_size"):
+        extra.append(f"{est['world_size']} rank(s)")
+    return (f"{head}**Estimated memory per GPU{fits}**\n\n| part | GiB |\n|---|---|\n{rows}"
+            + ("\n\n" + ", ".join(extra) if extra else ""))
 
 
 def command_text(cfg) -> str:
@@ -88,10 +100,10 @@ def build(settings: Settings) -> dict[str, Any]:
     with gr.Row():
         preset = gr.Dropdown(list(all_presets), value=DEFAULT_PRESET if DEFAULT_PRESET in all_presets
                              else None, label="Preset", elem_id="cfg-preset")
-        load_file = gr.File(label="Load config file (.json)", file_types=[".json"],
+        load_file = gr.File(label="Load config file (.json)", file_types=[".json"], height=110,
                             elem_id="cfg-load")
         save_btn = gr.Button("Save config file", elem_id="cfg-save")
-        saved = gr.File(label="Saved config", interactive=False, elem_id="cfg-saved")
+        saved = gr.File(label="Saved config", interactive=False, height=110, elem_id="cfg-saved")
     form = ModelForm(RunConfig, choices={"model": model_choices(), "datasets": dataset_choices()},
                      groups=GROUPS)
     form.render(initial)
@@ -100,7 +112,7 @@ def build(settings: Settings) -> dict[str, Any]:
             messages = gr.Markdown(elem_id="cfg-messages")
             memory = gr.Markdown(elem_id="cfg-memory")
         command = gr.Code(label="Launch command (exactly what Train runs)", language="shell",
-                          interactive=False, elem_id="cfg-command")
+                          interactive=False, wrap_lines=True, elem_id="cfg-command")
 
     def on_preset(name):
         if name not in all_presets:

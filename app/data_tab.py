@@ -53,16 +53,23 @@ def problems_table(reports: list) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PROBLEM_COLUMNS)
 
 
-def summary_markdown(reports: list) -> str:
+def summary_markdown(reports: list, list_ok: int = 5) -> str:
+    """One line per file with problems; valid files listed by name only when there are few."""
     if not reports:
         return "Upload one or more `.json` / `.jsonl` files of graded submissions."
     lines = []
+    ok_files = [r for r in reports if r.ok and not r.problems]
     for rep in reports:
+        if rep in ok_files and len(ok_files) > list_ok:
+            continue
         n_err = sum(p.severity == "error" for p in rep.problems)
         n_warn = sum(p.severity == "warning" for p in rep.problems)
         mark = "OK" if rep.ok else "ERRORS"
         lines.append(f"- **{rep.file}**: {mark}: {len(rep.submissions)} submissions, "
                      f"{n_err} errors, {n_warn} warnings")
+    if len(ok_files) > list_ok:
+        lines.append(f"- {len(ok_files)} files valid without warnings "
+                     f"({sum(len(r.submissions) for r in ok_files)} submissions)")
     all_ok = all(r.ok for r in reports)
     head = ("### All files valid: ready to store" if all_ok else
             "### Some files have errors: fix them and upload again (nothing is stored from a "
@@ -169,7 +176,7 @@ def build(settings: Settings) -> dict[str, Any]:
                 f"Each file is checked on its own; files over {settings.max_upload_mb:g} MB are refused.")
     with gr.Row():
         files = gr.File(label="Graded JSON / JSONL files", file_count="multiple",
-                        file_types=[".json", ".jsonl"], elem_id="data-files")
+                        file_types=[".json", ".jsonl"], height=240, elem_id="data-files")
         with gr.Column():
             token_model = gr.Dropdown(model_choices(), value="embedded:tiny-gpt-oss",
                                       allow_custom_value=True, label="Model (for token counts)",
@@ -179,12 +186,15 @@ def build(settings: Settings) -> dict[str, Any]:
             check_btn = gr.Button("Validate", elem_id="data-validate")
     summary = gr.Markdown(elem_id="data-summary")
     problems = gr.Dataframe(headers=PROBLEM_COLUMNS, label="Problems (file, JSON path, reason)",
-                            interactive=False, wrap=True, elem_id="data-problems")
+                            interactive=False, wrap=True, column_widths=["18%", "24%", "8%", "50%"],
+                            elem_id="data-problems")
     with gr.Row():
         stats = gr.Markdown(elem_id="data-stats")
         plot = gr.Plot(label="Score distribution", elem_id="data-plot")
     preview = gr.Dataframe(headers=PREVIEW_COLUMNS, label="Preview (first 200 items)",
-                           interactive=False, wrap=True, elem_id="data-preview")
+                           interactive=False, wrap=True, max_height=420,
+                           column_widths=["14%", "12%", "32%", "30%", "6%", "6%"],
+                           elem_id="data-preview")
     valid_state = gr.State(None)  # (submissions as dicts, source names) when every file is valid
     with gr.Row():
         ds_name = gr.Textbox(label="Dataset name", placeholder="e.g. essays-fall", elem_id="data-name")

@@ -20,6 +20,7 @@ from app import jobs
 from app.common import Settings, model_choices, rubric_choices, safe_display_name
 
 GRADE_COLUMNS = ["question", "score", "max score", "justification"]
+GRADE_WIDTHS = ["45%", "10%", "12%", "33%"]
 BATCH_COLUMNS = ["file", "total", "max total", "repaired", "latency s"]
 NO_ADAPTER = "(none: base model only)"
 _engine_locks: dict[str, threading.Lock] = {}
@@ -149,13 +150,13 @@ def build(settings: Settings) -> dict[str, Any]:
         rubric_pick = gr.Dropdown(rubrics, value=rubrics[0][1] if rubrics else None,
                                   label="Rubric (data/rubrics)", elem_id="grade-rubric")
         rubric_file = gr.File(label="...or upload a rubric JSON", file_types=[".json", ".jsonl"],
-                              elem_id="grade-rubric-file")
+                              height=110, elem_id="grade-rubric-file")
     rubric_view = gr.Markdown(elem_id="grade-rubric-view")
     with gr.Tab("One submission"):
         with gr.Row():
             md_text = gr.Textbox(label="Submission (Markdown)", lines=10, elem_id="grade-md")
             md_file = gr.File(label="...or upload a .md file", file_types=[".md", ".txt"],
-                              elem_id="grade-md-file")
+                              height=110, elem_id="grade-md-file")
         with gr.Row():
             compare = gr.Checkbox(label="Also grade with the base model (side by side)",
                                   value=False, elem_id="grade-compare")
@@ -167,14 +168,14 @@ def build(settings: Settings) -> dict[str, Any]:
                                        elem_id="grade-tuned-raw")
                 tuned_total = gr.Markdown(elem_id="grade-tuned-total")
                 tuned_table = gr.Dataframe(headers=GRADE_COLUMNS, interactive=False, wrap=True,
-                                           elem_id="grade-tuned-table")
+                                           column_widths=GRADE_WIDTHS, elem_id="grade-tuned-table")
             with gr.Column():
                 gr.Markdown("#### Base model")
                 base_raw = gr.Textbox(label="Model output (streamed)", lines=6,
                                       elem_id="grade-base-raw")
                 base_total = gr.Markdown(elem_id="grade-base-total")
                 base_table = gr.Dataframe(headers=GRADE_COLUMNS, interactive=False, wrap=True,
-                                          elem_id="grade-base-table")
+                                          column_widths=GRADE_WIDTHS, elem_id="grade-base-table")
     with gr.Tab("Many submissions"):
         batch_files = gr.File(label="Markdown submissions (.md)", file_count="multiple",
                               file_types=[".md", ".txt"], elem_id="grade-batch-files")

@@ -162,8 +162,9 @@ def read_metrics(run_id: str) -> list[dict[str, Any]]:
         return rows
 
 
-def log_tail(run_id: str, n_lines: int = 40) -> str:
-    """The last lines of the run's train.log (read from the end: logs can grow large)."""
+def log_tail(run_id: str, n_lines: int = 40, width: int = 220) -> str:
+    """The last lines of the run's train.log (read from the end: logs can grow large), each cut
+    to `width` characters so the tail fits the box."""
     try:
         f = run_dir(run_id) / "train.log"
     except ValueError:
@@ -175,7 +176,8 @@ def log_tail(run_id: str, n_lines: int = 40) -> str:
         size = fh.tell()
         fh.seek(max(0, size - 64 * 1024))
         data = fh.read().decode("utf-8", errors="replace")
-    return "\n".join(data.splitlines()[-n_lines:])
+    lines = [ln.rsplit("\r", 1)[-1] for ln in data.splitlines()[-n_lines:]]  # progress bars
+    return "\n".join(ln if len(ln) <= width else ln[:width] + "..." for ln in lines)
 
 
 def list_adapters() -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ from app import jobs
 from app.common import Settings, loss_figure
 
 POLL_S = 2.0
+LOG_LINES = 16
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -94,7 +95,7 @@ def run_view(run_id: str | None):
     p = progress(rows)
     status = info.get("status", "unknown")
     return (status_markdown(run_id, info, p), progress_html(p, status),
-            loss_figure({run_id: rows}, title=f"Loss - {run_id}"), jobs.log_tail(run_id))
+            loss_figure({run_id: rows}, title=f"Loss - {run_id}"), jobs.log_tail(run_id, LOG_LINES))
 
 
 def run_choices() -> list[str]:
@@ -113,7 +114,8 @@ def build(settings: Settings, form) -> dict[str, Any]:
     status = gr.Markdown(elem_id="train-status")
     bar = gr.HTML(elem_id="train-progress-box")
     plot = gr.Plot(label="Loss (train and eval)", elem_id="train-plot")
-    log = gr.Textbox(label="Log (tail of train.log)", lines=14, max_lines=14, autoscroll=True,
+    log = gr.Textbox(label="Log (tail of train.log)", lines=LOG_LINES, max_lines=LOG_LINES,
+                     autoscroll=True,
                      interactive=False, elem_id="train-log")
     timer = gr.Timer(POLL_S)
 

@@ -260,3 +260,24 @@ def test_upload_train_restart_and_grade_flow(app):
     assert len(tuned_table["data"]) == n_questions == len(base_table["data"])
     assert [r[0] for r in tuned_table["data"]] == [
         q["question"] for q in json.loads(rubric.read_text())["questions"]]
+
+
+def test_login_required_and_upload_size_limited(tmp_path):
+    """GRADER_AUTH turns on the login; a wrong password is refused; uploads over --max-upload-mb
+    are refused by the server before any handler reads them."""
+    import httpx
+    from gradio_client import Client
+
+    with app_server(tmp_path, "--max-upload-mb", "0.05",
+                    env={"GRADER_AUTH": "teacher:s3cret"}) as url:
+        with pytest.raises(ValueError, match="login"):
+            Client(url, auth=("teacher", "wrong"), verbose=False)
+        with httpx.Client(base_url=url) as http:
+            assert http.post("/gradio_api/upload", files={"files": ("a.json", b"[]")}).status_code == 401
+            assert http.post("/login", data={"username": "teacher", "password": "wrong"}).status_code == 400
+            assert http.post("/login", data={"username": "teacher", "password": "s3cret"}).status_code == 200
+            big = http.post("/gradio_api/upload", files={"files": ("big.json", b"[1]," * 20000)})
+            assert big.status_code == 413
+        client = Client(url, auth=("teacher", "s3cret"), verbose=False)
+        picked, status, *_ = client.predict(api_name="/current_run")
+        assert "No run yet" in status
