@@ -87,19 +87,24 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device) -> tuple[Any,
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_skip_modules=["lm_head", "router"]
         )
-    if device.type == "cuda":
-        # GPT-OSS + nf4: the bf16 experts would not fit the GPU before we quantize them, so load
-        # on the CPU, quantize the experts there, then move.
-        big_experts = model_type == "gpt_oss" and cfg.quantization == "nf4"
-        kwargs["device_map"] = {"": "cpu"} if big_experts else {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if device.type == "cuda" and model_type == "gpt_oss" and cfg.quantization != "int8" and _has_module(
+        "training.quant_experts"
+    ):
+        # Straight onto the GPU, expert tensor by expert tensor (MXFP4 dequantized, NF4 packed on
+        # the fly): a 120B never exists in its 234 GB bf16 form. Attention stays bf16 (~2 GB).
+        from training.quant_experts import load_gpt_oss
 
-    if model_type == "gpt_oss" and cfg.quantization == "nf4" and _has_module("training.quant_experts"):
-        from training.quant_experts import quantize_experts_nf4
+        model, _ = load_gpt_oss(folder, device=device, dtype=dtype, quantization=cfg.quantization,
+                                attn_implementation="eager")
+    else:
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        if model_type == "gpt_oss" and cfg.quantization == "nf4" and _has_module("training.quant_experts"):
+            # bitsandbytes took the nn.Linear layers; the 3-D expert weights are ours to pack.
+            from training.quant_experts import quantize_experts_nf4
 
-        quantize_experts_nf4(model)
-    if device.type == "cuda" and next(model.parameters()).device != device:
-        model.to(device)
+            quantize_experts_nf4(model, compute_dtype=dtype)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -159,19 +164,26 @@ def quantization_report(model) -> dict:
             quantized_params += numel
         total_params += numel
         total_bytes += nbytes
+    nf4_expert_params = 0
+    for mod in model.modules():  # training.quant_experts' packed expert weights
+        if type(mod).__name__ == "NF4Store":
+            for b in mod.buffers():
+                seen.add(id(b))
+            total_bytes += mod.nbytes()
+            total_params += mod.logical_numel
+            quantized_params += mod.logical_numel
+            nf4_expert_params += mod.logical_numel
     for name, b in model.named_buffers():
         if id(b) in seen:
             continue
         seen.add(id(b))
         total_bytes += b.numel() * b.element_size()
-        if b.dtype == torch.uint8 and "expert" in name:
-            quantized_params += b.numel() * 2  # two 4-bit weights per byte
-            total_params += b.numel() * 2
     return dict(
         params=total_params,
         bytes=total_bytes,
         bytes_per_param=round(total_bytes / max(total_params, 1), 3),
         quantized_params=quantized_params,
+        nf4_expert_params=nf4_expert_params,
         linear_4bit_layers=n_linear4bit,
     )
 

@@ -1,0 +1,145 @@
+"""RunConfig: presets, `--set` overrides, refusals before launch (each saying what to change), and
+the NF4 path really quantizing (bitsandbytes Linear4bit + packed GPT-OSS experts) and training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import launcher
+from training.__main__ import main as cli
+from training.config import PRESETS, RunConfig, apply_overrides, check_config, estimate_memory, load_config, preset
+from training.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+GRADED = str(REPO / "data" / "graded")
+
+
+def gpt_oss_shell(folder: Path, **shape) -> Path:
+    """A GPT-OSS model folder (config only + a stand-in weights file): enough for the checks,
+    which read shapes from the config on the meta device and never load weights."""
+    from transformers import GptOssConfig
+
+    GptOssConfig(**shape).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def refused(cfg: RunConfig) -> str:
+    """The problems check_config finds, and proof that launch refuses the same (no subprocess)."""
+    problems = check_config(cfg)
+    with pytest.raises(launcher.ConfigRefused):
+        launcher.launch(cfg)
+    assert Store().list_runs() == []  # nothing was started or recorded
+    return "\n".join(problems)
+
+
+def test_presets_are_valid_and_the_cpu_ones_launchable():
+    assert set(PRESETS) == {"seed-2xh200-120b", "h200-20b", "cpu-default", "smoke"}
+    seed = PRESETS["seed-2xh200-120b"]
+    assert (seed.lora_r, seed.lora_alpha, seed.per_device_batch_size, seed.gradient_accumulation_steps) == (8, 32, 3, 4)
+    assert (seed.learning_rate, seed.epochs, seed.quantization, seed.zero_stage, seed.num_gpus) == (2e-4, 3.0, "nf4", 2, 2)
+    assert seed.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"] and seed.precision == "bf16"
+    assert check_config(preset("smoke")) == []
+    assert check_config(preset("cpu-default")) == []
+    # The 120b is not on this machine: refused for that reason, with what to do.
+    assert any("not found" in p and "model=" in p for p in check_config(preset("seed-2xh200-120b")))
+
+
+def test_overrides_are_typed_and_unknown_keys_name_close_matches(tmp_path):
+    cfg = apply_overrides(preset("smoke"), [
+        "lora_r=16", "learning_rate=1e-4", "max_steps=none", "gradient_checkpointing=false",
+        "target_modules=q_proj,v_proj", "zero_stage=3", "gpu_memory_gib=80", 'datasets=["a.json","db:essays"]',
+    ])
+    assert cfg.lora_r == 16 and cfg.learning_rate == 1e-4 and cfg.max_steps is None
+    assert cfg.gradient_checkpointing is False and cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.zero_stage == 3 and cfg.gpu_memory_gib == 80.0 and cfg.datasets == ["a.json", "db:essays"]
+    with pytest.raises(ValueError, match="lora_rank.*Did you mean: lora_r"):
+        apply_overrides(cfg, ["lora_rank=4"])
+    with pytest.raises(ValueError, match="zero_stage"):
+        apply_overrides(cfg, ["zero_stage=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(cfg, ["lora_r"])
+    # A config file round-trips; unknown keys in a file are refused the same way.
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({**cfg.model_dump(), "learning_rat": 1}))
+    with pytest.raises(ValueError, match="Did you mean: learning_rate"):
+        load_config(f)
+
+
+def test_each_bad_configuration_is_refused_with_what_to_change(tmp_path, tiny_gpt_oss_dir):
+    ok = preset("smoke").model_copy(update={"model": str(tiny_gpt_oss_dir)})
+    assert check_config(ok) == []
+
+    msg = refused(ok.model_copy(update={"learning_rate": 0.0}))
+    assert "learning_rate must be > 0" in msg and "learning_rate=2e-4" in msg
+    msg = refused(ok.model_copy(update={"lora_r": 0}))
+    assert "lora_r must be >= 1" in msg and "lora_r=8" in msg
+    msg = refused(ok.model_copy(update={"model": str(tmp_path / "no-such-model")}))
+    assert "no-such-model not found" in msg and "model=" in msg
+    msg = refused(ok.model_copy(update={"target_modules": ["q_proj", "query_key_value"]}))
+    assert "'query_key_value' is not a layer of this gpt_oss model" in msg and "q_proj" in msg
+
+    # A batch that cannot fit the stated GPU memory: a 20b-shaped GPT-OSS, batch 16 at 2048 tokens.
+    m20 = gpt_oss_shell(tmp_path / "gpt-oss-20b", num_hidden_layers=24, num_local_experts=32)
+    big_batch = ok.model_copy(update={"model": str(m20), "per_device_batch_size": 16, "max_length": 2048,
+                                      "precision": "bf16", "gpu_memory_gib": 80.0, "zero_stage": 2})
+    msg = refused(big_batch)
+    assert "batch does not fit" in msg and "per_device_batch_size=" in msg and "gradient_accumulation_steps=" in msg
+    fits = big_batch.model_copy(update={"per_device_batch_size": 1})
+    assert check_config(fits) == [] and estimate_memory(fits)["fits"]
+
+    # ZeRO-2 replicates the weights: a 120b in bf16 cannot fit one 140 GiB H200 per rank.
+    m120 = gpt_oss_shell(tmp_path / "gpt-oss-120b")
+    z2 = preset("seed-2xh200-120b").model_copy(update={"model": str(m120), "quantization": "none", "datasets": [GRADED]})
+    msg = refused(z2)
+    assert "ZeRO-2 keeps a full copy of the weights on every rank" in msg and "quantization=nf4" in msg
+    est = estimate_memory(z2)
+    assert est["weights"] > 200 and not est["fits"]
+    # The user's own recipe (4-bit) fits.
+    seed_ok = z2.model_copy(update={"quantization": "nf4"})
+    assert check_config(seed_ok) == [] and estimate_memory(seed_ok)["total_gib"] < 140
+
+
+def test_cli_refuses_before_launch_and_prints_why(capsys):
+    assert cli(["run", "--preset", "smoke", "--set", "learning_rate=-1", "--set", "lora_r=0"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to launch" in err and "learning_rate" in err and "lora_r" in err
+    assert cli(["run", "--preset", "smoke", "--set", "lora_rnk=4"]) == 2
+    assert "Did you mean: lora_r" in capsys.readouterr().err
+    assert cli(["run", "--preset", "smok"]) == 2
+    assert "smoke" in capsys.readouterr().err
+    assert Store().list_runs() == []
+
+
+def test_nf4_really_quantizes_gpt_oss_and_trains(tiny_gpt_oss_dir):
+    from training import models
+    from training.quant_experts import is_quantized
+
+    cfg = preset("smoke").model_copy(update={"model": str(tiny_gpt_oss_dir), "quantization": "nf4",
+                                             "lora_experts": True, "lora_dropout": 0.0})
+    torch.manual_seed(0)
+    model, tok, model_type, _ = models.load_model_and_tokenizer(cfg, torch.device("cpu"))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds  # bitsandbytes took the attention projections
+    assert is_quantized(model)  # and the 3-D expert weights are packed too
+    report = models.quantization_report(model)
+    assert report["linear_4bit_layers"] == 8 and report["nf4_expert_params"] > 0
+    assert report["quantized_params"] >= report["nf4_expert_params"]
+
+    model = models.apply_lora(model, cfg, model_type)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert any("experts" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.tensor([tok.encode("The grade is 4 out of 5 because the answer names both reactants.")])
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
