@@ -357,7 +357,7 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     if attn_implementation:
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors shards")

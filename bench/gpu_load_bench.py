@@ -1,0 +1,101 @@
+"""Time loading a GPT-OSS checkpoint folder to ready-to-train on one GPU: the project's loader
+(``training.quant_experts.load_gpt_oss``: meta init, tensors straight to the GPU, MXFP4 experts
+dequantized on the GPU, optionally packed to NF4 on the fly) vs stock
+``AutoModelForCausalLM.from_pretrained(..., device_map="cuda")`` (MXFP4 dequantized to bf16).
+"Ready to train" = loaded + LoRA r 8 on q/k/v/o + fast path applied + one optimizer step done.
+
+    python bench/make_twin_checkpoint.py --shape 20b --out /root/twin-20b
+    python bench/gpu_load_bench.py /root/twin-20b --name h200_load
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from training import fast_path  # noqa: E402
+from training import quant_experts as qe  # noqa: E402
+
+
+def drop_page_cache() -> bool:
+    try:
+        subprocess.run(["sync"], check=False)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except Exception:
+        return False
+
+
+def ready(model, seq=512):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
+                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    fast_path.apply(pm)
+    fast_path.set_recompute(pm, "full")
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+    loss, _ = fast_path.compute_loss(pm, batch)
+    loss.backward()
+    opt.step()
+    torch.cuda.synchronize()
+    return float(loss)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path")
+    ap.add_argument("--name", default="h200_load")
+    ap.add_argument("--modes", default="project-bf16,project-nf4,stock")
+    ap.add_argument("--shape", default="20b")
+    a = ap.parse_args(argv)
+    path = Path(a.path)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    out = REPO / "bench" / "results" / f"{a.name}.json"
+    rows = json.loads(out.read_text()) if out.exists() else []
+    for mode in a.modes.split(","):
+        cold = drop_page_cache()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        row = {"gpu": torch.cuda.get_device_name(0), "gpus": 1, "shape": a.shape, "mode": mode,
+               "checkpoint_gb": round(size / 1e9, 2), "page_cache_dropped": cold,
+               "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        try:
+            t0 = time.perf_counter()
+            if mode.startswith("project"):
+                model, info = qe.load_gpt_oss(path, device="cuda", dtype=torch.bfloat16,
+                                              quantization="nf4" if mode.endswith("nf4") else "none")
+            else:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map="cuda",
+                                                             attn_implementation="eager")
+            torch.cuda.synchronize()
+            t_load = time.perf_counter() - t0
+            loss = ready(model)
+            t_ready = time.perf_counter() - t0
+            row.update(load_s=round(t_load, 2), ready_s=round(t_ready, 2), s_per_gb=round(t_load / (size / 1e9), 3),
+                       first_loss=round(loss, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       bytes_per_param=round(qe.bytes_per_param(model), 4))
+        except Exception as e:  # record and go on
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        print("ROW", json.dumps(row), flush=True)
+        rows = [r for r in rows if (r.get("shape"), r.get("mode")) != (a.shape, mode)] + [row]
+        out.write_text(json.dumps(rows, indent=1))
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
