@@ -72,6 +72,7 @@ class Config:
     epochs: int = 4
     batch: int = 16
     labels: str = "soft"  # soft: both graders; hard: rounded mean
+    mse: float = 0.0  # weight of an extra squared error between the expected score and the label's
     seed: int = 0
 
 
@@ -80,6 +81,7 @@ CONFIGS = {
     "hard": Config("hard", labels="hard"),
     "strong-reg": Config("strong-reg", lr=1e-4, r=8, alpha=16, dropout=0.2, weight_decay=0.1),
     "soft-lr1e-4": Config("soft-lr1e-4", lr=1e-4),
+    "soft-mse": Config("soft-mse", mse=0.25),
 }
 
 
@@ -154,22 +156,40 @@ def batches(n: int, size: int, shuffle: bool, rng: random.Random):
 
 
 def collate(seqs: list[list[int]], pad_id: int, device):
-    """Left padding, so the last position of every row is the score position."""
+    """Right padding: no query row is fully masked (left padding gives pad rows with no key to
+    attend to, whose NaNs reach the LoRA gradients through 0 * NaN)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for k, s in enumerate(seqs):
-        ids[k, width - len(s):] = torch.tensor(s)
-        mask[k, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
+        ids[k, : len(s)] = torch.tensor(s)
+        mask[k, : len(s)] = 1
+    last = torch.tensor([len(s) - 1 for s in seqs])
+    return ids.to(device), mask.to(device), last.to(device)
 
 
 def digit_logits(model, seqs, pad_id, digit_ids, device, amp) -> torch.Tensor:
-    ids, mask, pos = collate(seqs, pad_id, device)
+    """Logits of the digits 0..5 at each sequence's last position (the score position): the
+    final hidden state there times the LM head's digit rows (the full 262k-vocab head is skipped)."""
+    ids, mask, last = collate(seqs, pad_id, device)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-    return out.logits[:, -1, :][:, digit_ids].float()
+        h = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    h_last = h[torch.arange(len(seqs), device=device), last].float()
+    w = causal_lm.get_output_embeddings().weight[digit_ids].float()
+    logits = h_last @ w.T
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def length_batches(items: list, size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of similar length (little padding), in random order."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].ids), rng.random()))
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    rng.shuffle(chunks)
+    return chunks
 
 
 @torch.no_grad()
@@ -215,11 +235,19 @@ def train_config(base, cfg: Config, train: list[Item], val: list[Item], test: li
         t0 = time.time()
         tokens = 0
         losses = []
-        for b in batches(len(train), cfg.batch, True, rng):
+        for b in length_batches(train, cfg.batch, rng):
             seqs = [train[k].ids for k in b]
             tokens += sum(len(s) for s in seqs)
             logp = torch.log_softmax(digit_logits(model, seqs, pad_id, digit_ids, device, amp), -1)
-            loss = -(labels[b].to(device) * logp).sum(-1).mean()
+            q = labels[b].to(device)
+            loss = -(q * logp).sum(-1).mean()
+            if cfg.mse:
+                vals = torch.arange(6, dtype=torch.float32, device=device)
+                loss = loss + cfg.mse * ((logp.exp() * vals).sum(-1) - (q * vals).sum(-1)).pow(2).mean()
+            if not torch.isfinite(loss):
+                log(f"[{cfg.name}] non-finite loss at step {step}; batch skipped")
+                opt.zero_grad(set_to_none=True)
+                continue
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -264,7 +292,7 @@ def load_model(args, device):
         from training.model_zoo import resolve_model_path
 
         path = resolve_model_path(args.model)
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device), tok
 
@@ -274,9 +302,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "mohler" / "json"))
     ap.add_argument("--gguf", help="a Gemma GGUF file (the device path); else --model")
     ap.add_argument("--model", default="embedded:gemma-3-270m")
+    ap.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
     ap.add_argument("--save-base", help="also save the loaded base model here")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--configs", default="soft,hard,strong-reg")
+    ap.add_argument("--configs", default="soft,soft-mse,hard,strong-reg")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--limit", type=int, default=0, help="items per split (smoke runs)")
     ap.add_argument("--n-boot", type=int, default=1000)

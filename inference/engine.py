@@ -217,7 +217,6 @@ class GraderEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from training.model_zoo import resolve_model_path
-        from training.prompt_format import detect_format, stop_token_ids
 
         self.base_model = base_model
         self.base_path = resolve_model_path(base_model)
@@ -238,7 +237,23 @@ class GraderEngine:
         except OSError as e:
             raise OSError(f"cannot load base model {base_model} from {self.base_path}: {e} "
                           "(the studio loads safetensors weights only)") from e
-        self.model = model.to(self.device).eval()
+        self._setup(model.to(self.device).eval())
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str) -> "GraderEngine":
+        """An engine around a model already in memory (benchmarks with random weights)."""
+        self = cls.__new__(cls)
+        self.base_model, self.base_path = name, Path(name)
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.trust_remote_code = False
+        self.tokenizer = tokenizer
+        self._setup(model.eval())
+        return self
+
+    def _setup(self, model) -> None:
+        from training.prompt_format import detect_format, stop_token_ids
+
+        self.model = model
         self.base_summary = _config_summary(self.model.config)
         self.format = detect_format(self.tokenizer, getattr(self.model.config, "model_type", None))
         self.stop_ids = list(stop_token_ids(self.tokenizer, self.format))
@@ -247,6 +262,7 @@ class GraderEngine:
         self.adapters: dict[str, str] = {}  # resolved folder -> PEFT adapter name
         self.active: str | None = None  # resolved folder of the active adapter
         self._lock = threading.RLock()  # one generation at a time per engine (UI threads)
+        self.retry = True  # one retry when an answer holds no JSON (benchmarks of speed turn it off)
 
     # ----------------------------------------------------------------- adapters
 
@@ -400,7 +416,7 @@ class GraderEngine:
         raw = self._decode(new)
         grade, repaired, repairs = parse_grade(raw, rubric)
         retried = False
-        if retry and repairs and repairs[0].startswith("no JSON grade found"):
+        if retry and self.retry and repairs and repairs[0].startswith("no JSON grade found"):
             # One bounded retry: start the answer with the JSON opening and let the model go on.
             raw2, new2 = self._retry(prompt, rubric, max_new_tokens)
             grade2, repaired2, repairs2 = parse_grade(raw2, rubric)

@@ -54,8 +54,7 @@ def quadratic_weighted_kappa(y_cat: np.ndarray, p_cat: np.ndarray, n_categories:
     if k < 2 or len(y_cat) == 0:
         return None
     observed = np.zeros((k, k))
-    for a, b in zip(y_cat, p_cat):
-        observed[int(a), int(b)] += 1
+    np.add.at(observed, (np.asarray(y_cat, dtype=int), np.asarray(p_cat, dtype=int)), 1)
     observed /= observed.sum()
     expected = np.outer(observed.sum(axis=1), observed.sum(axis=0))
     idx = np.arange(k)
