@@ -255,7 +255,12 @@ def _rank_processes(pid: int) -> list:
     out = []
     for c in children:
         try:
-            if any(str(ENTRY.name) in part for part in c.cmdline()):
+            cmd = c.cmdline()
+            # A rank: ".../train_entry.py --local_rank=N ..."; not launch.py, whose arguments
+            # name the script too (signalling it would start its 30 s kill timer).
+            if any(part.endswith(ENTRY.name) for part in cmd) and any(
+                part.startswith("--local_rank") for part in cmd
+            ) and "deepspeed.launcher.launch" not in cmd:
                 out.append(c)
         except psutil.Error:
             pass
@@ -326,8 +331,8 @@ def follow(handle: RunHandle, out=sys.stdout) -> str:
     """Print progress (a bar with ETA) until the run's launcher exits; Ctrl-C stops the run cleanly."""
     from tqdm import tqdm
 
-    metrics_file = handle.run_dir / "metrics.jsonl"
-    offset = metrics_file.stat().st_size if metrics_file.exists() else 0
+    # Rows already there (a resumed run) are not news; the file is small, so it is re-read.
+    seen = {(r.get("kind"), r.get("step")) for r in read_metrics(handle.run_dir)}
     bar = None
     log_pos = 0
     stopping = False
@@ -336,22 +341,19 @@ def follow(handle: RunHandle, out=sys.stdout) -> str:
             done = handle.process.poll() is not None
             if bar is None:  # until the first step, show what the trainer says
                 log_pos = _echo_log(handle.run_dir / "train.log", log_pos, out)
-            if metrics_file.exists():
-                with open(metrics_file, encoding="utf-8") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                complete = chunk[: chunk.rfind("\n") + 1]
-                offset += len(complete.encode("utf-8"))
-                for line in complete.splitlines():
-                    row = json.loads(line)
-                    if bar is None:
-                        bar = tqdm(total=row["total_steps"], initial=row["step"] - 1, unit="step", file=out,
-                                   dynamic_ncols=True, desc=handle.run_id)
-                    if row["kind"] == "train":
-                        bar.update(row["step"] - bar.n)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                    else:
-                        bar.write(f"eval loss {row['eval_loss']:.4f} at step {row['step']}")
+            for row in read_metrics(handle.run_dir):
+                key = (row.get("kind"), row.get("step"))
+                if key in seen:
+                    continue
+                seen.add(key)
+                if bar is None:
+                    bar = tqdm(total=row["total_steps"], initial=row["step"] - 1, unit="step", file=out,
+                               dynamic_ncols=True, desc=handle.run_id)
+                if row["kind"] == "train":
+                    bar.update(row["step"] - bar.n)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                else:
+                    bar.write(f"eval loss {row['eval_loss']:.4f} at step {row['step']}")
             if done:
                 break
             time.sleep(0.5)

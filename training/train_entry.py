@@ -491,7 +491,7 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
         if last_saved != step:
             save(step)
         save(step, name="final")
-    if cfg.debug:
+    if cfg.debug and not stopped:
         write_debug(engine, eval_ex or train_ex, run_dir, rank, device, pad_id)
     return "stopped" if stopped else "finished"
 
