@@ -203,7 +203,8 @@ def build(settings: Settings) -> dict[str, Any]:
     gr.Markdown("### Stored datasets")
     table = gr.Dataframe(headers=DATASET_COLUMNS, interactive=False, elem_id="data-datasets")
     with gr.Row():
-        del_name = gr.Dropdown([], label="Dataset to delete", elem_id="data-del-name")
+        del_name = gr.Dropdown([], label="Dataset to delete", allow_custom_value=True,
+                               elem_id="data-del-name")
         del_btn = gr.Button("Delete dataset", variant="stop", elem_id="data-delete")
     del_msg = gr.Markdown()
 

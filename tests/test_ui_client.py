@@ -5,6 +5,7 @@ flow test: upload sample data -> store -> launch -> loss points -> checkpoint ->
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -260,6 +261,29 @@ def test_upload_train_restart_and_grade_flow(app):
     assert len(tuned_table["data"]) == n_questions == len(base_table["data"])
     assert [r[0] for r in tuned_table["data"]] == [
         q["question"] for q in json.loads(rubric.read_text())["questions"]]
+
+    # Many submissions at once -> a table and a CSV to download.
+    mds = sorted((DATA / "submissions").glob(f"{TRAIN_ASSIGNMENT}-*.md"))
+    table, csv_file = client.predict("embedded:tiny-gpt-oss", choices[f"{run_id}/final"],
+                                     str(rubric), None, [handle_file(str(m)) for m in mds], 16,
+                                     api_name="/grade_batch")
+    assert sorted(r[0] for r in table["data"]) == sorted(m.name for m in mds)
+    with open(csv_file, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(mds) * n_questions and {r["file"] for r in rows} == {m.name for m in mds}
+
+    # Runs: the history row, export (merge) a checkpoint, then delete the dataset and the run.
+    history = client.predict(api_name="/runs")[0]
+    row = next(r for r in history["data"] if r[0] == run_id)
+    assert row[2] == "finished" and row[6] is not None and row[7] is not None, row
+    msg = client.predict(choices[f"{run_id}/checkpoint-1"], api_name="/export_adapter")
+    assert "Merged model written" in msg, msg
+    merged = Path(re.search(r"`(.+?)`", msg).group(1))
+    assert (merged / "config.json").exists() and list(merged.glob("*.safetensors"))
+    msg = client.predict("samples", api_name="/delete_dataset")[0]
+    assert "Deleted dataset" in msg, msg
+    msg, history, *_ = client.predict(run_id, api_name="/delete_run")
+    assert "Deleted run" in msg and run_id not in str(history["data"]), msg
 
 
 def test_login_required_and_upload_size_limited(tmp_path):
