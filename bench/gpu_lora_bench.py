@@ -136,19 +136,15 @@ def configure(pm, impl: str, recompute):
         on_cuda = fast_path._model_device(pm).type == "cuda"
         fast_path._set_attn(lm, "flex_attention" if on_cuda else "eager")
         applied = ["flex_attention"] if on_cuda else []
-    else:
-        applied = fast_path.apply(pm)
     rc = str(recompute)
-    compile_layers = rc.endswith("+compile")
+    compile_on = rc.endswith("+compile")
     rc = rc.removesuffix("+compile")
-    fast_path.set_recompute(pm, rc if rc in ("full", "none") else int(rc))
-    for layer in lm.model.layers:  # torch.compile per decoder layer (only for "+compile" variants)
-        if compile_layers:
-            layer.compile()
-        else:
-            layer._compiled_call_impl = None
-    if compile_layers:
+    if impl != "stock":
+        applied = fast_path.apply(pm, {"compile_layers": compile_on})
+    fast_path.compile_layers(pm, enable=compile_on)
+    if compile_on and "compile_layers" not in applied:
         applied = applied + ["compile_layers"]
+    fast_path.set_recompute(pm, rc if rc in ("full", "none") else int(rc))
     return applied + [f"attn={lm.config._attn_implementation}"]
 
 

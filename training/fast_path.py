@@ -17,6 +17,8 @@ Two entry points the training engine calls:
     PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  NF4 experts
     (``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
     function so no bf16 copy is kept for backward.
+  - ``compile_layers``: ``torch.compile`` of every decoder layer (bf16 experts; errors fall back
+    to eager).  The biggest single win measured on the H200 (see BENCHMARKS.md).
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
     positions that carry labels are projected at all.
@@ -107,7 +109,35 @@ def apply(model: torch.nn.Module, cfg: Any = None, *, force: bool = False) -> li
                 applied.append("fused_expert_lora")
     if on_cuda and fused_ce_supported(model):
         applied.append("fused_ce")
+    if on_cuda and mtype == "gpt_oss" and _cfg_get(cfg, "compile_layers", True) and not _has_nf4(lm):
+        if compile_layers(lm):
+            applied.append("compile_layers")
     return applied
+
+
+def _has_nf4(lm: torch.nn.Module) -> bool:
+    return any(getattr(m, "_is_nf4_experts", False) for m in lm.modules())
+
+
+def compile_layers(model: torch.nn.Module, enable: bool = True) -> bool:
+    """torch.compile each decoder layer in place (fuses norms, RoPE, routing, SwiGLU, residuals
+    around flex_attention and the grouped GEMMs; 20b shape on one H200: 9.4k -> 16.9k tokens/s).
+    Compilation errors fall back to eager (dynamo suppress_errors) instead of failing a run.
+    Each new sequence length compiles once more (first steps slower); pad to a few fixed lengths."""
+    layers = getattr(getattr(base_causal_lm(model), "model", None), "layers", None)
+    if layers is None:
+        return False
+    if enable:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    for layer in layers:
+        if enable:
+            layer.compile()
+        else:
+            layer._compiled_call_impl = None
+    return True
 
 
 def _set_attn(lm: torch.nn.Module, impl: str) -> bool:
