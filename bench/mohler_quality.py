@@ -281,7 +281,8 @@ def load_model(args, device):
     dtype = torch.float32
     if args.gguf:
         gguf = Path(args.gguf)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
+               else AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
