@@ -83,6 +83,9 @@ def test_app_kill9_while_training_then_restart_reattaches_and_stops_the_run(stud
     assert "train loss" in str(fig)
     step_seen = int(bar.split('data-step="', 1)[1].split('"', 1)[0])
     assert step_seen >= step_at_kill + 2, bar
+    # The new app knows the devices are busy with the old app's run: a second launch is refused.
+    again, _ = client.predict(*_launch_values(studio["data"]), api_name="/launch")
+    assert again.startswith("Refused") and run_id in again, again
 
     msg = client.predict(run_id, api_name="/stop")
     assert msg.startswith("Stopping"), msg

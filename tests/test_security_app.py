@@ -206,3 +206,27 @@ def test_adapters_outside_the_checkpoints_folder_are_refused(studio, client, tmp
     finally:
         link.unlink()
         shutil.rmtree(outside.parent)
+
+
+def _raw_call(session, api: str, data: list) -> str:
+    """Call an endpoint over plain HTTP (no gradio_client: it would upload local paths itself)
+    and return the event stream's text."""
+    r = session.post(f"gradio_api/call/{api}", json={"data": data})
+    assert r.status_code == 200, r.text
+    event_id = r.json()["event_id"]
+    return session.get(f"gradio_api/call/{api}/{event_id}").text
+
+
+def test_the_api_cannot_make_the_server_read_its_own_files(studio, session):
+    """File inputs accept only what was uploaded: a request naming a server path (a file next to
+    the store, /etc/passwd) gets an error, and rubric paths are limited to data/rubrics."""
+    secret = studio["root"] / "secret.json"
+    secret.write_text(json.dumps([{"score": 1, "max_score": 1, "rubric_alignment": [
+        {"question": "TOP-SECRET-QUESTION", "answer": "a", "score": 1, "max_score": 1}]}]))
+    for path in (str(secret), "/etc/passwd", str(REPO / "data" / "rubrics" / "algebra-linear.json")):
+        out = _raw_call(session, "validate", [[{"path": path, "orig_name": "x.json",
+                                                "meta": {"_type": "gradio.FileData"}}], "embedded:tiny-gpt-oss", 512])
+        assert "event: error" in out, out[:500]
+        assert "TOP-SECRET-QUESTION" not in out and "root:x" not in out and "All files valid" not in out
+    out = _raw_call(session, "grade", ["embedded:tiny-gpt-oss", "", "/etc/passwd", None, MD.read_text(), False, 8])
+    assert "event: error" in out and "root:x" not in out, out[:500]
