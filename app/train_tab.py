@@ -67,7 +67,8 @@ def status_markdown(run_id: str | None, info: dict[str, Any], p: dict[str, Any])
     if not run_id:
         return "No run yet. Pick a config in Configure and press **Launch**."
     status = info.get("status", "unknown")
-    lines = [f"**Run `{run_id}`**: **{status}**"
+    exiting = " (process still exiting)" if info.get("alive") and status not in jobs.ACTIVE else ""
+    lines = [f"**Run `{run_id}`**: **{status}**{exiting}"
              + (f" (error: {info['error']})" if info.get("error") else ""),
              f"loss {_num(p['loss'], '.4f')} | eval loss {_num(p['eval_loss'], '.4f')} | "
              f"epoch {_num(p['epoch'], '.2f')} | tokens/s {_num(p['tokens_per_s'], ',.0f')} | "

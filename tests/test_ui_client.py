@@ -28,6 +28,8 @@ TRAIN_TIMEOUT_S = 900
 SMOKE_MAX_LENGTH = 1536
 # The UI tests train on one sample assignment (10 graded files): 8 train, 2 eval examples.
 TRAIN_ASSIGNMENT = "algebra-linear"
+# The API flow stops its run part-way and resumes it: enough steps that Stop lands before the end.
+FLOW_STEPS = 4
 
 
 def free_port() -> int:
@@ -104,25 +106,25 @@ def listening_addresses(port: int) -> set[str]:
     return out
 
 
-def ui_run_config(dataset: str):
-    """The smoke preset (tiny GPT-OSS, real DeepSpeed launcher, 2 gloo ranks) cut to two steps:
+def ui_run_config(dataset: str, max_steps: int = 2):
+    """The smoke preset (tiny GPT-OSS, real DeepSpeed launcher, 2 gloo ranks) cut to a few steps:
     enough for loss points, a checkpoint per step, an eval point and a final adapter."""
     from training.config import PRESETS
 
     smoke = PRESETS["smoke"]
     return smoke.model_copy(update={
-        "datasets": [f"db:{dataset}"], "max_steps": 2, "save_every_steps": 1,
+        "datasets": [f"db:{dataset}"], "max_steps": max_steps, "save_every_steps": 1,
         "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
         # The sample data's harmony prompts are ~1.1-1.4k tokens: keep every example trainable.
         "max_length": max(smoke.max_length, SMOKE_MAX_LENGTH)})
 
 
-def launch_values(dataset: str) -> list:
+def launch_values(dataset: str, max_steps: int = 2) -> list:
     """The Launch endpoint's inputs, made by the same form generator the page uses."""
     from app.forms import ModelForm
     from training.config import RunConfig
 
-    return ModelForm(RunConfig).values_of(ui_run_config(dataset))
+    return ModelForm(RunConfig).values_of(ui_run_config(dataset, max_steps))
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
@@ -199,6 +201,11 @@ def test_upload_train_restart_and_grade_flow(app):
     """Upload -> store -> launch -> loss points -> app restart reattaches -> checkpoint -> grade."""
     from gradio_client import Client, handle_file
 
+    t0 = time.monotonic()
+
+    def phase(name: str) -> None:  # progress on stdout (pytest -s): where the minutes go
+        print(f"[ui flow {time.monotonic() - t0:6.1f}s] {name}", flush=True)
+
     client = Client(app.url, verbose=False)
     files = sorted((DATA / "graded" / TRAIN_ASSIGNMENT).glob("*.json"))
     assert files, "sample data missing"
@@ -212,11 +219,12 @@ def test_upload_train_restart_and_grade_flow(app):
     assert "Stored dataset" in msg, msg
     assert "samples" in str(table["data"])
 
-    message, run = client.predict(*launch_values("samples"), api_name="/launch")
+    phase("stored; launching")
+    message, run = client.predict(*launch_values("samples", FLOW_STEPS), api_name="/launch")
     assert message.startswith("Launched"), message
     run_id = run if isinstance(run, str) else run.get("value")
     # A second launch on the same devices is refused with a clear message.
-    again, _ = client.predict(*launch_values("samples"), api_name="/launch")
+    again, _ = client.predict(*launch_values("samples", FLOW_STEPS), api_name="/launch")
     assert again.startswith("Refused") and run_id in again, again
 
     def view(c):
@@ -228,23 +236,37 @@ def test_upload_train_restart_and_grade_flow(app):
         return status if re.search(r"\bloss \d", status) and "train loss" in str(fig) else None
 
     wait_for(has_loss, TRAIN_TIMEOUT_S, "loss points")
+    phase("loss points seen; restarting the app")
 
-    # Restart the app while the run trains: the new app shows the same run (reattached).
+    # Restart the app while the run trains: the new app shows the same run (reattached)...
     app.stop()
     app.start()
     client = Client(app.url, verbose=False)
     picked, status, *_ = client.predict(api_name="/current_run")
     assert (picked.get("value") if isinstance(picked, dict) else picked) == run_id
-    assert run_id in status and ("running" in status or "finished" in status), status
+    assert run_id in status and "running" in status, status
+    # ...and controls it: Stop finishes the step and saves; Resume continues from that checkpoint.
+    assert "Stopping" in client.predict(run_id, api_name="/stop")
 
-    def finished():
-        status, bar, fig, log = view(client)
-        assert "failed" not in status, (status, log)
-        return (status, bar, fig) if "finished" in status else None
+    def settled(state):
+        def check():
+            status, bar, fig, log = view(client)
+            assert "failed" not in status, (status, log)
+            done = f"**{state}**" in status and "still exiting" not in status
+            return (status, bar, fig) if done else None
+        return check
 
-    status, bar, fig = wait_for(finished, TRAIN_TIMEOUT_S, "the run to finish")
+    phase("restarted app reattached; stopping")
+    status, bar, _ = wait_for(settled("stopped"), TRAIN_TIMEOUT_S, "the run to stop")
+    stopped_at = int(re.search(r'data-step="(\d+)"', bar).group(1))
+    assert 1 <= stopped_at < FLOW_STEPS and "checkpoints:" in status, (status, bar)
+    phase("stopped; resuming")
+    message, _ = client.predict(run_id, api_name="/resume")
+    assert "Resuming" in message, message
+    status, bar, fig = wait_for(settled("finished"), TRAIN_TIMEOUT_S, "the resumed run to finish")
     assert "checkpoints:" in status and "(final)" in status, status
-    assert 'data-step="2"' in bar and "eval loss" in str(fig)
+    assert f'data-step="{FLOW_STEPS}"' in bar and "eval loss" in str(fig)
+    phase("resumed run finished; grading")
     # The checkpoints are offered in the Grade tab.
     update = client.predict(api_name="/refresh_adapters")
     choices = {label: path for label, path in update["choices"]}
@@ -262,6 +284,7 @@ def test_upload_train_restart_and_grade_flow(app):
     assert [r[0] for r in tuned_table["data"]] == [
         q["question"] for q in json.loads(rubric.read_text())["questions"]]
 
+    phase("graded; batch grading")
     # Many submissions at once -> a table and a CSV to download.
     mds = sorted((DATA / "submissions").glob(f"{TRAIN_ASSIGNMENT}-*.md"))
     table, csv_file = client.predict("embedded:tiny-gpt-oss", choices[f"{run_id}/final"],
@@ -272,6 +295,7 @@ def test_upload_train_restart_and_grade_flow(app):
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(mds) * n_questions and {r["file"] for r in rows} == {m.name for m in mds}
 
+    phase("batch graded; runs tab")
     # Runs: the history row, export (merge) a checkpoint, then delete the dataset and the run.
     history = client.predict(api_name="/runs")[0]
     row = next(r for r in history["data"] if r[0] == run_id)
