@@ -122,7 +122,7 @@ def build_command(cfg: RunConfig, run_dir: Path, *, resume: bool = False, master
 
 
 def new_run_id(cfg: RunConfig) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.name).strip("-.") or "run"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.name).strip("-.")[:80].strip("-.") or "run"
     base = f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, n = base, 2
     while (paths.checkpoints_dir() / run_id).exists():
@@ -162,16 +162,18 @@ def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait
         run_dir = paths.checkpoints_dir() / run_id
         if not (run_dir / "config.json").exists():
             raise FileNotFoundError(f"no run {run_id!r} in {paths.checkpoints_dir()} (no config.json)")
+        if _alive(_pid_of(run_id)):
+            raise ValueError(f"run {run_id} is still running; stop it first (python -m training stop {run_id})")
         cfg = cfg or load_config(run_dir / "config.json")
         (run_dir / STOP_FILE).unlink(missing_ok=True)
-    else:
-        if cfg is None:
-            raise ValueError("launch needs a RunConfig (or resume=RUN_ID)")
-        run_id = new_run_id(cfg)
-        run_dir = paths.checkpoints_dir() / run_id
+    elif cfg is None:
+        raise ValueError("launch needs a RunConfig (or resume=RUN_ID)")
     problems = check_config(cfg)
     if problems:
         raise ConfigRefused(problems)
+    if not resume:
+        run_id = new_run_id(cfg)
+        run_dir = paths.checkpoints_dir() / run_id
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.json")
@@ -209,7 +211,7 @@ def finalize(handle: RunHandle) -> str:
     rc = handle.process.wait() if handle.process else None
     row = store.get_run(handle.run_id) or {}
     status = row.get("status")
-    if status in ("created", "running"):
+    if status in ("created", "running") and not (handle.process and _alive(handle.process.pid)):
         tail = _log_tail(handle.run_dir, 15)
         store.set_run_status(handle.run_id, "failed", error=f"launcher exited with {rc}; train.log ends:\n{tail}")
         status = "failed"
@@ -233,27 +235,33 @@ def _pid_of(run_id: str) -> int | None:
     return int(f.read_text()) if f.exists() else None
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        import psutil
+def _group_members(pgid: int) -> list:
+    """Live (non-zombie) processes of the run's process group. `launch` starts the deepspeed
+    runner with start_new_session, so its pid is the group id of the whole run: the runner,
+    launch.py and every rank. The ranks may outlive a killed runner; the group still finds them."""
+    import psutil
 
-        p = psutil.Process(pid)
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
+    out = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return out
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether any process of the run (its process group) is still there."""
+    return bool(pid) and bool(_group_members(int(pid)))
 
 
 def _rank_processes(pid: int) -> list:
+    """The train_entry.py rank processes of the run whose launcher had `pid`."""
     import psutil
 
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
     out = []
-    for c in children:
+    for c in _group_members(pid):
         try:
             cmd = c.cmdline()
             # A rank: ".../train_entry.py --local_rank=N ..."; not launch.py, whose arguments
@@ -338,7 +346,9 @@ def follow(handle: RunHandle, out=sys.stdout) -> str:
     stopping = False
     while True:
         try:
-            done = handle.process.poll() is not None
+            # Done when the launcher exited and no rank of its group is left (ranks can
+            # outlive a killed launcher).
+            done = handle.process.poll() is not None and not _alive(handle.process.pid)
             if bar is None:  # until the first step, show what the trainer says
                 log_pos = _echo_log(handle.run_dir / "train.log", log_pos, out)
             for row in read_metrics(handle.run_dir):
