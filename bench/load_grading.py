@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
     res["command"] = shlex.join([".venv/bin/python", "bench/load_grading.py", *(argv if argv is not None else sys.argv[1:])])
     res["cpu_count"] = os.cpu_count()
+    res["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)  # other work on the machine skews the figures
     res["max_jobs"] = args.max_jobs if not args.url else None
     print(f"{res['requests']} concurrent /grade requests on {res['model']} "
           f"(max_new_tokens {res['max_new_tokens']}, app --max-jobs {res['max_jobs']}):")
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(submit -> result, queue included); warm-up {res['warmup_s']} s")
     print(f"  throughput {res['throughput_rps']} requests/s over {res['wall_s']} s; "
           f"at most {res['max_processing_at_once']} processing at once")
+    print(f"  machine: {res['cpu_count']} CPUs, 1-min load average at the end {res['load_avg_1m_at_end']}")
     print(f"  command: {res['command']}")
     for e in res["errors"][:10]:
         print("  " + e)

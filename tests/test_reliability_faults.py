@@ -3,17 +3,20 @@ resume after a crash while the UI writes the same SQLite store, and a full disk 
 checkpoint save (a small tmpfs as the checkpoints folder).
 
 One smoke-preset run (tiny GPT-OSS, 2 gloo ranks, ZeRO-2, tiny dataset) is shared by the kill,
-half-written and resume tests; the full-disk test has its own run on its own tmpfs.
+half-written, resume and shell-injection tests; the full-disk test has its own run on its own
+tmpfs. The shared run is deliberately hostile: its name, dataset folder and checkpoints folder
+are full of shell syntax (`;`, `$(...)`, backticks, `&&`), so every launch and resume command of
+this module also proves that no shell is involved (marker files never appear).
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
-import threading
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,14 +30,24 @@ START_TIMEOUT_S = 600   # launcher + model start-up on a busy 2-core machine (se
 DEATH_TIMEOUT_S = 180   # kill -9 -> every process of the run gone and the run marked failed
 
 
+# Folder names cannot hold "/": their payloads touch a relative name, which would land in the
+# launcher's working directory (the repo root) or the test's folders.
+PWNED = "pwned-by-path"
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
     """A smoke run whose rank 0 got SIGKILL mid-training, after its first complete checkpoint."""
     root = tmp_path_factory.mktemp("faults")
-    data = write_tiny_dataset(root / "data")
-    env = studio_env(root / "checkpoints", root / "studio.db")
-    run_id = detach_run(tiny_overrides(data, max_steps=200, save_every=2, name="killme"), env)
-    run_dir = root / "checkpoints" / run_id
+    short = Path(tempfile.mkdtemp(prefix="inj"))  # short marker paths keep the run name short
+    markers = [short / f"M{i}" for i in range(4)]
+    markers[3].write_text("must survive")
+    name = f"kill; touch {markers[0]}; $(touch {markers[1]}) `touch {markers[2]}` && rm -rf {markers[3]}"
+    data = write_tiny_dataset(root / f"data; touch {PWNED} $(touch {PWNED}) `touch {PWNED}`")
+    ckpts = root / f"ckpt && touch {PWNED} ; $(touch {PWNED})"
+    env = studio_env(ckpts, root / "studio.db")
+    run_id = detach_run(tiny_overrides(data, max_steps=200, save_every=2, name=name), env)
+    run_dir = ckpts / run_id
     pgid = launcher_pid(run_dir)
     try:
         # Kill after checkpoint-2 is complete and step 3 has been logged: mid-training, between
@@ -50,7 +63,8 @@ def killed_run(tmp_path_factory):
     finally:
         kill_group(pgid)
     yield {"root": root, "env": env, "run_id": run_id, "run_dir": run_dir, "data": data,
-           "killed_at_step": killed_at_step}
+           "killed_at_step": killed_at_step, "markers": markers, "ckpts": ckpts}
+    shutil.rmtree(short, ignore_errors=True)
 
 
 def _use(run: dict, monkeypatch) -> None:
@@ -153,6 +167,21 @@ def test_resume_after_kill_continues_while_the_ui_writes_the_store(killed_run, m
     names = [g["submission_name"] for g in store.grades(limit=10 * n_grades)]
     assert sorted(n for n in names if n.startswith("concurrent-")) == sorted(
         f"concurrent-{i}" for i in range(n_grades))
+
+
+def test_shell_syntax_in_names_and_paths_does_not_inject(killed_run):
+    """The launch (and, when the resume test ran first, the resume) of this module's run: its
+    name, dataset folder and checkpoints folder hold shell syntax; nothing of it ran."""
+    markers, run_dir, data = killed_run["markers"], killed_run["run_dir"], killed_run["data"]
+    assert not any(m.exists() for m in markers[:3]), [m for m in markers if m.exists()]
+    assert markers[3].read_text() == "must survive"
+    for where in (REPO, killed_run["root"], data, killed_run["ckpts"], run_dir):
+        assert not (where / PWNED).exists(), where / PWNED
+    assert train_steps(run_dir)[:3] == [1, 2, 3]  # it really trained from those folders
+    # The recorded command quotes the hostile folder as one argument.
+    command = shlex.split((run_dir / "command.txt").read_text().splitlines()[0])
+    assert command[command.index("--run_dir") + 1] == str(run_dir)
+    assert json.loads((run_dir / "config.json").read_text())["datasets"] == [str(data)]
 
 
 # The Grade tab's write (app.grade_tab._record -> Store.add_grade), from a second process, as
