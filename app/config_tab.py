@@ -65,6 +65,8 @@ def memory_markdown(cfg) -> str:
         extra.append(f"{est['lora_params']:,} trainable (LoRA)")
     if est.get("world_size"):
         extra.append(f"{est['world_size']} rank(s)")
+    if not rows:
+        return head.strip()
     return (f"{head}**Estimated memory per GPU{fits}**\n\n| part | GiB |\n|---|---|\n{rows}"
             + ("\n\n" + ", ".join(extra) if extra else ""))
 
@@ -87,9 +89,12 @@ def describe(form: ModelForm, values) -> tuple[str, str, str]:
     if cfg is None:
         return ("**Invalid config:**\n" + "\n".join(f"- {e}" for e in errors), "", "")
     problems = check_config(cfg)
+    memory = memory_markdown(cfg)
     msg = ("**Launch refused until fixed:**\n" + "\n".join(f"- {p}" for p in problems)
            if problems else "Config is valid.")
-    return msg, memory_markdown(cfg), command_text(cfg)
+    if "likely out of memory" in memory:
+        msg += " **But it will probably run out of GPU memory: see the estimate.**"
+    return msg, memory, command_text(cfg)
 
 
 def build(settings: Settings) -> dict[str, Any]:
@@ -112,7 +117,8 @@ def build(settings: Settings) -> dict[str, Any]:
             messages = gr.Markdown(elem_id="cfg-messages")
             memory = gr.Markdown(elem_id="cfg-memory")
         command = gr.Code(label="Launch command (exactly what Train runs)", language="shell",
-                          interactive=False, wrap_lines=True, elem_id="cfg-command")
+                          interactive=False, wrap_lines=True, lines=3, max_lines=8,
+                          elem_id="cfg-command")
 
     def on_preset(name):
         if name not in all_presets:

@@ -197,6 +197,31 @@ def test_malformed_upload_reports_file_path_reason_and_stores_nothing(server, tm
     assert "should-not-exist" not in str(table["data"])
 
 
+def test_configure_shows_validation_memory_warning_and_command(server):
+    """The Configure endpoint: what a config costs per GPU, whether it fits, the exact command."""
+    from gradio_client import Client
+
+    from app.forms import ModelForm
+    from training.config import PRESETS, RunConfig
+
+    client = Client(server, verbose=False)
+    form = ModelForm(RunConfig)
+    too_big = PRESETS["smoke"].model_copy(update={"gpu_memory_gib": 0.25})
+    messages, memory, command = client.predict(*form.values_of(too_big),
+                                               api_name="/describe_config")
+    assert "likely out of memory" in memory and "does NOT fit in 0.25 GiB" in memory, memory
+    assert "run out of GPU memory" in messages
+    assert "deepspeed" in command.split()[0]
+    assert "--num_accelerators 2" in command and "train_entry.py" in command
+    broken = form.values_of(PRESETS["smoke"])
+    broken[form.names.index("max_steps")] = "many"
+    messages, _, _ = client.predict(*broken, api_name="/describe_config")
+    assert "Invalid config" in messages and "max_steps" in messages, messages
+    missing = form.values_of(PRESETS["smoke"].model_copy(update={"model": "/nowhere/model"}))
+    messages, _, _ = client.predict(*missing, api_name="/describe_config")
+    assert "Launch refused until fixed" in messages and "/nowhere/model" in messages, messages
+
+
 def test_upload_train_restart_and_grade_flow(app):
     """Upload -> store -> launch -> loss points -> app restart reattaches -> checkpoint -> grade."""
     from gradio_client import Client, handle_file
