@@ -179,7 +179,9 @@ def build(settings: Settings) -> dict[str, Any]:
                         file_types=[".json", ".jsonl"], height=240, elem_id="data-files")
         with gr.Column():
             token_model = gr.Dropdown(model_choices(), value="embedded:tiny-gpt-oss",
-                                      allow_custom_value=True, label="Model (for token counts)",
+                                      allow_custom_value=True,
+                                      label="Model (for token counts; tiny-gpt-oss has the "
+                                            "real GPT-OSS tokenizer)",
                                       elem_id="data-token-model")
             max_length = gr.Number(value=2048, precision=0, label="max length (tokens)",
                                    elem_id="data-max-length")
