@@ -504,7 +504,10 @@ _ENGINES_LOCK = threading.Lock()
 
 def get_engine(base_model: str, **kw) -> GraderEngine:
     """The engine for ``base_model`` (built once per base, device, dtype and trust setting)."""
-    key = (base_model, kw.get("device"), str(kw.get("dtype")), bool(kw.get("trust_remote_code", False)))
+    import torch
+
+    device = kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = (base_model, str(device), str(kw.get("dtype")), bool(kw.get("trust_remote_code", False)))
     with _ENGINES_LOCK:
         eng = _ENGINES.get(key)
         if eng is None:

@@ -39,7 +39,8 @@ def rmse(y: np.ndarray, p: np.ndarray) -> float:
 
 def pearson_r(y: np.ndarray, p: np.ndarray) -> float | None:
     """None when either side is constant (r is undefined)."""
-    if len(y) < 2 or np.std(y) == 0 or np.std(p) == 0:
+    # ptp, not std: a constant like 4.2638 repeated has a std of ~1e-16 from rounding.
+    if len(y) < 2 or np.ptp(y) == 0 or np.ptp(p) == 0:
         return None
     return float(np.corrcoef(y, p)[0, 1])
 

@@ -158,3 +158,35 @@ def test_cli_grade_prints_json_and_stores(tiny_gpt_oss_dir: Path, adapters, isol
     bad = subprocess.run([sys.executable, "-m", "inference", "grade", "--adapter", "/no/such/adapter", "--rubric",
                           str(rubric_file), str(subs[0])], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_batch_and_evaluate_cli(tiny_gpt_oss_dir: Path, adapters, tmp_path: Path, capsys) -> None:
+    from inference.__main__ import main
+
+    rubric_file = sorted(RUBRICS.glob("*.json"))[0]
+    folder = tmp_path / "subs"
+    folder.mkdir()
+    for p in sorted(SUBMISSIONS.glob(rubric_file.stem + "*.md"))[:2]:
+        (folder / p.name).write_text(p.read_text())
+    out = tmp_path / "out"
+    assert main(["batch", "--adapter", str(adapters[0]), "--rubric", str(rubric_file), "--out-dir", str(out),
+                 "--max-new-tokens", "4", "--device", "cpu", str(folder)]) == 0
+    rows = (out / "grades.csv").read_text().splitlines()
+    jsonl = [json.loads(line) for line in (out / "grades.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and len(jsonl) == 2 and rows[0].startswith("file,score,max_score")
+    assert len(Store().grades()) == 2
+
+    graded = sorted((REPO / "data" / "graded").rglob("*.json"))[0]
+    report_file = tmp_path / "eval.json"
+    assert main(["evaluate", "--adapter", str(adapters[0]), "--data", str(graded), "--max-new-tokens", "4",
+                 "--n-boot", "50", "--json", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    preds = report["predictors"]
+    assert set(preds) == {"adapter", "base zero-shot", "constant (training mean)"}
+    for p in preds.values():
+        for level in ("items", "submissions"):
+            assert {"mae", "rmse", "pearson_r", "qwk", "exact", "within_1"} <= set(p[level])
+    # The adapter's run says nothing about its data: the constant falls back to the data's mean, and says so.
+    assert "evaluation data itself" in preds["constant (training mean)"]["source"]
+    assert Store().evaluations()[0]["report"]["n_submissions"] == report["n_submissions"]
+    assert "| adapter |" in capsys.readouterr().out

@@ -104,6 +104,8 @@ def test_half_point_scale_rounding_and_constant_predictor() -> None:
     c = compute_metrics([0, 1, 2, 2, 1], [1.4] * 5, max_score=2, step=1, n_boot=200)
     assert c["qwk"]["value"] == pytest.approx(0.0)
     assert c["pearson_r"]["value"] is None
+    # A training mean that is not exactly representable is still a constant (no r from rounding noise).
+    assert compute_metrics([1, 2, 3], [4.263842281879195] * 3, 5, 0.5, n_boot=0)["pearson_r"]["value"] is None
     assert c["mae"]["value"] == pytest.approx((1.4 + 0.4 + 0.6 + 0.6 + 0.4) / 5)
     lo, hi = c["mae"]["ci_low"], c["mae"]["ci_high"]
     assert lo <= c["mae"]["value"] <= hi
