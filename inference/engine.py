@@ -302,7 +302,8 @@ class GraderEngine:
                 m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
                 if not m:
                     continue
-                target, which = m.group(1), m.group(2)
+                # Several LoRA'd parameters of one module (target_parameters) nest as base_layer.
+                target, which = re.sub(r"(\.base_layer)+$", "", m.group(1)), m.group(2)
                 shape = f.get_slice(key).get_shape()
                 mod = modules.get(target)
                 expected = None

@@ -24,14 +24,16 @@ RUBRIC = Rubric(questions=[RubricQuestion(question="What is a stack?", max_score
 MD = "## Question 1: What is a stack?\n\nLIFO.\n\n## Question 2: What is a queue?\n\nFIFO.\n"
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter saved the way training saves one, with random non-zero B so it matters."""
+def make_adapter(base_dir: Path, out: Path, seed: int, experts: bool = False) -> Path:
+    """A LoRA adapter saved the way training saves one, with random non-zero B so it matters;
+    ``experts`` also puts LoRA on the MoE expert weights (peft target_parameters)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False,
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts else None)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -45,7 +47,7 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def adapters(tiny_gpt_oss_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return make_adapter(tiny_gpt_oss_dir, root / "a", 1), make_adapter(tiny_gpt_oss_dir, root / "b", 2)
+    return make_adapter(tiny_gpt_oss_dir, root / "a", 1), make_adapter(tiny_gpt_oss_dir, root / "b", 2, experts=True)
 
 
 @pytest.fixture(scope="module")
