@@ -444,10 +444,15 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
         t_step = time.time()
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, micro count, tokens, stop
         k0 = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
+        grad_norm = None
         for k in range(k0, k0 + cfg.gradient_accumulation_steps):
             batch = collate([train_ex[i] for i in batches[k][lo:hi]], pad_id, device)
             loss = loss_fn(engine, batch)
             engine.backward(loss)
+            if cfg.zero_stage == 0 and k == k0 + cfg.gradient_accumulation_steps - 1:
+                # DeepSpeed reports the norm only for its ZeRO/mixed-precision optimizers.
+                grads = [p.grad.detach().float().norm() for p in trainable if p.grad is not None]
+                grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
             engine.step()
             totals[0] += float(loss.detach())
             totals[1] += 1
@@ -459,7 +464,8 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
         stopped = totals[3] > 0 and step < total_steps
         if is_main:
             dt = time.time() - t_step
-            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
             row = {
                 "kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
                 "loss": float(totals[0] / totals[1]), "lr": scheduler.get_last_lr()[0],
