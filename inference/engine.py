@@ -10,8 +10,9 @@ always valid.
 - Prompts come from ``training.prompt_format.encode_prompt`` (the tokens training used) and
   generation stops at ``stop_token_ids``. Decoding is greedy with the KV cache; tokens stream to a
   callback. The answer goes through ``inference.repair.parse_grade``; if it holds no JSON at all,
-  one retry starts the answer with the grade JSON's opening (as training taught it) and lets the
-  model fill in the rest; if that fails too, every question scores 0 and the grade says why.
+  one guided retry forces the grade JSON's opening (as training writes it) up to the first score,
+  makes that score start with the most likely digit, and lets the model write the rest; if that
+  fails too, every question scores 0 and the grade says why.
 - Every grade is recorded in the store with the base model and adapter that made it.
 """
 from __future__ import annotations
@@ -397,18 +398,33 @@ class GraderEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _json_opening(self, rubric: Rubric) -> str:
-        """The start of the grade JSON as training writes it, up to the first item's question
-        label: the retry's forced beginning."""
+        """The start of the grade JSON as training writes it, up to the first item's score:
+        the retry's forced beginning."""
         from training.prompt_format import target_text
 
         text = target_text(zero_grade(rubric), rubric)
-        m = re.search(r'"question":', text)
+        m = re.search(r'"score":', text)
         return text[: m.end()] if m else '{"items":['
 
+    def _digit_ids(self) -> list[int]:
+        ids = []
+        for d in "0123456789":
+            enc = self.tokenizer(d, add_special_tokens=False)["input_ids"]
+            if len(enc) == 1:
+                ids.append(enc[0])
+        return ids
+
     def _retry(self, prompt: list[int], rubric: Rubric, max_new_tokens: int) -> tuple[str, list[int]]:
+        """Guided second try: the grade JSON's opening up to the first score is forced, the score
+        must start with a digit (the most likely one), then the model writes the rest freely."""
         opening = self._json_opening(rubric)
         # Encoded as text (special-token look-alikes split), as the prompt format encodes answers.
         forced = list(self.tokenizer(opening, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        digits = self._digit_ids()
+        if opening.endswith('"score":') and digits:
+            logits = self.next_token_logits(prompt + forced)
+            forced.append(max(digits, key=lambda t: float(logits[t])))
+            opening = opening + self._decode(forced[-1:])
         new = self._generate([prompt + forced], max_new_tokens)[0]
         return opening + self._decode(new), new
 
@@ -418,13 +434,13 @@ class GraderEngine:
         grade, repaired, repairs = parse_grade(raw, rubric)
         retried = False
         if retry and self.retry and repairs and repairs[0].startswith("no JSON grade found"):
-            # One bounded retry: start the answer with the JSON opening and let the model go on.
+            # One bounded, guided retry (see _retry).
             raw2, new2 = self._retry(prompt, rubric, max_new_tokens)
             grade2, repaired2, repairs2 = parse_grade(raw2, rubric)
             retried = True
             if not (repairs2 and repairs2[0].startswith("no JSON grade found")):
                 raw, new, grade = raw + "\n[retry]\n" + raw2, new2, grade2
-                repairs = ["no JSON in the first answer; retried with the JSON opening forced"] + repairs2
+                repairs = ["no JSON in the first answer; retried with the JSON opening and a digit score forced"] + repairs2
                 repaired = True
             else:
                 raw = raw + "\n[retry]\n" + raw2
