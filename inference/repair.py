@@ -213,6 +213,23 @@ def _items_of(obj: dict) -> list[dict] | None:
     return [it for it in items if isinstance(it, dict)]
 
 
+def _item_objects(raw_text: str) -> list[dict]:
+    """Every JSON object in the text that looks like a grade item (has a label and a score)."""
+    decoder = json.JSONDecoder()
+    out = []
+    for m in re.finditer(r"\{", raw_text):
+        try:
+            obj, _ = decoder.raw_decode(raw_text, m.start())
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and _item_label(obj) is not None and any(k in obj for k in _SCORE_KEYS) \
+                and "items" not in obj:
+            out.append(obj)
+        if len(out) >= 1000:
+            break
+    return out
+
+
 def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
     """Always a valid Grade for ``rubric``: (grade, repaired, repairs).
 
@@ -228,6 +245,14 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
         )
 
     items = _items_of(obj)
+    if items is None:
+        # A broken array (e.g. "items" never closed) leaves the item objects themselves readable.
+        found = _item_objects(raw_text or "")
+        if found:
+            items = found
+            obj = {k: v for k, v in obj.items() if "items" in obj or k == "feedback"}  # obj was an item
+            repairs = [r for r in repairs if not r.startswith("ignored text")]
+            repairs.append(f"the items list was broken; read {len(found)} item object(s) from the text")
     n = len(rubric.questions)
     assigned: list[dict | None] = [None] * n
     if items is None:

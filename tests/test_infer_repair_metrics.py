@@ -117,3 +117,13 @@ def test_retry_opening_with_random_continuation_is_valid() -> None:
         grade, repaired, _ = parse_grade('{"items":[{"question":' + tail, RUBRIC)
         _valid(grade)
         assert repaired
+
+
+def test_broken_items_array_still_reads_the_items() -> None:
+    # Seen from Gemma 3 270M zero-shot: the items array is never closed.
+    raw = ('{"items":[{"question":"1.1","score":4,"max_score":5}\n  {"question":"1.2","score":2}\n'
+           '  "score":6,"max_score":8,"feedback":"x"}')
+    grade, repaired, repairs = parse_grade(raw, RUBRIC)
+    _valid(grade)
+    assert [i.score for i in grade.items] == [4, 2] and repaired
+    assert any("items list was broken" in r for r in repairs)
