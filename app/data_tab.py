@@ -28,7 +28,7 @@ TOKEN_SAMPLE = 300
 # -- pure functions (the handlers below only wire them to widgets) ----------------------------
 def read_uploads(files: list[str] | None, max_bytes: int) -> list:
     """Validate each uploaded file from its bytes. Oversize files are refused before reading all."""
-    from training.loading import FileReport, Problem, load_graded_bytes
+    from training.loading import FileReport, Problem, check_across_files, load_graded_bytes
 
     reports = []
     for f in files or []:
@@ -41,7 +41,8 @@ def read_uploads(files: list[str] | None, max_bytes: int) -> list:
                 expected=f"at most {max_bytes} bytes; split the file", severity="error")]))
             continue
         reports.append(load_graded_bytes(name, path.read_bytes(), max_bytes=max_bytes))
-    return reports
+    # A submission_id repeated in a later upload is an error there, as it is for the CLI.
+    return check_across_files(reports).files
 
 
 def problems_table(reports: list) -> pd.DataFrame:

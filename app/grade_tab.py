@@ -58,6 +58,10 @@ def _inside_checkpoints(adapter: str) -> Path:
         raise gr.Error(f"Adapter {adapter!r} is not inside {root}.")
     if not (path / "adapter_model.safetensors").exists():
         raise gr.Error(f"{path} has no adapter_model.safetensors (only safetensors adapters load).")
+    from app.jobs import is_complete_adapter
+
+    if not is_complete_adapter(path):
+        raise gr.Error(f"{path} is an incomplete checkpoint (no complete.json): pick another.")
     return path
 
 

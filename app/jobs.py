@@ -180,11 +180,20 @@ def log_tail(run_id: str, n_lines: int = 40, width: int = 220) -> str:
     return "\n".join(ln if len(ln) <= width else ln[:width] + "..." for ln in lines)
 
 
+def is_complete_adapter(folder: Path) -> bool:
+    """A checkpoint the trainer finished (marker written last) with safetensors weights."""
+    from training.train_entry import COMPLETE_MARKER
+
+    return all((folder / f).is_file() for f in
+               (COMPLETE_MARKER, "adapter_model.safetensors", "adapter_config.json"))
+
+
 def list_adapters() -> list[tuple[str, str]]:
     """(label, path) for every complete adapter under the checkpoints folder, newest run first.
 
-    A checkpoint counts only when adapter_model.safetensors is present (a half-written one is not
-    offered); pickled adapters are never listed.
+    A checkpoint counts only when the trainer finished writing it (its ``complete.json`` marker,
+    the same test resume uses) and holds adapter_model.safetensors: a half-written or hand-copied
+    folder is not offered, and pickled adapters are never listed.
     """
     root = paths.checkpoints_dir()
     out: list[tuple[str, str, float]] = []
@@ -196,7 +205,7 @@ def list_adapters() -> list[tuple[str, str]]:
         for ck in run.iterdir():
             if not ck.is_dir() or not (ck.name == "final" or ck.name.startswith("checkpoint-")):
                 continue
-            if (ck / "adapter_model.safetensors").exists() and (ck / "adapter_config.json").exists():
+            if is_complete_adapter(ck):
                 out.append((f"{run.name}/{ck.name}", str(ck), ck.stat().st_mtime))
     out.sort(key=lambda t: t[2], reverse=True)
     return [(label, path) for label, path, _ in out]

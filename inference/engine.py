@@ -361,7 +361,13 @@ class GraderEngine:
     # ----------------------------------------------------------------- generation
 
     def encode(self, submission_md: str, rubric: Rubric, max_new_tokens: int) -> list[int]:
+        """The prompt tokens for a submission. Its Markdown is first normalised to the sections
+        training rendered (when its headings match the rubric), so every caller (CLI, UI, batch)
+        grades exactly what the model was trained on."""
+        from training.markdown import normalize_submission
         from training.prompt_format import encode_prompt
+
+        submission_md = normalize_submission(submission_md, rubric)
 
         limit = getattr(self.model.config, "max_position_embeddings", None)
         max_prompt = limit - max_new_tokens if isinstance(limit, int) and limit > max_new_tokens else None
