@@ -151,9 +151,9 @@ PRESETS: dict[str, RunConfig] = {
         lr_scheduler="constant",
         warmup_ratio=0.0,
         epochs=1.0,
-        max_steps=12,
+        max_steps=8,
         gradient_checkpointing=False,
-        save_every_steps=6,
+        save_every_steps=4,
     ),
 }
 

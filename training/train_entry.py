@@ -12,6 +12,7 @@ metrics.jsonl, checkpoint-<step>/, final/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -394,7 +395,7 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
         gathered: list | None = [None] * world if is_main else None
         dist.gather_object((opt_sd, rng_state()), gathered, dst=0)
         lora = [p for n, p in engine.module.named_parameters() if "lora_" in n]
-        gather_ctx = deepspeed.zero.GatheredParameters(lora) if cfg.zero_stage == 3 else _nullcontext()
+        gather_ctx = deepspeed.zero.GatheredParameters(lora) if cfg.zero_stage == 3 else contextlib.nullcontext()
         out = None
         with gather_ctx:
             if is_main:
@@ -500,14 +501,6 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
     if cfg.debug and not stopped:
         write_debug(engine, eval_ex or train_ex, run_dir, rank, device, pad_id)
     return "stopped" if stopped else "finished"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
