@@ -116,8 +116,9 @@ def epoch_micro_batches(lengths: list[int], epoch: int, cfg: RunConfig, world: i
     return micro
 
 
-def collate(examples: list, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in examples)
+def collate(examples: list, pad_id: int, device: torch.device, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch; `width` (when set) is the padded length, else the longest example."""
+    width = max([len(e.input_ids) for e in examples] + [width or 0])
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -309,6 +310,7 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
             f"{len(train_subs) + len(eval_subs) - len(train_ex) - len(eval_ex)} too long to use)")
         log(f"memory held by the base model: {models.quantization_report(model)}")
     model = models.apply_lora(model, cfg, model_type)
+    pad_width = None  # one fixed batch width, when the fast path compiles the layers
     if cfg.fast_path:
         try:
             from training import fast_path
@@ -317,6 +319,14 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
         applied = fast_path.apply(model, cfg) if fast_path else []
         if is_main and applied:
             log(f"fast path: {', '.join(applied)}")
+        if "compile_layers" in applied:
+            # Compiled decoder layers compile once more for every new sequence length (a 12-layer
+            # 20b twin on an H200 spent > 100 s in its first step of 4 micro-batches of different
+            # widths); pad every batch of the run to one width: the longest example, rounded up.
+            longest = max(len(e.input_ids) for e in train_ex + eval_ex)
+            pad_width = min(cfg.max_length, -(-longest // 64) * 64)
+            if is_main:
+                log(f"compiled layers: every batch padded to {pad_width} tokens (one compiled shape)")
     if is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"LoRA r={cfg.lora_r} on {cfg.target_modules}{' + experts' if cfg.lora_experts else ''}: "
@@ -373,7 +383,7 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
             for b in range(n_batches):
                 idx = list(range(b * g, (b + 1) * g))[lo:hi]
                 real = [i for i in idx if i < len(eval_ex)]
-                batch = collate([eval_ex[i] for i in (real or [0])], pad_id, device)
+                batch = collate([eval_ex[i] for i in (real or [0])], pad_id, device, pad_width)
                 n_tok = int((batch["labels"][:, 1:] != -100).sum()) if real else 0
                 if n_tok:
                     sums[0] += float(loss_fn(engine, batch)) * n_tok
@@ -447,7 +457,7 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
         k0 = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
         grad_norm = None
         for k in range(k0, k0 + cfg.gradient_accumulation_steps):
-            batch = collate([train_ex[i] for i in batches[k][lo:hi]], pad_id, device)
+            batch = collate([train_ex[i] for i in batches[k][lo:hi]], pad_id, device, pad_width)
             loss = loss_fn(engine, batch)
             engine.backward(loss)
             if cfg.zero_stage == 0 and k == k0 + cfg.gradient_accumulation_steps - 1:
