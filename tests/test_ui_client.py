@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ SMOKE_MAX_LENGTH = 1536
 # The UI tests train on one sample assignment (10 graded files): 8 train, 2 eval examples.
 TRAIN_ASSIGNMENT = "algebra-linear"
 # The API flow stops its run part-way and resumes it: enough steps that Stop lands before the end.
-FLOW_STEPS = 4
+FLOW_STEPS = 6
 
 
 def free_port() -> int:
@@ -260,18 +261,25 @@ def test_upload_train_restart_and_grade_flow(app):
         assert "failed" not in status, (status, log)
         return status if re.search(r"\bloss \d", status) and "train loss" in str(fig) else None
 
-    wait_for(has_loss, TRAIN_TIMEOUT_S, "loss points")
+    wait_for(has_loss, TRAIN_TIMEOUT_S, "loss points", poll_s=0.5)
     phase("loss points seen; restarting the app")
 
-    # Restart the app while the run trains: the new app shows the same run (reattached)...
-    app.stop()
-    app.start()
-    client = Client(app.url, verbose=False)
-    picked, status, *_ = client.predict(api_name="/current_run")
-    assert (picked.get("value") if isinstance(picked, dict) else picked) == run_id
-    assert run_id in status and "running" in status, status
-    # ...and controls it: Stop finishes the step and saves; Resume continues from that checkpoint.
-    assert "Stopping" in client.predict(run_id, api_name="/stop")
+    # Freeze the run (SIGSTOP to its process group) across the app restart: on a fast machine its
+    # few steps could otherwise end before Stop arrives. Its processes stay alive, as a long run's do.
+    pgid = int((app.workdir / "checkpoints" / run_id / "pid").read_text())
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        # Restart the app while the run trains: the new app shows the same run (reattached)...
+        app.stop()
+        app.start()
+        client = Client(app.url, verbose=False)
+        picked, status, *_ = client.predict(api_name="/current_run")
+        assert (picked.get("value") if isinstance(picked, dict) else picked) == run_id
+        assert run_id in status and "running" in status, status
+        # ...and controls it: Stop finishes the step and saves; Resume continues from that checkpoint.
+        assert "Stopping" in client.predict(run_id, api_name="/stop")
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
 
     def settled(state):
         def check():
