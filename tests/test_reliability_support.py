@@ -158,6 +158,22 @@ def complete_checkpoints(run_dir: Path) -> list[int]:
                   if (d / "complete.json").is_file())
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) with a socket listening on `port`."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            addr, p = parts[1].rsplit(":", 1)
+            if int(p, 16) == port and parts[3] == "0A":  # 0A = LISTEN
+                out.add(addr)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

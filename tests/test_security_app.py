@@ -11,29 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_reliability_support import REPO, app_server, studio_env
+from tests.test_reliability_support import REPO, app_server, listening_addresses, studio_env
 
 USER, PASSWORD = "alice", "s3cret-pw"
 MAX_UPLOAD_MB = 0.05  # 52,428 bytes
 DATA = REPO / "data"
 RUBRIC = str(DATA / "rubrics" / "algebra-linear.json")
 MD = (DATA / "submissions" / "algebra-linear-chloe.md")
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses (hex, /proc/net/tcp*) with a socket listening on `port`."""
-    out = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            addr, p = parts[1].rsplit(":", 1)
-            if int(p, 16) == port and parts[3] == "0A":
-                out.add(addr)
-    return out
 
 
 class Pickled:

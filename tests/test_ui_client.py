@@ -22,6 +22,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.test_reliability_support import listening_addresses, wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 # The run tests wait for: smoke preset (tiny GPT-OSS, 2 gloo ranks) incl. a first JIT build.
@@ -91,22 +93,6 @@ def kill_runs(checkpoints: Path) -> None:
             pass
 
 
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses (hex, as in /proc/net/tcp*) with a socket listening on `port`."""
-    out = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            addr, p = parts[1].rsplit(":", 1)
-            if int(p, 16) == port and parts[3] == "0A":  # 0A = LISTEN
-                out.add(addr)
-    return out
-
-
 def ui_run_config(dataset: str, max_steps: int = 2):
     """The smoke preset (tiny GPT-OSS, real DeepSpeed launcher, 2 gloo ranks) cut to a few steps:
     enough for loss points, a checkpoint per step, an eval point and a final adapter."""
@@ -126,17 +112,6 @@ def launch_values(dataset: str, max_steps: int = 2) -> list:
     from training.config import RunConfig
 
     return ModelForm(RunConfig).values_of(ui_run_config(dataset, max_steps))
-
-
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 class AppServer:
