@@ -32,15 +32,13 @@ def zero_grade(rubric: Rubric, feedback: str = "") -> Grade:
     return Grade(score=0.0, max_score=rubric.max_score, items=items, feedback=feedback)
 
 
-def _close_truncated(text: str) -> str | None:
-    """Close a JSON object that was cut off (token limit): drop the last incomplete member and
-    append the missing quotes/brackets. None when the text does not start an object."""
-    if not text.startswith("{"):
-        return None
+def _scan(text: str) -> tuple[str | None, int]:
+    """What closes an unfinished JSON text (missing quote, then brackets), and the index just
+    after its last complete member. Closers are None when a bracket closes with nothing open or
+    the top-level value is already complete (nothing to repair there)."""
     stack: list[str] = []
-    in_str = False
-    esc = False
-    last_safe = -1  # index just after the last complete value inside a container
+    in_str = esc = False
+    last_safe = -1
     for i, ch in enumerate(text):
         if in_str:
             if esc:
@@ -56,23 +54,34 @@ def _close_truncated(text: str) -> str | None:
             stack.append("}" if ch == "{" else "]")
         elif ch in "}]":
             if not stack:
-                return None
+                return None, last_safe
             stack.pop()
             last_safe = i + 1
-            if not stack:  # a complete object that raw_decode already refused: not fixable here
-                return None
+            if not stack:
+                return None, last_safe
         elif ch == ",":
             last_safe = i  # cut before the comma: everything before it is complete
     if not stack:
+        return None, last_safe
+    return ('"' if in_str else "") + "".join(reversed(stack)), last_safe
+
+
+def _close_truncated(text: str) -> str | None:
+    """Close a JSON object that was cut off (token limit): drop the last incomplete member and
+    append the missing quotes/brackets. None when the text does not start an object."""
+    if not text.startswith("{"):
+        return None
+    closers, last_safe = _scan(text)
+    if closers is None:  # a complete object that raw_decode already refused: not fixable here
         return None
     # Try the whole text closed as-is first (cut inside a string value), then cut at the last
-    # safe point and recompute the closers for that prefix.
-    candidates = []
-    tail = text + ('"' if in_str else "")
-    candidates.append(tail + "".join(reversed(stack)))
+    # safe point and close that prefix.
+    candidates = [text + closers]
     if last_safe > 0:
         prefix = text[:last_safe]
-        candidates.append(prefix + _closers(prefix))
+        prefix_closers, _ = _scan(prefix)
+        if prefix_closers is not None:
+            candidates.append(prefix + prefix_closers)
     for cand in candidates:
         try:
             json.loads(cand)
@@ -80,26 +89,6 @@ def _close_truncated(text: str) -> str | None:
         except ValueError:
             continue
     return None
-
-
-def _closers(prefix: str) -> str:
-    stack: list[str] = []
-    in_str = esc = False
-    for ch in prefix:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
-            stack.append("}" if ch == "{" else "]")
-        elif ch in "}]" and stack:
-            stack.pop()
-    return ('"' if in_str else "") + "".join(reversed(stack))
 
 
 def extract_json_object(raw_text: str) -> tuple[dict | None, list[str]]:
