@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -371,8 +372,28 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     bytes_read = sum(f.stat().st_size for f in files)
     handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
 
+    # Reads in the order they are used, a few tensors ahead on worker threads, so the disk is
+    # read while the device dequantizes/packs the previous tensor (reads release the GIL).
+    order: list[str] = []
+    for prefix in experts_by_prefix:
+        for pname in EXPERT_PARAMS:
+            full = f"{prefix}.{pname}"
+            order += [full + "_blocks", full + "_scales"] if full + "_blocks" in name_to_file else [full]
+    seen = set(order)
+    order += [n for n in params if n in name_to_file and n not in seen]
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-read")
+    pending: dict[str, Any] = {}
+    queue = [n for n in order if n in name_to_file]  # (a tied lm_head is never read)
+    cursor = 0
+
     def get(name: str) -> torch.Tensor:
-        return handles[name_to_file[name]].get_tensor(name)
+        nonlocal cursor
+        while cursor < len(queue) and len(pending) < 8:
+            n = queue[cursor]
+            cursor += 1
+            pending[n] = pool.submit(handles[name_to_file[n]].get_tensor, n)
+        fut = pending.pop(name, None)
+        return fut.result() if fut is not None else handles[name_to_file[name]].get_tensor(name)
 
     loaded = set()
     # experts first (the big ones), one tensor at a time
@@ -419,6 +440,8 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
         model.tie_weights()
     # non-persistent buffers (rotary inv_freq) were left on meta: rebuild those modules on the device
     _materialize_meta_buffers(model, config, device)
+    pool.shutdown(wait=True, cancel_futures=True)
+    pending.clear()
     handles.clear()
     if quantization == "nf4":
         from training import fast_path
