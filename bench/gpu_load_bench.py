@@ -3,8 +3,9 @@
 dequantized on the GPU, optionally packed to NF4 on the fly) vs stock
 ``AutoModelForCausalLM.from_pretrained(..., device_map="cuda")`` (MXFP4 dequantized to bf16).
 "Ready to train" = loaded + LoRA r 8 on q/k/v/o + fast path applied + one optimizer step done.
-Each mode runs in its own fresh process (page cache dropped first); CUDA start-up is timed apart
-(`cuda_init_s`); `inductor_cache` says whether flex_attention's compiled kernels were already on
+Each mode runs in its own fresh process (page cache dropped first); the imports every trainer
+process makes (`imports_s`) and CUDA start-up (`cuda_init_s`) are timed apart from the load;
+`first_step_s` = LoRA + fast path + the first optimizer step (compilation included); `inductor_cache` says whether flex_attention's compiled kernels were already on
 disk (cold = the first run ever on the machine; a second run of the same mode shows warm).
 
     python bench/make_twin_checkpoint.py --shape 20b --out /root/twin-20b
@@ -64,6 +65,13 @@ def measure(path: Path, mode: str, shape: str) -> dict:
            "inductor_cache": "warm" if cache.exists() and any(cache.iterdir()) else "cold",
            "date": time.strftime("%Y-%m-%d", time.gmtime())}
     try:
+        t = time.perf_counter()  # what any trainer process imports before it loads (one-time, per process)
+        import transformers.models.gpt_oss.modeling_gpt_oss  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+        import peft  # noqa: F401
+        if mode.endswith("nf4"):
+            import bitsandbytes  # noqa: F401
+        row["imports_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         torch.empty(1, device="cuda")
         torch.cuda.synchronize()
@@ -82,7 +90,7 @@ def measure(path: Path, mode: str, shape: str) -> dict:
         t_load = time.perf_counter() - t0
         loss = ready(model)
         t_ready = time.perf_counter() - t0
-        row.update(load_s=round(t_load, 2), ready_s=round(t_ready, 2), s_per_gb=round(t_load / (size / 1e9), 3),
+        row.update(load_s=round(t_load, 2), ready_s=round(t_ready, 2), first_step_s=round(t_ready - t_load, 2), s_per_gb=round(t_load / (size / 1e9), 3),
                    first_loss=round(loss, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                    bytes_per_param=round(qe.bytes_per_param(model), 4))
     except Exception as e:  # record and go on
