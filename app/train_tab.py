@@ -7,6 +7,7 @@ about the run lives in the app's memory, so a reload or an app restart shows it 
 from __future__ import annotations
 
 import html
+import statistics
 from typing import Any
 
 import gradio as gr
@@ -27,6 +28,17 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _seconds_per_step(train: list[dict[str, Any]]) -> float | None:
+    """Typical seconds per step: the median over the last 20 steps, so the first step of a GPU run
+    (which compiles the layers: ~50 s against ~1 s per step after it) does not inflate the ETA."""
+    pts = [(int(r["step"]), float(r["elapsed_s"])) for r in train
+           if r.get("step") and r.get("elapsed_s") is not None]
+    per = [(e2 - e1) / (s2 - s1) for (s1, e1), (s2, e2) in zip(pts, pts[1:]) if s2 > s1 and e2 >= e1]
+    if per:
+        return statistics.median(per[-20:])
+    return pts[-1][1] / pts[-1][0] if pts else None
+
+
 def progress(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Step, total, ETA, tokens/s, memory from the newest metric rows."""
     train = [r for r in rows if r.get("kind", "train") == "train"]
@@ -36,8 +48,9 @@ def progress(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                              if r.get("total_steps")), None)
     elapsed = last.get("elapsed_s")
     eta = None
-    if total and step and elapsed:
-        eta = float(elapsed) / step * max(int(total) - step, 0)
+    per_step = _seconds_per_step(train)
+    if total and step and per_step is not None:
+        eta = per_step * max(int(total) - step, 0)
     evals = [r for r in rows if r.get("kind") == "eval" and r.get("eval_loss") is not None]
     return {"step": step, "total": total, "eta_s": eta, "elapsed_s": elapsed,
             "tokens_per_s": last.get("tokens_per_s"), "peak_mem_gib": last.get("peak_mem_gib"),
