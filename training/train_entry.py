@@ -326,7 +326,8 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
             longest = max(len(e.input_ids) for e in train_ex + eval_ex)
             pad_width = min(cfg.max_length, -(-longest // 64) * 64)
             if is_main:
-                log(f"compiled layers: every batch padded to {pad_width} tokens (one compiled shape)")
+                log(f"compiled layers: every batch padded to {pad_width} tokens (one compiled shape); "
+                    "the first step compiles them and takes about a minute, later steps are fast")
     if is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"LoRA r={cfg.lora_r} on {cfg.target_modules}{' + experts' if cfg.lora_experts else ''}: "
