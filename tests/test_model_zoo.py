@@ -3,6 +3,7 @@ GPT-OSS LoRA path in seconds) and the default CPU model, Gemma 3 270M."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,67 @@ def test_default_cpu_model_is_gemma_and_loads_offline() -> None:
         natural_loss = model(ids, labels=ids).loss.item()
         shuffled_loss = model(shuffled, labels=shuffled).loss.item()
     assert natural_loss < 5.0 and shuffled_loss > natural_loss + 3.0
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+_RANK_BUILD = r"""
+import os, sys, json
+import torch.distributed as dist
+dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2, init_method="tcp://127.0.0.1:" + sys.argv[2])
+from training import model_zoo
+out = sys.argv[3]
+result = {}
+if dist.get_rank() == 1:  # the rank transformers' save_pretrained writes nothing on
+    try:
+        model_zoo.build_tiny_gpt_oss(__import__("pathlib").Path(out))
+        result["ok"] = True
+    except RuntimeError as e:
+        result["error"] = str(e)
+dist.barrier()
+print("RESULT " + json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+def test_a_model_built_inside_a_process_group_is_never_stored_half_written(tmp_path, gpt_oss_tokenizer_dir):
+    """On rank 1 of a torch.distributed group transformers' save_pretrained silently writes no
+    weights; the build must then fail clearly and store nothing, never a folder marked finished."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "tiny"
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_BUILD, str(r), port, str(out)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    rank1 = json.loads(outs[1][0].split("RESULT ", 1)[1])
+    if rank1.get("ok"):  # a transformers that saves on every rank: then the folder must be whole
+        assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+    else:
+        assert "rank 1" in rank1["error"] and "nothing was stored" in rank1["error"]
+        assert not out.exists()
+    assert not list(tmp_path.glob("tiny.tmp-*"))
+
+
+def test_first_two_rank_run_on_a_fresh_cache_builds_the_embedded_model_once_and_trains(tmp_path, gpt_oss_tokenizer_dir):
+    """A new machine: the cache holds only the tokenizer; `python -m training run --preset smoke`
+    (2 gloo ranks, both wanting embedded:tiny-gpt-oss) builds the model and finishes."""
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    shutil.copytree(gpt_oss_tokenizer_dir, cache / gpt_oss_tokenizer_dir.name)
+    env = dict(os.environ, GRADER_CACHE=str(cache), GRADER_CHECKPOINTS=str(tmp_path / "ck"),
+               GRADER_DB=str(tmp_path / "studio.db"))
+    proc = subprocess.run([sys.executable, "-m", "training", "run", "--preset", "smoke", "--set", "max_steps=1",
+                           "--set", "eval_fraction=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "finished" in proc.stdout
+    built = cache / "tiny-gpt-oss"
+    assert (built / "config.json").is_file() and (built / "model.safetensors").is_file()

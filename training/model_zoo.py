@@ -57,6 +57,24 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
+def _check_model_folder(tmp: Path, out_dir: Path) -> None:
+    """A build is only marked complete with a config and weights in it. transformers'
+    save_pretrained silently writes nothing on a rank other than 0 once torch.distributed is up,
+    which once left a tokenizer-only folder marked as a finished model."""
+    if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+        hint = ""
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                hint = (f" (this process is rank {dist.get_rank()} of a torch.distributed group, where "
+                        "transformers saves nothing: build embedded models before the process group starts)")
+        except Exception:
+            pass
+        raise RuntimeError(f"building {out_dir.name}: save_pretrained wrote no config.json/weights{hint}; "
+                           f"nothing was stored in {out_dir}")
+
+
 def _remove_stale_builds(out_dir: Path) -> None:
     """Delete half-built folders of a builder that was killed. Only call holding the lock:
     builds happen only under it, so any such folder then is abandoned (Gemma's is 1+ GB)."""
@@ -78,6 +96,7 @@ def _build_locked(out_dir: Path, spec: dict, build: Callable[[Path], None]) -> P
         tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
         try:
             build(tmp)
+            _check_model_folder(tmp, out_dir)
             (tmp / _MARKER).write_text(json.dumps(spec, indent=1))
             _swap_in(tmp, out_dir)
         finally:

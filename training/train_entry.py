@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -23,6 +24,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,16 @@ from training.config import RunConfig, load_config, save_config  # noqa: E402
 
 COMPLETE_MARKER = "complete.json"
 STOP_FILE = "STOP"
+
+# Library notices that repeat every step in train.log and mean nothing to the user (seen on the
+# CPU runs and on the H200): DeepSpeed's use of a deprecated torch collective, inductor's notes.
+for _pattern, _category in [(r".*all_gather_into_tensor.*deprecated", FutureWarning),
+                            (r".*is_gradient_checkpointing. is deprecated", FutureWarning),
+                            (r"(?s).*Online softmax is disabled", UserWarning),
+                            (r".*TensorFloat32 tensor cores", UserWarning)]:
+    warnings.filterwarnings("ignore", message=_pattern, category=_category)
+# bitsandbytes on a CPU with AVX512-BF16 asks for an optional kernel download (we never download)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -204,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     run_id = run_dir.name
     cfg = load_config(run_dir / "config.json")
     stop = StopRequest(run_dir)
+
+    # Embedded models are built (once, under a file lock) before the process group starts:
+    # inside it transformers' save_pretrained writes nothing on ranks other than 0.
+    if cfg.model.startswith("embedded:"):
+        from training.model_zoo import resolve_model_path
+
+        resolve_model_path(cfg.model)
 
     # ---- distributed
     import deepspeed
