@@ -244,3 +244,38 @@ def test_full_disk_during_checkpoint_save_fails_clearly_and_keeps_the_previous_o
 
     stored = [c["step"] for c in Store(tmp_path / "studio.db").checkpoints(run_id)]
     assert stored == [2], stored
+
+
+def test_deepspeed_shared_memory_of_dead_runs_is_freed_and_live_ones_kept():
+    """DeepSpeed's CPU all-reduce leaves a 64 MiB /dev/shm segment per rank and run (RAM, until
+    reboot); the launcher frees those no live process maps, and never one a live rank maps."""
+    import subprocess
+    import sys
+
+    from training.launcher import sweep_shm_buffers
+
+    prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_"
+    dead, live = Path(prefix + "1_0"), Path(prefix + "2_0")
+    for f in (dead, live):
+        f.write_bytes(b"\0" * 4096)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import mmap, sys, time\n"
+        f"f = open({str(live)!r}, 'r+b'); m = mmap.mmap(f.fileno(), 4096)\n"
+        "print('mapped', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        assert sweep_shm_buffers() >= 1
+        assert not dead.exists() and live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    sweep_shm_buffers()
+    assert not live.exists()
+
+
+def test_a_killed_run_leaves_no_shared_memory_once_swept(killed_run):
+    from training.launcher import sweep_shm_buffers
+
+    port = (killed_run["run_dir"] / "command.txt").read_text().split("--master_port ")[1].split()[0]
+    sweep_shm_buffers()  # what the next launch (or the run's reaper) does
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))

@@ -254,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             store.set_run_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        if not use_cuda:  # DeepSpeed's CPU all-reduce segment of this rank (see remove_shm_buffers)
+            from training.launcher import remove_shm_buffers
+
+            remove_shm_buffers(os.environ.get("MASTER_PORT"), rank)
     if is_main:
         store.set_run_status(run_id, status)
         log(f"run {run_id} {status}")
