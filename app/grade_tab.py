@@ -100,8 +100,10 @@ def total_markdown(result, who: str) -> str:
         return ""
     g = result.grade
     note = " (output repaired: " + "; ".join(result.repairs) + ")" if result.repaired else ""
+    how = (" - scores are the model's expected score (its probabilities for 0..max averaged)"
+           if getattr(result, "scoring", "") == "expected" else "")
     fb = f"\n\n{g.feedback}" if g.feedback else ""
-    return f"**{who}: {g.score:g} / {g.max_score:g}** in {result.latency_s:.1f} s{note}{fb}"
+    return f"**{who}: {g.score:g} / {g.max_score:g}** in {result.latency_s:.1f} s{how}{note}{fb}"
 
 
 def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_tokens: int,

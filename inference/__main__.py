@@ -6,7 +6,8 @@
     python -m inference export   --adapter DIR --out DIR [--base MODEL]
 
 --base defaults to the model the adapter was trained on (its run_config.json), and without an
-adapter to the embedded Gemma 3 270M. Every grade is recorded in the studio's SQLite store.
+adapter to the embedded Gemma 3 270M. Scores are the model's expected score per question unless
+--scoring generated. Every grade is recorded in the studio's SQLite store.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from inference.engine import SCORINGS
+
 
 def _engine(args):
     from inference.engine import get_engine, resolve_base
@@ -24,6 +27,7 @@ def _engine(args):
     base = resolve_base(args.base, args.adapter)
     engine = get_engine(base, device=args.device, trust_remote_code=args.trust_remote_code)
     engine.use_adapter(args.adapter)
+    engine.scoring = getattr(args, "scoring", None) or engine.scoring
     return engine
 
 
@@ -117,12 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m inference", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p, adapter_required=False):
+    def common(p, adapter_required=False, scoring=True):
         p.add_argument("--base", help="base model: folder or embedded:NAME (default: the adapter's, else "
                                       "embedded:gemma-3-270m)")
         p.add_argument("--adapter", required=adapter_required, help="LoRA adapter folder (a run's final/)")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
+        if scoring:
+            p.add_argument("--scoring", choices=SCORINGS, default="expected",
+                           help="expected: each score is the mean of the model's probabilities for 0..max "
+                                "at that score (default); generated: the digits the model wrote")
 
     p = sub.add_parser("grade", help="grade Markdown submissions, print JSON grades")
     common(p)
@@ -152,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="merge the adapter into its base and save a plain model folder")
-    common(p, adapter_required=True)
+    common(p, adapter_required=True, scoring=False)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
     return ap

@@ -13,6 +13,11 @@ always valid.
   one guided retry forces the grade JSON's opening (as training writes it) up to the first score,
   makes that score start with the most likely digit, and lets the model write the rest; if that
   fails too, every question scores 0 and the grade says why.
+- Scores are the model's expected score by default (``scoring="expected"``): with the grade JSON
+  written as training writes it, one forward pass reads, at each question's score, the model's
+  probabilities for the values 0..max and takes their mean. On Mohler (bench/mohler_quality.py,
+  H200) the same adapter reached r 0.42 that way against 0.15 for the greedy digit.
+  ``scoring="generated"`` keeps the digits the model wrote.
 - Every grade is recorded in the store with the base model and adapter that made it.
 """
 from __future__ import annotations
@@ -27,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from inference.repair import parse_grade, zero_grade
+from inference.repair import parse_grade, scores_read_from_output, zero_grade
 from training.rubric import Grade, Rubric
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "run_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+SCORINGS = ("expected", "generated")
 
 
 class AdapterError(ValueError):
@@ -53,6 +59,9 @@ class GradeResult:
     new_tokens: int = 0
     retried: bool = False
     grade_id: int | None = None  # row id in the store
+    scoring: str = "generated"  # how the item scores were made: "expected" or "generated"
+    # per question: {value: probability} the expected score came from (None where it was not used)
+    score_probs: list[dict[str, float] | None] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +74,8 @@ class GradeResult:
             "adapter": self.adapter,
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
+            "scoring": self.scoring,
+            "score_probs": self.score_probs,
         }
 
 
@@ -264,6 +275,7 @@ class GraderEngine:
         self.active: str | None = None  # resolved folder of the active adapter
         self._lock = threading.RLock()  # one generation at a time per engine (UI threads)
         self.retry = True  # one retry when an answer holds no JSON (benchmarks of speed turn it off)
+        self.scoring = "expected"  # default for grade()/grade_many(); see the module docstring
 
     # ----------------------------------------------------------------- adapters
 
@@ -435,7 +447,7 @@ class GraderEngine:
         return opening + self._decode(new), new
 
     def _finish(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int, t0: float,
-                retry: bool = True) -> GradeResult:
+                retry: bool = True, scoring: str = "generated") -> GradeResult:
         raw = self._decode(new)
         grade, repaired, repairs = parse_grade(raw, rubric)
         retried = False
@@ -453,9 +465,61 @@ class GraderEngine:
                 repairs = ["no JSON grade found in the model output (also after one retry with the JSON "
                            "opening forced); every question scored 0"]
                 repaired = True
+        probs = None
+        if scoring == "expected":
+            grade, probs = self._expected_scores(prompt, grade, rubric, scores_read_from_output(repairs, rubric))
         return GradeResult(grade=grade, raw_text=raw, repaired=repaired, repairs=repairs,
                            latency_s=time.perf_counter() - t0, base_model=self.base_model, adapter=self.active,
-                           prompt_tokens=len(prompt), new_tokens=len(new), retried=retried)
+                           prompt_tokens=len(prompt), new_tokens=len(new), retried=retried,
+                           scoring="expected" if probs and any(probs) else "generated", score_probs=probs)
+
+    def _value_ids(self, max_score: float) -> dict[int, int] | None:
+        """{token id: value} for the whole-number scores 0..max_score when each is one token."""
+        if max_score != int(max_score) or max_score < 1 or max_score > 100:
+            return None
+        out: dict[int, int] = {}
+        for v in range(int(max_score) + 1):
+            enc = self.tokenizer(str(v), add_special_tokens=False)["input_ids"]
+            if len(enc) != 1:
+                return None
+            out[enc[0]] = v
+        return out
+
+    def _expected_scores(self, prompt: list[int], grade: Grade, rubric: Rubric,
+                         read: list[bool]) -> tuple[Grade, list[dict[str, float] | None]]:
+        """Replace each score the model wrote by its expected value (see the module docstring).
+        Questions whose score was filled in by repair, whose values are not single tokens, or whose
+        max is not a whole number keep their score."""
+        import torch
+
+        from training.prompt_format import target_text
+
+        text = target_text(grade, rubric)
+        enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        token_at = {start: k for k, (start, end) in enumerate(offsets) if end > start}
+        starts = [m.end() for m in re.finditer(r'"score":', text)][: len(grade.items)]
+        wanted: dict[int, tuple[int, dict[int, int]]] = {}  # item -> (answer token index, value ids)
+        for i, (item, ch) in enumerate(zip(grade.items, starts)):
+            values = self._value_ids(item.max_score)
+            k = token_at.get(ch)
+            if i < len(read) and read[i] and values and k is not None and ids[k] in values:
+                wanted[i] = (k, values)
+        probs: list[dict[str, float] | None] = [None] * len(grade.items)
+        if not wanted:
+            return grade, probs
+        model, ctx = self._runner()
+        with self._lock, torch.inference_mode(), ctx:
+            out = model(input_ids=torch.tensor([prompt + ids], device=self.device), logits_to_keep=len(ids) + 1)
+        logits = out.logits[0]  # row k predicts answer token k
+        items = list(grade.items)
+        for i, (k, values) in wanted.items():
+            p = torch.softmax(logits[k, list(values)].float(), dim=-1).cpu()
+            vals = list(values.values())
+            ev = float(sum(float(pi) * v for pi, v in zip(p, vals)))
+            probs[i] = {str(v): round(float(pi), 4) for pi, v in zip(p, vals)}
+            items[i] = items[i].model_copy(update={"score": round(ev, 2)})
+        return grade.model_copy(update={"items": items, "score": round(sum(it.score for it in items), 2)}), probs
 
     def _store(self, result: GradeResult, name: str, rubric: Rubric) -> None:
         from training.store import Store
@@ -468,22 +532,26 @@ class GraderEngine:
 
     def grade(self, submission_md: str, rubric: Rubric, *, max_new_tokens: int = 512,
               on_token: Callable[[str], None] | None = None, submission_name: str = "submission",
-              store: bool = True) -> GradeResult:
-        """Grade one submission (Markdown) against ``rubric``: always a valid Grade."""
+              store: bool = True, scoring: str | None = None) -> GradeResult:
+        """Grade one submission (Markdown) against ``rubric``: always a valid Grade.
+        ``scoring``: "expected" or "generated" (default: the engine's ``scoring``)."""
+        scoring = _check_scoring(scoring or self.scoring)
         with self._lock:
             t0 = time.perf_counter()
             prompt = self.encode(submission_md, rubric, max_new_tokens)
             streamer = _CallbackStreamer(self.tokenizer, on_token, self.stop_ids) if on_token else None
             new = self._generate([prompt], max_new_tokens, streamer=streamer)[0]
-            result = self._finish(prompt, new, rubric, max_new_tokens, t0)
+            result = self._finish(prompt, new, rubric, max_new_tokens, t0, scoring=scoring)
         if store:
             self._store(result, submission_name, rubric)
         return result
 
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, batch_size: int = 8, max_new_tokens: int = 512,
-                   progress: Callable[[int], None] | None = None, store: bool = True) -> list[GradeResult]:
+                   progress: Callable[[int], None] | None = None, store: bool = True,
+                   scoring: str | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with batched generation; results in input order.
         ``progress(n)`` is called after each batch with the number just finished."""
+        scoring = _check_scoring(scoring or self.scoring)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
         order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
@@ -496,7 +564,7 @@ class GraderEngine:
                 share = (time.perf_counter() - t0) / len(chunk)
                 for i, new in zip(chunk, news):
                     t_i = time.perf_counter() - share  # each row is charged its share of the batch
-                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i)
+                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i, scoring=scoring)
             if store:
                 for i in chunk:
                     self._store(results[i], items[i][0], items[i][2])  # type: ignore[arg-type]
@@ -519,6 +587,12 @@ class GraderEngine:
         return {"base_model": self.base_model, "base_path": str(self.base_path), "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "format": self.format,
                 "adapters": list(self.adapters), "active_adapter": self.active, **self.base_summary}
+
+
+def _check_scoring(scoring: str) -> str:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
+    return scoring
 
 
 _ENGINES: dict[tuple, GraderEngine] = {}

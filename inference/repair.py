@@ -318,3 +318,19 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
     # Notes on surrounding text alone are not repairs of the grade itself.
     real = [r for r in repairs if not r.startswith("ignored text")]
     return grade, bool(real), repairs
+
+
+def scores_read_from_output(repairs: list[str], rubric: Rubric) -> list[bool]:
+    """Per rubric question: was its score read from the model's answer (True), or filled in by
+    ``parse_grade`` because no item or no readable score was there (False)? Reads the repair
+    sentences above, which are written in this module only."""
+    if any(r.startswith("no JSON grade found") for r in repairs):
+        return [False] * len(rubric.questions)
+    if "no items in the output" in repairs:  # (the one-question case that used the total was read)
+        return [False] * len(rubric.questions)
+    out = []
+    for k, q in enumerate(rubric.questions):
+        label = q.question_id or str(k + 1)
+        filled = (f"question {label}: no item in the output", f"question {label}: no readable score")
+        out.append(not any(r.startswith(filled) for r in repairs))
+    return out

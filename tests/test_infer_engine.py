@@ -192,3 +192,51 @@ def test_batch_and_evaluate_cli(tiny_gpt_oss_dir: Path, adapters, tmp_path: Path
     assert "evaluation data itself" in preds["constant (training mean)"]["source"]
     assert Store().evaluations()[0]["report"]["n_submissions"] == report["n_submissions"]
     assert "| adapter |" in capsys.readouterr().out
+
+
+def _grade_as_written(rubric: Rubric, scores: list[float]):
+    from training.rubric import Grade, GradeItem
+
+    items = [GradeItem(question=q.question, score=s, max_score=q.max_score, justification="ok")
+             for q, s in zip(rubric.questions, scores)]
+    return Grade(score=sum(scores), max_score=rubric.max_score, items=items)
+
+
+def test_expected_score_is_the_mean_of_the_models_own_score_distribution(engine: GraderEngine, adapters) -> None:
+    """At each question's score, in the grade JSON as training writes it, the model's probabilities
+    for 0..max are read and averaged. Checked against the next-token logits computed separately
+    for each question's prefix (the same tokens training and the retry use)."""
+    from training.prompt_format import target_text
+
+    engine.use_adapter(adapters[0])
+    prompt = engine.encode(MD, RUBRIC, 64)
+    written = _grade_as_written(RUBRIC, [4, 1])
+    grade, probs = engine._expected_scores(prompt, written, RUBRIC, [True, True])
+    text = target_text(written, RUBRIC)
+    cut = [m.end() for m in __import__("re").finditer(r'"score":', text)]
+    for i, q in enumerate(RUBRIC.questions):
+        assert set(probs[i]) == {str(v) for v in range(int(q.max_score) + 1)}
+        assert abs(sum(probs[i].values()) - 1) < 1e-3
+        prefix = engine.tokenizer(text[: cut[i]], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        logits = engine.next_token_logits(prompt + list(prefix))
+        value_ids = engine._value_ids(q.max_score)
+        p = torch.softmax(logits[list(value_ids)], dim=-1)
+        expected = float(sum(float(pi) * v for pi, v in zip(p, value_ids.values())))
+        assert abs(grade.items[i].score - round(expected, 2)) <= 0.011, (i, grade.items[i].score, expected)
+        assert 0 <= grade.items[i].score <= q.max_score
+    assert abs(grade.score - sum(it.score for it in grade.items)) < 1e-9
+    # a score the repair filled in (nothing read from the model) is left alone
+    kept, probs2 = engine._expected_scores(prompt, written, RUBRIC, [True, False])
+    assert kept.items[1].score == 1 and probs2[1] is None and probs2[0] == probs[0]
+
+
+def test_grades_say_how_their_scores_were_made(engine: GraderEngine, adapters) -> None:
+    engine.use_adapter(adapters[0])
+    gen = engine.grade(MD, RUBRIC, max_new_tokens=12, store=False, scoring="generated")
+    assert gen.scoring == "generated" and gen.score_probs is None
+    exp = engine.grade(MD, RUBRIC, max_new_tokens=12, store=False)  # the default
+    assert exp.scoring in ("expected", "generated") and exp.to_dict()["scoring"] == exp.scoring
+    if exp.scoring == "generated":  # random model: nothing read from its output to re-score
+        assert not any(exp.score_probs or [])
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        engine.grade(MD, RUBRIC, max_new_tokens=4, store=False, scoring="mean")
