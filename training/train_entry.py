@@ -251,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         status = train(cfg, run_dir, run_id, args.resume, device, rank, world, stop, store)
     except BaseException as e:  # noqa: BLE001 - any crash must be recorded, then re-raised
         if is_main:
-            traceback.print_exc()
+            # The store first: on a full disk writing the traceback to train.log fails too.
             store.set_run_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
+            with contextlib.suppress(OSError):
+                traceback.print_exc()
         raise
     finally:
         if not use_cuda:  # DeepSpeed's CPU all-reduce segment of this rank (see remove_shm_buffers)
