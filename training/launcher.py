@@ -214,8 +214,12 @@ def remove_shm_buffers(port: int | str | None, rank: int | None = None) -> int:
     if not port:
         return 0
     pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{'*' if rank is None else rank}"
+    return _unlink_all(Path("/dev/shm").glob(pattern))
+
+
+def _unlink_all(files) -> int:
     n = 0
-    for f in Path("/dev/shm").glob(pattern):
+    for f in files:
         try:
             f.unlink()
             n += 1
@@ -242,15 +246,7 @@ def sweep_shm_buffers() -> int:
                 i = line.find("/dev/shm/" + prefix)
                 if i >= 0:
                     in_use.add(line[i + len("/dev/shm/"):].split(" ")[0])
-    n = 0
-    for f in files:
-        if f.name not in in_use:
-            try:
-                f.unlink()
-                n += 1
-            except OSError:
-                pass
-    return n
+    return _unlink_all(f for f in files if f.name not in in_use)
 
 
 def finalize(handle: RunHandle) -> str:
