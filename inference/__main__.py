@@ -99,7 +99,8 @@ def cmd_evaluate(args) -> int:
     with tqdm(desc="grading", unit="sub", file=sys.stderr) as bar:
         report = evaluate(args.data, adapter=args.adapter, base=args.base, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, n_boot=args.n_boot, include_base=not args.no_base,
-                          progress=bar.update)
+                          progress=bar.update, scoring=args.scoring, device=args.device,
+                          trust_remote_code=args.trust_remote_code)
     print(report["table_markdown"])
     const = report["predictors"]["constant (training mean)"]
     print(f"\nconstant predictor: {const['mean_fraction']:.3f} of each maximum, from the {const['source']}")

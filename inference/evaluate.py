@@ -88,6 +88,9 @@ def evaluate(
     include_base: bool = True,
     progress: Callable[[int], None] | None = None,
     store: bool = True,
+    scoring: str = "expected",
+    device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Grade the labelled submissions in ``data`` and compare with the human grades."""
     from training.loading import DataError, load_graded
@@ -100,7 +103,7 @@ def evaluate(
     if not subs:
         raise DataError(f"no graded submissions in {', '.join(map(str, data))}")
     base_model = resolve_base(base, adapter)
-    engine = get_engine(base_model)
+    engine = get_engine(base_model, device=device, trust_remote_code=trust_remote_code)
     items = [(s.submission_id or f"#{k + 1}", render_submission_markdown(s), s.rubric()) for k, s in enumerate(subs)]
     human = [s.grade() for s in subs]
     item_h = [it.score for g in human for it in g.items]
@@ -112,11 +115,11 @@ def evaluate(
     if adapter is not None:
         engine.use_adapter(adapter)
         runs["adapter"] = engine.grade_many(items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                            progress=progress, store=store)
+                                            progress=progress, store=store, scoring=scoring)
     if include_base or adapter is None:
         engine.use_adapter(None)
         runs["base zero-shot"] = engine.grade_many(items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                   progress=progress, store=store)
+                                                   progress=progress, store=store, scoring=scoring)
     frac, source = training_mean_fraction(adapter)
     if frac is None:
         frac = float(np.mean([h / m for h, m in zip(item_h, item_max)]))
@@ -154,6 +157,7 @@ def evaluate(
         "base_model": base_model,
         "adapter": str(Path(adapter).resolve()) if adapter else None,
         "n_submissions": len(subs),
+        "scoring": scoring,
         "n_items": len(item_h),
         "max_new_tokens": max_new_tokens,
         "predictors": predictors,

@@ -181,8 +181,9 @@ def test_batch_and_evaluate_cli(tiny_gpt_oss_dir: Path, adapters, tmp_path: Path
     graded = sorted((REPO / "data" / "graded").rglob("*.json"))[0]
     report_file = tmp_path / "eval.json"
     assert main(["evaluate", "--adapter", str(adapters[0]), "--data", str(graded), "--max-new-tokens", "4",
-                 "--n-boot", "50", "--json", str(report_file)]) == 0
+                 "--n-boot", "50", "--json", str(report_file), "--scoring", "generated", "--device", "cpu"]) == 0
     report = json.loads(report_file.read_text())
+    assert report["scoring"] == "generated"  # the flag reaches the grading, and the report says it
     preds = report["predictors"]
     assert set(preds) == {"adapter", "base zero-shot", "constant (training mean)"}
     for p in preds.values():
