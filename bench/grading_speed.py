@@ -49,8 +49,9 @@ def sample_items(n: int) -> list[tuple[str, str, object]]:
     return out[:n]
 
 
-def measure(engine: GraderEngine, items, batch_sizes, max_new_tokens) -> list[dict]:
+def measure(engine: GraderEngine, items, batch_sizes, max_new_tokens, scoring="generated") -> list[dict]:
     engine.retry = False
+    engine.scoring = scoring
     engine.grade_many(items[:1], batch_size=1, max_new_tokens=8, store=False)  # warm-up
     rows = []
     for bs in batch_sizes:
@@ -68,6 +69,7 @@ def measure(engine: GraderEngine, items, batch_sizes, max_new_tokens) -> list[di
             "submissions_per_min": round(len(items) / dt * 60, 2), "new_tokens": new,
             "new_tokens_per_s": round(new / dt, 1), "mean_prompt_tokens": round(sum(r.prompt_tokens for r in res) / len(res)),
             "valid_json_without_repair": sum(not r.repaired for r in res), "max_new_tokens": max_new_tokens,
+            "scoring": scoring,
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -101,17 +103,19 @@ def main(argv=None) -> int:
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--scoring", default="generated", choices=["generated", "expected"],
+                    help="generated: generation alone (the recorded figures); expected adds the expected-score pass")
     args = ap.parse_args(argv)
     items = sample_items(args.n)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     rows = []
     if not args.skip_model:
         engine = GraderEngine(args.model, device=args.device)
-        rows += measure(engine, items, sizes, args.max_new_tokens)
+        rows += measure(engine, items, sizes, args.max_new_tokens, args.scoring)
         del engine
     if args.gpt_oss_20b_shaped:
         engine = gpt_oss_20b_shaped(args.device or "cuda")
-        rows += measure(engine, items, sizes, args.max_new_tokens)
+        rows += measure(engine, items, sizes, args.max_new_tokens, args.scoring)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
