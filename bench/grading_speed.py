@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from inference.engine import GraderEngine  # noqa: E402
+from inference.engine import SCORINGS, GraderEngine  # noqa: E402
 from training.loading import load_rubric  # noqa: E402
 from training.markdown import normalize_submission, read_markdown  # noqa: E402
 
@@ -51,14 +51,13 @@ def sample_items(n: int) -> list[tuple[str, str, object]]:
 
 def measure(engine: GraderEngine, items, batch_sizes, max_new_tokens, scoring="generated") -> list[dict]:
     engine.retry = False
-    engine.scoring = scoring
     engine.grade_many(items[:1], batch_size=1, max_new_tokens=8, store=False)  # warm-up
     rows = []
     for bs in batch_sizes:
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = engine.grade_many(items, batch_size=bs, max_new_tokens=max_new_tokens, store=False)
+        res = engine.grade_many(items, batch_size=bs, max_new_tokens=max_new_tokens, store=False, scoring=scoring)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--scoring", default="generated", choices=["generated", "expected"],
+    ap.add_argument("--scoring", default="generated", choices=SCORINGS,
                     help="generated: generation alone (the recorded figures); expected adds the expected-score pass")
     args = ap.parse_args(argv)
     items = sample_items(args.n)

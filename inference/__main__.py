@@ -27,7 +27,6 @@ def _engine(args):
     base = resolve_base(args.base, args.adapter)
     engine = get_engine(base, device=args.device, trust_remote_code=args.trust_remote_code)
     engine.use_adapter(args.adapter)
-    engine.scoring = getattr(args, "scoring", None) or engine.scoring
     return engine
 
 
@@ -47,7 +46,8 @@ def cmd_grade(args) -> int:
         path = Path(f)
         md = _submission(path, rubric)
         on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
-        r = engine.grade(md, rubric, max_new_tokens=args.max_new_tokens, on_token=on_token, submission_name=path.name)
+        r = engine.grade(md, rubric, max_new_tokens=args.max_new_tokens, on_token=on_token, submission_name=path.name,
+                         scoring=args.scoring)
         if args.stream:
             sys.stderr.write("\n")
         out.append({"file": str(path), **r.to_dict()})
@@ -73,7 +73,7 @@ def cmd_batch(args) -> int:
     items = [(p.name, _submission(p, rubric), rubric) for p in files]
     with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
         results = engine.grade_many(items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                    progress=bar.update)
+                                    scoring=args.scoring, progress=bar.update)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [q.question_id or str(k + 1) for k, q in enumerate(rubric.questions)]

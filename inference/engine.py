@@ -275,7 +275,7 @@ class GraderEngine:
         self.active: str | None = None  # resolved folder of the active adapter
         self._lock = threading.RLock()  # one generation at a time per engine (UI threads)
         self.retry = True  # one retry when an answer holds no JSON (benchmarks of speed turn it off)
-        self.scoring = "expected"  # default for grade()/grade_many(); see the module docstring
+        self._value_ids_cache: dict[float, dict[int, int] | None] = {}
 
     # ----------------------------------------------------------------- adapters
 
@@ -447,7 +447,7 @@ class GraderEngine:
         return opening + self._decode(new), new
 
     def _finish(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int, t0: float,
-                retry: bool = True, scoring: str = "generated") -> GradeResult:
+                scoring: str, retry: bool = True) -> GradeResult:
         raw = self._decode(new)
         grade, repaired, repairs = parse_grade(raw, rubric)
         retried = False
@@ -474,16 +474,16 @@ class GraderEngine:
                            scoring="expected" if probs and any(probs) else "generated", score_probs=probs)
 
     def _value_ids(self, max_score: float) -> dict[int, int] | None:
-        """{token id: value} for the whole-number scores 0..max_score when each is one token."""
-        if max_score != int(max_score) or max_score < 1 or max_score > 100:
-            return None
-        out: dict[int, int] = {}
-        for v in range(int(max_score) + 1):
-            enc = self.tokenizer(str(v), add_special_tokens=False)["input_ids"]
-            if len(enc) != 1:
-                return None
-            out[enc[0]] = v
-        return out
+        """{token id: value} for the whole-number scores 0..max_score when each is one token
+        (cached per maximum: asked for every question of every grade)."""
+        if max_score not in self._value_ids_cache:
+            out: dict[int, int] | None = None
+            if max_score == int(max_score) and 1 <= max_score <= 100:
+                encs = [self.tokenizer(str(v), add_special_tokens=False)["input_ids"] for v in range(int(max_score) + 1)]
+                if all(len(e) == 1 for e in encs):
+                    out = {e[0]: v for v, e in enumerate(encs)}
+            self._value_ids_cache[max_score] = out
+        return self._value_ids_cache[max_score]
 
     def _expected_scores(self, prompt: list[int], grade: Grade, rubric: Rubric,
                          read: list[bool]) -> tuple[Grade, list[dict[str, float] | None]]:
@@ -532,10 +532,10 @@ class GraderEngine:
 
     def grade(self, submission_md: str, rubric: Rubric, *, max_new_tokens: int = 512,
               on_token: Callable[[str], None] | None = None, submission_name: str = "submission",
-              store: bool = True, scoring: str | None = None) -> GradeResult:
+              store: bool = True, scoring: str = "expected") -> GradeResult:
         """Grade one submission (Markdown) against ``rubric``: always a valid Grade.
-        ``scoring``: "expected" or "generated" (default: the engine's ``scoring``)."""
-        scoring = _check_scoring(scoring or self.scoring)
+        ``scoring``: "expected" or "generated" (see the module docstring)."""
+        _check_scoring(scoring)
         with self._lock:
             t0 = time.perf_counter()
             prompt = self.encode(submission_md, rubric, max_new_tokens)
@@ -548,10 +548,10 @@ class GraderEngine:
 
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, batch_size: int = 8, max_new_tokens: int = 512,
                    progress: Callable[[int], None] | None = None, store: bool = True,
-                   scoring: str | None = None) -> list[GradeResult]:
+                   scoring: str = "expected") -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with batched generation; results in input order.
         ``progress(n)`` is called after each batch with the number just finished."""
-        scoring = _check_scoring(scoring or self.scoring)
+        _check_scoring(scoring)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
         order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
@@ -589,10 +589,9 @@ class GraderEngine:
                 "adapters": list(self.adapters), "active_adapter": self.active, **self.base_summary}
 
 
-def _check_scoring(scoring: str) -> str:
+def _check_scoring(scoring: str) -> None:
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
-    return scoring
 
 
 _ENGINES: dict[tuple, GraderEngine] = {}
