@@ -204,8 +204,8 @@ def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait
     return handle
 
 
-def remove_shm_buffers(port: int | str | None, rank: int | None = None) -> int:
-    """Unlink DeepSpeed's CPU all-reduce segments of the run on ``port`` (one rank's, or all).
+def remove_shm_buffer(port: int | str | None, rank: int) -> int:
+    """Unlink the DeepSpeed CPU all-reduce segment of ``rank`` in the run on ``port``.
 
     DeepSpeed's shm communicator (CPU training) makes a 64 MiB ``/dev/shm`` segment per rank and
     never unlinks it: every CPU run left 128 MiB of RAM behind for good, and on this machine a few
@@ -213,7 +213,7 @@ def remove_shm_buffers(port: int | str | None, rank: int | None = None) -> int:
     Unlinking is safe while ranks still run: they keep their mappings, only the name goes."""
     if not port:
         return 0
-    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{'*' if rank is None else rank}"
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"
     return _unlink_all(Path("/dev/shm").glob(pattern))
 
 

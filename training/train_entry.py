@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
         raise
     finally:
-        if not use_cuda:  # DeepSpeed's CPU all-reduce segment of this rank (see remove_shm_buffers)
-            from training.launcher import remove_shm_buffers
+        if not use_cuda:  # DeepSpeed's CPU all-reduce segment of this rank (see remove_shm_buffer)
+            from training.launcher import remove_shm_buffer
 
-            remove_shm_buffers(os.environ.get("MASTER_PORT"), rank)
+            remove_shm_buffer(os.environ.get("MASTER_PORT"), rank)
     if is_main:
         store.set_run_status(run_id, status)
         log(f"run {run_id} {status}")
