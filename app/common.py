@@ -7,7 +7,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from training import paths
+from data import paths
 
 EMBEDDED_MODELS = ["embedded:gemma-3-270m", "embedded:tiny-gpt-oss"]
 
@@ -28,7 +28,7 @@ def model_choices() -> list[str]:
     """Embedded models, the presets' models and every model folder the presets name."""
     out = list(EMBEDDED_MODELS)
     try:
-        from training.model_zoo import EMBEDDED
+        from data.model_zoo import EMBEDDED
 
         out += [f"embedded:{k}" for k in EMBEDDED]
     except Exception:
@@ -46,20 +46,20 @@ def dataset_choices() -> list[str]:
     """Stored datasets as `db:<name>` plus the sample folders, for the config's datasets field."""
     out: list[str] = []
     try:
-        from training.store import Store
+        from data.store import Store
 
         out += [f"db:{d['name']}" for d in Store().list_datasets()]
     except Exception:
         pass
-    graded = paths.data_dir() / "graded"
+    graded = paths.samples_dir() / "graded"
     if graded.exists():
         out.append(str(graded))
     return out
 
 
 def rubric_choices() -> list[tuple[str, str]]:
-    """(file name, path) of the rubrics shipped in data/rubrics."""
-    folder = paths.data_dir() / "rubrics"
+    """(file name, path) of the rubrics shipped in data/samples/rubrics."""
+    folder = paths.samples_dir() / "rubrics"
     if not folder.exists():
         return []
     return [(p.name, str(p)) for p in sorted(folder.glob("*.json"))]

@@ -15,7 +15,7 @@ import gradio as gr
 
 from app.common import Settings, dataset_choices, model_choices
 from app.forms import ModelForm
-from training import paths
+from data import paths
 
 # Layout only (which accordion a field sits in); widgets and values come from the model itself.
 GROUPS = {

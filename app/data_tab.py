@@ -1,6 +1,6 @@
 """Data tab: upload graded JSON/JSONL, see every problem per file, preview, statistics, store.
 
-Uploads are read as bytes and validated by `training.loading.load_graded_bytes`, the same
+Uploads are read as bytes and validated by `data.loading.load_graded_bytes`, the same
 validator `python -m training validate` uses; the uploaded file name is only shown, never used to
 build a path. A dataset is stored only when every file is valid (nothing partial).
 """
@@ -28,7 +28,7 @@ TOKEN_SAMPLE = 300
 # -- pure functions (the handlers below only wire them to widgets) ----------------------------
 def read_uploads(files: list[str] | None, max_bytes: int) -> list:
     """Validate each uploaded file from its bytes. Oversize files are refused before reading all."""
-    from training.loading import FileReport, Problem, check_across_files, load_graded_bytes
+    from data.loading import FileReport, Problem, check_across_files, load_graded_bytes
 
     reports = []
     for f in files or []:
@@ -107,8 +107,8 @@ def _tokenizer_for(model: str):
     """(tokenizer, prompt format) of a model, loaded once per model (tokenizer only: cheap)."""
     from transformers import AutoTokenizer
 
-    from training.model_zoo import resolve_model_path
-    from training.prompt_format import detect_format
+    from data.model_zoo import resolve_model_path
+    from data.prompt_format import detect_format
 
     path = resolve_model_path(model)
     model_type = None
@@ -122,7 +122,7 @@ def _tokenizer_for(model: str):
 def token_stats(submissions: list, model: str, max_length: int) -> dict[str, Any]:
     """Tokens per training example with `model`'s tokenizer and the real prompt format, and how
     many examples `max_length` would cut."""
-    from training.prompt_format import build_training_examples
+    from data.prompt_format import build_training_examples
 
     sample = submissions[:TOKEN_SAMPLE]
     tok, fmt = _tokenizer_for(model)
@@ -157,7 +157,7 @@ def stats_markdown(submissions: list, tokens: dict[str, Any] | str | None) -> st
 
 
 def datasets_table() -> pd.DataFrame:
-    from training.store import Store
+    from data.store import Store
 
     rows = [[d["id"], d["name"], d["n_submissions"], d["n_items"], str(d.get("created_at", "")),
              str(d.get("content_hash", ""))[:12]] for d in Store().list_datasets()]
@@ -165,7 +165,7 @@ def datasets_table() -> pd.DataFrame:
 
 
 def dataset_names() -> list[str]:
-    from training.store import Store
+    from data.store import Store
 
     return [d["name"] for d in Store().list_datasets()]
 
@@ -227,8 +227,8 @@ def build(settings: Settings) -> dict[str, Any]:
                 score_figure(subs), preview_table(reports), state)
 
     def save(state, name):
-        from training.rubric import GradedSubmission
-        from training.store import Store
+        from data.rubric import GradedSubmission
+        from data.store import Store
 
         name = (name or "").strip()
         if not state:
@@ -247,7 +247,7 @@ def build(settings: Settings) -> dict[str, Any]:
         return datasets_table(), gr.update(choices=names, value=names[0] if names else None)
 
     def delete(name):
-        from training.store import Store
+        from data.store import Store
 
         st = Store()
         ds = st.find_dataset(name) if name else None

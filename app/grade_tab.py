@@ -50,7 +50,7 @@ def base_of(adapter: str | None) -> str | None:
 
 def _inside_checkpoints(adapter: str) -> Path:
     """Adapters come from the checkpoints folder only (the dropdown's paths, re-checked here)."""
-    from training import paths
+    from data import paths
 
     root = paths.checkpoints_dir().resolve()
     path = Path(adapter).resolve()
@@ -66,8 +66,8 @@ def _inside_checkpoints(adapter: str) -> Path:
 
 
 def load_rubric_choice(rubric_path: str | None, rubric_file: str | None):
-    """The rubric from an upload (read as bytes; its name only displayed) or from data/rubrics."""
-    from training.loading import load_rubric, parse_rubric_bytes
+    """The rubric from an upload (read as bytes; its name only displayed) or from data/samples/rubrics."""
+    from data.loading import load_rubric, parse_rubric_bytes
 
     if rubric_file:
         p = Path(rubric_file)
@@ -154,7 +154,7 @@ def build(settings: Settings) -> dict[str, Any]:
     with gr.Row():
         rubrics = rubric_choices()
         rubric_pick = gr.Dropdown(rubrics, value=rubrics[0][1] if rubrics else None,
-                                  label="Rubric (data/rubrics)", elem_id="grade-rubric")
+                                  label="Rubric (data/samples/rubrics)", elem_id="grade-rubric")
         rubric_file = gr.File(label="...or upload a rubric JSON", file_types=[".json", ".jsonl"],
                               height=110, elem_id="grade-rubric-file")
     rubric_view = gr.Markdown(elem_id="grade-rubric-view")
@@ -206,7 +206,7 @@ def build(settings: Settings) -> dict[str, Any]:
             return f"Rubric problem: {exc}"
 
     def on_md_file(file):
-        from training.markdown import read_markdown
+        from data.markdown import read_markdown
 
         if not file:
             return gr.update()
@@ -242,7 +242,7 @@ def build(settings: Settings) -> dict[str, Any]:
 
     def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens):
         from inference.engine import get_engine
-        from training.markdown import read_markdown
+        from data.markdown import read_markdown
 
         if not files:
             raise gr.Error("Upload one or more .md files.")

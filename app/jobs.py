@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from training import paths
+from data import paths
 
 ACTIVE = ("created", "running")
 _launch_lock = threading.Lock()
@@ -21,7 +21,7 @@ _launch_lock = threading.Lock()
 
 def store():
     """A Store for this call (sqlite connections are per thread; the store opens per call)."""
-    from training.store import Store
+    from data.store import Store
 
     return Store()
 

@@ -4,8 +4,8 @@ decoding with the KV cache, repair), one at a time and batched.
     python bench/grading_speed.py [--model embedded:gemma-3-270m] [--n 4] [--batch-sizes 1,4]
                                   [--max-new-tokens 128] [--gpt-oss-20b-shaped] [--out bench/results]
 
-Submissions are the sample Markdown files in data/submissions, each with its rubric from
-data/rubrics (file name prefix). Generation runs to a stop token or --max-new-tokens; the retry
+Submissions are the sample Markdown files in data/samples/submissions, each with its rubric from
+data/samples/rubrics (file name prefix). Generation runs to a stop token or --max-new-tokens; the retry
 that follows an answer without JSON is off here, so the figure is the generation path alone.
 --gpt-oss-20b-shaped adds a GPT-OSS-20b-shaped model with random bf16 weights (GPU only): its
 output is noise, so every answer runs to --max-new-tokens (a worst case for length).
@@ -24,14 +24,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from inference.engine import SCORINGS, GraderEngine  # noqa: E402
-from training.loading import load_rubric  # noqa: E402
-from training.markdown import normalize_submission, read_markdown  # noqa: E402
+from data.loading import load_rubric  # noqa: E402
+from data.markdown import normalize_submission, read_markdown  # noqa: E402
 
 
 def sample_items(n: int) -> list[tuple[str, str, object]]:
-    rubrics = {p.stem: load_rubric(p) for p in sorted((REPO / "data" / "rubrics").glob("*.json"))}
+    rubrics = {p.stem: load_rubric(p) for p in sorted((REPO / "data" / "samples" / "rubrics").glob("*.json"))}
     items = []
-    for p in sorted((REPO / "data" / "submissions").glob("*.md")):
+    for p in sorted((REPO / "data" / "samples" / "submissions").glob("*.md")):
         stem = next((s for s in sorted(rubrics, key=len, reverse=True) if p.stem.startswith(s)), None)
         if stem is None:
             continue
@@ -77,7 +77,7 @@ def measure(engine: GraderEngine, items, batch_sizes, max_new_tokens, scoring="g
 def gpt_oss_20b_shaped(device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GptOssConfig
 
-    from training.tokenizer_offline import build_gpt_oss_tokenizer
+    from data.tokenizer_offline import build_gpt_oss_tokenizer
 
     cfg = GptOssConfig(
         vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,

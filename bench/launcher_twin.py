@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         mt.twin_config = orig
     import shutil
 
-    from training.tokenizer_offline import build_gpt_oss_tokenizer
+    from data.tokenizer_offline import build_gpt_oss_tokenizer
 
     # The tokenizer is built in its own cache folder (build_gpt_oss_tokenizer replaces the folder
     # it is given, weights included), then its files are copied beside the weights.

@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-RUBRIC = REPO / "data" / "rubrics" / "algebra-linear.json"
-SUBMISSIONS = sorted((REPO / "data" / "submissions").glob("algebra-linear-*.md"))
+RUBRIC = REPO / "data" / "samples" / "rubrics" / "algebra-linear.json"
+SUBMISSIONS = sorted((REPO / "data" / "samples" / "submissions").glob("algebra-linear-*.md"))
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -11,8 +11,8 @@ Design (see BENCHMARKS.md for the figures):
   Items whose answer text was lost are left out.
 - One example per item: a one-question rubric (question, max 5, reference answer) and the answer
   rendered as the student's Markdown, encoded with the project's prompt format
-  (training.prompt_format.encode_prompt); the model reads up to the item's `"score":` in the grade
-  JSON (training.prompt_format.target_text), i.e. exactly where the grader writes the score.
+  (data.prompt_format.encode_prompt); the model reads up to the item's `"score":` in the grade
+  JSON (data.prompt_format.target_text), i.e. exactly where the grader writes the score.
 - Score = expected value over the digits 0..5 at that position (softmax restricted to them):
   a continuous score that uses the whole distribution, not just the greedy digit (reported too).
 - Training (in process, LoRA via peft): cross-entropy between that restricted distribution and a
@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from inference.metrics import compute_metrics, format_table  # noqa: E402
-from training.prompt_format import detect_format, encode_prompt, target_text  # noqa: E402
-from training.rubric import Grade, GradeItem, Rubric, RubricQuestion  # noqa: E402
+from data.prompt_format import detect_format, encode_prompt, target_text  # noqa: E402
+from data.rubric import Grade, GradeItem, Rubric, RubricQuestion  # noqa: E402
 
 TRAIN = ["a05", "a06", "a07", "a08", "a09", "a10", "a12"]
 VAL = ["a01"]
@@ -86,10 +86,10 @@ CONFIGS = {
 
 
 def render_item_markdown(qid: str, question: str, answer: str) -> str:
-    """The one-question submission, in the render style of training.markdown."""
+    """The one-question submission, in the render style of data.markdown."""
     try:
-        from training.markdown import render_submission_markdown
-        from training.rubric import GradedSubmission
+        from data.markdown import render_submission_markdown
+        from data.rubric import GradedSubmission
 
         sub = GradedSubmission(
             score=0, max_score=MAX,
@@ -290,7 +290,7 @@ def load_model(args, device):
             model.save_pretrained(args.save_base, safe_serialization=True)
             tok.save_pretrained(args.save_base)
     else:
-        from training.model_zoo import resolve_model_path
+        from data.model_zoo import resolve_model_path
 
         path = resolve_model_path(args.model)
         tok = AutoTokenizer.from_pretrained(args.tokenizer or str(path))

@@ -31,13 +31,13 @@ def _engine(args):
 
 
 def _submission(path: Path, rubric) -> str:
-    from training.markdown import normalize_submission, read_markdown
+    from data.markdown import normalize_submission, read_markdown
 
     return normalize_submission(read_markdown(path), rubric)
 
 
 def cmd_grade(args) -> int:
-    from training.loading import load_rubric
+    from data.loading import load_rubric
 
     rubric = load_rubric(args.rubric)
     engine = _engine(args)
@@ -58,7 +58,7 @@ def cmd_grade(args) -> int:
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
-    from training.loading import load_rubric
+    from data.loading import load_rubric
 
     rubric = load_rubric(args.rubric)
     folder = Path(args.folder)
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from inference.engine import AdapterError
-    from training.loading import DataError
-    from training.model_zoo import ModelNotFoundError
+    from data.loading import DataError
+    from data.model_zoo import ModelNotFoundError
 
     try:
         return args.func(args)

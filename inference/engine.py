@@ -7,7 +7,7 @@ always valid.
   with the base alone (inside PEFT's ``disable_adapter`` context).
 - Only safetensors adapters are loaded (a pickle can run code when it is unpickled); an adapter
   trained for another base model is refused with both models named.
-- Prompts come from ``training.prompt_format.encode_prompt`` (the tokens training used) and
+- Prompts come from ``data.prompt_format.encode_prompt`` (the tokens training used) and
   generation stops at ``stop_token_ids``. Decoding is greedy with the KV cache; tokens stream to a
   callback. The answer goes through ``inference.repair.parse_grade``; if it holds no JSON at all,
   one guided retry forces the grade JSON's opening (as training writes it) up to the first score,
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from inference.repair import parse_grade, scores_read_from_output, zero_grade
-from training.rubric import Grade, Rubric
+from data.rubric import Grade, Rubric
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -158,7 +158,7 @@ def _adapter_base_summary(spec: str) -> dict | None:
     """The config summary of the adapter's base when it is on this machine (without building it)."""
     try:
         if spec.startswith("embedded:"):
-            from training import model_zoo, paths
+            from data import model_zoo, paths
 
             name = spec.split(":", 1)[1]
             folder = paths.cache_dir() / name
@@ -228,7 +228,7 @@ class GraderEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from training.model_zoo import resolve_model_path
+        from data.model_zoo import resolve_model_path
 
         self.base_model = base_model
         self.base_path = resolve_model_path(base_model)
@@ -263,7 +263,7 @@ class GraderEngine:
         return self
 
     def _setup(self, model) -> None:
-        from training.prompt_format import detect_format, stop_token_ids
+        from data.prompt_format import detect_format, stop_token_ids
 
         self.model = model
         self.base_summary = _config_summary(self.model.config)
@@ -376,8 +376,8 @@ class GraderEngine:
         """The prompt tokens for a submission. Its Markdown is first normalised to the sections
         training rendered (when its headings match the rubric), so every caller (CLI, UI, batch)
         grades exactly what the model was trained on."""
-        from training.markdown import normalize_submission
-        from training.prompt_format import encode_prompt
+        from data.markdown import normalize_submission
+        from data.prompt_format import encode_prompt
 
         submission_md = normalize_submission(submission_md, rubric)
 
@@ -418,7 +418,7 @@ class GraderEngine:
     def _json_opening(self, rubric: Rubric) -> str:
         """The start of the grade JSON as training writes it, up to the first item's score:
         the retry's forced beginning."""
-        from training.prompt_format import target_text
+        from data.prompt_format import target_text
 
         text = target_text(zero_grade(rubric), rubric)
         m = re.search(r'"score":', text)
@@ -492,7 +492,7 @@ class GraderEngine:
         max is not a whole number keep their score."""
         import torch
 
-        from training.prompt_format import target_text
+        from data.prompt_format import target_text
 
         text = target_text(grade, rubric)
         enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
@@ -522,7 +522,7 @@ class GraderEngine:
         return grade.model_copy(update={"items": items, "score": round(sum(it.score for it in items), 2)}), probs
 
     def _store(self, result: GradeResult, name: str, rubric: Rubric) -> None:
-        from training.store import Store
+        from data.store import Store
 
         result.grade_id = Store().add_grade(
             grade=result.grade.model_dump(), raw_text=result.raw_text, base_model=result.base_model,
@@ -625,7 +625,7 @@ def resolve_base(base: str | None, adapter_dir: str | Path | None) -> str:
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
         return base_model_of_adapter(adapter_dir)
-    from training.model_zoo import DEFAULT_CPU_MODEL
+    from data.model_zoo import DEFAULT_CPU_MODEL
 
     return DEFAULT_CPU_MODEL
 
@@ -638,7 +638,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base_model: s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.model_zoo import resolve_model_path
+    from data.model_zoo import resolve_model_path
 
     folder = check_adapter_dir(adapter_dir)
     base = resolve_base(base_model, folder)

@@ -14,7 +14,7 @@ import numpy as np
 
 from inference.engine import GradeResult, get_engine, resolve_base
 from inference.metrics import compute_metrics, format_table, infer_step
-from training.rubric import GradedSubmission
+from data.rubric import GradedSubmission
 
 NORMALIZED_MAX = 10.0
 
@@ -55,7 +55,7 @@ def training_mean_fraction(adapter_dir: str | Path | None) -> tuple[float | None
     files = []
     for spec in datasets:
         if isinstance(spec, str) and spec.startswith("db:"):
-            from training.store import Store
+            from data.store import Store
 
             store = Store()
             found = store.find_dataset(spec[3:])
@@ -65,7 +65,7 @@ def training_mean_fraction(adapter_dir: str | Path | None) -> tuple[float | None
         else:
             files.append(spec)
     if files:
-        from training.loading import load_graded
+        from data.loading import load_graded
 
         missing = [f for f in files if not Path(f).exists()]
         if missing:
@@ -93,8 +93,8 @@ def evaluate(
     trust_remote_code: bool = False,
 ) -> dict:
     """Grade the labelled submissions in ``data`` and compare with the human grades."""
-    from training.loading import DataError, load_graded
-    from training.markdown import render_submission_markdown
+    from data.loading import DataError, load_graded
+    from data.markdown import render_submission_markdown
 
     report = load_graded(data)
     if not report.ok:
@@ -165,7 +165,7 @@ def evaluate(
         "table_markdown": tables,
     }
     if store:
-        from training.store import Store
+        from data.store import Store
 
         out["evaluation_id"] = Store().add_evaluation(base_model=base_model, adapter=out["adapter"],
                                                       data=", ".join(out["data"]), report=out)

@@ -18,7 +18,7 @@ import math
 import re
 from typing import Any
 
-from training.rubric import Grade, GradeItem, Rubric
+from data.rubric import Grade, GradeItem, Rubric
 
 # Keys a model may use for an item's score / label / comment.
 _SCORE_KEYS = ("score", "points", "mark", "grade", "value")
@@ -158,7 +158,7 @@ def _item_label(item: dict) -> str | None:
 
 def _match_question(label: str, rubric: Rubric) -> int | None:
     """Index of the rubric question a label names, or None."""
-    from training.prompt_format import match_question  # the labels the prompt format writes
+    from data.prompt_format import match_question  # the labels the prompt format writes
 
     k = match_question(label, rubric)
     if k is not None:

@@ -33,7 +33,7 @@ def isolated_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def gpt_oss_tokenizer_dir() -> Path:
     """The real o200k_harmony tokenizer, built offline from quicktok-v1 (cached)."""
-    from training.tokenizer_offline import build_gpt_oss_tokenizer
+    from data.tokenizer_offline import build_gpt_oss_tokenizer
 
     return build_gpt_oss_tokenizer()
 
@@ -41,7 +41,7 @@ def gpt_oss_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt_oss_dir() -> Path:
     """A tiny GPT-OSS (random weights, real tokenizer) saved as a local model folder (cached)."""
-    from training.model_zoo import build_tiny_gpt_oss
+    from data.model_zoo import build_tiny_gpt_oss
 
     return build_tiny_gpt_oss()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.loading import (
+from data.loading import (
     DataError,
     content_hash,
     load_graded,
@@ -19,7 +19,7 @@ from training.loading import (
 
 REPO = Path(__file__).resolve().parents[1]
 MOHLER = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mohler"
-DATA = REPO / "data"
+DATA = REPO / "data" / "samples"
 
 
 def sub(n_items: int = 2, score: float = 3, item_max: float = 5, **extra) -> dict:
@@ -59,7 +59,7 @@ def test_all_mohler_files_validate(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_our_sample_graded_data_validates() -> None:
     files = sorted(p for p in (DATA / "graded").rglob("*") if p.suffix in (".json", ".jsonl"))
-    assert files, "data/graded holds the sample graded submissions"
+    assert files, "data/samples/graded holds the sample graded submissions"
     report = load_graded(files)
     assert report.ok, report.format()
     assert len(report.submissions) >= 40
@@ -237,7 +237,7 @@ def test_total_that_differs_from_items_is_a_warning_showing_both_numbers() -> No
     assert report.ok and len(report.submissions) == 1
     (warning,) = report.warnings
     assert warning.path == "score" and "2" in warning.value and "3" in warning.expected
-    assert "warning" in __import__("training.loading", fromlist=["x"]).ValidationReport([report]).format()
+    assert "warning" in __import__("data.loading", fromlist=["x"]).ValidationReport([report]).format()
 
 
 def test_upload_name_is_only_a_label(tmp_path: Path) -> None:
@@ -328,7 +328,7 @@ def test_unreadable_rubric_files(tmp_path: Path) -> None:
 
 
 def test_duplicate_ids_across_uploads() -> None:
-    from training.loading import check_across_files
+    from data.loading import check_across_files
 
     first = load_graded_bytes("a.json", json.dumps([sub(submission_id="x"), sub(submission_id="y")]).encode())
     second = load_graded_bytes("b.json", json.dumps(sub(submission_id="y")).encode())

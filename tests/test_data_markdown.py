@@ -6,19 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from training.loading import DataError, load_graded, load_rubric
-from training.markdown import (
+from data.loading import DataError, load_graded, load_rubric
+from data.markdown import (
     decode_markdown,
     normalize_submission,
     read_markdown,
     render_submission_markdown,
     split_sections,
 )
-from training.rubric import GradedSubmission, Rubric
+from data.rubric import GradedSubmission, Rubric
 
 REPO = Path(__file__).resolve().parents[1]
 MOHLER = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mohler"
-DATA = REPO / "data"
+DATA = REPO / "data" / "samples"
 
 
 def squash(text: str) -> str:

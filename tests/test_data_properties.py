@@ -8,9 +8,9 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.loading import DataError, FileReport, content_hash, load_graded_bytes, parse_rubric_bytes
-from training.markdown import decode_markdown, normalize_submission, render_submission_markdown, split_sections
-from training.rubric import GradedSubmission, Rubric
+from data.loading import DataError, FileReport, content_hash, load_graded_bytes, parse_rubric_bytes
+from data.markdown import decode_markdown, normalize_submission, render_submission_markdown, split_sections
+from data.rubric import GradedSubmission, Rubric
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from training.rubric import Grade, GradedSubmission, Rubric
-from training.markdown import render_submission_markdown
-from training.prompt_format import (
+from data.rubric import Grade, GradedSubmission, Rubric
+from data.markdown import render_submission_markdown
+from data.prompt_format import (
     IGNORE_INDEX,
     PromptTooLongError,
     build_training_examples,
@@ -172,7 +172,7 @@ def _reference_conversation(rubric: Rubric, submission_md: str, target: str | No
 def test_harmony_is_token_exact_with_openai_harmony(gpt_oss_tok, essay: GradedSubmission) -> None:
     from openai_harmony import HarmonyEncodingName, Role, load_harmony_encoding
 
-    from training.tokenizer_offline import ensure_harmony_env
+    from data.tokenizer_offline import ensure_harmony_env
 
     ensure_harmony_env()
     enc = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
@@ -300,7 +300,7 @@ def test_detect_format(tokenizers: dict) -> None:
 def test_plain_format_with_the_real_gemma_tokenizer(essay: GradedSubmission) -> None:
     from transformers import AutoTokenizer
 
-    from training.model_zoo import embedded_gemma_dir
+    from data.model_zoo import embedded_gemma_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_gemma_dir())
     assert detect_format(tok, "gemma3_text") == "plain"  # Gemma 3 270M base has no chat template

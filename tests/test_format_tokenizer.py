@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.tokenizer_offline import (
+from data.tokenizer_offline import (
     O200K_BASE_SHA256,
     TIKTOKEN_FILE,
     VOCAB_SIZE,

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from inference.engine import AdapterError, GraderEngine, export_merged, get_engine
-from training.loading import load_rubric
-from training.rubric import Rubric, RubricQuestion
-from training.store import Store
+from data.loading import load_rubric
+from data.rubric import Rubric, RubricQuestion
+from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
-RUBRICS = REPO / "data" / "rubrics"
-SUBMISSIONS = REPO / "data" / "submissions"
+RUBRICS = REPO / "data" / "samples" / "rubrics"
+SUBMISSIONS = REPO / "data" / "samples" / "submissions"
 RUBRIC = Rubric(questions=[RubricQuestion(question="What is a stack?", max_score=5, question_id="1"),
                            RubricQuestion(question="What is a queue?", max_score=3, question_id="2")])
 MD = "## Question 1: What is a stack?\n\nLIFO.\n\n## Question 2: What is a queue?\n\nFIFO.\n"
@@ -106,7 +106,7 @@ def test_grade_many_batches_in_order(engine: GraderEngine, adapters) -> None:
 
 
 def test_bad_adapter_folders_give_clear_errors(engine: GraderEngine, tmp_path: Path) -> None:
-    from training.model_zoo import build_tiny_gpt_oss
+    from data.model_zoo import build_tiny_gpt_oss
 
     with pytest.raises(AdapterError, match="does not exist"):
         engine.use_adapter(tmp_path / "nope")
@@ -178,7 +178,7 @@ def test_batch_and_evaluate_cli(tiny_gpt_oss_dir: Path, adapters, tmp_path: Path
     assert len(rows) == 3 and len(jsonl) == 2 and rows[0].startswith("file,score,max_score")
     assert len(Store().grades()) == 2
 
-    graded = sorted((REPO / "data" / "graded").rglob("*.json"))[0]
+    graded = sorted((REPO / "data" / "samples" / "graded").rglob("*.json"))[0]
     report_file = tmp_path / "eval.json"
     assert main(["evaluate", "--adapter", str(adapters[0]), "--data", str(graded), "--max-new-tokens", "4",
                  "--n-boot", "50", "--json", str(report_file), "--scoring", "generated", "--device", "cpu"]) == 0
@@ -196,7 +196,7 @@ def test_batch_and_evaluate_cli(tiny_gpt_oss_dir: Path, adapters, tmp_path: Path
 
 
 def _grade_as_written(rubric: Rubric, scores: list[float]):
-    from training.rubric import Grade, GradeItem
+    from data.rubric import Grade, GradeItem
 
     items = [GradeItem(question=q.question, score=s, max_score=q.max_score, justification="ok")
              for q, s in zip(rubric.questions, scores)]
@@ -207,7 +207,7 @@ def test_expected_score_is_the_mean_of_the_models_own_score_distribution(engine:
     """At each question's score, in the grade JSON as training writes it, the model's probabilities
     for 0..max are read and averaged. Checked against the next-token logits computed separately
     for each question's prefix (the same tokens training and the retry use)."""
-    from training.prompt_format import target_text
+    from data.prompt_format import target_text
 
     engine.use_adapter(adapters[0])
     prompt = engine.encode(MD, RUBRIC, 64)

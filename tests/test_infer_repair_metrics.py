@@ -8,7 +8,7 @@ import pytest
 
 from inference.metrics import compute_metrics, infer_step, point_metrics
 from inference.repair import parse_grade
-from training.rubric import Grade, Rubric, RubricQuestion
+from data.rubric import Grade, Rubric, RubricQuestion
 
 RUBRIC = Rubric(
     questions=[

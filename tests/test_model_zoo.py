@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.model_zoo import (
+from data.model_zoo import (
     DEFAULT_CPU_MODEL,
     EMBEDDED,
     ModelNotFoundError,
@@ -137,7 +137,7 @@ _RANK_BUILD = r"""
 import os, sys, json
 import torch.distributed as dist
 dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2, init_method="tcp://127.0.0.1:" + sys.argv[2])
-from training import model_zoo
+from data import model_zoo
 out = sys.argv[3]
 result = {}
 if dist.get_rank() == 1:  # the rank transformers' save_pretrained writes nothing on

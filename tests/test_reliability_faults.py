@@ -136,7 +136,7 @@ def test_resume_after_kill_continues_while_the_ui_writes_the_store(killed_run, m
     half-written one) while another process writes grade rows like the Grade tab does: the
     trainer's metric rows and every grade row are in SQLite afterwards."""
     _use(killed_run, monkeypatch)
-    from training.store import Store
+    from data.store import Store
 
     run_id, run_dir = killed_run["run_id"], killed_run["run_dir"]
     _plant_half_written(run_dir)
@@ -188,7 +188,7 @@ def test_shell_syntax_in_names_and_paths_does_not_inject(killed_run):
 # fast as it can: it overlaps the resumed trainer's metric and checkpoint writes.
 WRITER = r"""
 import sys, time
-from training.store import Store
+from data.store import Store
 n = int(sys.argv[1])
 store = Store()
 for i in range(n):
@@ -240,7 +240,7 @@ def test_full_disk_during_checkpoint_save_fails_clearly_and_keeps_the_previous_o
     assert load_file(str(run_dir / "checkpoint-2" / "adapter_model.safetensors"))
     assert not (run_dir / "checkpoint-4").exists()
     assert not (run_dir / "final").exists()
-    from training.store import Store
+    from data.store import Store
 
     stored = [c["step"] for c in Store(tmp_path / "studio.db").checkpoints(run_id)]
     assert stored == [2], stored

@@ -151,7 +151,7 @@ upload_bytes = (st.binary(max_size=200)
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=upload_bytes, ext=st.sampled_from([".json", ".jsonl"]))
 def test_any_upload_the_loader_rejects_is_shown_and_not_stored(client, studio, tmp_path, data, ext):
-    from training.loading import load_graded_bytes
+    from data.loading import load_graded_bytes
 
     verdict = load_graded_bytes(f"gen{ext}", data)
     folder = tmp_path / str(abs(hash((data, ext))))

@@ -15,7 +15,7 @@ from tests.test_reliability_support import REPO, app_server, listening_addresses
 
 USER, PASSWORD = "alice", "s3cret-pw"
 MAX_UPLOAD_MB = 0.05  # 52,428 bytes
-DATA = REPO / "data"
+DATA = REPO / "data" / "samples"
 RUBRIC = str(DATA / "rubrics" / "algebra-linear.json")
 MD = (DATA / "submissions" / "algebra-linear-chloe.md")
 
@@ -203,11 +203,11 @@ def _raw_call(session, api: str, data: list) -> str:
 
 def test_the_api_cannot_make_the_server_read_its_own_files(studio, session):
     """File inputs accept only what was uploaded: a request naming a server path (a file next to
-    the store, /etc/passwd) gets an error, and rubric paths are limited to data/rubrics."""
+    the store, /etc/passwd) gets an error, and rubric paths are limited to data/samples/rubrics."""
     secret = studio["root"] / "secret.json"
     secret.write_text(json.dumps([{"score": 1, "max_score": 1, "rubric_alignment": [
         {"question": "TOP-SECRET-QUESTION", "answer": "a", "score": 1, "max_score": 1}]}]))
-    for path in (str(secret), "/etc/passwd", str(REPO / "data" / "rubrics" / "algebra-linear.json")):
+    for path in (str(secret), "/etc/passwd", str(REPO / "data" / "samples" / "rubrics" / "algebra-linear.json")):
         out = _raw_call(session, "validate", [[{"path": path, "orig_name": "x.json",
                                                 "meta": {"_type": "gradio.FileData"}}], "embedded:tiny-gpt-oss", 512])
         assert "event: error" in out, out[:500]

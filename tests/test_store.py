@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from training.loading import content_hash, load_graded
-from training.store import SCHEMA_VERSION, Store
+from data.loading import content_hash, load_graded
+from data.store import SCHEMA_VERSION, Store
 
 REPO = Path(__file__).resolve().parents[1]
 MOHLER = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mohler"
@@ -148,7 +148,7 @@ def test_wal_schema_version_and_any_sqlite_client_reads_every_table(tmp_path: Pa
 WRITER = textwrap.dedent(
     """
     import sys
-    from training.store import Store
+    from data.store import Store
     db, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = Store(db)
     for i in range(n):
@@ -191,8 +191,8 @@ def test_concurrent_import_of_the_same_file_creates_one_dataset(tmp_path: Path) 
     script = textwrap.dedent(
         """
         import sys
-        from training.loading import load_graded
-        from training.store import Store
+        from data.loading import load_graded
+        from data.store import Store
         subs = load_graded([sys.argv[2]]).submissions
         print(Store(sys.argv[1]).import_dataset(sys.argv[3], subs, [sys.argv[2]]))
         """

@@ -11,10 +11,10 @@ import torch
 from training import launcher
 from training.__main__ import main as cli
 from training.config import PRESETS, RunConfig, apply_overrides, check_config, estimate_memory, load_config, preset
-from training.store import Store
+from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
-GRADED = str(REPO / "data" / "graded")
+GRADED = str(REPO / "data" / "samples" / "graded")
 
 
 def gpt_oss_shell(folder: Path, **shape) -> Path:

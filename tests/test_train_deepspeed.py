@@ -14,10 +14,10 @@ import torch
 
 from training import launcher
 from training.config import apply_overrides, preset, save_config
-from training.store import Store
+from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
-GRADED = REPO / "data" / "graded"
+GRADED = REPO / "data" / "samples" / "graded"
 
 
 def small_config(**changes):

@@ -25,7 +25,7 @@ import pytest
 from tests.test_reliability_support import listening_addresses, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data"
+DATA = REPO / "data" / "samples"
 # The run tests wait for: smoke preset (tiny GPT-OSS, 2 gloo ranks) incl. a first JIT build.
 TRAIN_TIMEOUT_S = 900
 SMOKE_MAX_LENGTH = 1536

@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not (args.preset or args.config):
         cfg = None  # the run's own config.json (overrides applied below)
         if args.set:
-            from training import paths
+            from data import paths
 
             cfg = C.load_config(paths.checkpoints_dir() / args.resume / "config.json")
     elif args.config:
@@ -70,7 +70,7 @@ def _fmt_run(r: dict) -> str:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from training.launcher import run_status
-    from training.store import Store
+    from data.store import Store
 
     if not args.run:
         runs = Store().list_runs()[:20]
@@ -101,7 +101,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from training.store import Store
+    from data.store import Store
 
     store = Store()
     print("runs:")
@@ -114,14 +114,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from training.loading import validate_cli
+    from data.loading import validate_cli
 
     return validate_cli(args.paths, max_bytes=int(args.max_mb * 1024 * 1024))
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from training.loading import load_graded
-    from training.store import Store
+    from data.loading import load_graded
+    from data.store import Store
 
     report = load_graded(args.paths)
     if not report.ok:
@@ -136,7 +136,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from training.tokenizer_offline import build_gpt_oss_tokenizer
+    from data.tokenizer_offline import build_gpt_oss_tokenizer
 
     print(build_gpt_oss_tokenizer(Path(args.out) if args.out else None))
     return 0

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from training import paths
+from data import paths
 
 # GPT-OSS expert weights are 3-D parameters (not nn.Linear); peft reaches them via target_parameters.
 GPT_OSS_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -76,7 +76,7 @@ PRESETS: dict[str, RunConfig] = {
     "seed-2xh200-120b": RunConfig(
         name="seed-2xh200-120b",
         model="openai/gpt-oss-120b",
-        datasets=[str(paths.data_dir() / "graded")],
+        datasets=[str(paths.samples_dir() / "graded")],
         max_length=2048,
         lora_r=8,
         lora_alpha=32,
@@ -95,7 +95,7 @@ PRESETS: dict[str, RunConfig] = {
     "h200-20b": RunConfig(
         name="h200-20b",
         model="openai/gpt-oss-20b",
-        datasets=[str(paths.data_dir() / "graded")],
+        datasets=[str(paths.samples_dir() / "graded")],
         max_length=2048,
         quantization="none",
         precision="bf16",
@@ -111,7 +111,7 @@ PRESETS: dict[str, RunConfig] = {
     "cpu-default": RunConfig(
         name="cpu-default",
         model="embedded:gemma-3-270m",
-        datasets=[str(paths.data_dir() / "graded")],
+        datasets=[str(paths.samples_dir() / "graded")],
         eval_fraction=0.1,
         # Measured: one fwd+bwd of ~1.2k tokens costs Gemma 270M ~20 s on 2 cores (fp32), so a
         # first run is a dozen samples at 1k tokens (long submissions are cut, not the grade).
@@ -136,7 +136,7 @@ PRESETS: dict[str, RunConfig] = {
     "smoke": RunConfig(
         name="smoke",
         model="embedded:tiny-gpt-oss",
-        datasets=[str(paths.data_dir() / "graded")],
+        datasets=[str(paths.samples_dir() / "graded")],
         eval_fraction=0.2,
         max_length=1536,  # the sample submissions are 1.0-1.4k GPT-OSS tokens
         lora_r=8,
@@ -283,7 +283,7 @@ def model_dir(cfg: RunConfig) -> Path | None:
         return p
     # A hub id like "openai/gpt-oss-120b" resolves only when a local copy exists (offline).
     try:
-        from training.model_zoo import resolve_model_path
+        from data.model_zoo import resolve_model_path
 
         return Path(resolve_model_path(cfg.model))
     except Exception:

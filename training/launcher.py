@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import paths
+from data import paths
 from training.config import RunConfig, check_config, load_config, save_config
 
 ENTRY = Path(__file__).resolve().parent / "train_entry.py"
@@ -154,7 +154,7 @@ def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait
     `resume=RUN_ID` reuses that run's folder and continues from its last complete checkpoint;
     `cfg` may then be None (the run's own config.json) or a changed config (say, more steps).
     """
-    from training.store import Store
+    from data.store import Store
 
     store = store or Store()
     if resume:
@@ -252,7 +252,7 @@ def sweep_shm_buffers() -> int:
 def finalize(handle: RunHandle) -> str:
     """After the launcher exits: a run the trainer did not mark (crash before start) -> failed;
     DeepSpeed's leftover shared-memory segments of the run are removed."""
-    from training.store import Store
+    from data.store import Store
 
     store = Store()
     rc = handle.process.wait() if handle.process else None
@@ -274,7 +274,7 @@ def _log_tail(run_dir: Path, n: int) -> str:
 
 
 def _pid_of(run_id: str) -> int | None:
-    from training.store import Store
+    from data.store import Store
 
     row = Store().get_run(run_id) or {}
     if row.get("pid"):
@@ -352,7 +352,7 @@ def run_status(run_id: str) -> dict:
     """The store's row for the run, plus `alive`, the last train/eval metrics and checkpoints.
 
     A run marked running whose process is gone is marked failed here (it crashed unrecorded)."""
-    from training.store import Store
+    from data.store import Store
 
     store = Store()
     row = store.get_run(run_id)

@@ -58,7 +58,7 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device) -> tuple[Any,
     """(model, tokenizer, model_type, folder). The model sits on `device`, frozen, not yet LoRA."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from training.model_zoo import resolve_model_path
+    from data.model_zoo import resolve_model_path
 
     folder = Path(resolve_model_path(cfg.model))
     tokenizer = load_tokenizer(folder, cfg)

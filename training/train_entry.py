@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     # Embedded models are built (once, under a file lock) before the process group starts:
     # inside it transformers' save_pretrained writes nothing on ranks other than 0.
     if cfg.model.startswith("embedded:"):
-        from training.model_zoo import resolve_model_path
+        from data.model_zoo import resolve_model_path
 
         resolve_model_path(cfg.model)
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     store = None
     if is_main:
-        from training.store import Store
+        from data.store import Store
 
         store = Store()
         if store.get_run(run_id) is None:
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_submissions(cfg: RunConfig) -> list:
     """All graded submissions of cfg.datasets: files/folders (validated) and db:<name> datasets."""
-    from training.loading import load_graded
+    from data.loading import load_graded
 
     subs: list = []
     files = [d for d in cfg.datasets if not d.startswith("db:")]
@@ -281,7 +281,7 @@ def load_submissions(cfg: RunConfig) -> list:
         subs += report.submissions
     for d in cfg.datasets:
         if d.startswith("db:"):
-            from training.store import Store
+            from data.store import Store
 
             store = Store()
             ds = store.find_dataset(d[3:])
@@ -314,7 +314,7 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
     from safetensors.torch import load_file
 
     from training import models
-    from training.prompt_format import build_training_examples, detect_format
+    from data.prompt_format import build_training_examples, detect_format
 
     is_main = rank == 0
     random.seed(cfg.seed)

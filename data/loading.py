@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import ValidationError
 
-from training.rubric import TOTAL_TOLERANCE, GradedSubmission, Rubric
+from data.rubric import TOTAL_TOLERANCE, GradedSubmission, Rubric
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 # Real submissions are a few levels deep; anything far deeper is an accident or an attack, and

@@ -22,7 +22,7 @@ import tempfile
 from importlib.resources import files
 from pathlib import Path
 
-from training import paths
+from data import paths
 
 # sha256 of OpenAI's published o200k_base.tiktoken (the same value tiktoken and openai-harmony
 # check after downloading it): if quicktok's data ever drifts, we refuse rather than train on a
@@ -246,7 +246,7 @@ def ensure_harmony_env(tokenizer_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.tokenizer_offline [--out DIR]``; also reached via ``python -m training tokenizer``."""
+    """``python -m data.tokenizer_offline [--out DIR]``; also reached via ``python -m training tokenizer``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the GPT-OSS (o200k_harmony) tokenizer offline.")

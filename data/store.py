@@ -18,9 +18,9 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
-from training import paths
-from training.loading import content_hash
-from training.rubric import GradedSubmission
+from data import paths
+from data.loading import content_hash
+from data.rubric import GradedSubmission
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0

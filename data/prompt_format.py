@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from training.rubric import Grade, GradedSubmission, Rubric
+from data.rubric import Grade, GradedSubmission, Rubric
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from openai_harmony import HarmonyEncoding
@@ -199,8 +199,8 @@ def detect_format(tokenizer: Any, model_type: str | None) -> Format:
 
 @functools.lru_cache(maxsize=1)
 def harmony_encoding() -> "HarmonyEncoding":
-    """openai-harmony's GPT-OSS encoding, loaded offline (see training.tokenizer_offline)."""
-    from training.tokenizer_offline import ensure_harmony_env
+    """openai-harmony's GPT-OSS encoding, loaded offline (see data.tokenizer_offline)."""
+    from data.tokenizer_offline import ensure_harmony_env
 
     ensure_harmony_env()
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
@@ -477,13 +477,13 @@ def build_training_examples(
     """Every graded submission as a training example: (examples, number whose submission was cut).
 
     Each submission's answers are rendered to the Markdown a student would hand in
-    (``training.markdown.render_submission_markdown``), graded against ``sub.rubric()`` with
+    (``data.markdown.render_submission_markdown``), graded against ``sub.rubric()`` with
     ``sub.grade()`` as the target. A submission whose instructions + grade alone exceed
     ``max_length`` cannot be used without cutting the rubric or the grade: it is skipped with a
     logged warning (so ``len(submissions) - len(examples)`` were too long to use); if that
     leaves nothing, PromptTooLongError.
     """
-    from training.markdown import render_submission_markdown
+    from data.markdown import render_submission_markdown
 
     examples: list[EncodedExample] = []
     n_cut = n_dropped = 0

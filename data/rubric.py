@@ -1,7 +1,7 @@
 """The rubric data model, defined once: graded submissions (training data), rubrics (what a new
 submission is graded against) and grades (what the model answers).
 
-Reading files and reporting every problem in them lives in `training.loading`; this module only
+Reading files and reporting every problem in them lives in `data.loading`; this module only
 says what valid data is.
 """
 from __future__ import annotations

@@ -28,6 +28,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GRADER_CACHE", default))
 
 
-def data_dir() -> Path:
-    """Sample data shipped with the studio."""
-    return REPO_ROOT / "data"
+def samples_dir() -> Path:
+    """Sample data written for the studio: graded/, rubrics/, submissions/."""
+    return REPO_ROOT / "data" / "samples"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from training import paths
-from training.tokenizer_offline import build_gpt_oss_tokenizer
+from data import paths
+from data.tokenizer_offline import build_gpt_oss_tokenizer
 
 DEFAULT_CPU_MODEL = "embedded:gemma-3-270m"
 EMBEDDED_PREFIX = "embedded:"

@@ -13,8 +13,8 @@ import re
 import unicodedata
 from pathlib import Path
 
-from training.loading import DEFAULT_MAX_BYTES, DataError, Problem
-from training.rubric import GradedSubmission, Rubric
+from data.loading import DEFAULT_MAX_BYTES, DataError, Problem
+from data.rubric import GradedSubmission, Rubric
 
 # An ATX heading ("## Question 1: ..."), optionally closed by #s; or a line that is bold only
 # ("**Question 1**"), which students often use instead of a heading.
