@@ -33,7 +33,15 @@ class RunConfig(BaseModel):
     name: str = "run"
     model: str = "embedded:gemma-3-270m"  # local folder, or embedded:gemma-3-270m | embedded:tiny-gpt-oss
     datasets: list[str] = Field(default_factory=list)  # files/folders, or "db:<dataset name or id>"
+    # Validation data graded by agreement with the humans at every evaluation (files/folders or
+    # "db:<name>"); empty: eval_fraction of datasets is held out instead.
+    validation_datasets: list[str] = Field(default_factory=list)
     eval_fraction: float = 0.1
+    # "item": one example per rubric question (question, reference answer, the student's answer),
+    # the score learnt as a distribution over 0..max (soft when several graders scored it); a
+    # submission's grade is assembled from its questions. "submission": one example per whole
+    # submission, the grade JSON written token by token (holistic rubrics, written feedback).
+    example_unit: Literal["item", "submission"] = "item"
     split_seed: int = 0
     max_length: int = 2048
     # LoRA
@@ -55,6 +63,7 @@ class RunConfig(BaseModel):
     per_device_batch_size: int = 3
     gradient_accumulation_steps: int = 4
     learning_rate: float = 2e-4
+    weight_decay: float = 0.01
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.03
     epochs: float = 3.0
