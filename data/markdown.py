@@ -65,6 +65,11 @@ def _render(labels: list[str], questions: list[str], answers: list[str]) -> str:
     )
 
 
+def render_question_markdown(label: str, question: str, answer: str) -> str:
+    """One question's answer as a one-section submission (what item-level examples show the model)."""
+    return _render([label], [question], [answer])
+
+
 def render_submission_markdown(sub: GradedSubmission) -> str:
     """The Markdown a student would hand in: a heading per question, the answer below.
 

@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from data.rubric import Grade, GradedSubmission, Rubric
+from data.rubric import Grade, GradedSubmission, GradeItem, Rubric
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from openai_harmony import HarmonyEncoding
@@ -501,4 +501,136 @@ def build_training_examples(
             f"all {n_dropped} submissions need more than max_length={max_length} tokens for the "
             "instructions and grade alone; raise max_length"
         )
+    return examples, n_cut
+
+
+# --------------------------------------------------------------------------- one question at a time
+#
+# Item-level grading: each rubric question is its own example, a one-question rubric (the
+# question, its reference answer, its maximum, its label kept) and the student's answer to it as a
+# one-section submission. The model reads up to the item's score in the grade JSON as training
+# writes it (``{"items":[{"question":"<label>","score":``) and its next token is the score: the
+# grade is the expected value of its distribution over the whole numbers 0..max. No generation,
+# so every item grade is valid by construction, and a submission's grade is assembled from its
+# questions (total = sum). Training fits that distribution to the humans' scores (soft when
+# several graders scored the item).
+
+
+@dataclass
+class ScoreExample:
+    """One question of one submission, encoded to the score position.
+
+    ``input_ids`` end where the score's token comes next; ``value_ids[v]`` is the token of the
+    score ``v`` (0..max). ``target`` (training only) is the human distribution over those values.
+    ``value_ids`` is None when the values are not single tokens (a maximum of 10 with a tokenizer
+    that splits digits): such a question is scored from the written number instead.
+    """
+
+    input_ids: list[int]
+    value_ids: list[int] | None
+    max_score: float
+    target: list[float] | None = None
+    human_score: float | None = None
+    truncated: bool = False
+
+
+def question_rubric(rubric: Rubric, k: int) -> Rubric:
+    """Question ``k`` alone as a rubric, keeping its label (so the prompt names it as before)."""
+    q = rubric.questions[k]
+    return Rubric(title=rubric.title, questions=[q.model_copy(update={"question_id": question_labels(rubric)[k]})])
+
+
+def score_prefix_text(label: str) -> str:
+    """The grade JSON as training writes it for one item, up to that item's score."""
+    text = target_text(Grade(score=0, max_score=1, items=[GradeItem(question=label, score=0, max_score=1)]))
+    return text[: text.index('"score":') + len('"score":')]
+
+
+def encode_answer_text(tokenizer: Any, fmt: Format, text: str) -> list[int]:
+    """Grade text as the answer side encodes it (harmony: o200k without special tokens)."""
+    if fmt == "harmony":
+        return list(harmony_encoding().encode(text, allowed_special=set(), disallowed_special=()))
+    return _encode_text(tokenizer, text)
+
+
+@functools.lru_cache(maxsize=64)
+def _value_ids(tokenizer: Any, fmt: Format, max_score: float) -> tuple[int, ...] | None:
+    if max_score != int(max_score) or not 1 <= max_score <= 100:
+        return None
+    encs = [encode_answer_text(tokenizer, fmt, str(v)) for v in range(int(max_score) + 1)]
+    if any(len(e) != 1 for e in encs) or len({e[0] for e in encs}) != len(encs):
+        return None
+    return tuple(e[0] for e in encs)
+
+
+def score_value_ids(tokenizer: Any, fmt: Format, max_score: float) -> list[int] | None:
+    """Token of each whole score 0..max_score, or None when some value is not a single token."""
+    ids = _value_ids(tokenizer, fmt, float(max_score))
+    return None if ids is None else list(ids)
+
+
+def soft_score_target(scores: list[float], max_score: float) -> list[float]:
+    """The human distribution over 0..max: each grader's score split linearly between its two
+    neighbouring whole numbers (3.5 -> half on 3, half on 4), graders weighted equally. Its mean
+    is the graders' mean score."""
+    n = int(max_score)
+    q = [0.0] * (n + 1)
+    for s in scores:
+        s = min(max(float(s), 0.0), float(n))
+        lo = int(s)
+        frac = s - lo
+        q[lo] += (1 - frac) / len(scores)
+        if frac > 1e-9:
+            q[lo + 1] += frac / len(scores)
+    return q
+
+
+def encode_score_prompt(
+    tokenizer: Any, fmt: Format, rubric: Rubric, k: int, answer: str, max_prompt_tokens: int | None = None
+) -> ScoreExample:
+    """Question ``k`` of ``rubric`` with the student's ``answer``: the prompt plus the grade JSON
+    up to the score (see the section comment). Over-long answers are cut like submissions."""
+    from data.markdown import render_question_markdown
+
+    one = question_rubric(rubric, k)
+    q, label = one.questions[0], one.questions[0].question_id or "1"
+    prefix = encode_answer_text(tokenizer, fmt, score_prefix_text(label))
+    budget = None if max_prompt_tokens is None else max_prompt_tokens - len(prefix)
+    if budget is not None and budget <= 0:
+        raise PromptTooLongError(f"max_length {max_prompt_tokens} leaves no room for the question's prompt")
+    md = render_question_markdown(label, q.question, answer)
+    prompt, truncated = encode_prompt_checked(tokenizer, fmt, one, md, budget)
+    return ScoreExample(input_ids=prompt + prefix, value_ids=score_value_ids(tokenizer, fmt, q.max_score),
+                        max_score=q.max_score, truncated=truncated)
+
+
+def build_score_examples(
+    submissions: list[GradedSubmission], tokenizer: Any, fmt: Format, max_length: int
+) -> tuple[list[ScoreExample], int]:
+    """Every scored question of every graded submission as a training example (item-level):
+    (examples, number whose answer was cut). The target is the human distribution over 0..max,
+    from the item's ``grader_scores`` when it has them, else its ``score``. Questions whose values
+    are not single tokens, or whose prompt cannot fit, are left out (logged)."""
+    examples: list[ScoreExample] = []
+    n_cut = n_dropped = 0
+    for sub in submissions:
+        rubric = sub.rubric()
+        for k, item in enumerate(sub.rubric_alignment):
+            try:
+                ex = encode_score_prompt(tokenizer, fmt, rubric, k, item.answer, max_length - 1)
+            except PromptTooLongError as e:
+                n_dropped += 1
+                log.warning("skipped question %s of %s: %s", k + 1, sub.submission_id or "a submission", e)
+                continue
+            if ex.value_ids is None:
+                n_dropped += 1
+                continue
+            graders = item.grader_scores or [item.score]
+            ex.target = soft_score_target(graders, ex.max_score)
+            ex.human_score = float(item.score)
+            examples.append(ex)
+            n_cut += ex.truncated
+    if n_dropped:
+        log.warning("%d questions left out of item-level training (prompt too long, or scores that "
+                    "are not single tokens for this tokenizer)", n_dropped)
     return examples, n_cut

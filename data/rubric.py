@@ -44,6 +44,9 @@ class RubricItem(BaseModel):
     score: float
     max_score: float | None = None
     reference_answer: str | None = None
+    # Each human grader's score for this item when several graded it (e.g. [3, 4]); ``score`` is
+    # what they settled on. Item-level training learns the spread of these, not just one number.
+    grader_scores: list[float] | None = None
 
     @field_validator("score", "max_score")
     @classmethod
@@ -53,10 +56,24 @@ class RubricItem(BaseModel):
             raise ValueError(f"{info.field_name} must be >= 0, got {v!r}")
         return v
 
+    @field_validator("grader_scores")
+    @classmethod
+    def _check_grader_scores(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("grader_scores must list at least one score (or be left out)")
+            for s in v:
+                _finite(s, "grader_scores")
+                if s < 0:
+                    raise ValueError(f"grader_scores must be >= 0, got {s!r}")
+        return v
+
     @model_validator(mode="after")
     def _score_within_max(self) -> "RubricItem":
         if self.max_score is not None and self.score > self.max_score:
             raise ValueError(f"score {self.score} is above max_score {self.max_score}")
+        if self.max_score is not None and self.grader_scores and max(self.grader_scores) > self.max_score:
+            raise ValueError(f"grader_scores {self.grader_scores} has a score above max_score {self.max_score}")
         return self
 
     @property
