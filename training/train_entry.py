@@ -2,7 +2,8 @@
 
     deepspeed --num_accelerators 2 training/train_entry.py --run_dir RUN_DIR [--resume]
 
-It reads top to bottom: config -> distributed -> data -> model + LoRA -> DeepSpeed -> loop.
+It reads top to bottom: config -> distributed -> `Trainer`: data -> model + LoRA -> DeepSpeed -> loop
+(train_step, evaluate, save_checkpoint; the best validation agreement kept as best/).
 Only rank 0 writes metrics, checkpoints and the store. Every rank takes the same decisions (stop,
 eval, save) because they are agreed on by one all-reduce per optimizer step.
 
@@ -142,22 +143,6 @@ def collate(examples: list, pad_id: int, device: torch.device, width: int | None
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def make_loss_fn(cfg: RunConfig):
-    """Mean loss over label tokens: fast_path.compute_loss (chunked CE on GPU) when present and
-    enabled, else the model's own loss."""
-    if cfg.fast_path:
-        try:
-            from training.fast_path import compute_loss
-        except ImportError:
-            compute_loss = None
-        if compute_loss is not None:
-            # fused=True: the chunked loss over label positions only, also on CPU, where the
-            # (tokens x vocab) logits are most of the work (Gemma 270M: 170M of its 268M
-            # parameters are the embedding); it equals the model's loss (fast_path's tests).
-            return lambda engine, batch: compute_loss(engine.module, batch, fused=True)[0]
-    return lambda engine, batch: engine(**batch).loss
-
-
 def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
@@ -268,18 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_submissions(cfg: RunConfig) -> list:
-    """All graded submissions of cfg.datasets: files/folders (validated) and db:<name> datasets."""
+def load_submissions(specs: list[str]) -> list:
+    """All graded submissions of ``specs``: files/folders (validated) and db:<name> datasets."""
     from data.loading import load_graded
 
     subs: list = []
-    files = [d for d in cfg.datasets if not d.startswith("db:")]
+    files = [d for d in specs if not d.startswith("db:")]
     if files:
         report = load_graded(files)
         if not report.ok:
             raise ValueError("the training data has errors; fix them or drop the file:\n" + report.format())
         subs += report.submissions
-    for d in cfg.datasets:
+    for d in specs:
         if d.startswith("db:"):
             from data.store import Store
 
@@ -290,7 +275,7 @@ def load_submissions(cfg: RunConfig) -> list:
                 raise ValueError(f"dataset {d[3:]!r} is not in the store (stored: {names})")
             subs += store.dataset_submissions(ds["id"])
     if not subs:
-        raise ValueError(f"no graded submissions in {cfg.datasets}")
+        raise ValueError(f"no graded submissions in {specs}")
     return subs
 
 
@@ -305,239 +290,439 @@ def split_eval(subs: list, cfg: RunConfig) -> tuple[list, list]:
     return [subs[i] for i in order[n_eval:]], [subs[i] for i in order[:n_eval]]
 
 
-def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torch.device, rank: int,
-          world: int, stop: StopRequest, store) -> str:
-    """The training run; returns the final status ("finished" or "stopped")."""
-    import deepspeed
-    import torch.distributed as dist
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def collate_scores(examples: list, pad_id: int, device: torch.device, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Item-level batch: right-padded prompts, the score position of each row, each row's value
+    tokens (padded, with a mask) and its human distribution over them."""
+    width = max([len(e.input_ids) for e in examples] + [width or 0])
+    n_val = max(len(e.value_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    values = torch.zeros((len(examples), n_val), dtype=torch.long)
+    value_mask = torch.zeros((len(examples), n_val), dtype=torch.bool)
+    target = torch.zeros((len(examples), n_val), dtype=torch.float32)
+    for row, e in enumerate(examples):
+        n, v = len(e.input_ids), len(e.value_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        values[row, :v] = torch.tensor(e.value_ids)
+        value_mask[row, :v] = True
+        if e.target is not None:
+            target[row, :v] = torch.tensor(e.target)
+    last = mask.sum(1) - 1
+    return {k: t.to(device) for k, t in dict(input_ids=ids, attention_mask=mask, score_pos=last, values=values,
+                                             value_mask=value_mask, target=target).items()}
 
-    from training import models
-    from data.prompt_format import build_training_examples, detect_format
 
-    is_main = rank == 0
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+def score_log_probs(module: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """log p(value) at each row's score position, over that row's values only (a softmax
+    restricted to 0..max, as the grader reads it). Only the score rows go through the LM head."""
+    from training.fast_path import base_causal_lm
 
-    # ---- data
-    train_subs, eval_subs = split_eval(load_submissions(cfg), cfg)
+    lm = base_causal_lm(module)
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["score_pos"]]
+    logits = lm.get_output_embeddings()(h).float()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    picked = torch.gather(logits, 1, batch["values"]).masked_fill(~batch["value_mask"], -1e4)
+    return torch.log_softmax(picked, dim=-1)
 
-    # ---- model, tokenizer, examples
-    t0 = time.time()
-    model, tokenizer, model_type, folder = models.load_model_and_tokenizer(cfg, device)
-    fmt = detect_format(tokenizer, model_type)
-    train_ex, n_trunc = build_training_examples(train_subs, tokenizer, fmt, cfg.max_length)
-    eval_ex, n_trunc_eval = build_training_examples(eval_subs, tokenizer, fmt, cfg.max_length) if eval_subs else ([], 0)
-    if is_main:
-        log(f"model {cfg.model} ({model_type}, {fmt} format) loaded in {time.time() - t0:.1f}s; "
-            f"{len(train_ex)} train / {len(eval_ex)} eval examples ({len(train_subs) + len(eval_subs)} "
-            f"submissions; {n_trunc + n_trunc_eval} truncated to max_length={cfg.max_length}, "
-            f"{len(train_subs) + len(eval_subs) - len(train_ex) - len(eval_ex)} too long to use)")
-        log(f"memory held by the base model: {models.quantization_report(model)}")
-    model = models.apply_lora(model, cfg, model_type)
-    pad_width = None  # one fixed batch width, when the fast path compiles the layers
-    if cfg.fast_path:
-        try:
-            from training import fast_path
-        except ImportError:
-            fast_path = None
-        applied = fast_path.apply(model, cfg) if fast_path else []
-        if is_main and applied:
-            log(f"fast path: {', '.join(applied)}")
-        if "compile_layers" in applied:
-            # Compiled decoder layers compile once more for every new sequence length (a 12-layer
-            # 20b twin on an H200 spent > 100 s in its first step of 4 micro-batches of different
-            # widths); pad every batch of the run to one width: the longest example, rounded up.
-            longest = max(len(e.input_ids) for e in train_ex + eval_ex)
-            pad_width = min(cfg.max_length, -(-longest // 64) * 64)
-            if is_main:
-                log(f"compiled layers: every batch padded to {pad_width} tokens (one compiled shape); "
-                    "the first step compiles them and takes about a minute, later steps are fast")
-    if is_main:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"LoRA r={cfg.lora_r} on {cfg.target_modules}{' + experts' if cfg.lora_experts else ''}: "
-            f"{n_train:,} trainable parameters")
 
-    # ---- schedule
-    lengths = [len(e.input_ids) for e in train_ex]
-    steps_per_epoch = math.ceil(len(train_ex) / (cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps))
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+def soft_cross_entropy(logp: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean over rows of -sum_v q(v) log p(v), q the human distribution."""
+    return -(batch["target"] * logp).sum(-1).mean()
 
-    # ---- resume: LoRA weights go in before DeepSpeed copies them into its fp32 partitions
-    start_step, elapsed_before, state = 0, 0.0, None
-    ckpt = last_complete_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None and is_main:
-        log("no complete checkpoint to resume from: starting at step 0")
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        start_step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-        if is_main:
-            log(f"resuming from {ckpt.name} at step {start_step}/{total_steps}")
 
-    # ---- DeepSpeed (a torch AdamW: a DS "optimizer" block would JIT-compile fused_adam)
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=0.0)
-    schedule = lr_lambda(cfg, total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )
-    if state is not None:
-        opt_states = state["optimizer"]
-        if cfg.zero_stage == 0:
-            engine.optimizer.load_state_dict(opt_states[0])
+class Trainer:
+    """One training run, in named steps (torchtune's recipe shape):
+    setup_data -> setup_model -> setup_optimizer -> [train_step, evaluate, save_checkpoint]*.
+
+    Item-level runs (``example_unit="item"``) learn each question's score distribution against the
+    human one and are validated by agreement with the humans (MAE, Pearson r, QWK of the expected
+    score); the checkpoint with the best validation QWK is kept as ``best/`` with a calibration map
+    fitted on that validation set. Submission-level runs learn the whole grade JSON token by token
+    and are validated by loss.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, run_id: str, device: torch.device, rank: int, world: int,
+                 stop: StopRequest, store) -> None:
+        self.cfg, self.run_dir, self.run_id = cfg, run_dir, run_id
+        self.device, self.rank, self.world, self.stop, self.store = device, rank, world, stop, store
+        self.is_main = rank == 0
+        self.items = cfg.example_unit == "item"
+        self.pad_width: int | None = None
+        self.best: dict = {"step": None, "qwk": None, "pearson_r": None}
+        self.calibrations: dict[int, Any] = {}  # step -> calibration fitted at that step's evaluation
+        self.elapsed_before = 0.0
+        self.t_start = time.time()
+
+    # ------------------------------------------------------------------------------- setup
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        subs = load_submissions(cfg.datasets)
+        if cfg.validation_datasets:
+            self.train_subs, self.eval_subs = subs, load_submissions(cfg.validation_datasets)
         else:
-            engine.optimizer.load_state_dict(opt_states, load_optimizer_states=True, load_from_fp32_weights=True)
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][rank if rank < len(state["rng"]) else 0])
-        if is_main:  # the curve carries on from the checkpoint: drop rows written after it
-            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+            self.train_subs, self.eval_subs = split_eval(subs, cfg)
 
-    loss_fn = make_loss_fn(cfg)
-    pad_id = tokenizer.pad_token_id
-    lo, hi = rank * cfg.per_device_batch_size, (rank + 1) * cfg.per_device_batch_size
+    def setup_model(self) -> None:
+        from training import models
+        from data.prompt_format import build_score_examples, build_training_examples, detect_format
 
-    def evaluate() -> float:
-        """Token-weighted eval loss over the whole eval set (every rank runs the same count)."""
-        engine.eval()
-        g = cfg.per_device_batch_size * world
-        n_batches = math.ceil(len(eval_ex) / g)
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        cfg = self.cfg
+        t0 = time.time()
+        model, self.tokenizer, model_type, _ = models.load_model_and_tokenizer(cfg, self.device)
+        self.fmt = detect_format(self.tokenizer, model_type)
+        build = build_score_examples if self.items else build_training_examples
+        self.train_ex, n_cut = build(self.train_subs, self.tokenizer, self.fmt, cfg.max_length)
+        self.eval_ex, n_cut_eval = build(self.eval_subs, self.tokenizer, self.fmt, cfg.max_length) if self.eval_subs else ([], 0)
+        if self.is_main:
+            unit = "questions" if self.items else "submissions"
+            log(f"model {cfg.model} ({model_type}, {self.fmt} format) loaded in {time.time() - t0:.1f}s; "
+                f"{len(self.train_ex)} train / {len(self.eval_ex)} validation examples, one per {unit[:-1]} "
+                f"({len(self.train_subs)} + {len(self.eval_subs)} submissions; {n_cut + n_cut_eval} cut to "
+                f"max_length={cfg.max_length})")
+            log(f"memory held by the base model: {models.quantization_report(model)}")
+        model = models.apply_lora(model, cfg, model_type)
+        if cfg.fast_path:
+            from training import fast_path
+
+            applied = fast_path.apply(model, cfg)
+            if self.is_main and applied:
+                log(f"fast path: {', '.join(applied)}")
+            if "compile_layers" in applied:
+                # Compiled layers compile again for every new sequence length (a 12-layer 20b twin
+                # on an H200 spent > 100 s in its first step on 4 widths): one width per run.
+                longest = max(len(e.input_ids) for e in self.train_ex + self.eval_ex)
+                self.pad_width = min(cfg.max_length, -(-longest // 64) * 64)
+                if self.is_main:
+                    log(f"compiled layers: every batch padded to {self.pad_width} tokens (one compiled shape); "
+                        "the first step compiles them and takes about a minute, later steps are fast")
+        self.model = model
+        if self.is_main:
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            log(f"LoRA r={cfg.lora_r} on {cfg.target_modules}{' + experts' if cfg.lora_experts else ''}: "
+                f"{n_train:,} trainable parameters")
+
+    def setup_optimizer(self, resume: bool) -> None:
+        """DeepSpeed around a torch AdamW (a DS "optimizer" block would JIT-compile fused_adam);
+        on resume the LoRA weights go in before DeepSpeed copies them into its fp32 partitions."""
+        import deepspeed
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        cfg = self.cfg
+        self.steps_per_epoch = math.ceil(len(self.train_ex) / (cfg.per_device_batch_size * self.world * cfg.gradient_accumulation_steps))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.start_step, state = 0, None
+        self.resumed_from = last_complete_checkpoint(self.run_dir) if resume else None
+        if resume and self.resumed_from is None and self.is_main:
+            log("no complete checkpoint to resume from: starting at step 0")
+        if self.resumed_from is not None:
+            state = torch.load(self.resumed_from / "trainer_state.pt", map_location="cpu", weights_only=False)
+            set_peft_model_state_dict(self.model, load_file(str(self.resumed_from / "adapter_model.safetensors")))
+            self.start_step, self.elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+            self.best = state.get("best", self.best)
+            if self.is_main:
+                log(f"resuming from {self.resumed_from.name} at step {self.start_step}/{self.total_steps}")
+        ds_config = json.loads((self.run_dir / "ds_config.json").read_text())
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        schedule = lr_lambda(cfg, self.total_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        if state is not None:
+            opt_states = state["optimizer"]
+            if cfg.zero_stage == 0:
+                self.engine.optimizer.load_state_dict(opt_states[0])
+            else:
+                self.engine.optimizer.load_state_dict(opt_states, load_optimizer_states=True, load_from_fp32_weights=True)
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"][self.rank if self.rank < len(state["rng"]) else 0])
+            if self.is_main:  # the curve carries on from the checkpoint: drop rows written after it
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+        self.loss_fn = self._loss_fn()
+
+    def _loss_fn(self):
+        if self.items:
+            return lambda batch: soft_cross_entropy(score_log_probs(self.engine.module, batch), batch)
+        if self.cfg.fast_path:
+            from training.fast_path import compute_loss
+
+            # fused=True: the chunked loss over label positions only, also on CPU, where the
+            # (tokens x vocab) logits are most of the work (Gemma 270M: 170M of its 268M
+            # parameters are the embedding); it equals the model's loss (fast_path's tests).
+            return lambda batch: compute_loss(self.engine.module, batch, fused=True)[0]
+        return lambda batch: self.engine(**batch).loss
+
+    def collate(self, examples: list, width: int | None = None) -> dict[str, torch.Tensor]:
+        pad_id = self.tokenizer.pad_token_id
+        if self.items:
+            return collate_scores(examples, pad_id, self.device, width)
+        return collate(examples, pad_id, self.device, width)
+
+    # ------------------------------------------------------------------------------- steps
+    def train_step(self, step: int, batches: list[list[int]]) -> dict:
+        """One optimizer step of ``gradient_accumulation_steps`` micro-batches; the metrics row."""
+        cfg = self.cfg
+        lo, hi = self.rank * cfg.per_device_batch_size, (self.rank + 1) * cfg.per_device_batch_size
+        t_step = time.time()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, micro count, tokens, stop
+        k0 = (step % self.steps_per_epoch) * cfg.gradient_accumulation_steps
+        grad_norm = None
+        for k in range(k0, k0 + cfg.gradient_accumulation_steps):
+            batch = self.collate([self.train_ex[i] for i in batches[k][lo:hi]], self.pad_width)
+            loss = self.loss_fn(batch)
+            self.engine.backward(loss)
+            if cfg.zero_stage == 0 and k == k0 + cfg.gradient_accumulation_steps - 1:
+                # DeepSpeed reports the norm only for its ZeRO/mixed-precision optimizers.
+                grads = [p.grad.detach().float().norm() for p in self.trainable if p.grad is not None]
+                grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            self.engine.step()
+            totals[0] += float(loss.detach())
+            totals[1] += 1
+            totals[2] += float(batch["attention_mask"].sum())
+        totals[3] = 1.0 if self.stop.requested else 0.0
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)  # ranks agree on the loss and on stopping (any rank asked -> all stop)
+        self.stop_agreed = bool(totals[3] > 0)
+        if grad_norm is None and self.is_main:
+            grad_norm = self.engine.get_global_grad_norm()
+        n_step = step + 1
+        dt = time.time() - t_step
+        return {
+            "kind": "train", "step": n_step, "epoch": round(n_step / self.steps_per_epoch, 4),
+            "loss": float(totals[0] / totals[1]), "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": round(float(totals[2]) / dt, 1),
+            "samples": n_step * cfg.per_device_batch_size * self.world * cfg.gradient_accumulation_steps,
+            "elapsed_s": self.elapsed(), "peak_mem_gib": peak_mem_gib(self.device), "total_steps": self.total_steps,
+        }
+
+    def _eval_batches(self) -> list[list[int]]:
+        """This rank's share of the validation set; every rank runs the same number of batches
+        (index -1 pads a short share: ZeRO-3 forwards gather parameters collectively)."""
+        g = self.cfg.per_device_batch_size
+        mine = list(range(self.rank, len(self.eval_ex), self.world))
+        n_batches = math.ceil(math.ceil(len(self.eval_ex) / self.world) / g)
+        mine += [-1] * (n_batches * g - len(mine))
+        return [mine[b * g : (b + 1) * g] for b in range(n_batches)]
+
+    def evaluate(self, step: int) -> dict:
+        """The validation row: loss, and for item-level runs the agreement of the expected score
+        with the humans' scores (MAE, Pearson r, QWK)."""
+        import torch.distributed as dist
+
+        self.engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        preds: list[tuple[int, list[float]]] = []
         with torch.no_grad():
-            for b in range(n_batches):
-                idx = list(range(b * g, (b + 1) * g))[lo:hi]
-                real = [i for i in idx if i < len(eval_ex)]
-                batch = collate([eval_ex[i] for i in (real or [0])], pad_id, device, pad_width)
-                n_tok = int((batch["labels"][:, 1:] != -100).sum()) if real else 0
-                if n_tok:
-                    sums[0] += float(loss_fn(engine, batch)) * n_tok
-                    sums[1] += n_tok
-                elif cfg.zero_stage == 3:
-                    loss_fn(engine, batch)  # ZeRO-3 forwards gather parameters collectively
+            for idx in self._eval_batches():
+                real = [i for i in idx if i >= 0]
+                batch = self.collate([self.eval_ex[i] for i in (real or [0])], self.pad_width)
+                if self.items:
+                    logp = score_log_probs(self.engine.module, batch)
+                    if real:
+                        sums[0] += float(soft_cross_entropy(logp, batch)) * len(real)
+                        sums[1] += len(real)
+                        probs = logp.exp().float().cpu().tolist()
+                        preds += [(i, p[: len(self.eval_ex[i].value_ids)]) for i, p in zip(real, probs)]
+                else:
+                    n_tok = int((batch["labels"][:, 1:] != -100).sum()) if real else 0
+                    loss = self.loss_fn(batch)
+                    if n_tok:
+                        sums[0] += float(loss) * n_tok
+                        sums[1] += n_tok
         dist.all_reduce(sums)
-        engine.train()
-        return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+        gathered: list | None = [None] * self.world if self.is_main else None
+        dist.gather_object(preds, gathered, dst=0)
+        self.engine.train()
+        row = {"kind": "eval", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+               "eval_loss": float(sums[0] / sums[1]) if sums[1] > 0 else float("nan"),
+               "elapsed_s": self.elapsed(), "total_steps": self.total_steps}
+        if self.is_main and self.items:
+            row.update(self._agreement(step, sorted(p for part in gathered for p in part)))
+        return row
 
-    def write_metrics(row: dict) -> None:
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        store.add_metrics(run_id, [row])
+    def _agreement(self, step: int, preds: list[tuple[int, list[float]]]) -> dict:
+        """Agreement of the expected scores with the humans' (on the fraction of each maximum
+        times the most common maximum, so questions worth different points share one scale), and
+        the calibration map fitted on them for this step's checkpoint."""
+        from collections import Counter
 
-    def save(step: int, name: str | None = None) -> Path | None:
-        """checkpoint-<step>/ (or `name`/), written to a temporary folder and renamed when complete."""
-        opt_sd = engine.optimizer.state_dict()
-        gathered: list | None = [None] * world if is_main else None
+        from inference.calibration import fit_calibration
+        from inference.metrics import compute_metrics, infer_step
+        from inference.scoring import expected_score
+
+        ex = [self.eval_ex[i] for i, _ in preds]
+        pred = [expected_score(p) for _, p in preds]
+        human = [e.human_score for e in ex]
+        maxes = [e.max_score for e in ex]
+        scale = Counter(maxes).most_common(1)[0][0]
+        h = [s / m * scale for s, m in zip(human, maxes)]
+        p = [s / m * scale for s, m in zip(pred, maxes)]
+        m = compute_metrics(h, p, scale, infer_step(h, scale), n_boot=0)
+        self.calibrations[step] = fit_calibration(pred, human, maxes)
+        return {"val_n": len(ex), "val_mae": m["mae"]["value"], "val_pearson_r": m["pearson_r"]["value"],
+                "val_qwk": m["qwk"]["value"], "val_pred_sd": round(float(torch.tensor(p).std()), 4) if len(p) > 1 else None}
+
+    def is_better(self, row: dict) -> bool:
+        """Best validation QWK so far (ties: Pearson r); a run without agreement has no best."""
+        qwk, r = row.get("val_qwk"), row.get("val_pearson_r")
+        if qwk is None:
+            return False
+        key = (qwk, r if r is not None else -1.0)
+        best = (self.best["qwk"], self.best["pearson_r"] if self.best["pearson_r"] is not None else -1.0)
+        return self.best["qwk"] is None or key > best
+
+    def save_checkpoint(self, step: int, name: str | None = None) -> Path | None:
+        """checkpoint-<step>/ (or ``name``/), written to a temporary folder and renamed when
+        complete; with the calibration fitted at this step's evaluation, when there is one."""
+        import deepspeed
+        import torch.distributed as dist
+
+        cfg = self.cfg
+        opt_sd = self.engine.optimizer.state_dict()
+        gathered: list | None = [None] * self.world if self.is_main else None
         dist.gather_object((opt_sd, rng_state()), gathered, dst=0)
-        lora = [p for n, p in engine.module.named_parameters() if "lora_" in n]
+        lora = [p for n, p in self.engine.module.named_parameters() if "lora_" in n]
         gather_ctx = deepspeed.zero.GatheredParameters(lora) if cfg.zero_stage == 3 else contextlib.nullcontext()
         out = None
         with gather_ctx:
-            if is_main:
-                out = run_dir / (name or f"checkpoint-{step}")
-                tmp = run_dir / f".tmp-{out.name}"
+            if self.is_main:
+                out = self.run_dir / (name or f"checkpoint-{step}")
+                tmp = self.run_dir / f".tmp-{out.name}"
                 shutil.rmtree(tmp, ignore_errors=True)
-                engine.module.save_pretrained(str(tmp), safe_serialization=True)
-                tokenizer.save_pretrained(str(tmp))
+                self.engine.module.save_pretrained(str(tmp), safe_serialization=True)
+                self.tokenizer.save_pretrained(str(tmp))
                 save_config(cfg, tmp / "run_config.json")
+                if self.calibrations.get(step) is not None:
+                    self.calibrations[step].save(tmp)
                 torch.save({
-                    "step": step, "epoch": step / steps_per_epoch, "epoch_index": step // steps_per_epoch,
-                    "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps,
-                    "elapsed_s": elapsed_before + time.time() - t_start,
+                    "step": step, "epoch": step / self.steps_per_epoch, "epoch_index": step // self.steps_per_epoch,
+                    "step_in_epoch": step % self.steps_per_epoch, "total_steps": self.total_steps,
+                    "elapsed_s": self.elapsed(), "best": self.best,
                     "optimizer": [g[0] for g in gathered], "rng": [g[1] for g in gathered],
-                    "scheduler": scheduler.state_dict(), "world_size": world, "zero_stage": cfg.zero_stage,
+                    "scheduler": self.scheduler.state_dict(), "world_size": self.world, "zero_stage": cfg.zero_stage,
                 }, tmp / "trainer_state.pt")
                 (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
-                fsync_tree(tmp)
-                if out.exists():
-                    old = run_dir / f".old-{out.name}"
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.rename(out, old)
-                    os.rename(tmp, out)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(tmp, out)
-                _fsync_dir(run_dir)
-                store.add_checkpoint(run_id, step, str(out), final=name == "final")
+                publish(tmp, out)
+                self.store.add_checkpoint(self.run_id, step, str(out), final=name == "final")
                 log(f"saved {out.name} (step {step})")
         dist.barrier()
         return out
 
-    # ---- the loop: one iteration = one optimizer step of `gradient_accumulation_steps` micro-batches
-    engine.train()
-    t_start = time.time()
-    step, samples = start_step, start_step * cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps
-    epoch_index, batches = -1, []
-    last_saved, stopped = start_step if ckpt else -1, False
-    if is_main:
-        log(f"training: {total_steps} steps ({steps_per_epoch} per epoch), {world} rank(s), "
-            f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.per_device_batch_size} x accumulation "
-            f"{cfg.gradient_accumulation_steps}")
-    while step < total_steps:
-        if step // steps_per_epoch != epoch_index:
-            epoch_index = step // steps_per_epoch
-            batches = epoch_micro_batches(lengths, epoch_index, cfg, world)
-        t_step = time.time()
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, micro count, tokens, stop
-        k0 = (step % steps_per_epoch) * cfg.gradient_accumulation_steps
-        grad_norm = None
-        for k in range(k0, k0 + cfg.gradient_accumulation_steps):
-            batch = collate([train_ex[i] for i in batches[k][lo:hi]], pad_id, device, pad_width)
-            loss = loss_fn(engine, batch)
-            engine.backward(loss)
-            if cfg.zero_stage == 0 and k == k0 + cfg.gradient_accumulation_steps - 1:
-                # DeepSpeed reports the norm only for its ZeRO/mixed-precision optimizers.
-                grads = [p.grad.detach().float().norm() for p in trainable if p.grad is not None]
-                grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-            engine.step()
-            totals[0] += float(loss.detach())
-            totals[1] += 1
-            totals[2] += float(batch["attention_mask"].sum())
-        step += 1
-        samples += cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps
-        totals[3] = 1.0 if stop.requested else 0.0
-        dist.all_reduce(totals)  # ranks agree on the loss and on stopping (any rank asked -> all stop)
-        stopped = totals[3] > 0 and step < total_steps
-        if is_main:
-            dt = time.time() - t_step
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            row = {
-                "kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                "loss": float(totals[0] / totals[1]), "lr": scheduler.get_last_lr()[0],
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": round(float(totals[2]) / dt, 1), "samples": samples,
-                "elapsed_s": round(elapsed_before + time.time() - t_start, 2),
-                "peak_mem_gib": peak_mem_gib(device), "total_steps": total_steps,
-            }
-            write_metrics(row)
-            log(f"step {step}/{total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                f"grad_norm {row['grad_norm'] or 0:.3f} {row['tokens_per_s']:.0f} tok/s")
-        epoch_end = step % steps_per_epoch == 0 or step == total_steps
-        if eval_ex and (epoch_end or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)):
-            eval_loss = evaluate()
-            if is_main:
-                write_metrics({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
-                               "eval_loss": eval_loss, "elapsed_s": round(elapsed_before + time.time() - t_start, 2),
-                               "total_steps": total_steps})
-                log(f"eval loss {eval_loss:.4f} at step {step}")
-        if stopped or step % cfg.save_every_steps == 0 or step == total_steps:
-            save(step)
-            last_saved = step
-        if stopped:
-            if is_main:
-                log(f"stopped at step {step}/{total_steps}; resume with: python -m training run --resume {run_id}")
-            break
+    def keep_best(self, step: int, row: dict) -> None:
+        """Copy checkpoint-<step>/ to best/ (rank 0), noting why."""
+        self.best = {"step": step, "qwk": row.get("val_qwk"), "pearson_r": row.get("val_pearson_r")}
+        if self.is_main:
+            src = self.run_dir / f"checkpoint-{step}"
+            tmp = self.run_dir / ".tmp-best"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "best": self.best}))
+            publish(tmp, self.run_dir / "best")
+            log(f"best validation agreement so far (QWK {_fmt(row.get('val_qwk'))}, r {_fmt(row.get('val_pearson_r'))}): "
+                f"checkpoint-{step} kept as best/")
 
-    if not stopped:
-        if last_saved != step:
-            save(step)
-        save(step, name="final")
-    if cfg.debug and not stopped:
-        write_debug(engine, eval_ex or train_ex, run_dir, rank, device, pad_id)
-    return "stopped" if stopped else "finished"
+    def elapsed(self) -> float:
+        return round(self.elapsed_before + time.time() - self.t_start, 2)
+
+    def write_metrics(self, row: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self.store.add_metrics(self.run_id, [row])
+
+    # ------------------------------------------------------------------------------- the loop
+    def train(self) -> str:
+        """Train to the end (or a stop request); the final status ("finished" or "stopped")."""
+        cfg = self.cfg
+        self.engine.train()
+        self.t_start = time.time()
+        step, epoch_index, batches = self.start_step, -1, []
+        last_saved = self.start_step if self.resumed_from else -1
+        stopped = False
+        lengths = [len(e.input_ids) for e in self.train_ex]
+        if self.is_main:
+            log(f"training: {self.total_steps} steps ({self.steps_per_epoch} per epoch), {self.world} rank(s), "
+                f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.per_device_batch_size} x accumulation "
+                f"{cfg.gradient_accumulation_steps}")
+        while step < self.total_steps:
+            if step // self.steps_per_epoch != epoch_index:
+                epoch_index = step // self.steps_per_epoch
+                batches = epoch_micro_batches(lengths, epoch_index, cfg, self.world)
+            row = self.train_step(step, batches)
+            step += 1
+            stopped = self.stop_agreed and step < self.total_steps
+            if self.is_main:
+                self.write_metrics(row)
+                log(f"step {step}/{self.total_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                    f"grad_norm {row['grad_norm'] or 0:.3f} {row['tokens_per_s']:.0f} tok/s")
+            better = False
+            epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
+            if self.eval_ex and (epoch_end or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)):
+                ev = self.evaluate(step)
+                if self.is_main:
+                    self.write_metrics(ev)
+                    agreement = (f"; validation MAE {ev['val_mae']:.3f} r {_fmt(ev['val_pearson_r'])} QWK {_fmt(ev['val_qwk'])}"
+                                 if "val_qwk" in ev else "")
+                    log(f"eval loss {ev['eval_loss']:.4f} at step {step}{agreement}")
+                flag = torch.tensor([1.0 if (self.is_main and self.is_better(ev)) else 0.0], device=self.device)
+                import torch.distributed as dist
+
+                dist.broadcast(flag, src=0)
+                better = bool(flag.item() > 0)
+            if better or stopped or step % cfg.save_every_steps == 0 or step == self.total_steps:
+                self.save_checkpoint(step)
+                last_saved = step
+            if better:
+                self.keep_best(step, ev if self.is_main else {})
+            if stopped:
+                if self.is_main:
+                    log(f"stopped at step {step}/{self.total_steps}; resume with: python -m training run --resume {self.run_id}")
+                break
+        if not stopped:
+            if last_saved != step:
+                self.save_checkpoint(step)
+            self.save_checkpoint(step, name="final")
+        if cfg.debug and not stopped:
+            write_debug(self.engine, self.eval_ex or self.train_ex, self.run_dir, self.rank, self.device,
+                        self.tokenizer.pad_token_id)
+        return "stopped" if stopped else "finished"
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Make the complete folder ``tmp`` appear as ``out`` in one rename (replacing an old one)."""
+    fsync_tree(tmp)
+    if out.exists():
+        old = out.parent / f".old-{out.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torch.device, rank: int,
+          world: int, stop: StopRequest, store) -> str:
+    """The training run; returns the final status ("finished" or "stopped")."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, run_dir, run_id, device, rank, world, stop, store)
+    trainer.setup_data()
+    trainer.setup_model()
+    trainer.setup_optimizer(resume)
+    return trainer.train()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -557,11 +742,11 @@ def write_debug(engine, examples: list, run_dir: Path, rank: int, device: torch.
     out.mkdir(exist_ok=True)
     (out / f"lora_hash_rank{rank}.txt").write_text(lora_state_hash(engine.module))
     engine.eval()
-    batch = collate(examples[:1], pad_id, device)
+    input_ids = torch.tensor([examples[0].input_ids], device=device)
     with torch.no_grad():
-        logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = engine.module(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
     if rank == 0:
-        torch.save({"input_ids": batch["input_ids"].cpu(), "logits": logits.float().cpu()}, out / "reference.pt")
+        torch.save({"input_ids": input_ids.cpu(), "logits": logits.float().cpu()}, out / "reference.pt")
 
 
 if __name__ == "__main__":
