@@ -18,7 +18,6 @@ from data.loading import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MOHLER = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mohler"
 DATA = REPO / "data" / "samples"
 
 
@@ -39,20 +38,21 @@ def no_traceback(text: str) -> None:
 # -- real data ---------------------------------------------------------------------------------
 
 
-def test_all_mohler_files_validate(capsys: pytest.CaptureFixture[str]) -> None:
-    files = sorted((MOHLER / "json").glob("*.json"))
+def test_all_mohler_files_validate(mohler_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = sorted((mohler_dir / "json").glob("*.json"))
     assert len(files) == 336
-    report = load_graded([MOHLER / "json"])
+    report = load_graded([mohler_dir / "json"])
     assert report.ok, report.format()
     assert len(report.files) == 336 and len(report.submissions) == 336
     assert report.errors == []
     # the 9 answers the source lost (text "", scored > 0) are flagged, nothing else
     assert len(report.warnings) == 9 and all(w.path.endswith(".answer") for w in report.warnings)
-    # unknown fields are kept, not dropped
+    # each grader's score is read; unknown fields are kept, not dropped
     first = report.submissions[0]
-    assert "grader_scores" in (first.rubric_alignment[0].model_extra or {})
+    assert first.rubric_alignment[0].grader_scores and len(first.rubric_alignment[0].grader_scores) == 2
+    assert "score_avg_unrounded" in (first.rubric_alignment[0].model_extra or {})
     assert first.model_extra and first.model_extra.get("assignment") == "a01"
-    assert validate_cli([str(MOHLER / "json")], 20 * 1024 * 1024) == 0
+    assert validate_cli([str(mohler_dir / "json")], 20 * 1024 * 1024) == 0
     out = capsys.readouterr().out
     assert "336 valid submission(s)" in out and "Result: OK" in out
 
@@ -284,10 +284,6 @@ def test_rubric_from_rubric_json_and_from_graded_submission(tmp_path: Path) -> N
     assert r.title == "Essay" and [q.max_score for q in r.questions] == [4, 6]
     assert r.questions[0].question_id == "1" and r.max_score == 10
 
-    graded = load_rubric(MOHLER / "json" / "unt-ds-a01-s01.json")
-    assert len(graded.questions) == 7 and graded.questions[0].question_id == "1.1"
-    assert graded.questions[0].reference_answer and graded.max_score == 35
-
     # JSONL / list of graded submissions: the first; items without max_score share the total
     lines = json.dumps({"score": 99, "max_score": 10, "rubric_alignment": [
         {"question": "a", "answer": "x", "score": 99}, {"question": "b", "answer": "y", "score": 1}]})
@@ -295,6 +291,12 @@ def test_rubric_from_rubric_json_and_from_graded_submission(tmp_path: Path) -> N
     assert [q.max_score for q in r.questions] == [5, 5]  # scores are ignored, even invalid ones
     r = parse_rubric_bytes("qs.json", json.dumps([{"question": "a", "max_score": 1}]).encode())
     assert r.questions[0].question == "a"
+
+
+def test_rubric_from_a_real_graded_submission(mohler_dir: Path) -> None:
+    graded = load_rubric(mohler_dir / "json" / "unt-ds-a01-s01.json")
+    assert len(graded.questions) == 7 and graded.questions[0].question_id == "1.1"
+    assert graded.questions[0].reference_answer and graded.max_score == 35
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,6 @@ from data.markdown import (
 from data.rubric import GradedSubmission, Rubric
 
 REPO = Path(__file__).resolve().parents[1]
-MOHLER = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mohler"
 DATA = REPO / "data" / "samples"
 
 
@@ -25,15 +24,15 @@ def squash(text: str) -> str:
     return " ".join(text.split())
 
 
-def mohler_pairs() -> list[tuple[GradedSubmission, Path]]:
-    report = load_graded([MOHLER / "json"])
+def mohler_pairs(mohler_dir: Path) -> list[tuple[GradedSubmission, Path]]:
+    report = load_graded([mohler_dir / "json"])
     assert report.ok
-    return [(s, MOHLER / "markdown" / f"{s.submission_id}.md") for s in report.submissions]
+    return [(s, mohler_dir / "markdown" / f"{s.submission_id}.md") for s in report.submissions]
 
 
-def test_mohler_markdown_splits_into_the_json_answers() -> None:
+def test_mohler_markdown_splits_into_the_json_answers(mohler_dir: Path) -> None:
     checked = 0
-    for sub, md_path in mohler_pairs():
+    for sub, md_path in mohler_pairs(mohler_dir):
         if any((i.model_extra or {}).get("answer_text_lost") for i in sub.rubric_alignment):
             continue  # the source lost these answers: the .md holds a placeholder instead
         text = read_markdown(md_path)
@@ -46,8 +45,8 @@ def test_mohler_markdown_splits_into_the_json_answers() -> None:
     assert checked == 333  # 336 minus the 3 files with lost answers
 
 
-def test_render_style_matches_the_mohler_files() -> None:
-    sub, md_path = mohler_pairs()[0]
+def test_render_style_matches_the_mohler_files(mohler_dir: Path) -> None:
+    sub, md_path = mohler_pairs(mohler_dir)[0]
     rendered = render_submission_markdown(sub)
     assert rendered.startswith(f"## Question 1.1: {sub.rubric_alignment[0].question}\n\n{sub.rubric_alignment[0].answer}\n\n")
     body = read_markdown(md_path).split("\n", 2)[2]  # the file's title line is not part of the hand-in

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -26,8 +27,6 @@ from data.prompt_format import (
     stop_token_ids,
     target_text,
 )
-
-from .conftest import MOHLER
 
 FORMATS = ["harmony", "chat_template", "plain"]
 
@@ -62,10 +61,21 @@ def tokenizers(gpt_oss_tok, chat_tok) -> dict:
     return {"harmony": gpt_oss_tok, "chat_template": chat_tok, "plain": gpt_oss_tok}
 
 
-def _mohler(n: int) -> list[GradedSubmission]:
-    files = sorted((MOHLER / "json").glob("*.json"))
+def _mohler(mohler_dir: Path, n: int) -> list[GradedSubmission]:
+    """n Mohler submissions spread over the whole set (every assignment's rubric shape)."""
+    files = sorted((mohler_dir / "json").glob("*.json"))
     step = max(len(files) // n, 1)
     return [GradedSubmission.model_validate_json(f.read_text(encoding="utf-8-sig")) for f in files[::step][:n]]
+
+
+@pytest.fixture(params=["essay", pytest.param("mohler", marks=pytest.mark.needs_shared_data)])
+def graded(request: pytest.FixtureRequest, essay: GradedSubmission) -> Callable[[int], list[GradedSubmission]]:
+    """What a test checks, by source: our essay (in the repository, always), or n real Mohler
+    submissions (skipped, with the reason, where the third-party data is absent)."""
+    if request.param == "essay":
+        return lambda n: [essay]
+    mohler_dir = request.getfixturevalue("mohler_dir")
+    return lambda n: _mohler(mohler_dir, n)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +118,8 @@ def _target_tokens(tok, ex) -> list[int]:
 # --------------------------------------------------------------------------- the target
 
 
-def test_target_is_compact_json_with_labels_items_first(essay: GradedSubmission) -> None:
-    mohler = _mohler(1)[0]
+def test_target_is_compact_json_with_labels_items_first(mohler_dir: Path) -> None:
+    mohler = _mohler(mohler_dir, 1)[0]
     text = target_text(mohler.grade(), mohler.rubric())
     obj = json.loads(text)
     assert text == json.dumps(obj, ensure_ascii=False, separators=(",", ":"))  # one compact line
@@ -117,6 +127,8 @@ def test_target_is_compact_json_with_labels_items_first(essay: GradedSubmission)
     assert [i["question"] for i in obj["items"]] == [q.question_id for q in mohler.rubric().questions]
     assert obj["score"] == mohler.grade().score and obj["max_score"] == mohler.grade().max_score
 
+
+def test_target_labels_items_by_position_without_ids(essay: GradedSubmission) -> None:
     obj = json.loads(target_text(essay.grade(), essay.rubric()))
     assert [i["question"] for i in obj["items"]] == ["1", "2"]  # no ids: 1-based positions
     assert list(obj["items"][0]) == ["question", "justification", "score", "max_score"]
@@ -124,8 +136,8 @@ def test_target_is_compact_json_with_labels_items_first(essay: GradedSubmission)
     assert obj["feedback"].endswith("Très bien écrit.")
 
 
-def test_labels_map_back_to_rubric_questions(essay: GradedSubmission) -> None:
-    for sub in [essay, *_mohler(3)]:
+def test_labels_map_back_to_rubric_questions(graded: Callable[[int], list[GradedSubmission]]) -> None:
+    for sub in graded(3):
         rubric = sub.rubric()
         for k, label in enumerate(question_labels(rubric)):
             assert match_question(label, rubric) == k
@@ -133,10 +145,10 @@ def test_labels_map_back_to_rubric_questions(essay: GradedSubmission) -> None:
             assert match_question(rubric.questions[k].question, rubric) == k
 
 
-def test_inference_repair_reads_the_target_back_unchanged(essay: GradedSubmission) -> None:
+def test_inference_repair_reads_the_target_back_unchanged(graded: Callable[[int], list[GradedSubmission]]) -> None:
     from inference.repair import parse_grade
 
-    for sub in [essay, *_mohler(5)]:
+    for sub in graded(5):
         grade, repaired, repairs = parse_grade(target_text(sub.grade(), sub.rubric()), sub.rubric())
         assert not repaired, repairs
         assert grade == sub.grade()
@@ -148,7 +160,10 @@ def test_instructions_carry_the_rubric(essay: GradedSubmission) -> None:
     assert "## Question 1 (max 10 points)" in text and "Assess economic rivalry as a cause." in text
     assert "Reference answer: Alliances obliged great powers" in text
     assert '"items":[{"question":"1"' in text and '"max_score":20' in text
-    mohler = _mohler(1)[0]
+
+
+def test_instructions_carry_the_question_ids(mohler_dir: Path) -> None:
+    mohler = _mohler(mohler_dir, 1)[0]
     assert "## Question 1.1 (max 5 points)" in instructions(mohler.rubric())
 
 
@@ -169,14 +184,14 @@ def _reference_conversation(rubric: Rubric, submission_md: str, target: str | No
     return Conversation.from_messages(msgs)
 
 
-def test_harmony_is_token_exact_with_openai_harmony(gpt_oss_tok, essay: GradedSubmission) -> None:
+def test_harmony_is_token_exact_with_openai_harmony(gpt_oss_tok, graded: Callable[[int], list[GradedSubmission]]) -> None:
     from openai_harmony import HarmonyEncodingName, Role, load_harmony_encoding
 
     from data.tokenizer_offline import ensure_harmony_env
 
     ensure_harmony_env()
     enc = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-    for sub in [essay, *_mohler(8)]:
+    for sub in graded(8):
         rubric, md, grade = sub.rubric(), render_submission_markdown(sub), sub.grade()
         target = target_text(grade, rubric)
         ex = encode_example(gpt_oss_tok, "harmony", rubric, md, grade, max_length=8192)
@@ -207,9 +222,10 @@ def test_student_text_cannot_inject_control_tokens(tokenizers: dict, essay: Grad
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_loss_covers_exactly_the_grade_and_end_token(tokenizers: dict, essay: GradedSubmission, fmt: str) -> None:
+def test_loss_covers_exactly_the_grade_and_end_token(tokenizers: dict, graded: Callable[[int], list[GradedSubmission]],
+                                                    fmt: str) -> None:
     tok = tokenizers[fmt]
-    for sub in [essay, *_mohler(3)]:
+    for sub in graded(3):
         rubric, md, grade = sub.rubric(), render_submission_markdown(sub), sub.grade()
         ex = encode_example(tok, fmt, rubric, md, grade, max_length=8192)
         assert len(ex.labels) == len(ex.input_ids)
@@ -221,9 +237,10 @@ def test_loss_covers_exactly_the_grade_and_end_token(tokenizers: dict, essay: Gr
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_inference_prompt_is_the_training_prompt(tokenizers: dict, essay: GradedSubmission, fmt: str) -> None:
+def test_inference_prompt_is_the_training_prompt(tokenizers: dict, graded: Callable[[int], list[GradedSubmission]],
+                                                fmt: str) -> None:
     tok = tokenizers[fmt]
-    for sub in [essay, *_mohler(3)]:
+    for sub in graded(3):
         rubric, md = sub.rubric(), render_submission_markdown(sub)
         ex = encode_example(tok, fmt, rubric, md, sub.grade(), max_length=8192)
         assert encode_prompt(tok, fmt, rubric, md) == ex.input_ids[: ex.prompt_len]
@@ -270,8 +287,8 @@ def test_too_small_max_length_is_a_clear_error(gpt_oss_tok, essay: GradedSubmiss
         encode_example(gpt_oss_tok, "harmony", essay.rubric(), render_submission_markdown(essay), essay.grade(), 300)
 
 
-def test_build_training_examples_reports_cuts(gpt_oss_tok, essay: GradedSubmission) -> None:
-    subs = _mohler(12)
+def test_build_training_examples_reports_cuts(gpt_oss_tok, mohler_dir: Path) -> None:
+    subs = _mohler(mohler_dir, 12)
     examples, n_cut = build_training_examples(subs, gpt_oss_tok, "harmony", max_length=4096)
     assert len(examples) == 12 and n_cut == 0
     subs_long = subs[:4] + [_long(s, 40) for s in subs[4:7]]

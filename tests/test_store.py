@@ -14,15 +14,23 @@ from data.loading import content_hash, load_graded
 from data.store import SCHEMA_VERSION, Store
 
 REPO = Path(__file__).resolve().parents[1]
-MOHLER = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mohler"
+SAMPLES = REPO / "data" / "samples" / "graded"
 TABLES = ["schema_version", "datasets", "submissions", "items", "runs", "metrics", "checkpoints", "grades",
           "evaluations"]
 
 
 @pytest.fixture(scope="module")
-def mohler_a01() -> list:
-    report = load_graded(sorted((MOHLER / "json").glob("unt-ds-a01-*.json")))
+def mohler_a01(mohler_dir: Path) -> list:
+    report = load_graded(sorted((mohler_dir / "json").glob("unt-ds-a01-*.json")))
     assert report.ok
+    return report.submissions
+
+
+@pytest.fixture(scope="module")
+def sample_submissions() -> list:
+    """Our own sample data (in the repository): for tests that need some submissions, any."""
+    report = load_graded([SAMPLES])
+    assert report.ok, report.format()
     return report.submissions
 
 
@@ -31,14 +39,15 @@ def test_default_path_comes_from_env(isolated_store: Path) -> None:
     assert store.path == isolated_store / "studio.db" and store.path.exists()
 
 
-def test_dataset_round_trip_and_idempotent_reimport(tmp_path: Path, mohler_a01: list) -> None:
+def test_dataset_round_trip_and_idempotent_reimport(tmp_path: Path, mohler_dir: Path, mohler_a01: list) -> None:
     store = Store(tmp_path / "sub" / "studio.db")  # creates the parent folder
     dataset_id, created = store.import_dataset("mohler a01", mohler_a01, ["mohler/json"])
     assert created
     back = store.dataset_submissions(dataset_id)
-    assert back == mohler_a01  # extra fields (grader_scores, ...) included
-    assert (back[0].rubric_alignment[0].model_extra or {})["grader_scores"] == \
-        (mohler_a01[0].rubric_alignment[0].model_extra or {})["grader_scores"]
+    assert back == mohler_a01  # grader_scores and extra fields (score_avg_unrounded, ...) included
+    assert back[0].rubric_alignment[0].grader_scores == mohler_a01[0].rubric_alignment[0].grader_scores
+    assert (back[0].rubric_alignment[0].model_extra or {})["score_avg_unrounded"] == \
+        (mohler_a01[0].rubric_alignment[0].model_extra or {})["score_avg_unrounded"]
     (info,) = store.list_datasets()
     assert info["name"] == "mohler a01" and info["content_hash"] == content_hash(mohler_a01)
     assert info["n_submissions"] == len(mohler_a01)
@@ -47,7 +56,7 @@ def test_dataset_round_trip_and_idempotent_reimport(tmp_path: Path, mohler_a01: 
 
     # the same content again, even under another name: same id, nothing added
     assert store.import_dataset("again", mohler_a01, ["copy"]) == (dataset_id, False)
-    assert store.import_dataset("again", load_graded(sorted((MOHLER / "json").glob("unt-ds-a01-*.json"))).submissions,
+    assert store.import_dataset("again", load_graded(sorted((mohler_dir / "json").glob("unt-ds-a01-*.json"))).submissions,
                                 []) == (dataset_id, False)
     assert len(store.list_datasets()) == 1
     with sqlite3.connect(store.path) as conn:
@@ -117,9 +126,9 @@ def test_grades_and_evaluations(tmp_path: Path) -> None:
     assert ev["id"] == eid and ev["report"] == {"mae": 0.8} and ev["data"] == "mohler a12"
 
 
-def test_wal_schema_version_and_any_sqlite_client_reads_every_table(tmp_path: Path, mohler_a01: list) -> None:
+def test_wal_schema_version_and_any_sqlite_client_reads_every_table(tmp_path: Path, sample_submissions: list) -> None:
     store = Store(tmp_path / "s.db")
-    store.import_dataset("d", mohler_a01[:3], ["x"])
+    store.import_dataset("d", sample_submissions[:3], ["x"])
     store.create_run("r", {"a": 1}, ["x"], "d")
     store.add_metrics("r", [{"kind": "train", "step": 1, "loss": 1.0}])
     store.add_checkpoint("r", 1, "p")
@@ -185,7 +194,7 @@ def test_two_processes_writing_at_once_lose_no_rows(tmp_path: Path) -> None:
     assert store.get_run("shared-run")["status"] == "running"
 
 
-def test_concurrent_import_of_the_same_file_creates_one_dataset(tmp_path: Path) -> None:
+def test_concurrent_import_of_the_same_file_creates_one_dataset(tmp_path: Path, mohler_dir: Path) -> None:
     db = tmp_path / "s.db"
     Store(db)
     script = textwrap.dedent(
@@ -197,7 +206,7 @@ def test_concurrent_import_of_the_same_file_creates_one_dataset(tmp_path: Path) 
         print(Store(sys.argv[1]).import_dataset(sys.argv[3], subs, [sys.argv[2]]))
         """
     )
-    src = str(MOHLER / "json")
+    src = str(mohler_dir / "json")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(db), src, f"import {k}"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
     results = []
