@@ -18,19 +18,12 @@ import pandas as pd
 
 from app import jobs
 from app.common import Settings, model_choices, rubric_choices, safe_display_name
+from inference.repair import repair_messages
 
 GRADE_COLUMNS = ["question", "score", "max score", "justification"]
 GRADE_WIDTHS = ["45%", "10%", "12%", "33%"]
 BATCH_COLUMNS = ["file", "total", "max total", "repaired", "latency s"]
 NO_ADAPTER = "(none: base model only)"
-_engine_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _lock_for(base: str) -> threading.Lock:
-    """One grading at a time per engine: adapters are switched on a shared, cached engine."""
-    with _locks_guard:
-        return _engine_locks.setdefault(base, threading.Lock())
 
 
 def adapter_choices() -> list[tuple[str, str]]:
@@ -99,7 +92,7 @@ def total_markdown(result, who: str) -> str:
     if result is None:
         return ""
     g = result.grade
-    note = " (output repaired: " + "; ".join(result.repairs) + ")" if result.repaired else ""
+    note = f" (output repaired: {repair_messages(result.repairs)})" if result.repaired else ""
     how = (" - scores are the model's expected score (its probabilities for 0..max averaged)"
            if getattr(result, "scoring", "") == "expected" else "")
     fb = f"\n\n{g.feedback}" if g.feedback else ""
@@ -110,19 +103,19 @@ def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_
                  name: str = "pasted.md") -> Iterator[tuple[str, Any]]:
     """Yield ("token", text_so_far) while generating, then ("done", GradeResult).
 
-    The engine records every grade in the store (the Runs/grades history)."""
-    from inference.engine import get_engine
+    Every grade is recorded in the store (the Runs/grades history). The cached engine is shared by
+    all sessions: each grade names its adapter, and the engine switches and grades under its lock."""
+    from inference.engine import get_engine, store_grade
 
     q: queue.Queue = queue.Queue()
     box: dict[str, Any] = {}
 
     def work():
         try:
-            with _lock_for(base):
-                engine = get_engine(base)
-                engine.use_adapter(adapter or None)
-                box["result"] = engine.grade(markdown, rubric, max_new_tokens=max_new_tokens,
-                                             on_token=lambda t: q.put(t), submission_name=name)
+            result = get_engine(base).grade(markdown, rubric, adapter=adapter or None,
+                                            max_new_tokens=max_new_tokens, on_token=lambda t: q.put(t))
+            store_grade(result, rubric, name)
+            box["result"] = result
         except Exception as exc:  # shown to the user
             box["error"] = exc
         finally:
@@ -241,8 +234,8 @@ def build(settings: Settings) -> dict[str, Any]:
                 yield view()
 
     def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens):
-        from inference.engine import get_engine
         from data.markdown import read_markdown
+        from inference.engine import get_engine, store_grade
 
         if not files:
             raise gr.Error("Upload one or more .md files.")
@@ -254,10 +247,10 @@ def build(settings: Settings) -> dict[str, Any]:
             p = Path(f)
             items.append((safe_display_name(p.name),
                           read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
-        with _lock_for(base_model):
-            engine = get_engine(base_model)
-            engine.use_adapter(adapter_dir)
-            results = engine.grade_many(items, max_new_tokens=int(max_new_tokens or 512))
+        results = get_engine(base_model).grade_many(items, adapter=adapter_dir,
+                                                    max_new_tokens=int(max_new_tokens or 512))
+        for (name, _, _), res in zip(items, results):
+            store_grade(res, rubric, name)
         out_dir = Path(tempfile.mkdtemp(prefix="grader-batch-"))
         csv_path = out_dir / "grades.csv"
         rows = []

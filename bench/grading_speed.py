@@ -50,14 +50,15 @@ def sample_items(n: int) -> list[tuple[str, str, object]]:
 
 
 def measure(engine: GraderEngine, items, batch_sizes, max_new_tokens, scoring="generated") -> list[dict]:
-    engine.retry = False
-    engine.grade_many(items[:1], batch_size=1, max_new_tokens=8, store=False)  # warm-up
+    # The retry that follows an answer without JSON is off: the figure is the generation path alone.
+    engine.grade_many(items[:1], adapter=None, batch_size=1, max_new_tokens=8, retry=False)  # warm-up
     rows = []
     for bs in batch_sizes:
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = engine.grade_many(items, batch_size=bs, max_new_tokens=max_new_tokens, store=False, scoring=scoring)
+        res = engine.grade_many(items, adapter=None, scoring=scoring, batch_size=bs, max_new_tokens=max_new_tokens,
+                                retry=False)
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -89,7 +90,7 @@ def gpt_oss_20b_shaped(device: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(str(build_gpt_oss_tokenizer()))
-    return GraderEngine.from_model(model, tok, "gpt-oss-20b-shaped (random bf16 weights)")
+    return GraderEngine("gpt-oss-20b-shaped (random bf16 weights)", model=model, tokenizer=tok)
 
 
 def main(argv=None) -> int:

@@ -25,9 +25,7 @@ def _engine(args):
     from inference.engine import get_engine, resolve_base
 
     base = resolve_base(args.base, args.adapter)
-    engine = get_engine(base, device=args.device, trust_remote_code=args.trust_remote_code)
-    engine.use_adapter(args.adapter)
-    return engine
+    return get_engine(base, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 def _submission(path: Path, rubric) -> str:
@@ -38,6 +36,7 @@ def _submission(path: Path, rubric) -> str:
 
 def cmd_grade(args) -> int:
     from data.loading import load_rubric
+    from inference.engine import store_grade
 
     rubric = load_rubric(args.rubric)
     engine = _engine(args)
@@ -46,8 +45,9 @@ def cmd_grade(args) -> int:
         path = Path(f)
         md = _submission(path, rubric)
         on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
-        r = engine.grade(md, rubric, max_new_tokens=args.max_new_tokens, on_token=on_token, submission_name=path.name,
-                         scoring=args.scoring)
+        r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, max_new_tokens=args.max_new_tokens,
+                         on_token=on_token)
+        store_grade(r, rubric, path.name)
         if args.stream:
             sys.stderr.write("\n")
         out.append({"file": str(path), **r.to_dict()})
@@ -59,6 +59,8 @@ def cmd_batch(args) -> int:
     from tqdm import tqdm
 
     from data.loading import load_rubric
+    from inference.engine import store_grade
+    from inference.repair import repair_messages
 
     rubric = load_rubric(args.rubric)
     folder = Path(args.folder)
@@ -72,8 +74,10 @@ def cmd_batch(args) -> int:
     engine = _engine(args)
     items = [(p.name, _submission(p, rubric), rubric) for p in files]
     with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
-        results = engine.grade_many(items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                    scoring=args.scoring, progress=bar.update)
+        results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens, progress=bar.update)
+    for (name, _, _), r in zip(items, results):
+        store_grade(r, rubric, name)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = [q.question_id or str(k + 1) for k, q in enumerate(rubric.questions)]
@@ -82,7 +86,7 @@ def cmd_batch(args) -> int:
         w.writerow(["file", "score", "max_score", *[f"q{lab}" for lab in labels], "repaired", "repairs", "feedback"])
         for p, r in zip(files, results):
             w.writerow([p.name, r.grade.score, r.grade.max_score, *[i.score for i in r.grade.items],
-                        int(r.repaired), "; ".join(r.repairs), r.grade.feedback])
+                        int(r.repaired), repair_messages(r.repairs), r.grade.feedback])
     with open(out / "grades.jsonl", "w", encoding="utf-8") as fh:
         for p, r in zip(files, results):
             fh.write(json.dumps({"file": p.name, **r.to_dict()}, ensure_ascii=False) + "\n")

@@ -1,10 +1,12 @@
 """The grading engine: a base model loaded once, LoRA adapters attached by folder, grades that are
 always valid.
 
-- One :class:`GraderEngine` per base model (:func:`get_engine` caches them). Adapters are attached
-  with PEFT (``PeftModel.from_pretrained`` for the first, ``load_adapter`` for the next) and
-  switched with ``set_adapter``: switching never reloads the base. ``use_adapter(None)`` grades
-  with the base alone (inside PEFT's ``disable_adapter`` context).
+- One :class:`GraderEngine` per base model (:func:`get_engine` caches them). Every call names its
+  adapter: ``grade(..., adapter=FOLDER)`` (None: the base alone, inside PEFT's ``disable_adapter``
+  context). The engine switches to it and grades under one lock, so a cached engine shared by UI
+  threads carries no "active adapter" a caller could see or race on. Adapters are attached with
+  PEFT once (``PeftModel.from_pretrained`` for the first, ``load_adapter`` for the next) and
+  switched with ``set_adapter``: switching never reloads the base.
 - Only safetensors adapters are loaded (a pickle can run code when it is unpickled); an adapter
   trained for another base model is refused with both models named.
 - Prompts come from ``data.prompt_format.encode_prompt`` (the tokens training used) and
@@ -18,7 +20,8 @@ always valid.
   probabilities for the values 0..max and takes their mean. On Mohler (bench/mohler_quality.py,
   H200) the same adapter reached r 0.42 that way against 0.15 for the greedy digit.
   ``scoring="generated"`` keeps the digits the model wrote.
-- Every grade is recorded in the store with the base model and adapter that made it.
+- The engine does not write the store: callers record a grade with :func:`store_grade` (the
+  base model and adapter that made it come with the result).
 """
 from __future__ import annotations
 
@@ -27,19 +30,21 @@ import os
 import re
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-from inference.repair import parse_grade, scores_read_from_output, zero_grade
 from data.rubric import Grade, Rubric
+from inference.repair import Repair, parse_grade, scores_read_from_output, zero_grade
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "run_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SCORINGS = ("expected", "generated")
+_LEGACY: Any = object()  # grade_many without adapter=: the deprecated use_adapter choice (see there)
 
 
 class AdapterError(ValueError):
@@ -48,17 +53,18 @@ class AdapterError(ValueError):
 
 @dataclass
 class GradeResult:
+    """One grading: the valid grade, what the model wrote, what was repaired, and what made it."""
+
     grade: Grade
     raw_text: str
     repaired: bool
-    repairs: list[str]
+    repairs: list[Repair]
     latency_s: float
     base_model: str
-    adapter: str | None
+    adapter: str | None  # resolved adapter folder, None for the base alone
     prompt_tokens: int = 0
     new_tokens: int = 0
     retried: bool = False
-    grade_id: int | None = None  # row id in the store
     scoring: str = "generated"  # how the item scores were made: "expected" or "generated"
     # per question: {value: probability} the expected score came from (None where it was not used)
     score_probs: list[dict[str, float] | None] | None = None
@@ -67,7 +73,7 @@ class GradeResult:
         return {
             "grade": self.grade.model_dump(),
             "repaired": self.repaired,
-            "repairs": self.repairs,
+            "repairs": [r.to_dict() for r in self.repairs],
             "raw_text": self.raw_text,
             "latency_s": round(self.latency_s, 3),
             "base_model": self.base_model,
@@ -182,6 +188,18 @@ def _same_model(a: str, b: str) -> bool:
         return False
 
 
+def _torch_dtype(dtype, device):
+    """The dtype to load in: fp32 on CPU (bf16 is ~60x slower there), bf16 on GPUs, unless asked."""
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+                "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    return dtype
+
+
 # --------------------------------------------------------------------------- streaming
 
 
@@ -221,63 +239,110 @@ class _CallbackStreamer:
 # --------------------------------------------------------------------------- the engine
 
 
-class GraderEngine:
-    """A base model, its tokenizer and the adapters attached to it."""
-
-    def __init__(self, base_model: str, *, device: str | None = None, dtype=None, trust_remote_code: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from data.model_zoo import resolve_model_path
-
-        self.base_model = base_model
-        self.base_path = resolve_model_path(base_model)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            # fp32 on CPU (bf16 is ~60x slower there), bf16 on GPUs.
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        elif isinstance(dtype, str):
-            dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                     "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
-        self.dtype = dtype
-        self.trust_remote_code = trust_remote_code
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_path), trust_remote_code=trust_remote_code)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(self.base_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+def check_adapter_fits(model, base_model: str, adapter_dir: str | Path, *,
+                       base_path: str | Path | None = None) -> None:
+    """Refuse (AdapterError) an adapter trained for another base than ``model`` (loaded from
+    ``base_model``, found at ``base_path``): compare the adapter's base (run_config model /
+    base_model_name_or_path, and its config when it is on this machine) and its LoRA weight shapes
+    with the model."""
+    folder = Path(adapter_dir)
+    summary = _config_summary(model.config)
+    try:
+        claimed = base_model_of_adapter(folder)
+    except AdapterError:
+        claimed = None
+    ours = [base_model] + ([str(base_path)] if base_path is not None else [])
+    if claimed is not None and not any(_same_model(claimed, name) for name in ours):
+        theirs = _adapter_base_summary(claimed)
+        if theirs is not None and any(theirs.get(k) is not None and theirs.get(k) != summary.get(k) for k in theirs):
+            raise AdapterError(
+                f"adapter {folder} was trained for base model {claimed!r} ({_describe(theirs)}), but the loaded "
+                f"base is {base_model!r} ({_describe(summary)}); grade with --base {claimed}"
             )
-        except OSError as e:
-            raise OSError(f"cannot load base model {base_model} from {self.base_path}: {e} "
-                          "(the studio loads safetensors weights only)") from e
-        self._setup(model.to(self.device).eval())
+    # The weights themselves: every LoRA matrix must fit the module it attaches to.
+    from safetensors import safe_open
 
-    @classmethod
-    def from_model(cls, model, tokenizer, name: str) -> "GraderEngine":
-        """An engine around a model already in memory (benchmarks with random weights)."""
-        self = cls.__new__(cls)
-        self.base_model, self.base_path = name, Path(name)
-        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
-        self.trust_remote_code = False
-        self.tokenizer = tokenizer
-        self._setup(model.eval())
-        return self
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+        for key in f.keys():
+            m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+            if not m:
+                continue
+            # Several LoRA'd parameters of one module (target_parameters) nest as base_layer.
+            target, which = re.sub(r"(\.base_layer)+$", "", m.group(1)), m.group(2)
+            shape = f.get_slice(key).get_shape()
+            mod = modules.get(target)
+            expected = None
+            if mod is not None and hasattr(mod, "in_features"):
+                expected = mod.in_features if which == "A" else mod.out_features
+                got = shape[1] if which == "A" else shape[0]
+            elif mod is None and target in params:  # target_parameters (e.g. GPT-OSS experts)
+                continue
+            elif mod is None:
+                raise AdapterError(
+                    f"adapter {folder} attaches to {target}, which the base {base_model!r} "
+                    f"({_describe(summary)}) does not have: it was made for {claimed or 'another base model'}"
+                )
+            if expected is not None and got != expected:
+                raise AdapterError(
+                    f"adapter {folder} does not fit base {base_model!r} ({_describe(summary)}): "
+                    f"{key} has shape {list(shape)}, the base's {target} needs {expected} features; it was "
+                    f"trained for {claimed or 'another base model'}"
+                )
 
-    def _setup(self, model) -> None:
+
+class GraderEngine:
+    """A base model, its tokenizer and the adapters attached to it. Each grading call names the
+    adapter it grades with; the engine holds no adapter choice between calls."""
+
+    def __init__(self, base_model: str, *, model=None, tokenizer=None, device: str | None = None, dtype=None,
+                 trust_remote_code: bool = False):
+        """Load ``base_model`` (a model folder or embedded:NAME) with its tokenizer, safetensors only.
+        With ``model`` and ``tokenizer`` (a model already in memory, e.g. a benchmark's random
+        weights), nothing is loaded and ``base_model`` is only its name."""
+        import torch
+
         from data.prompt_format import detect_format, stop_token_ids
 
-        self.model = model
+        self.base_model = base_model
+        self.trust_remote_code = trust_remote_code
+        if model is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from data.model_zoo import resolve_model_path
+
+            self.base_path = resolve_model_path(base_model)
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = _torch_dtype(dtype, self.device)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_path), trust_remote_code=trust_remote_code)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(self.base_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                )
+            except OSError as e:
+                raise OSError(f"cannot load base model {base_model} from {self.base_path}: {e} "
+                              "(the studio loads safetensors weights only)") from e
+            model = model.to(self.device)
+        else:
+            if tokenizer is None:
+                raise ValueError("GraderEngine(model=...) needs the model's tokenizer too (tokenizer=...)")
+            self.base_path = Path(base_model)
+            first = next(model.parameters())
+            self.device, dtype = first.device, first.dtype
+            self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.model = model.eval()
         self.base_summary = _config_summary(self.model.config)
         self.format = detect_format(self.tokenizer, getattr(self.model.config, "model_type", None))
         self.stop_ids = list(stop_token_ids(self.tokenizer, self.format))
         self.pad_id = self._pad_id()
         self.peft = None  # the PeftModel once an adapter is attached
-        self.adapters: dict[str, str] = {}  # resolved folder -> PEFT adapter name
-        self.active: str | None = None  # resolved folder of the active adapter
-        self._lock = threading.RLock()  # one generation at a time per engine (UI threads)
-        self.retry = True  # one retry when an answer holds no JSON (benchmarks of speed turn it off)
+        self.adapters: dict[str, str] = {}  # resolved folder -> PEFT adapter name (attached once, kept)
+        self._switched_to: str | None = None  # PEFT adapter set last (internal: every call names its own)
+        self._lock = threading.RLock()  # one model call at a time per engine (UI threads share it)
         self._value_ids_cache: dict[float, dict[int, int] | None] = {}
-
-    # ----------------------------------------------------------------- adapters
+        self._legacy_adapter: str | Path | None = None  # see use_adapter (deprecated)
 
     def _pad_id(self) -> int:
         for cand in (self.tokenizer.pad_token_id, getattr(self.model.generation_config, "pad_token_id", None),
@@ -288,66 +353,17 @@ class GraderEngine:
                 return int(cand[0])
         return 0
 
-    def check_adapter_base(self, folder: Path) -> None:
-        """Refuse an adapter trained for another base: compare the adapter's base (run_config model /
-        base_model_name_or_path and its config when it is here) and its LoRA weight shapes with the
-        loaded base."""
-        try:
-            claimed = base_model_of_adapter(folder)
-        except AdapterError:
-            claimed = None
-        if claimed is not None and not _same_model(claimed, self.base_model) and not _same_model(claimed, str(self.base_path)):
-            theirs = _adapter_base_summary(claimed)
-            if theirs is not None and any(
-                theirs.get(k) is not None and theirs.get(k) != self.base_summary.get(k) for k in theirs
-            ):
-                raise AdapterError(
-                    f"adapter {folder} was trained for base model {claimed!r} ({_describe(theirs)}), but the loaded "
-                    f"base is {self.base_model!r} ({_describe(self.base_summary)}); grade with --base {claimed}"
-                )
-        # The weights themselves: every LoRA matrix must fit the module it attaches to.
-        from safetensors import safe_open
+    # ----------------------------------------------------------------- adapters
 
-        modules = dict(self.model.named_modules())
-        params = dict(self.model.named_parameters())
-        with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
-            for key in f.keys():
-                m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-                if not m:
-                    continue
-                # Several LoRA'd parameters of one module (target_parameters) nest as base_layer.
-                target, which = re.sub(r"(\.base_layer)+$", "", m.group(1)), m.group(2)
-                shape = f.get_slice(key).get_shape()
-                mod = modules.get(target)
-                expected = None
-                if mod is not None and hasattr(mod, "in_features"):
-                    expected = mod.in_features if which == "A" else mod.out_features
-                    got = shape[1] if which == "A" else shape[0]
-                elif mod is None and target in params:  # target_parameters (e.g. GPT-OSS experts)
-                    continue
-                elif mod is None:
-                    raise AdapterError(
-                        f"adapter {folder} attaches to {target}, which the base {self.base_model!r} "
-                        f"({_describe(self.base_summary)}) does not have: it was made for "
-                        f"{claimed or 'another base model'}"
-                    )
-                if expected is not None and got != expected:
-                    raise AdapterError(
-                        f"adapter {folder} does not fit base {self.base_model!r} ({_describe(self.base_summary)}): "
-                        f"{key} has shape {list(shape)}, the base's {target} needs {expected} features; it was "
-                        f"trained for {claimed or 'another base model'}"
-                    )
-
-    def use_adapter(self, adapter_dir: str | Path | None) -> None:
-        """Make ``adapter_dir`` the active adapter (loaded once, then switched); None = base only."""
+    def _attach(self, adapter_dir: str | Path | None) -> str | None:
+        """The adapter's resolved folder (None for the base alone), checked and attached once."""
+        if adapter_dir is None:
+            return None
+        folder = check_adapter_dir(adapter_dir)
+        key = str(folder)
         with self._lock:
-            if adapter_dir is None:
-                self.active = None
-                return
-            folder = check_adapter_dir(adapter_dir)
-            key = str(folder)
             if key not in self.adapters:
-                self.check_adapter_base(folder)
+                check_adapter_fits(self.model, self.base_model, folder, base_path=self.base_path)
                 name = f"adapter{len(self.adapters)}"
                 from peft import PeftModel
 
@@ -358,17 +374,34 @@ class GraderEngine:
                 self.peft.to(self.device)
                 self.peft.eval()
                 self.adapters[key] = name
-            self.peft.set_adapter(self.adapters[key])
-            self.active = key
+                self._switched_to = self.peft.active_adapter
+        return key
 
-    def _runner(self):
-        """(model to call, context manager): the PEFT model with the active adapter, or the
-        base alone (adapters disabled) for zero-shot grading."""
-        if self.peft is None:
-            return self.model, nullcontext()
-        if self.active is None:
-            return self.peft, self.peft.disable_adapter()
-        return self.peft, nullcontext()
+    @contextmanager
+    def _using(self, adapter_dir: str | Path | None) -> Iterator:
+        """Hold the engine's lock with ``adapter_dir`` switched in (None: the base alone, adapters
+        disabled); yields the model to call."""
+        with self._lock:
+            key = self._attach(adapter_dir)
+            if self.peft is None:
+                yield self.model
+            elif key is None:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            else:
+                name = self.adapters[key]
+                if self._switched_to != name:
+                    self.peft.set_adapter(name)
+                    self._switched_to = name
+                yield self.peft
+
+    def use_adapter(self, adapter_dir: str | Path | None) -> None:
+        """Deprecated: pass ``adapter=`` to grade()/grade_many(). Kept only until
+        inference/evaluate.py does; it sets the adapter grade_many uses when given none."""
+        warnings.warn("GraderEngine.use_adapter is deprecated: pass adapter= to grade()/grade_many()",
+                      DeprecationWarning, stacklevel=2)
+        self._attach(adapter_dir)
+        self._legacy_adapter = adapter_dir
 
     # ----------------------------------------------------------------- generation
 
@@ -385,9 +418,10 @@ class GraderEngine:
         max_prompt = limit - max_new_tokens if isinstance(limit, int) and limit > max_new_tokens else None
         return encode_prompt(self.tokenizer, self.format, rubric, submission_md, max_prompt_tokens=max_prompt)
 
-    def _generate(self, batch_ids: list[list[int]], max_new_tokens: int, streamer=None) -> list[list[int]]:
-        """Greedy decoding with the KV cache over left-padded prompts; new tokens per row, cut at
-        the first stop token."""
+    def _generate(self, batch_ids: list[list[int]], max_new_tokens: int, adapter: str | None,
+                  streamer=None) -> list[list[int]]:
+        """Greedy decoding with the KV cache over left-padded prompts, with ``adapter`` (None: the
+        base alone); new tokens per row, cut at the first stop token."""
         import torch
         from transformers import GenerationConfig
 
@@ -401,8 +435,7 @@ class GraderEngine:
             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, eos_token_id=self.stop_ids or None,
             pad_token_id=self.pad_id,
         )
-        model, ctx = self._runner()
-        with torch.inference_mode(), ctx:
+        with self._using(adapter) as model, torch.inference_mode():
             out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                  generation_config=gen_cfg, streamer=streamer)
         rows = []
@@ -432,7 +465,8 @@ class GraderEngine:
                 ids.append(enc[0])
         return ids
 
-    def _retry(self, prompt: list[int], rubric: Rubric, max_new_tokens: int) -> tuple[str, list[int]]:
+    def _retry(self, prompt: list[int], rubric: Rubric, max_new_tokens: int,
+               adapter: str | None) -> tuple[str, list[int]]:
         """Guided second try: the grade JSON's opening up to the first score is forced, the score
         must start with a digit (the most likely one), then the model writes the rest freely."""
         opening = self._json_opening(rubric)
@@ -440,36 +474,38 @@ class GraderEngine:
         forced = list(self.tokenizer(opening, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         digits = self._digit_ids()
         if opening.endswith('"score":') and digits:
-            logits = self.next_token_logits(prompt + forced)
+            logits = self.next_token_logits(prompt + forced, adapter=adapter)
             forced.append(max(digits, key=lambda t: float(logits[t])))
             opening = opening + self._decode(forced[-1:])
-        new = self._generate([prompt + forced], max_new_tokens)[0]
+        new = self._generate([prompt + forced], max_new_tokens, adapter)[0]
         return opening + self._decode(new), new
 
     def _finish(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int, t0: float,
-                scoring: str, retry: bool = True) -> GradeResult:
+                adapter: str | None, scoring: str, retry: bool) -> GradeResult:
         raw = self._decode(new)
         grade, repaired, repairs = parse_grade(raw, rubric)
         retried = False
-        if retry and self.retry and repairs and repairs[0].startswith("no JSON grade found"):
+        if retry and _no_json(repairs):
             # One bounded, guided retry (see _retry).
-            raw2, new2 = self._retry(prompt, rubric, max_new_tokens)
+            raw2, new2 = self._retry(prompt, rubric, max_new_tokens, adapter)
             grade2, repaired2, repairs2 = parse_grade(raw2, rubric)
             retried = True
-            if not (repairs2 and repairs2[0].startswith("no JSON grade found")):
+            if not _no_json(repairs2):
                 raw, new, grade = raw + "\n[retry]\n" + raw2, new2, grade2
-                repairs = ["no JSON in the first answer; retried with the JSON opening and a digit score forced"] + repairs2
+                repairs = [Repair("retried", "no JSON in the first answer; retried with the JSON opening and a "
+                                             "digit score forced")] + repairs2
                 repaired = True
             else:
                 raw = raw + "\n[retry]\n" + raw2
-                repairs = ["no JSON grade found in the model output (also after one retry with the JSON "
-                           "opening forced); every question scored 0"]
+                repairs = [Repair("no_json", "no JSON grade found in the model output (also after one retry with "
+                                             "the JSON opening forced); every question scored 0")]
                 repaired = True
         probs = None
         if scoring == "expected":
-            grade, probs = self._expected_scores(prompt, grade, rubric, scores_read_from_output(repairs, rubric))
+            grade, probs = self._expected_scores(prompt, grade, rubric, scores_read_from_output(repairs, rubric),
+                                                 adapter=adapter)
         return GradeResult(grade=grade, raw_text=raw, repaired=repaired, repairs=repairs,
-                           latency_s=time.perf_counter() - t0, base_model=self.base_model, adapter=self.active,
+                           latency_s=time.perf_counter() - t0, base_model=self.base_model, adapter=adapter,
                            prompt_tokens=len(prompt), new_tokens=len(new), retried=retried,
                            scoring="expected" if probs and any(probs) else "generated", score_probs=probs)
 
@@ -485,9 +521,10 @@ class GraderEngine:
             self._value_ids_cache[max_score] = out
         return self._value_ids_cache[max_score]
 
-    def _expected_scores(self, prompt: list[int], grade: Grade, rubric: Rubric,
-                         read: list[bool]) -> tuple[Grade, list[dict[str, float] | None]]:
-        """Replace each score the model wrote by its expected value (see the module docstring).
+    def _expected_scores(self, prompt: list[int], grade: Grade, rubric: Rubric, read: list[bool], *,
+                         adapter: str | Path | None) -> tuple[Grade, list[dict[str, float] | None]]:
+        """Replace each score the model wrote by its expected value under ``adapter`` (see the module
+        docstring).
         Questions whose score was filled in by repair, whose values are not single tokens, or whose
         max is not a whole number keep their score."""
         import torch
@@ -508,8 +545,7 @@ class GraderEngine:
         probs: list[dict[str, float] | None] = [None] * len(grade.items)
         if not wanted:
             return grade, probs
-        model, ctx = self._runner()
-        with self._lock, torch.inference_mode(), ctx:
+        with self._using(adapter) as model, torch.inference_mode():
             out = model(input_ids=torch.tensor([prompt + ids], device=self.device), logits_to_keep=len(ids) + 1)
         logits = out.logits[0]  # row k predicts answer token k
         items = list(grade.items)
@@ -521,77 +557,93 @@ class GraderEngine:
             items[i] = items[i].model_copy(update={"score": round(ev, 2)})
         return grade.model_copy(update={"items": items, "score": round(sum(it.score for it in items), 2)}), probs
 
-    def _store(self, result: GradeResult, name: str, rubric: Rubric) -> None:
-        from data.store import Store
-
-        result.grade_id = Store().add_grade(
-            grade=result.grade.model_dump(), raw_text=result.raw_text, base_model=result.base_model,
-            adapter=result.adapter, submission_name=name, rubric=rubric.model_dump(), repaired=result.repaired,
-            latency_s=result.latency_s,
-        )
-
-    def grade(self, submission_md: str, rubric: Rubric, *, max_new_tokens: int = 512,
-              on_token: Callable[[str], None] | None = None, submission_name: str = "submission",
-              store: bool = True, scoring: str = "expected") -> GradeResult:
-        """Grade one submission (Markdown) against ``rubric``: always a valid Grade.
-        ``scoring``: "expected" or "generated" (see the module docstring)."""
+    def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
+              scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
+              retry: bool = True) -> GradeResult:
+        """Grade one submission (Markdown) against ``rubric`` with ``adapter`` (a LoRA folder; None:
+        the base alone): always a valid Grade. ``scoring``: "expected" or "generated" (see the
+        module docstring). ``retry``: one guided retry when the answer holds no JSON (speed
+        benchmarks turn it off). Nothing is stored: see :func:`store_grade`."""
         _check_scoring(scoring)
         with self._lock:
+            key = self._attach(adapter)
             t0 = time.perf_counter()
             prompt = self.encode(submission_md, rubric, max_new_tokens)
             streamer = _CallbackStreamer(self.tokenizer, on_token, self.stop_ids) if on_token else None
-            new = self._generate([prompt], max_new_tokens, streamer=streamer)[0]
-            result = self._finish(prompt, new, rubric, max_new_tokens, t0, scoring=scoring)
-        if store:
-            self._store(result, submission_name, rubric)
-        return result
+            new = self._generate([prompt], max_new_tokens, key, streamer=streamer)[0]
+            return self._finish(prompt, new, rubric, max_new_tokens, t0, key, scoring=scoring, retry=retry)
 
-    def grade_many(self, items: list[tuple[str, str, Rubric]], *, batch_size: int = 8, max_new_tokens: int = 512,
-                   progress: Callable[[int], None] | None = None, store: bool = True,
-                   scoring: str = "expected") -> list[GradeResult]:
-        """Grade (name, markdown, rubric) triples with batched generation; results in input order.
-        ``progress(n)`` is called after each batch with the number just finished."""
+    def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = _LEGACY,
+                   scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
+                   progress: Callable[[int], None] | None = None, retry: bool = True,
+                   store: bool = False) -> list[GradeResult]:
+        """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
+        results in input order (the names are the caller's, e.g. for :func:`store_grade`).
+        ``progress(n)`` is called after each batch with the number just finished.
+
+        Deprecated, until inference/evaluate.py passes ``adapter=`` and stores itself: without
+        ``adapter`` the one set by ``use_adapter`` is used, and ``store=True`` stores each grade."""
         _check_scoring(scoring)
+        if adapter is _LEGACY:
+            adapter = self._legacy_adapter
+        key = self._attach(adapter)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
         order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
         results: list[GradeResult | None] = [None] * len(items)
         for start in range(0, len(order), max(1, batch_size)):
             chunk = order[start : start + batch_size]
-            with self._lock:
+            with self._lock:  # per batch: a single grade from another thread may run between batches
                 t0 = time.perf_counter()
-                news = self._generate([prompts[i] for i in chunk], max_new_tokens)
+                news = self._generate([prompts[i] for i in chunk], max_new_tokens, key)
                 share = (time.perf_counter() - t0) / len(chunk)
                 for i, new in zip(chunk, news):
                     t_i = time.perf_counter() - share  # each row is charged its share of the batch
-                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i, scoring=scoring)
+                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i, key,
+                                              scoring=scoring, retry=retry)
             if store:
                 for i in chunk:
-                    self._store(results[i], items[i][0], items[i][2])  # type: ignore[arg-type]
+                    store_grade(results[i], items[i][2], items[i][0])  # type: ignore[arg-type]
             if progress:
                 progress(len(chunk))
         return results  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- scores without generation
 
-    def next_token_logits(self, ids: list[int]):
-        """Logits for the token after ``ids`` with the active adapter (or the base alone)."""
+    def next_token_logits(self, ids: list[int], *, adapter: str | Path | None = None):
+        """Logits for the token after ``ids`` with ``adapter`` (None: the base alone)."""
         import torch
 
-        model, ctx = self._runner()
-        with self._lock, torch.inference_mode(), ctx:
+        with self._using(adapter) as model, torch.inference_mode():
             out = model(input_ids=torch.tensor([ids], device=self.device), logits_to_keep=1)
         return out.logits[0, -1].float().cpu()
 
     def describe(self) -> dict:
         return {"base_model": self.base_model, "base_path": str(self.base_path), "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "format": self.format,
-                "adapters": list(self.adapters), "active_adapter": self.active, **self.base_summary}
+                "adapters": list(self.adapters), **self.base_summary}
 
 
 def _check_scoring(scoring: str) -> None:
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
+
+
+def _no_json(repairs: list[Repair]) -> bool:
+    """parse_grade found no JSON at all (its first repair says so)."""
+    return bool(repairs) and repairs[0].kind == "no_json"
+
+
+def store_grade(result: GradeResult, rubric: Rubric, submission_name: str, store=None) -> int:
+    """Record ``result`` in the studio's store (``store``: a data.store.Store, default the user's)
+    with the base model and adapter that made it; returns its row id."""
+    from data.store import Store
+
+    return (store or Store()).add_grade(
+        grade=result.grade.model_dump(), raw_text=result.raw_text, base_model=result.base_model,
+        adapter=result.adapter, submission_name=submission_name, rubric=rubric.model_dump(),
+        repaired=result.repaired, latency_s=result.latency_s,
+    )
 
 
 _ENGINES: dict[tuple, GraderEngine] = {}
@@ -610,12 +662,6 @@ def get_engine(base_model: str, **kw) -> GraderEngine:
             eng = GraderEngine(base_model, **kw)
             _ENGINES[key] = eng
         return eng
-
-
-def clear_engines() -> None:
-    """Forget cached engines (frees their memory once nothing else holds them)."""
-    with _ENGINES_LOCK:
-        _ENGINES.clear()
 
 
 def resolve_base(base: str | None, adapter_dir: str | Path | None) -> str:
@@ -648,11 +694,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base_model: s
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
-    # Reuse the engine's compatibility check without keeping an engine around.
-    probe = GraderEngine.__new__(GraderEngine)
-    probe.model, probe.base_model, probe.base_path = model, base, path
-    probe.base_summary = _config_summary(model.config)
-    probe.check_adapter_base(folder)
+    check_adapter_fits(model, base, folder, base_path=path)
     merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)

@@ -9,6 +9,9 @@ grade whose repairs are listed beside it. The rules, in order:
    then by order; a question with no item scores 0;
 3. clamp each score to [0, max_score] of the rubric (never the model's own maximum);
 4. the total is the sum of the item scores, the maximum the rubric's.
+
+Each fix is a :class:`Repair` record (kind, question, detail): code branches on ``kind``; the
+``message`` sentence is for people only.
 """
 from __future__ import annotations
 
@@ -16,9 +19,61 @@ import ast
 import json
 import math
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from data.rubric import Grade, GradeItem, Rubric
+
+RepairKind = Literal[
+    "ignored_text",  # text before/after the JSON object (a note: the grade itself is not changed)
+    "truncated_json",  # the object was cut off (token limit); closed, complete parts kept
+    "python_dict",  # a Python-style dict, not JSON
+    "no_json",  # nothing parseable: every question scored 0
+    "retried",  # no JSON in the first answer; the engine's guided retry produced one
+    "items_list_broken",  # the items array was broken; item objects read from the text
+    "no_items",  # the object has no items: every question scored 0
+    "total_as_only_score",  # a one-question rubric answered with just a total
+    "matched_by_order",  # items matched to questions by order, not by label
+    "unmatched_items",  # items that match no rubric question, ignored
+    "missing_item",  # a question with no item: scored 0
+    "score_read_from_text",  # a score written as text ("3/5") read as a number
+    "unreadable_score",  # an item without a readable score: scored 0
+    "score_clamped",  # a score outside [0, max] clamped
+    "total_replaced",  # the stated total replaced by the sum of the item scores
+    "max_score_replaced",  # the stated maximum replaced by the rubric's
+    "feedback_not_text",  # non-text feedback kept as JSON text
+]
+REPAIR_KINDS: tuple[str, ...] = get_args(RepairKind)
+# Kinds that note something about the text around the grade without changing the grade.
+NOTE_KINDS = frozenset({"ignored_text"})
+# Kinds after which a question's score was filled in (0), not read from the model's answer.
+_FILLED_FOR_ALL = frozenset({"no_json", "no_items"})
+_FILLED_FOR_QUESTION = frozenset({"missing_item", "unreadable_score"})
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One thing the repair had to fix, guess or fill in.
+
+    ``question`` is the rubric question's label (its question_id, else its 1-based number) when
+    the repair concerns one question; ``detail`` says what was done, for people."""
+
+    kind: RepairKind
+    detail: str
+    question: str | None = None
+
+    @property
+    def message(self) -> str:
+        """The sentence shown to people (never parsed by code)."""
+        return f"question {self.question}: {self.detail}" if self.question is not None else self.detail
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "question": self.question, "detail": self.detail, "message": self.message}
+
+
+def repair_messages(repairs: list[Repair]) -> str:
+    """The repairs as one line for people ("; "-separated), e.g. a CSV cell or a UI note."""
+    return "; ".join(r.message for r in repairs)
 
 # Keys a model may use for an item's score / label / comment.
 _SCORE_KEYS = ("score", "points", "mark", "grade", "value")
@@ -91,9 +146,9 @@ def _close_truncated(text: str) -> str | None:
     return None
 
 
-def extract_json_object(raw_text: str) -> tuple[dict | None, list[str]]:
+def extract_json_object(raw_text: str) -> tuple[dict | None, list[Repair]]:
     """The first JSON object in the text, and notes on how it was found."""
-    notes: list[str] = []
+    notes: list[Repair] = []
     decoder = json.JSONDecoder()
     starts = [m.start() for m in re.finditer(r"\{", raw_text)]
     for n_try, pos in enumerate(starts):
@@ -103,9 +158,9 @@ def extract_json_object(raw_text: str) -> tuple[dict | None, list[str]]:
             obj = None
         if isinstance(obj, dict):
             if raw_text[:pos].strip():
-                notes.append("ignored text before the JSON object")
+                notes.append(Repair("ignored_text", "ignored text before the JSON object"))
             if raw_text[end:].strip():
-                notes.append("ignored text after the JSON object")
+                notes.append(Repair("ignored_text", "ignored text after the JSON object"))
             return obj, notes
         # Cut off by the token limit: close this (outer) object before trying the ones inside it.
         if n_try < 3:
@@ -116,7 +171,8 @@ def extract_json_object(raw_text: str) -> tuple[dict | None, list[str]]:
                 except ValueError:
                     obj = None
                 if isinstance(obj, dict):
-                    notes.append("the JSON object was cut off; closed it and kept its complete parts")
+                    notes.append(Repair("truncated_json",
+                                        "the JSON object was cut off; closed it and kept its complete parts"))
                     return obj, notes
     # Python-style dict (single quotes, True/None).
     for pos in starts[:3]:
@@ -128,7 +184,7 @@ def extract_json_object(raw_text: str) -> tuple[dict | None, list[str]]:
         except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
             continue
         if isinstance(obj, dict):
-            notes.append("the answer was a Python-style dict, not JSON")
+            notes.append(Repair("python_dict", "the answer was a Python-style dict, not JSON"))
             return obj, notes
     return None, notes
 
@@ -219,18 +275,18 @@ def _item_objects(raw_text: str) -> list[dict]:
     return out
 
 
-def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
+def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[Repair]]:
     """Always a valid Grade for ``rubric``: (grade, repaired, repairs).
 
     ``repaired`` is True when anything had to be fixed, guessed or filled in; ``repairs`` says what,
-    one sentence each. Never raises on bad text.
+    one record each. Never raises on bad text.
     """
     obj, repairs = extract_json_object(raw_text or "")
     if obj is None:
         return (
             zero_grade(rubric, feedback=""),
             True,
-            ["no JSON grade found in the model output; every question scored 0"],
+            [Repair("no_json", "no JSON grade found in the model output; every question scored 0")],
         )
 
     items = _items_of(obj)
@@ -240,8 +296,9 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
         if found:
             items = found
             obj = {k: v for k, v in obj.items() if "items" in obj or k == "feedback"}  # obj was an item
-            repairs = [r for r in repairs if not r.startswith("ignored text")]
-            repairs.append(f"the items list was broken; read {len(found)} item object(s) from the text")
+            repairs = [r for r in repairs if r.kind != "ignored_text"]
+            repairs.append(Repair("items_list_broken",
+                                  f"the items list was broken; read {len(found)} item object(s) from the text"))
     n = len(rubric.questions)
     assigned: list[dict | None] = [None] * n
     if items is None:
@@ -249,9 +306,10 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
         if n == 1 and _as_number(obj.get("score")) is not None:
             # A one-question rubric answered with just a total.
             assigned[0] = {"score": obj.get("score")}
-            repairs.append("no items in the output; used its total as the only question's score")
+            repairs.append(Repair("total_as_only_score",
+                                  "no items in the output; used its total as the only question's score"))
         else:
-            repairs.append("no items in the output")
+            repairs.append(Repair("no_items", "no items in the output"))
     # By label first, then the unmatched items fill the unmatched questions in order.
     unmatched: list[dict] = []
     for it in items:
@@ -267,16 +325,16 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
             assigned[k] = unmatched.pop(0)
             by_order += 1
     if by_order and items and any(_item_label(it) is not None for it in items):
-        repairs.append(f"{by_order} item(s) matched to questions by order, not by label")
+        repairs.append(Repair("matched_by_order", f"{by_order} item(s) matched to questions by order, not by label"))
     if unmatched:
-        repairs.append(f"ignored {len(unmatched)} item(s) that match no rubric question")
+        repairs.append(Repair("unmatched_items", f"ignored {len(unmatched)} item(s) that match no rubric question"))
 
     grade_items: list[GradeItem] = []
     for k, q in enumerate(rubric.questions):
         it = assigned[k]
-        label = q.question_id or str(k + 1)
+        label = question_label(q, k)
         if it is None:
-            repairs.append(f"question {label}: no item in the output; scored 0")
+            repairs.append(Repair("missing_item", "no item in the output; scored 0", label))
             grade_items.append(GradeItem(question=q.question, score=0.0, max_score=q.max_score))
             continue
         score = None
@@ -285,14 +343,15 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
                 score = _as_number(it[key])
                 if score is not None:
                     if not isinstance(it[key], (int, float)):
-                        repairs.append(f"question {label}: score {it[key]!r} read as {score:g}")
+                        repairs.append(Repair("score_read_from_text", f"score {it[key]!r} read as {score:g}", label))
                     break
         if score is None:
-            repairs.append(f"question {label}: no readable score; scored 0")
+            repairs.append(Repair("unreadable_score", "no readable score; scored 0", label))
             score = 0.0
         if score < 0 or score > q.max_score:
             clamped = min(max(score, 0.0), q.max_score)
-            repairs.append(f"question {label}: score {score:g} clamped to {clamped:g} (max {q.max_score:g})")
+            repairs.append(Repair("score_clamped", f"score {score:g} clamped to {clamped:g} (max {q.max_score:g})",
+                                  label))
             score = clamped
         just = None
         for key in _JUSTIFICATION_KEYS:
@@ -304,33 +363,32 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[str]]:
     total = sum(i.score for i in grade_items)
     stated = _as_number(obj.get("score"))
     if stated is not None and abs(stated - total) > 1e-6 and items:
-        repairs.append(f"total {stated:g} replaced by the sum of the item scores {total:g}")
+        repairs.append(Repair("total_replaced", f"total {stated:g} replaced by the sum of the item scores {total:g}"))
     stated_max = _as_number(obj.get("max_score"))
     if stated_max is not None and abs(stated_max - rubric.max_score) > 1e-6:
-        repairs.append(f"max_score {stated_max:g} replaced by the rubric's {rubric.max_score:g}")
+        repairs.append(Repair("max_score_replaced",
+                              f"max_score {stated_max:g} replaced by the rubric's {rubric.max_score:g}"))
     feedback = obj.get("feedback")
     if feedback is None:
         feedback = ""
     elif not isinstance(feedback, str):
         feedback = json.dumps(feedback, ensure_ascii=False)
-        repairs.append("feedback was not text; kept it as JSON text")
+        repairs.append(Repair("feedback_not_text", "feedback was not text; kept it as JSON text"))
     grade = Grade(score=total, max_score=rubric.max_score, items=grade_items, feedback=feedback)
     # Notes on surrounding text alone are not repairs of the grade itself.
-    real = [r for r in repairs if not r.startswith("ignored text")]
+    real = [r for r in repairs if r.kind not in NOTE_KINDS]
     return grade, bool(real), repairs
 
 
-def scores_read_from_output(repairs: list[str], rubric: Rubric) -> list[bool]:
+def scores_read_from_output(repairs: list[Repair], rubric: Rubric) -> list[bool]:
     """Per rubric question: was its score read from the model's answer (True), or filled in by
-    ``parse_grade`` because no item or no readable score was there (False)? Reads the repair
-    sentences above, which are written in this module only."""
-    if any(r.startswith("no JSON grade found") for r in repairs):
+    ``parse_grade`` because no item or no readable score was there (False)?"""
+    if any(r.kind in _FILLED_FOR_ALL for r in repairs):  # (a one-question total used as its score was read)
         return [False] * len(rubric.questions)
-    if "no items in the output" in repairs:  # (the one-question case that used the total was read)
-        return [False] * len(rubric.questions)
-    out = []
-    for k, q in enumerate(rubric.questions):
-        label = q.question_id or str(k + 1)
-        filled = (f"question {label}: no item in the output", f"question {label}: no readable score")
-        out.append(not any(r.startswith(filled) for r in repairs))
-    return out
+    filled = {r.question for r in repairs if r.kind in _FILLED_FOR_QUESTION}
+    return [question_label(q, k) not in filled for k, q in enumerate(rubric.questions)]
+
+
+def question_label(question, index: int) -> str:
+    """The label a repair names a question by: its question_id, else its 1-based number."""
+    return question.question_id or str(index + 1)

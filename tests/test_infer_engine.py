@@ -1,17 +1,20 @@
 """The grading engine on the tiny GPT-OSS: adapters load and change outputs, switching adapters
-keeps the one base in memory, garbage output still becomes a valid grade, wrong adapters are
-refused with a clear message, and the CLI prints JSON grades that land in the store."""
+keeps the one base in memory, each call grades with the adapter it names (also from several
+threads at once), garbage output still becomes a valid grade, wrong adapters are refused with a
+clear message, and the CLI prints JSON grades that land in the store."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from inference.engine import AdapterError, GraderEngine, export_merged, get_engine
+from inference.engine import AdapterError, GraderEngine, export_merged, get_engine, store_grade
+from inference.repair import NOTE_KINDS
 from data.loading import load_rubric
 from data.rubric import Rubric, RubricQuestion
 from data.store import Store
@@ -58,17 +61,12 @@ def engine(tiny_gpt_oss_dir: Path) -> GraderEngine:
 def test_adapter_changes_outputs_and_switching_keeps_the_base(engine: GraderEngine, adapters) -> None:
     a, b = adapters
     ids = engine.encode(MD, RUBRIC, 16)
-    engine.use_adapter(None)
     base = engine.next_token_logits(ids)
     base_obj = id(engine.model)
-    engine.use_adapter(a)
-    la = engine.next_token_logits(ids)
-    engine.use_adapter(b)
-    lb = engine.next_token_logits(ids)
-    engine.use_adapter(a)
-    la2 = engine.next_token_logits(ids)
-    engine.use_adapter(None)
-    base2 = engine.next_token_logits(ids)
+    la = engine.next_token_logits(ids, adapter=a)
+    lb = engine.next_token_logits(ids, adapter=b)
+    la2 = engine.next_token_logits(ids, adapter=a)
+    base2 = engine.next_token_logits(ids, adapter=None)
     assert not torch.allclose(base, la, atol=1e-4) and not torch.allclose(la, lb, atol=1e-4)
     assert torch.allclose(la, la2, atol=1e-5) and torch.allclose(base, base2, atol=1e-5)
     # One base model, in place: PEFT wraps the same object; each adapter was loaded once.
@@ -78,48 +76,74 @@ def test_adapter_changes_outputs_and_switching_keeps_the_base(engine: GraderEngi
 
 
 def test_random_model_output_still_gives_a_valid_stored_grade(engine: GraderEngine, adapters) -> None:
-    engine.use_adapter(adapters[0])
     streamed: list[str] = []
-    r = engine.grade(MD, RUBRIC, max_new_tokens=12, on_token=streamed.append, submission_name="s1.md")
+    r = engine.grade(MD, RUBRIC, adapter=adapters[0], max_new_tokens=12, on_token=streamed.append)
     g = r.grade
     assert [i.question for i in g.items] == [q.question for q in RUBRIC.questions]
     assert all(0 <= i.score <= i.max_score for i in g.items) and g.score == sum(i.score for i in g.items)
     assert g.max_score == 8
     assert r.raw_text.startswith("".join(streamed))  # what streamed is what the model wrote
     if r.repaired:
-        assert r.repairs
+        assert any(rep.kind not in NOTE_KINDS for rep in r.repairs)  # a fix, not only a note
+    assert r.adapter == str(adapters[0].resolve())
+    assert Store().grades() == []  # the engine stores nothing: the caller does
+    grade_id = store_grade(r, RUBRIC, "s1.md")
     rows = Store().grades()
+    assert rows[0]["id"] == grade_id
     assert rows[0]["submission_name"] == "s1.md" and rows[0]["adapter"] == str(adapters[0].resolve())
     assert rows[0]["base_model"] == engine.base_model and rows[0]["raw_text"] == r.raw_text
 
 
 def test_grade_many_batches_in_order(engine: GraderEngine, adapters) -> None:
-    engine.use_adapter(adapters[1])
     items = [(f"s{k}.md", MD + "x" * k * 40, RUBRIC) for k in range(3)]
-    batched = engine.grade_many(items, batch_size=3, max_new_tokens=6)
-    single = [engine.grade(md, rb, max_new_tokens=6, store=False) for _, md, rb in items]
+    batched = engine.grade_many(items, adapter=adapters[1], batch_size=3, max_new_tokens=6)
+    for (name, _, rubric), result in zip(items, batched):
+        store_grade(result, rubric, name)
+    single = [engine.grade(md, rb, adapter=adapters[1], max_new_tokens=6) for _, md, rb in items]
     assert len(batched) == 3
     # Left padding must not change what greedy decoding writes (first attempt's text).
     for bt, sg in zip(batched, single):
         assert bt.raw_text.split("\n[retry]\n")[0] == sg.raw_text.split("\n[retry]\n")[0]
     assert [r["submission_name"] for r in Store().grades()[:3]] == ["s2.md", "s1.md", "s0.md"]
+    assert {r.adapter for r in batched} == {str(adapters[1].resolve())}
+
+
+def test_threads_grading_with_different_adapters_each_get_their_own(engine: GraderEngine, adapters) -> None:
+    """The cached engine is shared (UI threads): each call grades with the adapter it names, whatever
+    another thread asks for meanwhile."""
+    choices = [adapters[0], None, adapters[1], adapters[0], None, adapters[1]]
+    alone = {str(a): engine.grade(MD, RUBRIC, adapter=a, max_new_tokens=6, scoring="generated").raw_text
+             for a in choices[:3]}
+    got: dict[int, tuple] = {}
+
+    def work(k: int) -> None:
+        r = engine.grade(MD, RUBRIC, adapter=choices[k], max_new_tokens=6, scoring="generated")
+        got[k] = (r.adapter, r.raw_text)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(choices))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, a in enumerate(choices):
+        assert got[k] == (str(a.resolve()) if a else None, alone[str(a)]), k
 
 
 def test_bad_adapter_folders_give_clear_errors(engine: GraderEngine, tmp_path: Path) -> None:
     from data.model_zoo import build_tiny_gpt_oss
 
     with pytest.raises(AdapterError, match="does not exist"):
-        engine.use_adapter(tmp_path / "nope")
+        engine.grade(MD, RUBRIC, adapter=tmp_path / "nope", max_new_tokens=1)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text("{}")
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(AdapterError, match="only pickle weights"):
-        engine.use_adapter(pickled)
+        engine.grade(MD, RUBRIC, adapter=pickled, max_new_tokens=1)
     other_base = build_tiny_gpt_oss(hidden_size=128)
     other = make_adapter(other_base, tmp_path / "other", 3)
     with pytest.raises(AdapterError) as e:
-        engine.use_adapter(other)
+        engine.grade(MD, RUBRIC, adapter=other, max_new_tokens=1)
     assert "hidden 128" in str(e.value) and "hidden 64" in str(e.value) and str(other_base) in str(e.value)
     # Same check when the adapter does not say which base it belongs to: its weight shapes.
     (other / "run_config.json").unlink()
@@ -127,7 +151,7 @@ def test_bad_adapter_folders_give_clear_errors(engine: GraderEngine, tmp_path: P
     cfg["base_model_name_or_path"] = None
     (other / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="does not fit base"):
-        engine.use_adapter(other)
+        engine.grade(MD, RUBRIC, adapter=other, max_new_tokens=1)
 
 
 def test_export_merged_matches_the_adapter(engine: GraderEngine, adapters, tmp_path: Path) -> None:
@@ -135,8 +159,7 @@ def test_export_merged_matches_the_adapter(engine: GraderEngine, adapters, tmp_p
     assert (out / "model.safetensors").is_file() or list(out.glob("model*.safetensors"))
     merged = GraderEngine(str(out), device="cpu")
     ids = engine.encode(MD, RUBRIC, 16)
-    engine.use_adapter(adapters[0])
-    assert torch.allclose(merged.next_token_logits(ids), engine.next_token_logits(ids), atol=1e-4)
+    assert torch.allclose(merged.next_token_logits(ids), engine.next_token_logits(ids, adapter=adapters[0]), atol=1e-4)
 
 
 def test_cli_grade_prints_json_and_stores(tiny_gpt_oss_dir: Path, adapters, isolated_store: Path) -> None:
@@ -209,17 +232,16 @@ def test_expected_score_is_the_mean_of_the_models_own_score_distribution(engine:
     for each question's prefix (the same tokens training and the retry use)."""
     from data.prompt_format import target_text
 
-    engine.use_adapter(adapters[0])
     prompt = engine.encode(MD, RUBRIC, 64)
     written = _grade_as_written(RUBRIC, [4, 1])
-    grade, probs = engine._expected_scores(prompt, written, RUBRIC, [True, True])
+    grade, probs = engine._expected_scores(prompt, written, RUBRIC, [True, True], adapter=adapters[0])
     text = target_text(written, RUBRIC)
     cut = [m.end() for m in __import__("re").finditer(r'"score":', text)]
     for i, q in enumerate(RUBRIC.questions):
         assert set(probs[i]) == {str(v) for v in range(int(q.max_score) + 1)}
         assert abs(sum(probs[i].values()) - 1) < 1e-3
         prefix = engine.tokenizer(text[: cut[i]], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        logits = engine.next_token_logits(prompt + list(prefix))
+        logits = engine.next_token_logits(prompt + list(prefix), adapter=adapters[0])
         value_ids = engine._value_ids(q.max_score)
         p = torch.softmax(logits[list(value_ids)], dim=-1)
         expected = float(sum(float(pi) * v for pi, v in zip(p, value_ids.values())))
@@ -227,17 +249,16 @@ def test_expected_score_is_the_mean_of_the_models_own_score_distribution(engine:
         assert 0 <= grade.items[i].score <= q.max_score
     assert abs(grade.score - sum(it.score for it in grade.items)) < 1e-9
     # a score the repair filled in (nothing read from the model) is left alone
-    kept, probs2 = engine._expected_scores(prompt, written, RUBRIC, [True, False])
+    kept, probs2 = engine._expected_scores(prompt, written, RUBRIC, [True, False], adapter=adapters[0])
     assert kept.items[1].score == 1 and probs2[1] is None and probs2[0] == probs[0]
 
 
 def test_grades_say_how_their_scores_were_made(engine: GraderEngine, adapters) -> None:
-    engine.use_adapter(adapters[0])
-    gen = engine.grade(MD, RUBRIC, max_new_tokens=12, store=False, scoring="generated")
+    gen = engine.grade(MD, RUBRIC, adapter=adapters[0], max_new_tokens=12, scoring="generated")
     assert gen.scoring == "generated" and gen.score_probs is None
-    exp = engine.grade(MD, RUBRIC, max_new_tokens=12, store=False)  # the default
+    exp = engine.grade(MD, RUBRIC, adapter=adapters[0], max_new_tokens=12)  # the default
     assert exp.scoring in ("expected", "generated") and exp.to_dict()["scoring"] == exp.scoring
     if exp.scoring == "generated":  # random model: nothing read from its output to re-score
         assert not any(exp.score_probs or [])
     with pytest.raises(ValueError, match="scoring must be one of"):
-        engine.grade(MD, RUBRIC, max_new_tokens=4, store=False, scoring="mean")
+        engine.grade(MD, RUBRIC, adapter=adapters[0], max_new_tokens=4, scoring="mean")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from inference.metrics import compute_metrics, infer_step, point_metrics
-from inference.repair import parse_grade
+from inference.repair import parse_grade, scores_read_from_output
 from data.rubric import Grade, Rubric, RubricQuestion
 
 RUBRIC = Rubric(
@@ -51,7 +51,10 @@ def test_trailing_text_clamping_and_wrong_total_are_repaired() -> None:
     assert repaired
     # Mapped by question id, not by order; 9 clamped to the question's max 3.
     assert [i.score for i in grade.items] == [3.0, 3.0]
-    text = " ".join(repairs)
+    assert {"score_clamped", "total_replaced", "max_score_replaced", "score_read_from_text"} <= {r.kind for r in repairs}
+    clamped = next(r for r in repairs if r.kind == "score_clamped")
+    assert clamped.question == "1.2" and clamped.message == "question 1.2: score 9 clamped to 3 (max 3)"
+    text = " ".join(r.message for r in repairs)  # the sentences people read
     assert "clamped" in text and "replaced by the sum" in text and "max_score 10" in text
 
 
@@ -60,7 +63,10 @@ def test_truncated_json_keeps_complete_items() -> None:
     grade, repaired, repairs = parse_grade(raw, RUBRIC)
     _valid(grade)
     assert repaired and grade.items[0].score == 4 and grade.items[1].score == 0
-    assert any("cut off" in r for r in repairs)
+    assert any(r.kind == "truncated_json" and "cut off" in r.message for r in repairs)
+    # Question 1.2's score was filled in (0), not read: the engine must not re-score it.
+    assert [r.question for r in repairs if r.kind == "unreadable_score"] == ["1.2"]
+    assert scores_read_from_output(repairs, RUBRIC) == [True, False]
 
 
 @pytest.mark.parametrize(
@@ -77,7 +83,10 @@ def test_garbage_still_yields_a_valid_grade(garbage: str) -> None:
 
 def test_nothing_parseable_says_so() -> None:
     grade, repaired, repairs = parse_grade("I think it deserves a B.", RUBRIC)
-    assert repaired and "no JSON grade found" in repairs[0]
+    assert repaired and repairs[0].kind == "no_json" and "no JSON grade found" in repairs[0].message
+    assert repairs[0].to_dict() == {"kind": "no_json", "question": None, "detail": repairs[0].detail,
+                                    "message": repairs[0].message}
+    assert scores_read_from_output(repairs, RUBRIC) == [False, False]
     assert grade.score == 0 and all(i.score == 0 for i in grade.items)
 
 
@@ -126,4 +135,4 @@ def test_broken_items_array_still_reads_the_items() -> None:
     grade, repaired, repairs = parse_grade(raw, RUBRIC)
     _valid(grade)
     assert [i.score for i in grade.items] == [4, 2] and repaired
-    assert any("items list was broken" in r for r in repairs)
+    assert any(r.kind == "items_list_broken" and "items list was broken" in r.message for r in repairs)
