@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.config import RunConfig, load_config, save_config  # noqa: E402
+from inference.score_head import collate_scores, score_log_probs, soft_cross_entropy  # noqa: E402
 
 COMPLETE_MARKER = "complete.json"
 STOP_FILE = "STOP"
@@ -288,50 +289,6 @@ def split_eval(subs: list, cfg: RunConfig) -> tuple[list, list]:
     else:
         n_eval = 0
     return [subs[i] for i in order[n_eval:]], [subs[i] for i in order[:n_eval]]
-
-
-def collate_scores(examples: list, pad_id: int, device: torch.device, width: int | None = None) -> dict[str, torch.Tensor]:
-    """Item-level batch: right-padded prompts, the score position of each row, each row's value
-    tokens (padded, with a mask) and its human distribution over them."""
-    width = max([len(e.input_ids) for e in examples] + [width or 0])
-    n_val = max(len(e.value_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    values = torch.zeros((len(examples), n_val), dtype=torch.long)
-    value_mask = torch.zeros((len(examples), n_val), dtype=torch.bool)
-    target = torch.zeros((len(examples), n_val), dtype=torch.float32)
-    for row, e in enumerate(examples):
-        n, v = len(e.input_ids), len(e.value_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
-        values[row, :v] = torch.tensor(e.value_ids)
-        value_mask[row, :v] = True
-        if e.target is not None:
-            target[row, :v] = torch.tensor(e.target)
-    last = mask.sum(1) - 1
-    return {k: t.to(device) for k, t in dict(input_ids=ids, attention_mask=mask, score_pos=last, values=values,
-                                             value_mask=value_mask, target=target).items()}
-
-
-def score_log_probs(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """log p(value) at each row's score position, over that row's values only (a softmax
-    restricted to 0..max, as the grader reads it). Only the score rows go through the LM head."""
-    from training.fast_path import base_causal_lm
-
-    lm = base_causal_lm(module)
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["score_pos"]]
-    logits = lm.get_output_embeddings()(h).float()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    picked = torch.gather(logits, 1, batch["values"]).masked_fill(~batch["value_mask"], -1e4)
-    return torch.log_softmax(picked, dim=-1)
-
-
-def soft_cross_entropy(logp: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Mean over rows of -sum_v q(v) log p(v), q the human distribution."""
-    return -(batch["target"] * logp).sum(-1).mean()
 
 
 class Trainer:
