@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from training import fast_path  # noqa: E402
 from training import quant_experts as qe  # noqa: E402
+from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig  # noqa: E402
 
 PEAK_FLOPS = 989e12
 SHAPES = {
@@ -106,7 +107,7 @@ def lora_model(model, lora: str, r: int = 8):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     kw = {}
     if lora == "attention+experts":
-        kw["target_parameters"] = qe.expert_target_parameters(model)
+        kw["target_parameters"] = list(GPT_OSS_EXPERT_PARAMETERS)
     lc = LoraConfig(r=r, lora_alpha=32, lora_dropout=0.0, target_modules=targets, **kw)
     pm = get_peft_model(model, lc)
     return pm
@@ -140,7 +141,7 @@ def configure(pm, impl: str, recompute):
     compile_on = rc.endswith("+compile")
     rc = rc.removesuffix("+compile")
     if impl != "stock":
-        applied = fast_path.apply(pm, {"compile_layers": compile_on})
+        applied = fast_path.apply(pm, RunConfig(compile_layers=compile_on))
     fast_path.compile_layers(pm, enable=compile_on)
     if compile_on and "compile_layers" not in applied:
         applied = applied + ["compile_layers"]

@@ -13,6 +13,7 @@ import torch
 
 from training import fast_path
 from training import quant_experts as qe
+from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -59,7 +60,7 @@ def lora(model, experts: bool, target_parameters=None, r: int = 4):
 
     kw = {}
     if experts:
-        kw["target_parameters"] = target_parameters or ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        kw["target_parameters"] = list(target_parameters or GPT_OSS_EXPERT_PARAMETERS)
     pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **kw))
     with torch.no_grad():  # non-zero B so every LoRA factor gets a gradient
@@ -151,7 +152,7 @@ def test_compiled_layers_with_fused_expert_lora_match_stock():
     l_ref, g_ref = loss_and_grads(pm, batch, stock)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    applied = fast_path.apply(pm, {"compile_layers": True}, force=True)
+    applied = fast_path.apply(pm, RunConfig(compile_layers=True), force=True)
     assert "fused_expert_lora" in applied
     assert ("compile_layers" in applied) == CUDA
     for _ in range(2):  # the second step runs the cached compiled code
@@ -170,7 +171,7 @@ def test_apply_is_a_no_op_on_cpu_and_when_disabled():
     model = tiny_gpt_oss()
     if not CUDA:
         assert fast_path.apply(model) == []
-    assert fast_path.apply(model, {"fast_path": False}) == []
+    assert fast_path.apply(model, RunConfig(fast_path=False)) == []
 
 
 def test_nf4_experts_are_really_quantized_and_close_to_full_precision():
@@ -237,7 +238,7 @@ def test_nf4_experts_with_expert_lora_train_and_save(order, tmp_path):
     model = tiny_gpt_oss()
     if order == "quantize_then_lora":
         qe.quantize_experts_nf4(model)
-        pm = lora(model, experts=True, target_parameters=qe.expert_target_parameters(model))
+        pm = lora(model, experts=True, target_parameters=GPT_OSS_EXPERT_PARAMETERS)
     else:
         pm = lora(model, experts=True)
         qe.quantize_experts_nf4(pm)
@@ -287,7 +288,7 @@ def test_set_recompute_modes():
 def test_expert_lora_layout_is_the_same_whether_experts_were_quantized_first():
     a = tiny_gpt_oss()
     qe.quantize_experts_nf4(a)
-    pa = lora(a, experts=True, target_parameters=qe.expert_target_parameters(a))
+    pa = lora(a, experts=True, target_parameters=GPT_OSS_EXPERT_PARAMETERS)
     pb = lora(tiny_gpt_oss(), experts=True)
     ka = sorted(n for n, p in pa.named_parameters() if p.requires_grad)
     kb = sorted(n for n, p in pb.named_parameters() if p.requires_grad)

@@ -4,7 +4,8 @@ Two entry points the training engine calls:
 
 * ``apply(model, cfg=None) -> list[str]``: switches a model (plain or PEFT-wrapped) onto the fast
   kernels when it sits on a CUDA device and returns the names of what it applied; on CPU it
-  changes nothing and returns ``[]``.  What it can apply:
+  changes nothing and returns ``[]``.  Its two knobs are ``RunConfig`` fields: ``fast_path``
+  (all of it) and ``compile_layers``.  What it can apply:
 
   - ``flex_attention``: GPT-OSS attention (sinks + sliding window) through transformers'
     flex_attention integration instead of eager attention (``sdpa`` is refused for GPT-OSS).
@@ -17,10 +18,10 @@ Two entry points the training engine calls:
     PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  NF4 experts
     (``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
     function so no bf16 copy is kept for backward.
-  - ``compile_layers``: ``torch.compile`` of every decoder layer (default with bf16 experts, LoRA
-    on attention or on attention + experts; off with NF4 experts; ``cfg.compile_layers`` True/False
-    overrides; errors fall back to eager).  The biggest single win measured on the H200
-    (attention LoRA 9.4k -> 17k tokens/s, + expert LoRA 8.5k -> 14.2k; see BENCHMARKS.md).
+  - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
+    default) and the experts are not NF4 (not yet measured compiled on a GPU); errors fall back to
+    eager.  The biggest single win measured on the H200 (attention LoRA 9.4k -> 17k tokens/s,
+    + expert LoRA 8.5k -> 14.2k; see BENCHMARKS.md).
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
     positions that carry labels are projected at all.
@@ -37,10 +38,12 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from training import quant_experts
+from training.config import RunConfig
 
 # Models whose causal-LM head is a plain ``lm_head`` over ``model.model``'s last hidden state, with
 # nothing between them (no logit soft-capping or scaling): the fused loss is exact for these.
@@ -79,19 +82,12 @@ def _model_type(model: torch.nn.Module) -> str | None:
     return getattr(cfg, "model_type", None)
 
 
-def _cfg_get(cfg: Any, name: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def apply(model: torch.nn.Module, cfg: Any = None, *, force: bool = False) -> list[str]:
+def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool = False) -> list[str]:
     """Turn on the GPU speedups for ``model``; returns what was applied ([] on CPU or when
-    ``cfg.fast_path`` is False).  ``force=True`` installs the device-independent parts
-    (project experts) on CPU too; the tests use it."""
-    if not _cfg_get(cfg, "fast_path", True):
+    ``cfg.fast_path`` is False).  ``cfg`` None: RunConfig's defaults.  ``force=True`` installs the
+    device-independent parts (project experts) on CPU too; the tests use it."""
+    cfg = cfg or RunConfig()
+    if not cfg.fast_path:
         return []
     device = _model_device(model)
     on_cuda = device.type == "cuda"
@@ -100,31 +96,20 @@ def apply(model: torch.nn.Module, cfg: Any = None, *, force: bool = False) -> li
     applied: list[str] = []
     lm = base_causal_lm(model)
     mtype = _model_type(model)
-    if on_cuda and mtype == "gpt_oss" and _cfg_get(cfg, "attn_implementation", "flex_attention") == "flex_attention":
-        if _set_attn(lm, "flex_attention"):
-            applied.append("flex_attention")
-    if mtype == "gpt_oss" and _cfg_get(cfg, "project_experts", True):
-        n = install_moe_forward(lm)
-        if n:
-            applied.append("project_experts")
-            if any(_lora_factors(_unwrap_experts(m.experts)[1]) for m in _gpt_oss_mlps(lm)):
-                applied.append("fused_expert_lora")
+    if on_cuda and mtype == "gpt_oss" and _set_attn(lm, "flex_attention"):
+        applied.append("flex_attention")
+    if mtype == "gpt_oss" and install_moe_forward(lm):
+        applied.append("project_experts")
+        if any(_lora_factors(_unwrap_experts(m.experts)[1]) for m in _gpt_oss_mlps(lm)):
+            applied.append("fused_expert_lora")
     if on_cuda and fused_ce_supported(model):
         applied.append("fused_ce")
-    want_compile = _cfg_get(cfg, "compile_layers", None)
-    if want_compile is None:
-        # default: on for bf16 experts, with attention LoRA and with expert LoRA (both checked on
-        # the H200 against stock: tests/test_gpu_fast_path.py); off for NF4 experts (not yet
-        # measured compiled on a GPU)
-        want_compile = not _has_nf4(lm)
-    if on_cuda and mtype == "gpt_oss" and want_compile:
+    # Compiled: bf16 experts with attention LoRA and with expert LoRA (both checked on the H200
+    # against stock: tests/test_gpu_fast_path.py); NF4 experts stay eager (not measured compiled).
+    if on_cuda and mtype == "gpt_oss" and cfg.compile_layers and not quant_experts.is_quantized(lm):
         if compile_layers(lm):
             applied.append("compile_layers")
     return applied
-
-
-def _has_nf4(lm: torch.nn.Module) -> bool:
-    return any(getattr(m, "_is_nf4_experts", False) for m in lm.modules())
 
 
 def compile_layers(model: torch.nn.Module, enable: bool = True) -> bool:
@@ -503,8 +488,3 @@ def set_recompute(model: torch.nn.Module, mode: str | int = "full") -> int:
         n += int(on)
     return n
 
-
-def expert_lora_supported(quantization: str = "none") -> bool:
-    """LoRA on GPT-OSS experts (PEFT target_parameters) trains through the fused path for bf16/fp32
-    and for NF4 experts alike (lora_dropout must be 0 there: a PEFT rule for parameter targets)."""
-    return quantization in ("none", "nf4")

@@ -7,17 +7,17 @@ One function per step, called top to bottom by `training.train_entry`:
 - On CPU everything is fp32 (bf16 matmuls are ~60x slower there).
 - `quantization="nf4"`: bitsandbytes 4-bit NF4 with double quantization for every nn.Linear;
   GPT-OSS expert weights are 3-D parameters bitsandbytes does not touch, so they go through
-  `training.quant_experts.quantize_experts_nf4` (GPU helper's module) when it is available.
+  `training.quant_experts.quantize_experts_nf4`.
 - GPT-OSS checkpoints shipped in MXFP4 are dequantized on load (`Mxfp4Config(dequantize=True)`).
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from training import quant_experts
 from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig
 
 
@@ -36,13 +36,6 @@ def _checkpoint_quant_method(folder: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return qc.get("quant_method")
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def load_tokenizer(folder: Path, cfg: RunConfig):
@@ -87,24 +80,18 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device) -> tuple[Any,
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_skip_modules=["lm_head", "router"]
         )
-    if device.type == "cuda" and model_type == "gpt_oss" and cfg.quantization != "int8" and _has_module(
-        "training.quant_experts"
-    ):
+    if device.type == "cuda" and model_type == "gpt_oss" and cfg.quantization != "int8":
         # Straight onto the GPU, expert tensor by expert tensor (MXFP4 dequantized, NF4 packed on
         # the fly): a 120B never exists in its 234 GB bf16 form. Attention stays bf16 (~2 GB).
-        from training.quant_experts import load_gpt_oss
-
-        model, _ = load_gpt_oss(folder, device=device, dtype=dtype, quantization=cfg.quantization,
-                                attn_implementation="eager")
+        model, _ = quant_experts.load_gpt_oss(folder, device=device, dtype=dtype, quantization=cfg.quantization,
+                                              attn_implementation="eager")
     else:
         if device.type == "cuda":
             kwargs["device_map"] = {"": device.index or 0}
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-        if model_type == "gpt_oss" and cfg.quantization == "nf4" and _has_module("training.quant_experts"):
+        if model_type == "gpt_oss" and cfg.quantization == "nf4":
             # bitsandbytes took the nn.Linear layers; the 3-D expert weights are ours to pack.
-            from training.quant_experts import quantize_experts_nf4
-
-            quantize_experts_nf4(model, compute_dtype=dtype)
+            quant_experts.quantize_experts_nf4(model, compute_dtype=dtype)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)

@@ -19,7 +19,6 @@ experts layer by layer so a 120B never needs its 234 GB bf16 form in memory.
 """
 from __future__ import annotations
 
-import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+from training.config import GPT_OSS_EXPERT_WEIGHTS
 _CHUNK_ELEMS = 1 << 28  # quantize at most this many weights per bitsandbytes call
 
 
@@ -138,11 +137,11 @@ def _nf4_named_parameters(self, prefix: str = "", recurse: bool = True, remove_d
         return
     own = dict(self._parameters)
     prefix = prefix + "." if prefix else ""
-    for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+    for name in (n for w in GPT_OSS_EXPERT_WEIGHTS for n in (w, w + "_bias")):
         if name in own:
             if own[name] is not None:
                 yield prefix + name, own.pop(name)
-        elif name in EXPERT_PARAMS:
+        elif name in GPT_OSS_EXPERT_WEIGHTS:
             yield prefix + name, getattr(self, name)
     for name, p in own.items():
         if p is not None:
@@ -157,8 +156,7 @@ def _nf4_class(cls: type) -> type:
         _NF4_CLASSES[cls] = type(
             "NF4" + cls.__name__, (cls,),
             {
-                "gate_up_proj": property(lambda self: _placeholder(self, "gate_up_proj")),
-                "down_proj": property(lambda self: _placeholder(self, "down_proj")),
+                **{w: property(lambda self, w=w: _placeholder(self, w)) for w in GPT_OSS_EXPERT_WEIGHTS},
                 "_is_nf4_experts": True,
                 "named_parameters": _nf4_named_parameters,
             },
@@ -210,7 +208,7 @@ def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = N
     route the MLPs through ``training.fast_path.moe_forward``.  Works on a plain or PEFT-wrapped
     model, before or after LoRA.  ``compute_dtype``: the dtype experts are dequantized to (default
     the weights' dtype; bf16 on CUDA for meta weights, fp32 on CPU).  Returns the memory report."""
-    from training import fast_path
+    from training import fast_path  # here, not at the top: fast_path imports this module
 
     n = 0
     gen = None
@@ -227,11 +225,11 @@ def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = N
             gen = torch.Generator(device=dev)
             gen.manual_seed(seed)
         stores = {}
-        for pname in EXPERT_PARAMS:
+        for pname in GPT_OSS_EXPERT_WEIGHTS:
             p = ex._parameters[pname]
             stores[pname] = quantize_tensor_nf4(p, tuple(p.shape), device=dev, compute_dtype=cdt,
                                                 random_std=random_std, generator=gen)
-        for pname in EXPERT_PARAMS:
+        for pname in GPT_OSS_EXPERT_WEIGHTS:
             del ex._parameters[pname]
             setattr(ex, pname + "_nf4", stores[pname])
         ex._nf4_compute_dtype = cdt
@@ -244,12 +242,6 @@ def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = N
     rep = memory_report(model)
     rep["quantized_tensors"] = n
     return rep
-
-
-def expert_target_parameters(model: nn.Module | None = None) -> list[str]:
-    """The ``LoraConfig(target_parameters=...)`` list that puts LoRA on GPT-OSS experts (bf16 or
-    NF4, quantized before or after ``get_peft_model``)."""
-    return [f"mlp.experts.{p}" for p in EXPERT_PARAMS]
 
 
 def _nf4_stores(model: nn.Module):
@@ -376,7 +368,7 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     # read while the device dequantizes/packs the previous tensor (reads release the GIL).
     order: list[str] = []
     for prefix in experts_by_prefix:
-        for pname in EXPERT_PARAMS:
+        for pname in GPT_OSS_EXPERT_WEIGHTS:
             full = f"{prefix}.{pname}"
             order += [full + "_blocks", full + "_scales"] if full + "_blocks" in name_to_file else [full]
     seen = set(order)
@@ -399,7 +391,7 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     # experts first (the big ones), one tensor at a time
     for prefix, ex in experts_by_prefix.items():
         cdt = dtype
-        for pname in EXPERT_PARAMS:
+        for pname in GPT_OSS_EXPERT_WEIGHTS:
             full = f"{prefix}.{pname}"
             if full + "_blocks" in name_to_file:
                 w = _mxfp4_expert_weight(get(full + "_blocks").to(device), get(full + "_scales").to(device), cdt)
@@ -422,7 +414,7 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     # everything else
     for name, p in params.items():
         pre, _, pname = name.rpartition(".")
-        if pre in experts_by_prefix and pname in EXPERT_PARAMS:
+        if pre in experts_by_prefix and pname in GPT_OSS_EXPERT_WEIGHTS:
             continue
         key = name if name in name_to_file else None
         if key is None and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
@@ -444,7 +436,7 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     pending.clear()
     handles.clear()
     if quantization == "nf4":
-        from training import fast_path
+        from training import fast_path  # (fast_path imports this module)
 
         fast_path.install_moe_forward(model)
     if device.type == "cuda":
@@ -477,6 +469,3 @@ def load_gpt_oss_nf4(path: str | Path, *, device: str | torch.device = "cuda",
     info.update(memory_report(model))
     return model, info
 
-
-def write_json(path: str | Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2))
