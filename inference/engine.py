@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from data.rubric import Grade, Rubric
+from data.rubric import Grade, GradeItem, Rubric
 from inference.repair import Repair, parse_grade, scores_read_from_output, zero_grade
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -68,6 +68,19 @@ class GradeResult:
     scoring: str = "generated"  # how the item scores were made: "expected" or "generated"
     # per question: {value: probability} the expected score came from (None where it was not used)
     score_probs: list[dict[str, float] | None] | None = None
+    unit: str = "submission"  # "item": each question scored on its own (no generation); see grade_items
+    # per question (item-level grading): confidence from the score distribution, the expected score
+    # before calibration, and whether the calibration stored with the adapter was applied
+    confidence: list[float | None] | None = None
+    raw_scores: list[float | None] | None = None
+    calibrated: bool = False
+
+    @property
+    def needs_review(self) -> list[bool]:
+        """Per question: the model was unsure (confidence below inference.scoring.REVIEW_THRESHOLD)."""
+        from inference.scoring import needs_review
+
+        return [needs_review(c) for c in (self.confidence or [None] * len(self.grade.items))]
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +95,11 @@ class GradeResult:
             "new_tokens": self.new_tokens,
             "scoring": self.scoring,
             "score_probs": self.score_probs,
+            "unit": self.unit,
+            "confidence": self.confidence,
+            "needs_review": self.needs_review,
+            "raw_scores": self.raw_scores,
+            "calibrated": self.calibrated,
         }
 
 
@@ -559,12 +577,20 @@ class GraderEngine:
 
     def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
               scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
-              retry: bool = True) -> GradeResult:
+              retry: bool = True, unit: str | None = None) -> GradeResult:
         """Grade one submission (Markdown) against ``rubric`` with ``adapter`` (a LoRA folder; None:
-        the base alone): always a valid Grade. ``scoring``: "expected" or "generated" (see the
-        module docstring). ``retry``: one guided retry when the answer holds no JSON (speed
-        benchmarks turn it off). Nothing is stored: see :func:`store_grade`."""
+        the base alone): always a valid Grade. ``unit``: "item" grades each question by reading the
+        model's score distribution (:meth:`grade_items`), "submission" generates the grade JSON;
+        None: what the adapter was trained for (:func:`grading_unit`). ``scoring`` (submission
+        unit): "expected" or "generated" (see the module docstring). ``retry``: one guided retry
+        when the answer holds no JSON (speed benchmarks turn it off). Nothing is stored: see
+        :func:`store_grade`."""
         _check_scoring(scoring)
+        if (unit or grading_unit(adapter)) == "item":
+            result = self.grade_items([("submission", submission_md, rubric)], adapter=adapter)[0]
+            if on_token:
+                on_token(result.raw_text)
+            return result
         with self._lock:
             key = self._attach(adapter)
             t0 = time.perf_counter()
@@ -576,7 +602,7 @@ class GraderEngine:
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = _LEGACY,
                    scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
                    progress: Callable[[int], None] | None = None, retry: bool = True,
-                   store: bool = False) -> list[GradeResult]:
+                   store: bool = False, unit: str | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
         results in input order (the names are the caller's, e.g. for :func:`store_grade`).
         ``progress(n)`` is called after each batch with the number just finished.
@@ -586,6 +612,12 @@ class GraderEngine:
         _check_scoring(scoring)
         if adapter is _LEGACY:
             adapter = self._legacy_adapter
+        if (unit or grading_unit(adapter)) == "item":
+            results = self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress)
+            if store:
+                for r, (name, _, rubric) in zip(results, items):
+                    store_grade(r, rubric, name)
+            return results
         key = self._attach(adapter)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
@@ -607,6 +639,81 @@ class GraderEngine:
             if progress:
                 progress(len(chunk))
         return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- item-level grading
+
+    def grade_items(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
+                    batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                    calibrate: bool = True) -> list[GradeResult]:
+        """Grade (name, markdown, rubric) triples question by question, without generation: each
+        question alone (its answer from the submission's sections, or the whole text when the
+        headings do not match the rubric) is encoded to its score position and one forward pass
+        reads the distribution over 0..max (data.prompt_format's item-level section). The score is
+        its expected value, mapped by the adapter's calibration when it has one; the confidence
+        comes from its spread. Questions are batched across submissions, sorted by length.
+        Questions whose values are not single tokens get the number the model writes there."""
+        import torch
+
+        from data.markdown import split_sections
+        from data.prompt_format import encode_score_prompt, question_labels, target_text
+        from inference.calibration import load_calibration
+        from inference.score_head import collate_scores, score_log_probs
+        from inference.scoring import confidence, expected_score
+
+        key = self._attach(adapter)
+        cal = load_calibration(key) if calibrate else None
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        results: list[GradeResult] = []
+        step = max(1, batch_size)
+        for start in range(0, len(items), step):  # a chunk of submissions: progress per chunk
+            chunk = items[start : start + step]
+            t0 = time.perf_counter()
+            questions = []  # (submission in chunk, question, ScoreExample)
+            for i, (_, md, rubric) in enumerate(chunk):
+                answers = split_sections(md, rubric) or [md.strip()] * len(rubric.questions)
+                for k, answer in enumerate(answers):
+                    questions.append((i, k, encode_score_prompt(self.tokenizer, self.format, rubric, k, answer,
+                                                                limit - 8 if isinstance(limit, int) else None)))
+            probs: list[list[float] | None] = [None] * len(questions)
+            order = sorted((j for j, q in enumerate(questions) if q[2].value_ids), key=lambda j: len(questions[j][2].input_ids))
+            for b in range(0, len(order), step):
+                part = order[b : b + step]
+                with self._using(key) as model, torch.inference_mode():
+                    batch = collate_scores([questions[j][2] for j in part], self.pad_id, self.device)
+                    rows = score_log_probs(model, batch).exp().float().cpu().tolist()
+                for j, row in zip(part, rows):
+                    probs[j] = row[: len(questions[j][2].value_ids)]
+            written: dict[int, float] = {}
+            for j, (_, _, ex) in enumerate(questions):
+                if probs[j] is None:  # values that are not single tokens: the number it writes
+                    text = self._decode(self._generate([ex.input_ids], 8, key)[0])
+                    m = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+                    written[j] = min(max(float(m.group(1)), 0.0), ex.max_score) if m else 0.0
+            share = (time.perf_counter() - t0) / len(chunk)
+            for i, (_, md, rubric) in enumerate(chunk):
+                mine = [j for j, q in enumerate(questions) if q[0] == i]
+                labels = question_labels(rubric)
+                grade_items, probs_out, conf, raw = [], [], [], []
+                for j in mine:
+                    k, ex = questions[j][1], questions[j][2]
+                    p = probs[j]
+                    score = expected_score(p) if p is not None else written[j]
+                    raw.append(round(score, 3))
+                    if cal is not None and p is not None:
+                        score = cal.apply(score, ex.max_score)
+                    grade_items.append(GradeItem(question=labels[k], score=round(score, 2), max_score=ex.max_score))
+                    probs_out.append({str(v): round(x, 4) for v, x in enumerate(p)} if p is not None else None)
+                    conf.append(confidence(p) if p is not None else None)
+                grade = Grade(score=round(sum(it.score for it in grade_items), 2), max_score=rubric.max_score,
+                              items=grade_items, feedback="")
+                results.append(GradeResult(
+                    grade=grade, raw_text=target_text(grade, rubric), repaired=False, repairs=[], latency_s=share,
+                    base_model=self.base_model, adapter=key, prompt_tokens=sum(len(questions[j][2].input_ids) for j in mine),
+                    scoring="expected" if not written else "generated", score_probs=probs_out, unit="item",
+                    confidence=conf, raw_scores=raw, calibrated=cal is not None))
+            if progress:
+                progress(len(chunk))
+        return results
 
     # ----------------------------------------------------------------- scores without generation
 
@@ -632,6 +739,22 @@ def _check_scoring(scoring: str) -> None:
 def _no_json(repairs: list[Repair]) -> bool:
     """parse_grade found no JSON at all (its first repair says so)."""
     return bool(repairs) and repairs[0].kind == "no_json"
+
+
+def grading_unit(adapter_dir: str | Path | None) -> str:
+    """How an adapter grades: the ``example_unit`` it was trained with (run_config.json); adapters
+    from before item-level training learnt whole grades ("submission"). The base alone grades by
+    item: reading a distribution needs no instruction following, and cannot run away."""
+    if adapter_dir is None:
+        return "item"
+    for cand in (Path(adapter_dir) / RUN_CONFIG, Path(adapter_dir).parent / "config.json"):
+        if cand.is_file():
+            try:
+                unit = json.loads(cand.read_text()).get("example_unit")
+            except (OSError, ValueError, AttributeError):
+                unit = None
+            return unit if unit in ("item", "submission") else "submission"
+    return "submission"
 
 
 def store_grade(result: GradeResult, rubric: Rubric, submission_name: str, store=None) -> int:
