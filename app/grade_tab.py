@@ -6,7 +6,6 @@ Grading goes through `inference.engine` (the same engine as `python -m inference
 """
 from __future__ import annotations
 
-import csv
 import queue
 import tempfile
 import threading
@@ -236,6 +235,7 @@ def build(settings: Settings) -> dict[str, Any]:
     def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens):
         from data.markdown import read_markdown
         from inference.engine import get_engine, store_grade
+        from inference.grades_csv import write_grades_csv
 
         if not files:
             raise gr.Error("Upload one or more .md files.")
@@ -249,22 +249,12 @@ def build(settings: Settings) -> dict[str, Any]:
                           read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
         results = get_engine(base_model).grade_many(items, adapter=adapter_dir,
                                                     max_new_tokens=int(max_new_tokens or 512))
-        for (name, _, _), res in zip(items, results):
-            store_grade(res, rubric, name)
-        out_dir = Path(tempfile.mkdtemp(prefix="grader-batch-"))
-        csv_path = out_dir / "grades.csv"
+        graded = [(name, res) for (name, _, _), res in zip(items, results)]
         rows = []
-        with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file", "question", "score", "max_score", "justification", "total",
-                        "max_total", "feedback", "repaired", "base_model", "adapter"])
-            for (name, _, _), res in zip(items, results):
-                g = res.grade
-                for it in g.items:
-                    w.writerow([name, it.question, it.score, it.max_score, it.justification or "",
-                                g.score, g.max_score, g.feedback, res.repaired, res.base_model,
-                                res.adapter or ""])
-                rows.append([name, g.score, g.max_score, res.repaired, round(res.latency_s, 2)])
+        for name, res in graded:
+            store_grade(res, rubric, name)
+            rows.append([name, res.grade.score, res.grade.max_score, res.repaired, round(res.latency_s, 2)])
+        csv_path = write_grades_csv(Path(tempfile.mkdtemp(prefix="grader-batch-")) / "grades.csv", graded)
         return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)
 
     adapter.change(on_adapter, [adapter], [base])

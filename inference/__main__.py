@@ -12,7 +12,6 @@ adapter to the embedded Gemma 3 270M. Scores are the model's expected score per 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -60,7 +59,7 @@ def cmd_batch(args) -> int:
 
     from data.loading import load_rubric
     from inference.engine import store_grade
-    from inference.repair import repair_messages
+    from inference.grades_csv import write_grades_csv
 
     rubric = load_rubric(args.rubric)
     folder = Path(args.folder)
@@ -80,13 +79,7 @@ def cmd_batch(args) -> int:
         store_grade(r, rubric, name)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [q.question_id or str(k + 1) for k, q in enumerate(rubric.questions)]
-    with open(out / "grades.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "score", "max_score", *[f"q{lab}" for lab in labels], "repaired", "repairs", "feedback"])
-        for p, r in zip(files, results):
-            w.writerow([p.name, r.grade.score, r.grade.max_score, *[i.score for i in r.grade.items],
-                        int(r.repaired), repair_messages(r.repairs), r.grade.feedback])
+    write_grades_csv(out / "grades.csv", [(p.name, r) for p, r in zip(files, results)])
     with open(out / "grades.jsonl", "w", encoding="utf-8") as fh:
         for p, r in zip(files, results):
             fh.write(json.dumps({"file": p.name, **r.to_dict()}, ensure_ascii=False) + "\n")

@@ -4,6 +4,7 @@ threads at once), garbage output still becomes a valid grade, wrong adapters are
 clear message, and the CLI prints JSON grades that land in the store."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from inference.engine import AdapterError, GraderEngine, export_merged, get_engine, store_grade
+from inference.grades_csv import GRADES_CSV_COLUMNS
 from inference.repair import NOTE_KINDS
 from data.loading import load_rubric
 from data.rubric import Rubric, RubricQuestion
@@ -196,9 +198,14 @@ def test_batch_and_evaluate_cli(tiny_gpt_oss_dir: Path, adapters, tmp_path: Path
     out = tmp_path / "out"
     assert main(["batch", "--adapter", str(adapters[0]), "--rubric", str(rubric_file), "--out-dir", str(out),
                  "--max-new-tokens", "4", "--device", "cpu", str(folder)]) == 0
-    rows = (out / "grades.csv").read_text().splitlines()
+    with open(out / "grades.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
     jsonl = [json.loads(line) for line in (out / "grades.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and len(jsonl) == 2 and rows[0].startswith("file,score,max_score")
+    # The grades CSV the Grade tab writes too: one row per question of each submission.
+    questions = [q.question for q in load_rubric(rubric_file).questions]
+    assert len(jsonl) == 2 and tuple(rows[0]) == GRADES_CSV_COLUMNS
+    assert [(r["file"], r["question"]) for r in rows] == [(o["file"], q) for o in jsonl for q in questions]
+    assert [float(r["total"]) for r in rows] == [o["grade"]["score"] for o in jsonl for _ in questions]
     assert len(Store().grades()) == 2
 
     graded = sorted((REPO / "data" / "samples" / "graded").rglob("*.json"))[0]
