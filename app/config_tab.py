@@ -37,38 +37,15 @@ def presets() -> dict[str, Any]:
     return PRESETS
 
 
-GIB_PARTS = ["weights", "lora", "optimizer", "activations", "overhead", "total_gib"]
-
-
-def memory_markdown(cfg) -> str:
-    """The per-GPU memory estimate as a small table, with the out-of-memory warning up front."""
+def memory_estimate(cfg) -> tuple[Any, str]:
+    """(MemoryEstimate or None, its Markdown for the page): the per-GPU memory of `cfg`."""
     from training.config import estimate_memory
 
     try:
         est = estimate_memory(cfg)
-    except Exception as exc:
-        return f"Memory estimate unavailable: {type(exc).__name__}: {exc}"
-    head = ""
-    if est.get("fits") is False:
-        head = f"### Warning: likely out of memory\n{est.get('warning') or ''}\n\n"
-    elif est.get("warning"):
-        head = f"Note: {est['warning']}\n\n"
-    rows = "\n".join(f"| {k.replace('_gib', '')} | {est[k]:.2f} |" for k in GIB_PARTS
-                     if isinstance(est.get(k), (int, float)))
-    limit = est.get("limit_gib")
-    fits = "" if limit is None else (f" - fits in {limit:g} GiB" if est.get("fits")
-                                      else f" - does NOT fit in {limit:g} GiB")
-    extra = []
-    if est.get("params"):
-        extra.append(f"{est['params']:,} parameters")
-    if est.get("lora_params"):
-        extra.append(f"{est['lora_params']:,} trainable (LoRA)")
-    if est.get("world_size"):
-        extra.append(f"{est['world_size']} rank(s)")
-    if not rows:
-        return head.strip()
-    return (f"{head}**Estimated memory per GPU{fits}**\n\n| part | GiB |\n|---|---|\n{rows}"
-            + ("\n\n" + ", ".join(extra) if extra else ""))
+    except Exception as exc:  # a model folder the estimate cannot read must not break the page
+        return None, f"Memory estimate unavailable: {type(exc).__name__}: {exc}"
+    return est, est.markdown()
 
 
 def command_text(cfg) -> str:
@@ -89,10 +66,10 @@ def describe(form: ModelForm, values) -> tuple[str, str, str]:
     if cfg is None:
         return ("**Invalid config:**\n" + "\n".join(f"- {e}" for e in errors), "", "")
     problems = check_config(cfg)
-    memory = memory_markdown(cfg)
+    est, memory = memory_estimate(cfg)
     msg = ("**Launch refused until fixed:**\n" + "\n".join(f"- {p}" for p in problems)
            if problems else "Config is valid.")
-    if "likely out of memory" in memory:
+    if est is not None and not est.fits:
         msg += " **But it will probably run out of GPU memory: see the estimate.**"
     return msg, memory, command_text(cfg)
 

@@ -89,7 +89,7 @@ def test_each_bad_configuration_is_refused_with_what_to_change(tmp_path, tiny_gp
     msg = refused(big_batch)
     assert "batch does not fit" in msg and "per_device_batch_size=" in msg and "gradient_accumulation_steps=" in msg
     fits = big_batch.model_copy(update={"per_device_batch_size": 1})
-    assert check_config(fits) == [] and estimate_memory(fits)["fits"]
+    assert check_config(fits) == [] and estimate_memory(fits).fits
 
     # ZeRO-2 replicates the weights: a 120b in bf16 cannot fit one 140 GiB H200 per rank.
     m120 = gpt_oss_shell(tmp_path / "gpt-oss-120b")
@@ -97,10 +97,10 @@ def test_each_bad_configuration_is_refused_with_what_to_change(tmp_path, tiny_gp
     msg = refused(z2)
     assert "ZeRO-2 keeps a full copy of the weights on every rank" in msg and "quantization=nf4" in msg
     est = estimate_memory(z2)
-    assert est["weights"] > 200 and not est["fits"]
+    assert est.weights_gib > 200 and not est.fits
     # The user's own recipe (4-bit) fits.
     seed_ok = z2.model_copy(update={"quantization": "nf4"})
-    assert check_config(seed_ok) == [] and estimate_memory(seed_ok)["total_gib"] < 140
+    assert check_config(seed_ok) == [] and estimate_memory(seed_ok).total_gib < 140
 
 
 def test_cli_refuses_before_launch_and_prints_why(capsys):

@@ -39,3 +39,18 @@ def test_blank_optional_fields_mean_automatic_and_bad_values_name_the_field():
     values[form.names.index("max_steps")] = "twelve"
     cfg, errors = form.to_model(values)
     assert cfg is None and any(e.startswith("max_steps:") for e in errors), errors
+
+
+def test_configure_warns_from_the_estimate_not_from_its_own_text():
+    """The Configure messages say "run out of GPU memory" exactly when the estimate does not fit."""
+    from app.config_tab import describe
+
+    form = ModelForm(RunConfig)
+    too_big = PRESETS["smoke"].model_copy(update={"gpu_memory_gib": 0.25})
+    messages, memory, command = describe(form, form.values_of(too_big))
+    assert "likely out of memory" in memory and "does NOT fit in 0.25 GiB" in memory, memory
+    assert "run out of GPU memory" in messages
+    assert "deepspeed" in command.split()[0]
+    messages, memory, _ = describe(form, form.values_of(too_big.model_copy(update={"gpu_memory_gib": 80.0})))
+    assert "fits in 80 GiB" in memory and "likely out of memory" not in memory, memory
+    assert "run out of GPU memory" not in messages

@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import typing
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -367,13 +368,23 @@ _NF4_BYTES = (4 + 0.127) / 8  # 4 bits + double-quantized absmax (~0.127 bit) pe
 _INT8_BYTES = 1.0 + 4 / 64  # int8 + per-row/col scales, roughly
 
 
-def _on_cpu(cfg: RunConfig) -> bool:
+def gpu_count() -> int:
+    """CUDA GPUs visible to this process (0 without CUDA or torch)."""
     try:
         import torch
 
-        return not torch.cuda.is_available()
-    except Exception:
-        return True
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken CUDA install: train on the CPU
+        return 0
+
+
+def gpu_memory_gib() -> float | None:
+    """Memory of GPU 0 in GiB, or None without a GPU."""
+    if not gpu_count():
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / _GIB
 
 
 def compute_dtype_bytes(cfg: RunConfig) -> int:
@@ -381,7 +392,7 @@ def compute_dtype_bytes(cfg: RunConfig) -> int:
         return 4
     if cfg.precision == "bf16":
         return 2
-    return 4 if _on_cpu(cfg) else 2
+    return 2 if gpu_count() else 4
 
 
 def world_size(cfg: RunConfig) -> int:
@@ -397,16 +408,9 @@ def world_size(cfg: RunConfig) -> int:
                 return total
         except (OSError, ValueError):
             pass
-    if _on_cpu(cfg) and cfg.num_gpus is None:
-        return max(1, cfg.num_processes)
     if cfg.num_gpus is not None:
         return max(1, cfg.num_gpus)
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except Exception:
-        return 1
+    return gpu_count() or max(1, cfg.num_processes)
 
 
 def _lora_params(cfg: RunConfig, info: dict) -> int:
@@ -421,16 +425,62 @@ def _lora_params(cfg: RunConfig, info: dict) -> int:
     return n
 
 
-def estimate_memory(cfg: RunConfig) -> dict:
-    """Per-GPU (per-rank) memory of a run, in GiB: weights, lora, optimizer, activations, total.
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one rank (one GPU) holds during a run, in GiB, and whether it fits one GPU.
+
+    The parts are None when the model's config cannot be read (no estimate then, `fits` True).
+    """
+
+    weights_gib: float | None  # the base model (quantized parts at their packed size)
+    lora_gib: float | None  # LoRA weights and their gradients (fp32)
+    optimizer_gib: float | None  # AdamW moments (0 when offloaded to the CPU)
+    activations_gib: float | None
+    overhead_gib: float | None  # CUDA context, allocator fragmentation, temporary buffers
+    total_gib: float | None
+    limit_gib: float | None  # one GPU's memory: gpu_memory_gib, else what CUDA reports, else None
+    fits: bool  # total_gib <= limit_gib (True when either is unknown)
+    world_size: int | None = None
+    params: int | None = None
+    lora_params: int | None = None
+    warning: str | None = None  # for people: why there is no estimate or no fit check, or by how much it is over
+
+    def markdown(self) -> str:
+        """The estimate as a small Markdown table for people, the out-of-memory warning first."""
+        head = ""
+        if not self.fits:
+            head = f"### Warning: likely out of memory\n{self.warning or ''}\n\n"
+        elif self.warning:
+            head = f"Note: {self.warning}\n\n"
+        parts = [("weights", self.weights_gib), ("lora", self.lora_gib), ("optimizer", self.optimizer_gib),
+                 ("activations", self.activations_gib), ("overhead", self.overhead_gib), ("total", self.total_gib)]
+        rows = "\n".join(f"| {name} | {gib:.2f} |" for name, gib in parts if gib is not None)
+        if not rows:
+            return head.strip()
+        fit = "" if self.limit_gib is None else (f" - fits in {self.limit_gib:g} GiB" if self.fits
+                                                  else f" - does NOT fit in {self.limit_gib:g} GiB")
+        extra = []
+        if self.params:
+            extra.append(f"{self.params:,} parameters")
+        if self.lora_params:
+            extra.append(f"{self.lora_params:,} trainable (LoRA)")
+        if self.world_size:
+            extra.append(f"{self.world_size} rank(s)")
+        return (f"{head}**Estimated memory per GPU{fit}**\n\n| part | GiB |\n|---|---|\n{rows}"
+                + ("\n\n" + ", ".join(extra) if extra else ""))
+
+
+def estimate_memory(cfg: RunConfig) -> MemoryEstimate:
+    """Per-GPU (per-rank) memory of a run: weights, LoRA, optimizer, activations, total.
 
     Rough arithmetic, calibrated on GPT-OSS-20b on an H200 (bf16, seq 2048, checkpointing: 44 GiB
     at batch 1, +4.9 GiB per extra sample; without checkpointing +23.6 GiB per sample).
     """
     info = inspect_model(cfg) or _EMBEDDED_SHAPES.get(cfg.model)
     if info is None:
-        return dict(weights=None, lora=None, optimizer=None, activations=None, total_gib=None, fits=True,
-                    warning=f"cannot read the model config of {cfg.model!r}: no estimate")
+        return MemoryEstimate(weights_gib=None, lora_gib=None, optimizer_gib=None, activations_gib=None,
+                              overhead_gib=None, total_gib=None, limit_gib=None, fits=True,
+                              warning=f"cannot read the model config of {cfg.model!r}: no estimate")
     ws = world_size(cfg)
     cb = compute_dtype_bytes(cfg)
     n_params = info["n_params"]
@@ -467,27 +517,22 @@ def estimate_memory(cfg: RunConfig) -> dict:
     else:
         per_sample = L * per_layer_full + logits
     activations = per_sample * cfg.per_device_batch_size
-    overhead = 1.5 * _GIB  # CUDA context, allocator fragmentation, temporary buffers
+    overhead = 1.5 * _GIB
     total = weights + lora + grads + optim + activations + overhead
     gib = lambda x: round(x / _GIB, 2)  # noqa: E731
     limit = cfg.gpu_memory_gib
-    if limit is None and not _on_cpu(cfg):
-        try:
-            import torch
-
-            limit = torch.cuda.get_device_properties(0).total_memory / _GIB
-        except Exception:
-            limit = None
+    if limit is None:
+        limit = gpu_memory_gib()  # None on a CPU machine: no fit check
     fits = True if limit is None else total / _GIB <= limit
     warning = None
     if limit is None:
         warning = "no gpu_memory_gib stated: fit not checked"
     elif not fits:
         warning = f"needs ~{gib(total)} GiB per GPU, more than the {limit:g} GiB available"
-    return dict(
-        weights=gib(weights), lora=gib(lora + grads), optimizer=gib(optim), activations=gib(activations),
-        overhead=gib(overhead), total_gib=gib(total), fits=fits, warning=warning, world_size=ws,
-        params=n_params, lora_params=lora_n, limit_gib=limit,
+    return MemoryEstimate(
+        weights_gib=gib(weights), lora_gib=gib(lora + grads), optimizer_gib=gib(optim),
+        activations_gib=gib(activations), overhead_gib=gib(overhead), total_gib=gib(total), limit_gib=limit,
+        fits=fits, world_size=ws, params=n_params, lora_params=lora_n, warning=warning,
     )
 
 
@@ -584,25 +629,24 @@ def check_config(cfg: RunConfig) -> list[str]:
     # Memory: does one rank hold what it must?
     if info is not None:
         est = estimate_memory(cfg)
-        limit = est.get("limit_gib")
-        if limit is not None and not est["fits"]:
-            weights_gib = est["weights"]
-            if weights_gib is not None and weights_gib > 0.9 * limit:
+        limit = est.limit_gib
+        if limit is not None and not est.fits:
+            if est.weights_gib is not None and est.weights_gib > 0.9 * limit:
                 what = "ZeRO-2 keeps a full copy of the weights on every rank" if cfg.zero_stage in (0, 2) \
                     else "the weights shard"
                 alt_nf4 = estimate_memory(cfg.model_copy(update={"quantization": "nf4", "zero_stage": 2}))
                 alt_z3 = estimate_memory(cfg.model_copy(update={"quantization": "none", "zero_stage": 3}))
                 problems.append(
-                    f"the weights alone need ~{weights_gib} GiB per rank ({what}; {est['params'] / 1e9:.1f}B params, "
+                    f"the weights alone need ~{est.weights_gib} GiB per rank ({what}; {est.params / 1e9:.1f}B params, "
                     f"precision={cfg.precision}, quantization={cfg.quantization}) but one GPU has {limit:g} GiB. "
-                    f"Set quantization=nf4 (~{alt_nf4['total_gib']} GiB per GPU) or zero_stage=3 with more GPUs "
-                    f"(~{alt_z3['total_gib']} GiB per GPU with {alt_z3['world_size']}), or a smaller model."
+                    f"Set quantization=nf4 (~{alt_nf4.total_gib} GiB per GPU) or zero_stage=3 with more GPUs "
+                    f"(~{alt_z3.total_gib} GiB per GPU with {alt_z3.world_size}), or a smaller model."
                 )
             else:
                 # Largest batch that fits, by the same arithmetic.
                 fit_bs = 0
                 for bs in range(cfg.per_device_batch_size - 1, 0, -1):
-                    if estimate_memory(cfg.model_copy(update={"per_device_batch_size": bs}))["fits"]:
+                    if estimate_memory(cfg.model_copy(update={"per_device_batch_size": bs})).fits:
                         fit_bs = bs
                         break
                 if fit_bs:
@@ -613,7 +657,7 @@ def check_config(cfg: RunConfig) -> list[str]:
                     fix = "lower max_length, enable gradient_checkpointing, or use quantization=nf4"
                 problems.append(
                     f"batch does not fit: per_device_batch_size={cfg.per_device_batch_size} at max_length="
-                    f"{cfg.max_length} needs ~{est['total_gib']} GiB per GPU (weights {est['weights']}, "
-                    f"activations {est['activations']}) but gpu_memory_gib is {limit:g}; {fix}"
+                    f"{cfg.max_length} needs ~{est.total_gib} GiB per GPU (weights {est.weights_gib}, "
+                    f"activations {est.activations_gib}) but gpu_memory_gib is {limit:g}; {fix}"
                 )
     return problems
