@@ -93,16 +93,35 @@ def cmd_evaluate(args) -> int:
 
     from inference.evaluate import evaluate
 
-    with tqdm(desc="grading", unit="sub", file=sys.stderr) as bar:
-        report = evaluate(args.data, adapter=args.adapter, base=args.base, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size, n_boot=args.n_boot, include_base=not args.no_base,
-                          progress=bar.update, scoring=args.scoring, device=args.device,
-                          trust_remote_code=args.trust_remote_code)
+    bars: dict = {}
+
+    def progress(predictor: str, done: int, total: int) -> None:
+        bar = bars.get(predictor)
+        if bar is None:
+            bar = bars[predictor] = tqdm(desc=predictor, total=total, unit="sub", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    report = evaluate(args.data, adapter=args.adapter, base=args.base, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, n_boot=args.n_boot, include_base=not args.no_base,
+                      progress=progress, scoring=args.scoring, unit=args.unit, device=args.device,
+                      trust_remote_code=args.trust_remote_code, out_path=args.json)
+    for bar in bars.values():
+        bar.close()
     print(report["table_markdown"])
+    for name, p in report["predictors"].items():
+        spread = p.get("spread_within_assignment") or {}
+        if "repair_rate" in p:
+            print(f"\n{name}: graded by {p['unit']}; repaired {p['n_repaired']} of {report['n_submissions']} "
+                  f"({', '.join(f'{k} {v}' for k, v in p['repair_kinds'].items()) or 'no repairs'}); "
+                  f"{p['n_needs_review']} questions need review; totals within an assignment spread "
+                  f"sd {spread.get('pred_sd')} vs the humans' {spread.get('human_sd')}")
+        if p.get("uncalibrated"):
+            before, after = p["uncalibrated"]["items"], p["items"]
+            print(f"{name}: calibration (fitted on the validation set) item MAE {before['mae']['value']:.3f} -> "
+                  f"{after['mae']['value']:.3f}, QWK {before['qwk']['value']} -> {after['qwk']['value']}")
     const = report["predictors"]["constant (training mean)"]
     print(f"\nconstant predictor: {const['mean_fraction']:.3f} of each maximum, from the {const['source']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, ensure_ascii=False))
         print(f"report -> {args.json}")
     return 0
 
@@ -138,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_grade)
 
-    p = sub.add_parser("batch", help="grade every .md file of a folder; write grades.csv and grades.jsonl")
+    p = sub.add_parser("batch", help="grade every .md file of a folder; write grades.csv (one row per question) and grades.jsonl")
     common(p)
     p.add_argument("--rubric", required=True)
     p.add_argument("--out-dir", required=True)
@@ -155,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--no-base", action="store_true", help="skip the zero-shot base run")
+    p.add_argument("--unit", choices=["item", "submission"],
+                   help="grade each question alone (item) or generate whole grades (default: the adapter's own)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="merge the adapter into its base and save a plain model folder")

@@ -77,6 +77,53 @@ def training_mean_fraction(adapter_dir: str | Path | None) -> tuple[float | None
     return float(np.mean(fracs)), f"training data of the adapter ({len(fracs)} items)"
 
 
+def _spread(results: list[GradeResult], human: list[float], rubrics: list) -> dict:
+    """Within each assignment (submissions sharing a rubric), the standard deviation of the
+    predicted totals against the humans': a grader that gives every student the same total
+    has ratio 0, whatever its MAE."""
+    groups: dict[str, list[int]] = {}
+    for k, rubric in enumerate(rubrics):
+        groups.setdefault(rubric.model_dump_json(), []).append(k)
+    pred_sd, human_sd = [], []
+    for idx in groups.values():
+        if len(idx) >= 3:
+            pred_sd.append(float(np.std([results[k].grade.score for k in idx])))
+            human_sd.append(float(np.std([human[k] for k in idx])))
+    if not human_sd or sum(human_sd) == 0:
+        return {"assignments": len(human_sd), "pred_sd": None, "human_sd": None, "ratio": None}
+    return {"assignments": len(human_sd), "pred_sd": round(float(np.mean(pred_sd)), 3),
+            "human_sd": round(float(np.mean(human_sd)), 3), "ratio": round(float(np.mean(pred_sd) / np.mean(human_sd)), 3)}
+
+
+def _predictor_report(results: list[GradeResult], item_h, item_max, sub_h, sub_max, rubrics, n_boot: int) -> dict:
+    from collections import Counter
+
+    from inference.scoring import needs_review
+
+    ip = [it.score for r in results for it in r.grade.items]
+    sp = [r.grade.score for r in results]
+    kinds = Counter(rep.kind for r in results for rep in r.repairs)
+    out = {
+        "items": _level_metrics(item_h, ip, item_max, n_boot),
+        "submissions": _level_metrics(sub_h, sp, sub_max, n_boot),
+        "spread_within_assignment": _spread(results, sub_h, rubrics),
+        "unit": results[0].unit if results else None,
+        "n_repaired": sum(r.repaired for r in results),
+        "repair_rate": round(sum(r.repaired for r in results) / max(1, len(results)), 4),
+        "repair_kinds": dict(kinds),
+        "n_needs_review": sum(needs_review(c) for r in results for c in (r.confidence or [])),
+        "mean_latency_s": float(np.mean([r.latency_s for r in results])) if results else None,
+        "calibrated": any(r.calibrated for r in results),
+    }
+    if out["calibrated"]:  # the same grades before the calibration map, for the before/after table
+        raw = [s if s is not None else it.score for r in results for it, s in zip(r.grade.items, r.raw_scores or [])]
+        raw_sub = [sum(s if s is not None else it.score for it, s in zip(r.grade.items, r.raw_scores or []))
+                   for r in results]
+        out["uncalibrated"] = {"items": _level_metrics(item_h, raw, item_max, n_boot),
+                               "submissions": _level_metrics(sub_h, raw_sub, sub_max, n_boot)}
+    return out
+
+
 def evaluate(
     data: list[str],
     *,
@@ -86,15 +133,24 @@ def evaluate(
     batch_size: int = 8,
     n_boot: int = 1000,
     include_base: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     store: bool = True,
     scoring: str = "expected",
+    unit: str | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    out_path: str | Path | None = None,
 ) -> dict:
-    """Grade the labelled submissions in ``data`` and compare with the human grades."""
+    """Grade the labelled submissions in ``data`` with the adapter and the base alone, compare
+    with the human grades and a constant predictor. ``progress(predictor, done, total)`` is called
+    as submissions finish; with ``out_path`` the report (JSON) is rewritten as soon as each
+    predictor is done, so a stopped evaluation keeps what it finished. ``unit``: how to grade
+    (None: the adapter's own; the base alone then grades by item, see engine.grading_unit)."""
+    import json
+
     from data.loading import DataError, load_graded
     from data.markdown import render_submission_markdown
+    from inference.engine import grading_unit, store_grade
 
     report = load_graded(data)
     if not report.ok:
@@ -105,53 +161,17 @@ def evaluate(
     base_model = resolve_base(base, adapter)
     engine = get_engine(base_model, device=device, trust_remote_code=trust_remote_code)
     items = [(s.submission_id or f"#{k + 1}", render_submission_markdown(s), s.rubric()) for k, s in enumerate(subs)]
+    rubrics = [it[2] for it in items]
     human = [s.grade() for s in subs]
     item_h = [it.score for g in human for it in g.items]
     item_max = [it.max_score for g in human for it in g.items]
     sub_h = [g.score for g in human]
     sub_max = [g.max_score for g in human]
-
-    runs: dict[str, list[GradeResult]] = {}
-    if adapter is not None:
-        engine.use_adapter(adapter)
-        runs["adapter"] = engine.grade_many(items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                            progress=progress, store=store, scoring=scoring)
-    if include_base or adapter is None:
-        engine.use_adapter(None)
-        runs["base zero-shot"] = engine.grade_many(items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                   progress=progress, store=store, scoring=scoring)
     frac, source = training_mean_fraction(adapter)
     if frac is None:
         frac = float(np.mean([h / m for h, m in zip(item_h, item_max)]))
         source = f"mean of the evaluation data itself (optimistic; {source})"
 
-    predictors: dict[str, dict] = {}
-    for name, results in runs.items():
-        ip = [it.score for r in results for it in r.grade.items]
-        sp = [r.grade.score for r in results]
-        predictors[name] = {
-            "items": _level_metrics(item_h, ip, item_max, n_boot),
-            "submissions": _level_metrics(sub_h, sp, sub_max, n_boot),
-            "n_repaired": sum(r.repaired for r in results),
-            "mean_latency_s": float(np.mean([r.latency_s for r in results])),
-        }
-    const_name = "constant (training mean)"
-    predictors[const_name] = {
-        "items": _level_metrics(item_h, [frac * m for m in item_max], item_max, n_boot),
-        "submissions": _level_metrics(sub_h, [frac * m for m in sub_max], sub_max, n_boot),
-        "mean_fraction": frac,
-        "source": source,
-    }
-    per_submission = []
-    for k, (name, _, _) in enumerate(items):
-        row = {"submission": name, "human": sub_h[k], "max_score": sub_max[k]}
-        for pname, results in runs.items():
-            row[pname] = results[k].grade.score
-        per_submission.append(row)
-    tables = "\n\n".join(
-        format_table({n: p[level] for n, p in predictors.items()}, f"{level} ({len(item_h) if level == 'items' else len(subs)})")
-        for level in ("items", "submissions")
-    )
     out = {
         "data": [str(d) for d in data],
         "base_model": base_model,
@@ -160,10 +180,53 @@ def evaluate(
         "scoring": scoring,
         "n_items": len(item_h),
         "max_new_tokens": max_new_tokens,
-        "predictors": predictors,
-        "per_submission": per_submission,
-        "table_markdown": tables,
+        "predictors": {},
+        "per_submission": [{"submission": name, "human": sub_h[k], "max_score": sub_max[k]}
+                           for k, (name, _, _) in enumerate(items)],
     }
+    const_name = "constant (training mean)"
+    out["predictors"][const_name] = {
+        "items": _level_metrics(item_h, [frac * m for m in item_max], item_max, n_boot),
+        "submissions": _level_metrics(sub_h, [frac * m for m in sub_max], sub_max, n_boot),
+        "spread_within_assignment": {"ratio": 0.0},
+        "mean_fraction": frac,
+        "source": source,
+    }
+
+    def finish() -> None:
+        names = [n for n in out["predictors"] if n != const_name] + [const_name]
+        out["table_markdown"] = "\n\n".join(
+            format_table({n: out["predictors"][n][level] for n in names},
+                         f"{level} ({len(item_h) if level == 'items' else len(subs)})")
+            for level in ("items", "submissions"))
+        if out_path is not None:
+            tmp = Path(str(out_path) + ".tmp")
+            tmp.write_text(json.dumps(out, indent=1, ensure_ascii=False))
+            tmp.replace(out_path)
+
+    plan = []
+    if adapter is not None:
+        plan.append(("adapter", adapter))
+    if include_base or adapter is None:
+        plan.append(("base zero-shot", None))
+    for name, which in plan:
+        done = [0]
+
+        def tick(n: int, name=name, done=done) -> None:
+            done[0] += n
+            if progress:
+                progress(name, done[0], len(items))
+
+        results = engine.grade_many(items, adapter=which, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    progress=tick, scoring=scoring, unit=unit or grading_unit(which if which else adapter))
+        if store:
+            for r, (sub_name, _, rubric) in zip(results, items):
+                store_grade(r, rubric, sub_name)
+        out["predictors"][name] = _predictor_report(results, item_h, item_max, sub_h, sub_max, rubrics, n_boot)
+        for row, r in zip(out["per_submission"], results):
+            row[name] = r.grade.score
+        finish()
+    finish()
     if store:
         from data.store import Store
 
