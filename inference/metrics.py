@@ -4,15 +4,23 @@ exact and within-1 agreement, each with a bootstrap 95% interval.
 Scores live on a scale: 0..max_score in steps of ``step`` (Mohler: 0..5 in halves). Kappa and the
 agreement rates compare scores rounded to that scale; MAE, RMSE and r use the raw predictions.
 "Within 1" means within one score point (not one scale step).
+
+The statistics are the libraries' (scipy's `pearsonr` and `bootstrap`, scikit-learn's
+`cohen_kappa_score`); this module only puts scores on the scale and says when a figure is undefined.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
+import sklearn
+from scipy import stats
+from sklearn.metrics import cohen_kappa_score
 
 METRICS = ("mae", "rmse", "pearson_r", "qwk", "exact", "within_1")
+CONFIDENCE = 0.95
 
 
 def infer_step(scores: Sequence[float], max_score: float) -> float:
@@ -25,61 +33,85 @@ def infer_step(scores: Sequence[float], max_score: float) -> float:
 
 
 def round_to_scale(x: Sequence[float] | np.ndarray, max_score: float, step: float) -> np.ndarray:
+    """Scores rounded to the nearest point of the scale 0, step, ..., max_score."""
     arr = np.asarray(x, dtype=float)
     return np.clip(np.round(arr / step) * step, 0.0, max_score)
 
 
-def mae(y: np.ndarray, p: np.ndarray) -> float:
-    return float(np.mean(np.abs(p - y)))
-
-
-def rmse(y: np.ndarray, p: np.ndarray) -> float:
-    return float(math.sqrt(np.mean((p - y) ** 2)))
-
-
 def pearson_r(y: np.ndarray, p: np.ndarray) -> float | None:
-    """None when either side is constant (r is undefined)."""
+    """Pearson's r (scipy); None when either side is constant (r is undefined)."""
     # ptp, not std: a constant like 4.2638 repeated has a std of ~1e-16 from rounding.
     if len(y) < 2 or np.ptp(y) == 0 or np.ptp(p) == 0:
         return None
-    return float(np.corrcoef(y, p)[0, 1])
+    return float(stats.pearsonr(y, p).statistic)
 
 
 def quadratic_weighted_kappa(y_cat: np.ndarray, p_cat: np.ndarray, n_categories: int) -> float | None:
-    """Cohen's kappa with weights (i-j)^2/(K-1)^2 over integer categories 0..K-1.
+    """Cohen's kappa with quadratic weights (scikit-learn) over integer categories 0..K-1.
 
-    1 is perfect agreement, 0 chance level (a constant predictor scores 0). None when the expected
-    disagreement is 0 (both sides constant and equal).
+    All K categories are named, so the weights are (i-j)^2 on the whole scale even when some
+    scores never occur. 1 is perfect agreement, 0 chance level (a constant predictor scores 0).
+    None when the expected disagreement is 0 (both sides constant and equal).
     """
-    k = n_categories
-    if k < 2 or len(y_cat) == 0:
+    if n_categories < 2 or len(y_cat) == 0:
         return None
-    observed = np.zeros((k, k))
-    np.add.at(observed, (np.asarray(y_cat, dtype=int), np.asarray(p_cat, dtype=int)), 1)
-    observed /= observed.sum()
-    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0))
-    idx = np.arange(k)
-    weights = (idx[:, None] - idx[None, :]) ** 2 / (k - 1) ** 2
-    den = float((weights * expected).sum())
-    if den == 0:
-        return None
-    return float(1.0 - (weights * observed).sum() / den)
+    y_int = np.asarray(y_cat, dtype=int)
+    p_int = np.asarray(p_cat, dtype=int)
+    if np.ptp(y_int) == 0 and np.ptp(p_int) == 0 and y_int[0] == p_int[0]:
+        return None  # no disagreement is expected: kappa is 0/0
+    return float(cohen_kappa_score(y_int, p_int, labels=np.arange(n_categories), weights="quadratic"))
 
 
 def point_metrics(y_true: Sequence[float], y_pred: Sequence[float], max_score: float, step: float) -> dict:
+    """Every metric of METRICS on one sample (None where undefined)."""
     y = np.asarray(y_true, dtype=float)
     p = np.asarray(y_pred, dtype=float)
     yr = round_to_scale(y, max_score, step)
     pr = round_to_scale(p, max_score, step)
     n_cat = int(round(max_score / step)) + 1
     return {
-        "mae": mae(y, p),
-        "rmse": rmse(y, p),
+        "mae": float(np.mean(np.abs(p - y))),
+        "rmse": float(math.sqrt(np.mean((p - y) ** 2))),
         "pearson_r": pearson_r(y, p),
         "qwk": quadratic_weighted_kappa(np.round(yr / step), np.round(pr / step), n_cat),
         "exact": float(np.mean(np.abs(pr - yr) < 1e-9)),
         "within_1": float(np.mean(np.abs(pr - yr) <= 1.0 + 1e-9)),
     }
+
+
+def _bootstrap_intervals(y: np.ndarray, p: np.ndarray, max_score: float, step: float, n_boot: int,
+                         seed: int) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals (scipy) of every metric, resampling examples in pairs.
+
+    A resample can leave a metric undefined (r of a resample that happens to be constant). Such a
+    metric gets the percentile interval of the resamples where it is defined, when they are at
+    least half of them (and 10); otherwise no interval, rather than one from a few lucky draws.
+    """
+
+    def statistic(y_b: np.ndarray, p_b: np.ndarray) -> np.ndarray:
+        m = point_metrics(y_b, p_b, max_score, step)
+        return np.array([np.nan if m[k] is None else m[k] for k in METRICS])
+
+    # scikit-learn's argument checks cost 2/3 of a kappa call, a thousand times over; the labels
+    # here are integers made above. Degenerate distributions (every resample exact, say) are
+    # fine for a percentile interval, so scipy's warning about them is not shown.
+    with warnings.catch_warnings(), sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap((y, p), statistic, paired=True, vectorized=False, n_resamples=n_boot,
+                              confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
+    out: dict[str, tuple[float, float] | None] = {}
+    alpha = (1 - CONFIDENCE) / 2
+    for k, low, high, dist in zip(METRICS, res.confidence_interval.low, res.confidence_interval.high,
+                                  res.bootstrap_distribution):
+        defined = dist[np.isfinite(dist)]
+        if len(defined) < max(10, n_boot // 2):
+            out[k] = None
+        elif len(defined) == len(dist):
+            out[k] = (float(low), float(high))
+        else:
+            lo, hi = np.percentile(defined, [100 * alpha, 100 * (1 - alpha)])
+            out[k] = (float(lo), float(hi))
+    return out
 
 
 def compute_metrics(
@@ -104,20 +136,12 @@ def compute_metrics(
         step = infer_step(y.tolist(), max_score)
     point = point_metrics(y, p, max_score, step)
     out: dict = {"n": int(len(y)), "max_score": float(max_score), "step": float(step)}
-    boots: dict[str, list[float]] = {m: [] for m in METRICS}
+    intervals: dict[str, tuple[float, float] | None] = {}
     if len(y) >= 2 and n_boot > 0:
-        rng = np.random.default_rng(seed)
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(y), len(y))
-            m = point_metrics(y[idx], p[idx], max_score, step)
-            for k in METRICS:
-                if m[k] is not None:
-                    boots[k].append(m[k])
+        intervals = _bootstrap_intervals(y, p, max_score, step, n_boot, seed)
     for k in METRICS:
-        vals = boots[k]
-        lo = hi = None
-        if point[k] is not None and len(vals) >= max(10, n_boot // 2):
-            lo, hi = (float(v) for v in np.percentile(vals, [2.5, 97.5]))
+        ci = intervals.get(k) if point[k] is not None else None
+        lo, hi = ci if ci is not None else (None, None)
         out[k] = {"value": point[k], "ci_low": lo, "ci_high": hi}
     return out
 

@@ -136,3 +136,70 @@ def test_broken_items_array_still_reads_the_items() -> None:
     _valid(grade)
     assert [i.score for i in grade.items] == [4, 2] and repaired
     assert any(r.kind == "items_list_broken" and "items list was broken" in r.message for r in repairs)
+
+
+# What the hand-written metrics (before scipy/scikit-learn, #12) gave on these inputs, n_boot=1000,
+# seed 0: (value, ci_low, ci_high). The library versions must give the same figures.
+_H1 = [3.0, 1.0, 5.0, 5.0, 0.0, 1.0, 1.0, 0.5, 3.0, 1.5, 2.5, 1.0, 5.0, 3.5, 3.5, 0.5, 0.5, 4.5, 1.5, 4.5, 4.0, 0.0,
+       2.5, 2.5, 2.5, 0.5, 3.5, 1.0, 1.5, 2.0, 1.5, 2.0, 4.5, 2.5, 4.0, 5.0, 1.0, 1.0, 3.0, 1.0]
+_P1 = [3.59, 0.69, 4.55, 4.9, 0.0, 0.47, 0.74, 0.0, 3.69, 0.06, 3.24, 0.44, 4.51, 2.28, 3.37, 0.28, 0.67, 4.02, 1.58,
+       5.0, 4.37, 0.0, 3.36, 2.38, 3.03, 1.05, 3.15, 0.0, 1.19, 2.5, 1.16, 2.4, 5.0, 2.01, 5.0, 5.0, 1.97, 2.05, 3.99, 3.03]
+_H2 = [10.0, 9.0, 7.0, 5.0, 10.0, 4.0, 10.0, 7.0, 10.0, 6.0, 3.0, 4.0, 6.0, 3.0, 1.0, 10.0, 8.0, 9.0, 5.0, 1.0, 10.0,
+       4.0, 1.0, 8.0, 4.0]
+_P2 = [9.0, 9.2, 6.5, 5.9, 6.4, 2.6, 8.4, 7.2, 9.1, 6.5, 5.0, 5.6, 3.0, 2.7, 3.3, 8.9, 4.5, 9.2, 4.3, 2.3, 8.4, 5.5,
+       0.5, 8.3, 4.5]
+RECORDED_INPUTS = {
+    "halves": (_H1, _P1, 5, None),  # Mohler-like: 0..5 in halves, step inferred
+    "ten": (_H2, _P2, 10, None),  # whole points 0..10
+    "hand": ([0, 1, 2, 2], [0, 2, 2, 1], 2, 1),  # the hand-worked example above; r undefined in many resamples
+    "constant": ([0, 1, 2, 2, 1], [1.4] * 5, 2, 1),  # r undefined, kappa 0
+}
+RECORDED = {
+    "halves": {
+        "mae": (0.5455, 0.42899375, 0.6767624999999999),
+        "rmse": (0.6860867292114022, 0.528080489833539, 0.8551768084438811),
+        "pearson_r": (0.9146397059044548, 0.8546302888752338, 0.9556898436282978),
+        "qwk": (0.9113265547410735, 0.8437845172881081, 0.9478005145776718),
+        "exact": (0.225, 0.1, 0.35),
+        "within_1": (0.95, 0.875, 1.0),
+    },
+    "ten": {
+        "mae": (1.2479999999999998, 0.888, 1.6801999999999997),
+        "rmse": (1.5836666315863321, 1.1101125979852016, 2.0434333850326736),
+        "pearson_r": (0.8633608729707731, 0.738443025799456, 0.9407771685460256),
+        "qwk": (0.813508064516129, 0.6195604509632805, 0.9091230062712952),
+        "exact": (0.28, 0.12, 0.48),
+        "within_1": (0.64, 0.44, 0.8),
+    },
+    "hand": {
+        "mae": (0.5, 0.0, 1.0),
+        "rmse": (0.7071067811865476, 0.0, 1.0),
+        "pearson_r": (0.6363636363636364, -1.0, 1.0),
+        "qwk": (0.6363636363636364, -1.0, 1.0),
+        "exact": (0.5, 0.0, 1.0),
+        "within_1": (1.0, 1.0, 1.0),
+    },
+    "constant": {
+        "mae": (0.6799999999999999, 0.43999999999999995, 1.0399999999999998),
+        "rmse": (0.7745966692414834, 0.44721359549995787, 1.131370849898476),
+        "pearson_r": (None, None, None),
+        "qwk": (0.0, 0.0, 0.0),
+        "exact": (0.4, 0.0, 0.8),
+        "within_1": (1.0, 1.0, 1.0),
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORDED))
+def test_library_metrics_reproduce_the_recorded_figures(case: str) -> None:
+    human, pred, max_score, step = RECORDED_INPUTS[case]
+    got = compute_metrics(human, pred, max_score, step, n_boot=1000)
+    for metric, (value, low, high) in RECORDED[case].items():
+        m = got[metric]
+        if value is None:
+            assert m == {"value": None, "ci_low": None, "ci_high": None}, metric
+            continue
+        assert m["value"] == pytest.approx(value, abs=1e-9), metric
+        # A bootstrap interval is a random estimate: close, within a tenth of its width.
+        tol = 0.1 * (high - low) + 1e-9
+        assert m["ci_low"] == pytest.approx(low, abs=tol) and m["ci_high"] == pytest.approx(high, abs=tol), metric
