@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_grade)
 
-    p = sub.add_parser("batch", help="grade every .md file of a folder; write grades.csv (one row per question) and grades.jsonl")
+    p = sub.add_parser("batch", help="grade every .md file of a folder; write grades.csv (one row per question) "
+                                     "and grades.jsonl")
     common(p)
     p.add_argument("--rubric", required=True)
     p.add_argument("--out-dir", required=True)
