@@ -5,6 +5,19 @@ The trainer (a subprocess) and the UI write at once, so the database is in WAL m
 operation opens its own connection with a 30 s busy timeout, and every write is one
 ``BEGIN IMMEDIATE`` transaction (taking the write lock up front: a read-then-write transaction in
 WAL mode could otherwise fail at once with "database is locked" instead of waiting).
+
+Schema changes are named migrations (sqlite-utils' `Migrations`), applied in order, each once, and
+recorded in the table ``_sqlite_migrations``; opening a database applies the ones it lacks, in one
+write transaction, so a database of any earlier version upgrades on open and a failed migration
+leaves it as it was. To change the schema, append a migration at the end of the list below and
+never edit one that has shipped (databases out there already ran it)::
+
+    @MIGRATIONS(name="0003_grades_scoring")
+    def _grades_scoring(db: sqlite_utils.Database) -> None:
+        db["grades"].add_column("scoring", str)
+
+Databases made before migrations (a ``schema_version`` table holding 1) have exactly the tables
+of 0001, which creates only what is missing, so they upgrade like any other.
 """
 from __future__ import annotations
 
@@ -22,66 +35,81 @@ from data import paths
 from data.loading import content_hash
 from data.rubric import GradedSubmission
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 RUN_STATUSES = ("created", "running", "stopped", "failed", "finished")
 # metrics.jsonl keys that get their own column (queryable); the whole row is kept in `data`.
 METRIC_COLUMNS = ("kind", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s",
                   "samples", "elapsed_s", "peak_mem_gib", "total_steps")
 
-_SCHEMA: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    # table: (columns, create() keyword arguments)
-    "schema_version": ({"version": int, "applied_at": str}, {"pk": "version"}),
-    "datasets": (
-        {"id": int, "name": str, "content_hash": str, "n_submissions": int, "n_items": int,
-         "sources": str, "created_at": str},
-        {"pk": "id", "not_null": {"name", "content_hash"}},
-    ),
-    "submissions": (
-        {"id": int, "dataset_id": int, "position": int, "submission_id": str, "score": float,
-         "max_score": float, "feedback": str, "data": str},
-        {"pk": "id", "foreign_keys": [("dataset_id", "datasets", "id")]},
-    ),
-    "items": (
-        {"id": int, "submission_row": int, "dataset_id": int, "position": int, "question_id": str,
-         "question": str, "answer": str, "score": float, "max_score": float,
-         "reference_answer": str, "extra": str},
-        {"pk": "id", "foreign_keys": [("submission_row", "submissions", "id"), ("dataset_id", "datasets", "id")]},
-    ),
-    "runs": (
-        {"run_id": str, "status": str, "config": str, "command": str, "run_dir": str, "pid": int,
-         "error": str, "created_at": str, "updated_at": str},
-        {"pk": "run_id"},
-    ),
-    "metrics": (
-        {"id": int, "run_id": str, "kind": str, "step": int, "epoch": float, "loss": float,
-         "eval_loss": float, "lr": float, "grad_norm": float, "tokens_per_s": float, "samples": int,
-         "elapsed_s": float, "peak_mem_gib": float, "total_steps": int, "data": str, "created_at": str},
-        {"pk": "id"},
-    ),
-    "checkpoints": (
-        {"id": int, "run_id": str, "step": int, "path": str, "final": int, "created_at": str},
-        {"pk": "id"},
-    ),
-    "grades": (
-        {"id": int, "created_at": str, "base_model": str, "adapter": str, "submission_name": str,
-         "score": float, "max_score": float, "grade": str, "raw_text": str, "rubric": str,
-         "repaired": int, "latency_s": float},
-        {"pk": "id"},
-    ),
-    "evaluations": (
-        {"id": int, "created_at": str, "base_model": str, "adapter": str, "data": str, "report": str},
-        {"pk": "id"},
-    ),
-}
-_INDEXES = [
-    ("datasets", ["content_hash"], True),
-    ("submissions", ["dataset_id", "position"], False),
-    ("items", ["submission_row", "position"], False),
-    ("items", ["dataset_id"], False),
-    ("metrics", ["run_id", "step"], False),
-    ("checkpoints", ["run_id", "step", "final"], True),
-]
+MIGRATIONS = sqlite_utils.Migrations("grader_studio")
+
+
+@MIGRATIONS(name="0001_create_tables")
+def _create_tables(db: sqlite_utils.Database) -> None:
+    """The first schema. `if_not_exists`: databases made before migrations already have it all."""
+    tables: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+        # table: (columns, create() keyword arguments)
+        "datasets": (
+            {"id": int, "name": str, "content_hash": str, "n_submissions": int, "n_items": int,
+             "sources": str, "created_at": str},
+            {"pk": "id", "not_null": {"name", "content_hash"}},
+        ),
+        "submissions": (
+            {"id": int, "dataset_id": int, "position": int, "submission_id": str, "score": float,
+             "max_score": float, "feedback": str, "data": str},
+            {"pk": "id", "foreign_keys": [("dataset_id", "datasets", "id")]},
+        ),
+        "items": (
+            {"id": int, "submission_row": int, "dataset_id": int, "position": int, "question_id": str,
+             "question": str, "answer": str, "score": float, "max_score": float,
+             "reference_answer": str, "extra": str},
+            {"pk": "id", "foreign_keys": [("submission_row", "submissions", "id"), ("dataset_id", "datasets", "id")]},
+        ),
+        "runs": (
+            {"run_id": str, "status": str, "config": str, "command": str, "run_dir": str, "pid": int,
+             "error": str, "created_at": str, "updated_at": str},
+            {"pk": "run_id"},
+        ),
+        "metrics": (
+            {"id": int, "run_id": str, "kind": str, "step": int, "epoch": float, "loss": float,
+             "eval_loss": float, "lr": float, "grad_norm": float, "tokens_per_s": float, "samples": int,
+             "elapsed_s": float, "peak_mem_gib": float, "total_steps": int, "data": str, "created_at": str},
+            {"pk": "id"},
+        ),
+        "checkpoints": (
+            {"id": int, "run_id": str, "step": int, "path": str, "final": int, "created_at": str},
+            {"pk": "id"},
+        ),
+        "grades": (
+            {"id": int, "created_at": str, "base_model": str, "adapter": str, "submission_name": str,
+             "score": float, "max_score": float, "grade": str, "raw_text": str, "rubric": str,
+             "repaired": int, "latency_s": float},
+            {"pk": "id"},
+        ),
+        "evaluations": (
+            {"id": int, "created_at": str, "base_model": str, "adapter": str, "data": str, "report": str},
+            {"pk": "id"},
+        ),
+    }
+    for table, (columns, kwargs) in tables.items():
+        db[table].create(columns, if_not_exists=True, **kwargs)
+    for table, cols, unique in [
+        ("datasets", ["content_hash"], True),
+        ("submissions", ["dataset_id", "position"], False),
+        ("items", ["submission_row", "position"], False),
+        ("items", ["dataset_id"], False),
+        ("metrics", ["run_id", "step"], False),
+        ("checkpoints", ["run_id", "step", "final"], True),
+    ]:
+        db[table].create_index(cols, unique=unique, if_not_exists=True)
+
+
+@MIGRATIONS(name="0002_drop_schema_version")
+def _drop_schema_version(db: sqlite_utils.Database) -> None:
+    """The version number of databases made before migrations: `_sqlite_migrations` says it now."""
+    db.execute("DROP TABLE IF EXISTS schema_version")
+
+
 _JSON = {
     "datasets": frozenset({"sources"}),
     "submissions": frozenset({"data"}),
@@ -117,19 +145,14 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.enable_wal()  # persistent: stored in the database file
-            # Opening an existing, current database must not take the write lock (the UI opens
-            # a Store per request while the trainer writes).
-            if "schema_version" in db.table_names():
-                row = db.execute("SELECT max(version) FROM schema_version").fetchone()
-                if row and row[0] == SCHEMA_VERSION:
-                    return
+            # Opening an up-to-date database must not take the write lock (the UI opens a Store
+            # per request while the trainer writes): `pending` only reads.
+            if not MIGRATIONS.pending(db):
+                return
+        # Under the write lock: two processes opening a new database at once apply each migration
+        # once (the second finds none pending), and all of them commit together or not at all.
         with self._write() as db:
-            for table, (columns, kwargs) in _SCHEMA.items():
-                db[table].create(columns, if_not_exists=True, **kwargs)
-            for table, cols, unique in _INDEXES:
-                db[table].create_index(cols, unique=unique, if_not_exists=True)
-            db.execute("INSERT OR IGNORE INTO schema_version (version, applied_at) VALUES (?, ?)",
-                       [SCHEMA_VERSION, _now()])
+            MIGRATIONS.apply(db)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -174,10 +197,10 @@ class Store:
         with self._connect() as db:
             return [_decode_row(r, json_columns) for r in db.query(sql, list(params))]
 
-    def schema_version(self) -> int:
-        """The schema version this database was created with."""
-        rows = self._rows("SELECT max(version) AS v FROM schema_version")
-        return int(rows[0]["v"])
+    def applied_migrations(self) -> list[str]:
+        """The names of the schema migrations this database has had, in the order applied."""
+        with self._connect() as db:
+            return [m.name for m in MIGRATIONS.applied(db)]
 
     # -- datasets ------------------------------------------------------------------------------
 

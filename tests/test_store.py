@@ -2,6 +2,7 @@
 processes writing at once lose no rows."""
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -9,14 +10,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from data.loading import content_hash, load_graded
-from data.store import SCHEMA_VERSION, Store
+from data.store import MIGRATIONS, Store
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples" / "graded"
-TABLES = ["schema_version", "datasets", "submissions", "items", "runs", "metrics", "checkpoints", "grades",
+TABLES = ["_sqlite_migrations", "datasets", "submissions", "items", "runs", "metrics", "checkpoints", "grades",
           "evaluations"]
+# Every migration in order: what a new database has had.
+MIGRATION_NAMES = [m.name for m in MIGRATIONS.pending(sqlite_utils.Database(memory=True))]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +130,7 @@ def test_grades_and_evaluations(tmp_path: Path) -> None:
     assert ev["id"] == eid and ev["report"] == {"mae": 0.8} and ev["data"] == "mohler a12"
 
 
-def test_wal_schema_version_and_any_sqlite_client_reads_every_table(tmp_path: Path, sample_submissions: list) -> None:
+def test_wal_migrations_and_any_sqlite_client_reads_every_table(tmp_path: Path, sample_submissions: list) -> None:
     store = Store(tmp_path / "s.db")
     store.import_dataset("d", sample_submissions[:3], ["x"])
     store.create_run("r", {"a": 1}, ["x"], "d")
@@ -135,14 +139,15 @@ def test_wal_schema_version_and_any_sqlite_client_reads_every_table(tmp_path: Pa
     store.add_grade(grade={"score": 1, "max_score": 2}, raw_text="", base_model="m", adapter=None,
                     submission_name="s", rubric={}, repaired=False, latency_s=0.0)
     store.add_evaluation(base_model="m", adapter=None, data="d", report={})
-    assert store.schema_version() == SCHEMA_VERSION
+    assert store.applied_migrations() == MIGRATION_NAMES
+    assert MIGRATION_NAMES[:2] == ["0001_create_tables", "0002_drop_schema_version"]
     Store(store.path)  # opening again changes nothing
     conn = sqlite3.connect(store.path)  # a plain client, no sqlite-utils
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert set(TABLES) <= names
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        assert conn.execute("SELECT name FROM _sqlite_migrations ORDER BY id").fetchall() == [(n,) for n in MIGRATION_NAMES]
         for table in TABLES:
             assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] >= 1, table
         # JSON columns are JSON text that SQLite's own json functions read
@@ -152,6 +157,112 @@ def test_wal_schema_version_and_any_sqlite_client_reads_every_table(tmp_path: Pa
         assert conn.execute("SELECT loss FROM metrics").fetchone()[0] == 1.0
     finally:
         conn.close()
+
+
+# The schema as the code before migrations made it (data/store.py with SCHEMA_VERSION = 1): its
+# exact CREATE statements, so the upgrade is tested on what users' databases hold.
+V1_SCHEMA = """
+CREATE TABLE "schema_version" ("version" INTEGER PRIMARY KEY, "applied_at" TEXT);
+CREATE TABLE "datasets" ("id" INTEGER PRIMARY KEY, "name" TEXT NOT NULL, "content_hash" TEXT NOT NULL,
+   "n_submissions" INTEGER, "n_items" INTEGER, "sources" TEXT, "created_at" TEXT);
+CREATE TABLE "submissions" ("id" INTEGER PRIMARY KEY, "dataset_id" INTEGER REFERENCES "datasets"("id"),
+   "position" INTEGER, "submission_id" TEXT, "score" REAL, "max_score" REAL, "feedback" TEXT, "data" TEXT);
+CREATE TABLE "items" ("id" INTEGER PRIMARY KEY, "submission_row" INTEGER REFERENCES "submissions"("id"),
+   "dataset_id" INTEGER REFERENCES "datasets"("id"), "position" INTEGER, "question_id" TEXT, "question" TEXT,
+   "answer" TEXT, "score" REAL, "max_score" REAL, "reference_answer" TEXT, "extra" TEXT);
+CREATE TABLE "runs" ("run_id" TEXT PRIMARY KEY, "status" TEXT, "config" TEXT, "command" TEXT, "run_dir" TEXT,
+   "pid" INTEGER, "error" TEXT, "created_at" TEXT, "updated_at" TEXT);
+CREATE TABLE "metrics" ("id" INTEGER PRIMARY KEY, "run_id" TEXT, "kind" TEXT, "step" INTEGER, "epoch" REAL,
+   "loss" REAL, "eval_loss" REAL, "lr" REAL, "grad_norm" REAL, "tokens_per_s" REAL, "samples" INTEGER,
+   "elapsed_s" REAL, "peak_mem_gib" REAL, "total_steps" INTEGER, "data" TEXT, "created_at" TEXT);
+CREATE TABLE "checkpoints" ("id" INTEGER PRIMARY KEY, "run_id" TEXT, "step" INTEGER, "path" TEXT, "final" INTEGER,
+   "created_at" TEXT);
+CREATE TABLE "grades" ("id" INTEGER PRIMARY KEY, "created_at" TEXT, "base_model" TEXT, "adapter" TEXT,
+   "submission_name" TEXT, "score" REAL, "max_score" REAL, "grade" TEXT, "raw_text" TEXT, "rubric" TEXT,
+   "repaired" INTEGER, "latency_s" REAL);
+CREATE TABLE "evaluations" ("id" INTEGER PRIMARY KEY, "created_at" TEXT, "base_model" TEXT, "adapter" TEXT,
+   "data" TEXT, "report" TEXT);
+CREATE UNIQUE INDEX "idx_datasets_content_hash" ON "datasets" ("content_hash");
+CREATE INDEX "idx_submissions_dataset_id_position" ON "submissions" ("dataset_id", "position");
+CREATE INDEX "idx_items_submission_row_position" ON "items" ("submission_row", "position");
+CREATE INDEX "idx_items_dataset_id" ON "items" ("dataset_id");
+CREATE INDEX "idx_metrics_run_id_step" ON "metrics" ("run_id", "step");
+CREATE UNIQUE INDEX "idx_checkpoints_run_id_step_final" ON "checkpoints" ("run_id", "step", "final");
+INSERT INTO schema_version VALUES (1, '2026-11-20T09:00:00+00:00');
+"""
+
+
+def _v1_database(path: Path, sub) -> None:
+    """A database as the pre-migration code left it: its schema and a row in every table, written
+    the way that code wrote them."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = wal")
+        conn.executescript(V1_SCHEMA)
+        t = "2026-11-20T09:00:00+00:00"
+        conn.execute("INSERT INTO datasets VALUES (1, 'old data', ?, 1, ?, '[\"old.json\"]', ?)",
+                     [content_hash([sub]), len(sub.rubric_alignment), t])
+        conn.execute("INSERT INTO submissions VALUES (1, 1, 0, ?, ?, ?, ?, ?)",
+                     [sub.submission_id, sub.score, sub.max_score, sub.feedback, json.dumps(sub.model_dump(mode="json"))])
+        conn.executemany("INSERT INTO items VALUES (NULL, 1, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         [(k, i.question_id, i.question, i.answer, i.score, i.max_score, i.reference_answer,
+                           json.dumps(i.model_extra or {})) for k, i in enumerate(sub.rubric_alignment)])
+        conn.execute("INSERT INTO runs VALUES ('old-run', 'finished', '{\"lora_r\": 8}', '[\"deepspeed\"]', 'runs/old-run',"
+                     " 42, NULL, ?, ?)", [t, t])
+        conn.execute("INSERT INTO metrics (run_id, kind, step, loss, data, created_at) VALUES "
+                     "('old-run', 'train', 1, 2.5, '{\"kind\": \"train\", \"step\": 1, \"loss\": 2.5}', ?)", [t])
+        conn.execute("INSERT INTO checkpoints VALUES (NULL, 'old-run', 1, 'runs/old-run/final', 1, ?)", [t])
+        conn.execute("INSERT INTO grades VALUES (NULL, ?, 'embedded:gemma-3-270m', NULL, 'ana.md', 3, 5,"
+                     " '{\"score\": 3, \"max_score\": 5}', 'raw', '{}', 0, 1.5)", [t])
+        conn.execute("INSERT INTO evaluations VALUES (NULL, ?, 'm', 'runs/old-run/final', 'old data', '{\"mae\": 0.8}')", [t])
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _schema(path: Path) -> dict[str, tuple]:
+    """Each table's columns (name, type, not null, primary key), foreign keys and indexes."""
+    db = sqlite_utils.Database(path)
+    try:
+        return {t.name: ([(c.name, c.type, c.notnull, c.is_pk) for c in t.columns], sorted(t.foreign_keys),
+                         sorted((i.name, tuple(i.columns), i.unique) for i in t.indexes)) for t in db.tables}
+    finally:
+        db.close()
+
+
+def test_a_database_made_before_migrations_upgrades_and_keeps_its_rows(tmp_path: Path,
+                                                                        sample_submissions: list) -> None:
+    sub = sample_submissions[0]
+    db = tmp_path / "v1.db"
+    _v1_database(db, sub)
+    store = Store(db)
+    assert store.applied_migrations() == MIGRATION_NAMES
+    # every row is still there and reads back through the store
+    (info,) = store.list_datasets()
+    assert info["name"] == "old data" and info["sources"] == ["old.json"] and info["n_submissions"] == 1
+    assert store.dataset_submissions(info["id"]) == [sub]
+    run = store.get_run("old-run")
+    assert run["status"] == "finished" and run["config"] == {"lora_r": 8} and run["pid"] == 42
+    assert store.metrics("old-run") == [{"kind": "train", "step": 1, "loss": 2.5}]
+    assert [(c["step"], c["final"]) for c in store.checkpoints("old-run")] == [(1, True)]
+    (grade,) = store.grades()
+    assert grade["grade"] == {"score": 3, "max_score": 5} and grade["latency_s"] == 1.5
+    (ev,) = store.evaluations()
+    assert ev["report"] == {"mae": 0.8}
+    # the same content imported again is recognised (the content hash index survived)
+    assert store.import_dataset("again", [sub], []) == (info["id"], False)
+    # and the upgraded database has exactly the schema of a new one (later migrations see the same)
+    fresh = tmp_path / "new.db"
+    Store(fresh)
+    assert _schema(db) == _schema(fresh)
+    assert "schema_version" not in _schema(db)
+    # opening it again applies nothing
+    Store(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(MIGRATION_NAMES)
+    # it still takes new rows
+    store.create_run("new-run", {}, [], "d")
+    assert [r["run_id"] for r in store.list_runs()] == ["new-run", "old-run"]
 
 
 WRITER = textwrap.dedent(
