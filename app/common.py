@@ -1,4 +1,4 @@
-"""Small helpers shared by the tabs: choices for dropdowns and the loss figure."""
+"""Small helpers shared by the tabs: choices for dropdowns, the loss figure, the adapter check."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +8,6 @@ from typing import Any
 import plotly.graph_objects as go
 
 from data import paths
-
-EMBEDDED_MODELS = ["embedded:gemma-3-270m", "embedded:tiny-gpt-oss"]
 
 
 @dataclass
@@ -26,13 +24,9 @@ class Settings:
 
 def model_choices() -> list[str]:
     """Embedded models, the presets' models and every model folder the presets name."""
-    out = list(EMBEDDED_MODELS)
-    try:
-        from data.model_zoo import EMBEDDED
+    from data.model_zoo import EMBEDDED_SPECS
 
-        out += [f"embedded:{k}" for k in EMBEDDED]
-    except Exception:
-        pass
+    out = list(EMBEDDED_SPECS)
     try:
         from training.config import PRESETS
 
@@ -94,6 +88,25 @@ def loss_figure(series: dict[str, list[dict[str, Any]]], title: str = "Loss") ->
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=360,
                       margin=dict(l=40, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.2))
     return fig
+
+
+def checked_adapter(adapter: str) -> Path:
+    """The adapter folder a tab was given, checked server-side (the dropdown's paths and an API
+    client's alike): inside the checkpoints folder, safetensors weights, a complete checkpoint.
+    Raises gr.Error saying which check failed."""
+    import gradio as gr
+
+    from data.run_folder import ADAPTER_WEIGHTS, COMPLETE_MARKER, is_complete, is_inside_checkpoints
+
+    root = paths.checkpoints_dir().resolve()
+    path = Path(adapter).resolve()
+    if not is_inside_checkpoints(path, root):
+        raise gr.Error(f"Adapter {adapter!r} is not inside {root}.")
+    if not (path / ADAPTER_WEIGHTS).exists():
+        raise gr.Error(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters load).")
+    if not is_complete(path):
+        raise gr.Error(f"{path} is an incomplete checkpoint (no {COMPLETE_MARKER}): pick another.")
+    return path
 
 
 def safe_display_name(name: str) -> str:

@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from app import jobs
-from app.common import Settings, model_choices, rubric_choices, safe_display_name
+from app.common import Settings, checked_adapter, model_choices, rubric_choices, safe_display_name
 from inference.repair import repair_messages
 
 GRADE_COLUMNS = ["question", "score", "max score", "justification"]
@@ -26,7 +26,14 @@ NO_ADAPTER = "(none: base model only)"
 
 
 def adapter_choices() -> list[tuple[str, str]]:
+    """The base alone, then every complete adapter, the default one (the newest run's best/,
+    else its final/, else its last checkpoint) first."""
     return [(NO_ADAPTER, "")] + jobs.list_adapters()
+
+
+def default_adapter(choices: list[tuple[str, str]]) -> str:
+    """The adapter the tab starts on: the first listed (see adapter_choices), else none."""
+    return choices[1][1] if len(choices) > 1 else ""
 
 
 def base_of(adapter: str | None) -> str | None:
@@ -38,23 +45,6 @@ def base_of(adapter: str | None) -> str | None:
         return base_model_of_adapter(adapter)
     except Exception:
         return None
-
-
-def _inside_checkpoints(adapter: str) -> Path:
-    """Adapters come from the checkpoints folder only (the dropdown's paths, re-checked here)."""
-    from data import paths
-
-    root = paths.checkpoints_dir().resolve()
-    path = Path(adapter).resolve()
-    if root not in path.parents:
-        raise gr.Error(f"Adapter {adapter!r} is not inside {root}.")
-    if not (path / "adapter_model.safetensors").exists():
-        raise gr.Error(f"{path} has no adapter_model.safetensors (only safetensors adapters load).")
-    from app.jobs import is_complete_adapter
-
-    if not is_complete_adapter(path):
-        raise gr.Error(f"{path} is an incomplete checkpoint (no complete.json): pick another.")
-    return path
 
 
 def load_rubric_choice(rubric_path: str | None, rubric_file: str | None):
@@ -137,10 +127,11 @@ def build(settings: Settings) -> dict[str, Any]:
     with gr.Row():
         # Custom values are accepted here and checked server-side (inside the checkpoints folder,
         # safetensors only), so API clients can name a checkpoint directly.
-        adapter = gr.Dropdown(adapter_choices(), value="", label="Adapter (run checkpoint)",
+        choices = adapter_choices()
+        adapter = gr.Dropdown(choices, value=default_adapter(choices), label="Adapter (run checkpoint)",
                               allow_custom_value=True, elem_id="grade-adapter")
-        base = gr.Dropdown(model_choices(), value="embedded:gemma-3-270m", allow_custom_value=True,
-                           label="Base model", elem_id="grade-base")
+        base = gr.Dropdown(model_choices(), value=base_of(default_adapter(choices)) or "embedded:gemma-3-270m",
+                           allow_custom_value=True, label="Base model", elem_id="grade-base")
         max_new = gr.Number(value=512, precision=0, label="max new tokens", elem_id="grade-max-new")
         refresh_btn = gr.Button("Refresh adapters", size="sm", elem_id="grade-refresh")
     with gr.Row():
@@ -189,6 +180,14 @@ def build(settings: Settings) -> dict[str, Any]:
     def on_refresh():
         return gr.update(choices=adapter_choices())
 
+    def on_open(current):
+        """Opening the tab re-reads the adapters; with none picked (or the picked one gone) it
+        shows the default one, so a run trained meanwhile is what the tab grades with."""
+        choices = adapter_choices()
+        if current and current in {path for _, path in choices}:
+            return gr.update(choices=choices)
+        return gr.update(choices=choices, value=default_adapter(choices))
+
     def on_rubric(path, file):
         try:
             return rubric_markdown(load_rubric_choice(path, file))
@@ -211,7 +210,7 @@ def build(settings: Settings) -> dict[str, Any]:
         if not (text or "").strip():
             raise gr.Error("Paste a submission or upload a .md file.")
         rubric = load_rubric_choice(rubric_path, rubric_upload)
-        adapter_dir = str(_inside_checkpoints(adapter_path)) if adapter_path else None
+        adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
         base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
         n = int(max_new_tokens or 512)
         runs = [("tuned", adapter_dir)] if adapter_dir else []
@@ -240,7 +239,7 @@ def build(settings: Settings) -> dict[str, Any]:
         if not files:
             raise gr.Error("Upload one or more .md files.")
         rubric = load_rubric_choice(rubric_path, rubric_upload)
-        adapter_dir = str(_inside_checkpoints(adapter_path)) if adapter_path else None
+        adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
         base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
         items = []
         for f in files:
@@ -269,5 +268,5 @@ def build(settings: Settings) -> dict[str, Any]:
     batch_btn.click(do_batch, [base, adapter, rubric_pick, rubric_file, batch_files, max_new],
                     [batch_table, batch_csv], api_name="grade_batch",
                     concurrency_limit=settings.max_jobs, concurrency_id="grading")
-    return {"refresh": (on_refresh, None, [adapter]),
+    return {"refresh": (on_open, [adapter], [adapter]),
             "rubric_load": (on_rubric, [rubric_pick, rubric_file], [rubric_view])}

@@ -10,7 +10,8 @@ import gradio as gr
 import pandas as pd
 
 from app import jobs
-from app.common import Settings, loss_figure
+from app.common import Settings, checked_adapter, loss_figure
+from data.run_folder import RunFolder
 
 RUN_COLUMNS = ["run", "name", "status", "model", "datasets", "steps", "final loss",
                "eval loss", "lora r", "lr", "created"]
@@ -75,7 +76,7 @@ def delete_run(run_id: str | None) -> str:
     status = jobs.live_status(run_id).get("status")
     if status in jobs.ACTIVE:
         return f"`{run_id}` is still {status}: stop it first."
-    folder = jobs.run_dir(run_id)  # refuses ids outside the checkpoints folder
+    folder = RunFolder.of(run_id).path  # refuses ids outside the checkpoints folder
     jobs.store().delete_run(run_id)
     if folder.exists():
         shutil.rmtree(folder)
@@ -85,11 +86,9 @@ def delete_run(run_id: str | None) -> str:
 def export_adapter(adapter_path: str | None) -> str:
     from inference.engine import export_merged
 
-    from app.grade_tab import _inside_checkpoints
-
     if not adapter_path:
         return "Pick a checkpoint."
-    src = _inside_checkpoints(adapter_path)
+    src = checked_adapter(adapter_path)
     out = src.parent / f"merged-{src.name}"
     path = export_merged(src, out)
     return f"Merged model written to `{path}` (loads with transformers `from_pretrained`)."

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.run_folder import RunFolder
+from data.store import Store
 from training import launcher
 from training.config import apply_overrides, preset, save_config
-from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 GRADED = REPO / "data" / "samples" / "graded"
@@ -33,7 +34,7 @@ def small_config(**changes):
 
 
 def train_rows(run_dir: Path) -> list[dict]:
-    return [r for r in launcher.read_metrics(run_dir) if r["kind"] == "train"]
+    return [r for r in RunFolder(run_dir).read_metrics() if r["kind"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_run_through_deepspeed_launcher_learns_and_saves_a_loadable_adapter(fini
     assert last < first - 0.05, [r["loss"] for r in rows]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["grad_norm"] is not None and r["samples"] == 4 * r["step"]
-    assert any(r["kind"] == "eval" for r in launcher.read_metrics(run_dir))
+    assert any(r["kind"] == "eval" for r in RunFolder(run_dir).read_metrics())
 
     # The store saw the same run: finished, its metrics, its checkpoints.
     store = Store(finished_run["db"])

@@ -1,6 +1,7 @@
 """`python -m training COMMAND`: the studio's training tools, usable without the UI.
 
     run      --preset NAME | --config FILE [--set key=value ...] [--resume RUN] [--detach]
+             exits 2 when the config is refused, 3 when a live run holds the same GPUs (or the CPU)
     stop     RUN                     finish the current step, save, mark "stopped"
     status   [RUN]                   one run in detail, or the newest runs
     list                             runs and stored datasets
@@ -25,9 +26,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume and not (args.preset or args.config):
         cfg = None  # the run's own config.json (overrides applied below)
         if args.set:
-            from data import paths
+            from data.run_folder import RunFolder
 
-            cfg = C.load_config(paths.checkpoints_dir() / args.resume / "config.json")
+            cfg = C.load_config(RunFolder.of(args.resume).config)
     elif args.config:
         cfg = C.load_config(args.config)
     else:
@@ -39,6 +40,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except launcher.ConfigRefused as e:
         print(str(e), file=sys.stderr)
         return 2
+    except launcher.DevicesBusy as e:
+        print(str(e), file=sys.stderr)
+        return 3
     print(f"run {handle.run_id}: {handle.run_dir}")
     print(f"command: {shlex.join(handle.command)}")
     print(f"log: {handle.run_dir / 'train.log'}")
@@ -46,8 +50,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"detached; follow with: python -m training status {handle.run_id}  (stop: python -m training stop {handle.run_id})")
         return 0
     status = launcher.follow(handle)
-    final = handle.run_dir / "final"
-    print(f"run {handle.run_id} {status}" + (f"; adapter: {final}" if final.exists() else ""))
+    adapter = handle.folder.default_adapter() if status == "finished" else None
+    print(f"run {handle.run_id} {status}" + (f"; adapter: {adapter}" if adapter else ""))
     if status == "stopped":
         print(f"resume with: python -m training run --resume {handle.run_id}")
     print(handle.run_dir)
@@ -97,6 +101,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"eval loss {e['eval_loss']:.4f} at step {e['step']}")
     for c in st["checkpoints"]:
         print(f"  checkpoint step {c['step']}: {c['path']}{' (final)' if c.get('final') else ''}")
+    from data.run_folder import RunFolder
+
+    adapter = RunFolder(st["run_dir"]).default_adapter()
+    if adapter:
+        print(f"adapter to grade with: {adapter}")
     return 0
 
 

@@ -1,16 +1,18 @@
-"""Start, follow, stop and inspect training runs.
+"""Start, follow, stop and inspect training runs: the launch path of the UI and the CLI alike.
 
-A run is a folder `paths.checkpoints_dir()/<run_id>/` plus a row in the store. `launch` writes
-`config.json` (the RunConfig), `ds_config.json` (built here from it), `command.txt` (the exact
-command), then starts the `deepspeed` launcher as a subprocess (no shell, its own process group)
-with stdout+stderr going to `train.log`. The launcher runs `training/train_entry.py` on every rank.
+A run is a folder (`data.run_folder.RunFolder`, which owns its layout) plus a row in the store.
+`launch` refuses a run whose devices (GPUs, or the CPU) a live run already uses, then writes the
+RunConfig, the DeepSpeed JSON built here from it and the exact command into the folder, and starts
+the `deepspeed` launcher as a subprocess (no shell, its own process group) with stdout+stderr
+going to `train.log`. The launcher runs `training/train_entry.py` on every rank.
 
-Stopping is cooperative: `stop_run` drops a STOP file into the run folder and sends SIGTERM to the
-rank processes; they finish the current optimizer step, save a checkpoint, mark the run "stopped"
-and exit 0.
+Stopping is cooperative: `stop_run` drops the stop file into the run folder and sends SIGTERM to
+the rank processes; they finish the current optimizer step, save a checkpoint, mark the run
+"stopped" and exit 0.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -20,14 +22,17 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from data import paths
+from data.run_folder import LAUNCH_LOCK, RunFolder
 from training.config import RunConfig, check_config, load_config, save_config
 
 ENTRY = Path(__file__).resolve().parent / "train_entry.py"
-STOP_FILE = "STOP"  # same name as train_entry.STOP_FILE (not imported: that module imports torch)
+ACTIVE = ("created", "running")  # store statuses of a run that may still hold its devices
 
 
 class ConfigRefused(ValueError):
@@ -38,12 +43,29 @@ class ConfigRefused(ValueError):
         super().__init__("refusing to launch:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class DevicesBusy(RuntimeError):
+    """A live run already uses some of the devices a launch wants (one run per GPU set, or one
+    CPU run per machine). The message names that run and how to stop it."""
+
+    def __init__(self, run_id: str, status: str, shared: frozenset[str]) -> None:
+        self.run_id, self.status, self.shared = run_id, status, shared
+        where = "the CPU" if shared == {"cpu"} else "GPU " + ",".join(sorted(shared))
+        super().__init__(
+            f"Refused: run '{run_id}' is still {status} on {where}. One training run at a time per "
+            f"GPU set: stop it (python -m training stop {run_id}, or Stop in the Train tab) or wait "
+            "for it to finish, then launch again.")
+
+
 @dataclass
 class RunHandle:
     run_id: str
     run_dir: Path
     command: list[str]
     process: subprocess.Popen | None
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
 
 
 # ------------------------------------------------------------------------------- building
@@ -148,55 +170,125 @@ def _env() -> dict[str, str]:
 # ------------------------------------------------------------------------------- running
 
 
-def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait: bool = False) -> RunHandle:
-    """Check `cfg`, prepare the run folder and start training; returns at once unless `wait`.
+def device_set(cfg: RunConfig | dict[str, Any]) -> frozenset[str]:
+    """The devices a run with `cfg` takes here: GPU ids, or {"cpu"} on a machine without CUDA.
 
-    `resume=RUN_ID` reuses that run's folder and continues from its last complete checkpoint;
-    `cfg` may then be None (the run's own config.json) or a changed config (say, more steps).
+    The deepspeed launcher takes the first `num_gpus` visible GPUs (all when None), so two GPU runs
+    on one host overlap unless CUDA_VISIBLE_DEVICES differs between them.
+    """
+    try:
+        import torch
+
+        n_visible = torch.cuda.device_count()
+    except Exception:  # torch missing or broken: the run could only use the CPU
+        n_visible = 0
+    if n_visible == 0:
+        return frozenset({"cpu"})
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n_visible)]
+    num_gpus = cfg.get("num_gpus") if isinstance(cfg, dict) else cfg.num_gpus
+    return frozenset(ids[: num_gpus or len(ids)])
+
+
+def running_runs(store=None) -> list[dict]:
+    """The store's runs that are created or running and whose process group is alive (a run
+    marked running whose processes are gone is marked failed on the way, as run_status does)."""
+    from data.store import Store
+
+    store = store or Store()
+    out = []
+    for row in store.list_runs():
+        if row.get("status") not in ACTIVE:
+            continue
+        live = _refresh(row, store)
+        if live["alive"] and live["status"] in ACTIVE:
+            out.append(live)
+    return out
+
+
+def check_devices(cfg: RunConfig, store=None) -> frozenset[str]:
+    """The devices `cfg` takes; raises DevicesBusy naming a live run that uses any of them."""
+    wanted = device_set(cfg)
+    for row in running_runs(store):
+        used = RunFolder(row["run_dir"]).read_devices() or device_set(row.get("config") or {})
+        if used & wanted:
+            raise DevicesBusy(row["run_id"], row["status"], used & wanted)
+    return wanted
+
+
+@contextmanager
+def _launch_lock() -> Iterator[None]:
+    """One launch at a time on this machine, across processes (the app's threads and CLI runs
+    alike), from the device check until the new run is recorded running with its pid."""
+    root = paths.checkpoints_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LAUNCH_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait: bool = False) -> RunHandle:
+    """Check `cfg` and the devices, prepare the run folder and start training; returns at once
+    unless `wait`.
+
+    Raises ConfigRefused (what to change) or DevicesBusy (a live run holds some of the devices:
+    one run at a time per GPU set, or on the CPU). `resume=RUN_ID` reuses that run's folder and
+    continues from its last complete checkpoint; `cfg` may then be None (the run's own
+    config.json) or a changed config (say, more steps).
     """
     from data.store import Store
 
     store = store or Store()
-    if resume:
-        run_id = resume
-        run_dir = paths.checkpoints_dir() / run_id
-        if not (run_dir / "config.json").exists():
-            raise FileNotFoundError(f"no run {run_id!r} in {paths.checkpoints_dir()} (no config.json)")
-        if _alive(_pid_of(run_id)):
-            raise ValueError(f"run {run_id} is still running; stop it first (python -m training stop {run_id})")
-        cfg = cfg or load_config(run_dir / "config.json")
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
+    folder = RunFolder.of(resume) if resume else None
+    if folder is not None:
+        if not folder.exists():
+            raise FileNotFoundError(f"no run {resume!r} in {paths.checkpoints_dir()} (no config.json)")
+        cfg = cfg or load_config(folder.config)
     elif cfg is None:
         raise ValueError("launch needs a RunConfig (or resume=RUN_ID)")
     problems = check_config(cfg)
     if problems:
         raise ConfigRefused(problems)
-    if not resume:
-        run_id = new_run_id(cfg)
-        run_dir = paths.checkpoints_dir() / run_id
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    (run_dir / "ds_config.json").write_text(json.dumps(build_ds_config(cfg), indent=2) + "\n")
-    command = build_command(cfg, run_dir, resume=bool(resume))
-    with open(run_dir / "command.txt", "a" if resume else "w", encoding="utf-8") as f:
-        f.write(shlex.join(command) + "\n")
-    if resume and store.get_run(run_id) is not None:
-        store.set_run_status(run_id, "created")
-    else:
-        store.create_run(run_id, cfg.model_dump(), command, str(run_dir))
+    with _launch_lock():
+        if folder is not None and _alive(_pid_of(folder.run_id)):
+            raise ValueError(f"run {folder.run_id} is still running; stop it first "
+                             f"(python -m training stop {folder.run_id})")
+        devices = check_devices(cfg, store)
+        folder = folder or RunFolder(paths.checkpoints_dir() / new_run_id(cfg))
+        run_id, run_dir = folder.run_id, folder.path
+        run_dir.mkdir(parents=True, exist_ok=True)
+        folder.clear_stop()
+        save_config(cfg, folder.config)
+        folder.ds_config.write_text(json.dumps(build_ds_config(cfg), indent=2) + "\n")
+        folder.write_devices(devices)
+        command = build_command(cfg, run_dir, resume=bool(resume))
+        with open(folder.command, "a" if resume else "w", encoding="utf-8") as f:
+            f.write(shlex.join(command) + "\n")
+        if resume and store.get_run(run_id) is not None:
+            store.set_run_status(run_id, "created")
+        else:
+            store.create_run(run_id, cfg.model_dump(), command, str(run_dir))
 
-    sweep_shm_buffers()  # what earlier runs killed with -9 left in /dev/shm
-    log = open(run_dir / "train.log", "ab")
-    log.write(f"$ {shlex.join(command)}\n".encode())
-    log.flush()
-    process = subprocess.Popen(
-        command, cwd=str(paths.REPO_ROOT), env=_env(), stdin=subprocess.DEVNULL, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True,  # own process group: stop/kill reach every rank
-    )
-    log.close()
-    (run_dir / "pid").write_text(str(process.pid))
-    store.set_run_status(run_id, "running", pid=process.pid)
+        sweep_shm_buffers()  # what earlier runs killed with -9 left in /dev/shm
+        log = open(folder.log, "ab")
+        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.flush()
+        try:
+            process = subprocess.Popen(
+                command, cwd=str(paths.REPO_ROOT), env=_env(), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,  # own process group: stop/kill reach every rank
+            )
+        except OSError as e:
+            store.set_run_status(run_id, "failed", error=f"could not start {command[0]}: {e}")
+            raise
+        finally:
+            log.close()
+        folder.write_pid(process.pid)
+        store.set_run_status(run_id, "running", pid=process.pid)
     handle = RunHandle(run_id, run_dir, command, process)
     if wait:
         process.wait()
@@ -260,27 +352,20 @@ def finalize(handle: RunHandle) -> str:
     row = store.get_run(handle.run_id) or {}
     status = row.get("status")
     if status in ("created", "running") and not (handle.process and _alive(handle.process.pid)):
-        tail = _log_tail(handle.run_dir, 15)
+        tail = handle.folder.log_tail(15)
         store.set_run_status(handle.run_id, "failed", error=f"launcher exited with {rc}; train.log ends:\n{tail}")
         status = "failed"
     return status or "unknown"
 
 
-def _log_tail(run_dir: Path, n: int) -> str:
-    try:
-        return "\n".join((run_dir / "train.log").read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 def _pid_of(run_id: str) -> int | None:
+    """The run's launcher pid (its process-group id): the store's, else the run folder's."""
     from data.store import Store
 
     row = Store().get_run(run_id) or {}
     if row.get("pid"):
         return int(row["pid"])
-    f = paths.checkpoints_dir() / run_id / "pid"
-    return int(f.read_text()) if f.exists() else None
+    return RunFolder.of(run_id).read_pid()
 
 
 def _group_members(pgid: int) -> list:
@@ -329,11 +414,11 @@ def stop_run(run_id: str) -> bool:
     SIGTERM goes to the rank processes themselves (not the deepspeed launcher, which would kill
     them after 30 s); the STOP file covers ranks on other hosts.
     """
-    run_dir = paths.checkpoints_dir() / run_id
+    folder = RunFolder.of(run_id)
     pid = _pid_of(run_id)
     if not _alive(pid):
         return False
-    (run_dir / STOP_FILE).write_text(str(time.time()))
+    folder.request_stop()
     ranks = _rank_processes(pid)
     for r in ranks:
         try:
@@ -358,29 +443,22 @@ def run_status(run_id: str) -> dict:
     row = store.get_run(run_id)
     if row is None:
         raise KeyError(f"no run {run_id!r} in {store.path}")
-    alive = _alive(row.get("pid"))
-    if row["status"] in ("running", "created") and not alive and row.get("pid"):
-        store.set_run_status(run_id, "failed", error="the training process exited without recording an end; "
-                             f"see {Path(row['run_dir']) / 'train.log'}")
-        row = store.get_run(run_id)
-    metrics = read_metrics(Path(row["run_dir"]))
+    row = _refresh(row, store)
+    metrics = RunFolder(row["run_dir"]).read_metrics()
     last_train = next((m for m in reversed(metrics) if m.get("kind") == "train"), None)
     last_eval = next((m for m in reversed(metrics) if m.get("kind") == "eval"), None)
-    return {**row, "alive": alive, "last_train": last_train, "last_eval": last_eval,
-            "checkpoints": store.checkpoints(run_id)}
+    return {**row, "last_train": last_train, "last_eval": last_eval, "checkpoints": store.checkpoints(row["run_id"])}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    f = Path(run_dir) / "metrics.jsonl"
-    if not f.exists():
-        return []
-    rows = []
-    for line in f.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return rows
+def _refresh(row: dict, store) -> dict:
+    """The run's row with `alive` (its process group has live processes); a run still marked
+    created/running whose processes are all gone crashed unrecorded, and is marked failed."""
+    alive = _alive(row.get("pid"))
+    if row["status"] in ACTIVE and not alive and row.get("pid"):
+        store.set_run_status(row["run_id"], "failed", error="the training process exited without recording an "
+                             f"end; see {RunFolder(row['run_dir']).log}")
+        row = store.get_run(row["run_id"])
+    return {**row, "alive": alive}
 
 
 def follow(handle: RunHandle, out=sys.stdout) -> str:
@@ -388,7 +466,8 @@ def follow(handle: RunHandle, out=sys.stdout) -> str:
     from tqdm import tqdm
 
     # Rows already there (a resumed run) are not news; the file is small, so it is re-read.
-    seen = {(r.get("kind"), r.get("step")) for r in read_metrics(handle.run_dir)}
+    folder = handle.folder
+    seen = {(r.get("kind"), r.get("step")) for r in folder.read_metrics()}
     bar = None
     log_pos = 0
     stopping = False
@@ -398,8 +477,8 @@ def follow(handle: RunHandle, out=sys.stdout) -> str:
             # outlive a killed launcher).
             done = handle.process.poll() is not None and not _alive(handle.process.pid)
             if bar is None:  # until the first step, show what the trainer says
-                log_pos = _echo_log(handle.run_dir / "train.log", log_pos, out)
-            for row in read_metrics(handle.run_dir):
+                log_pos = _echo_log(folder.log, log_pos, out)
+            for row in folder.read_metrics():
                 key = (row.get("kind"), row.get("step"))
                 if key in seen:
                     continue
@@ -424,13 +503,14 @@ def follow(handle: RunHandle, out=sys.stdout) -> str:
                 stop_run(handle.run_id)
     if bar is not None:
         bar.close()
-    _echo_log(handle.run_dir / "train.log", log_pos if bar is None else _tail_pos(handle.run_dir, 8), out)
+    _echo_log(folder.log, log_pos if bar is None else _tail_pos(folder.log, 8), out)
     return finalize(handle)
 
 
-def _tail_pos(run_dir: Path, n: int) -> int:
+def _tail_pos(log: Path, n: int) -> int:
+    """The offset in `log` where its last `n` lines start."""
     try:
-        data = (run_dir / "train.log").read_bytes()
+        data = log.read_bytes()
     except OSError:
         return 0
     pos = len(data)
