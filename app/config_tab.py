@@ -19,16 +19,16 @@ from data import paths
 
 # Layout only (which accordion a field sits in); widgets and values come from the model itself.
 GROUPS = {
-    "Run": ["name", "model", "datasets", "eval_fraction", "split_seed", "max_length"],
+    "Run": ["name", "model", "datasets", "validation_datasets", "eval_fraction", "split_seed",
+            "example_unit", "max_length"],
     "Schedule": ["epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
-                 "learning_rate", "lr_scheduler", "warmup_ratio", "save_every_steps",
+                 "learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio", "save_every_steps",
                  "eval_every_steps", "seed"],
     "LoRA": ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_experts"],
     "Hardware": ["precision", "quantization", "zero_stage", "offload_optimizer", "num_gpus",
                  "num_processes", "hostfile", "gpu_memory_gib", "gradient_checkpointing",
-                 "fast_path", "trust_remote_code"],
+                 "fast_path", "compile_layers", "trust_remote_code"],
 }
-DEFAULT_PRESET = "smoke"
 
 
 def presets() -> dict[str, Any]:
@@ -60,7 +60,7 @@ def command_text(cfg) -> str:
 
 def describe(form: ModelForm, values) -> tuple[str, str, str]:
     """(validation messages, memory estimate, launch command) for the form's current values."""
-    from training.config import check_config
+    from training.config import check_config, config_warnings
 
     cfg, errors = form.to_model(values)
     if cfg is None:
@@ -71,23 +71,27 @@ def describe(form: ModelForm, values) -> tuple[str, str, str]:
            if problems else "Config is valid.")
     if est is not None and not est.fits:
         msg += " **But it will probably run out of GPU memory: see the estimate.**"
+    warnings = config_warnings(cfg)
+    if warnings:
+        msg += "\n\n**Check before launching:**\n" + "\n".join(f"- {w}" for w in warnings)
     return msg, memory, command_text(cfg)
 
 
 def build(settings: Settings) -> dict[str, Any]:
-    from training.config import RunConfig, load_config, save_config
+    from training.config import RunConfig, hardware_preset, load_config, save_config
 
     all_presets = presets()
-    initial = all_presets.get(DEFAULT_PRESET) or next(iter(all_presets.values()))
+    # The form opens on the real preset for this machine's hardware (not the smoke pipeline check).
+    start = hardware_preset()
+    initial = all_presets[start]
     with gr.Row():
-        preset = gr.Dropdown(list(all_presets), value=DEFAULT_PRESET if DEFAULT_PRESET in all_presets
-                             else None, label="Preset", elem_id="cfg-preset")
+        preset = gr.Dropdown(list(all_presets), value=start, label="Preset", elem_id="cfg-preset")
         load_file = gr.File(label="Load config file (.json)", file_types=[".json"], height=110,
                             elem_id="cfg-load")
         save_btn = gr.Button("Save config file", elem_id="cfg-save")
         saved = gr.File(label="Saved config", interactive=False, height=110, elem_id="cfg-saved")
-    form = ModelForm(RunConfig, choices={"model": model_choices(), "datasets": dataset_choices()},
-                     groups=GROUPS)
+    form = ModelForm(RunConfig, choices={"model": model_choices(), "datasets": dataset_choices(),
+                                         "validation_datasets": dataset_choices()}, groups=GROUPS)
     form.render(initial)
     with gr.Row():
         with gr.Column():
@@ -127,8 +131,10 @@ def build(settings: Settings) -> dict[str, Any]:
           [messages, memory, command], trigger_mode="always_last", api_name="describe_config")
 
     def refresh_choices():
-        return gr.update(choices=dataset_choices())
+        choices = dataset_choices()
+        return gr.update(choices=choices), gr.update(choices=choices)
 
     return {"form": form, "preset": preset, "describe": (lambda *v: describe(form, v),
                                                         form.inputs, [messages, memory, command]),
-            "refresh_datasets": (refresh_choices, None, [form.widgets["datasets"]])}
+            "refresh_datasets": (refresh_choices, None,
+                                 [form.widgets["datasets"], form.widgets["validation_datasets"]])}

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import launcher
+from training import config, launcher
 from training.__main__ import main as cli
-from training.config import PRESETS, RunConfig, apply_overrides, check_config, estimate_memory, load_config, preset
+from training.config import (PRESETS, RunConfig, apply_overrides, check_config, config_warnings, estimate_memory,
+                             hardware_preset, load_config, preset)
 from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,9 +99,16 @@ def test_each_bad_configuration_is_refused_with_what_to_change(tmp_path, tiny_gp
     assert "ZeRO-2 keeps a full copy of the weights on every rank" in msg and "quantization=nf4" in msg
     est = estimate_memory(z2)
     assert est.weights_gib > 200 and not est.fits
-    # The user's own recipe (4-bit) fits.
+    # The user's own recipe (4-bit) fits its two 140 GiB GPUs; on a machine without them the check
+    # refuses it for the GPUs alone.
     seed_ok = z2.model_copy(update={"quantization": "nf4"})
-    assert check_config(seed_ok) == [] and estimate_memory(seed_ok).total_gib < 140
+    assert estimate_memory(seed_ok).total_gib < 140
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "gpu_count", lambda: 2)
+        mp.setattr(config, "gpu_memory_gib", lambda: 140.0)
+        assert check_config(seed_ok) == []
+    if config.gpu_count() < 2:
+        assert [p for p in check_config(seed_ok) if not p.startswith("num_gpus=2 but this machine has")] == []
 
 
 def test_cli_refuses_before_launch_and_prints_why(capsys):
@@ -112,6 +120,42 @@ def test_cli_refuses_before_launch_and_prints_why(capsys):
     assert cli(["run", "--preset", "smok"]) == 2
     assert "smoke" in capsys.readouterr().err
     assert Store().list_runs() == []
+
+
+def test_without_a_preset_the_run_takes_this_machines_preset_and_says_what_max_steps_cuts(capsys):
+    assert [hardware_preset(n) for n in (0, 1, 2, 8)] == ["cpu-default", "h200-20b", "seed-2xh200-120b",
+                                                           "seed-2xh200-120b"]
+    # lora_r=0 is refused, so nothing launches; what the user reads before that is the point.
+    assert cli(["run", "--set", "epochs=3", "--set", "lora_r=0"]) == 2
+    err = capsys.readouterr().err
+    assert f"using preset {hardware_preset()}, the one for this machine" in err
+    if hardware_preset() == "cpu-default":  # max_steps=12: far less than 3 epochs of the sample data
+        assert "warning: max_steps=12 stops the run after" in err and "of the 3 asked for" in err
+        assert "set max_steps=none" in err
+    assert Store().list_runs() == []
+    # Steps that cover the epochs asked for, or no max_steps at all: nothing to say.
+    assert config_warnings(preset("cpu-default").model_copy(update={"max_steps": 100_000})) == []
+    assert config_warnings(preset("cpu-default").model_copy(update={"max_steps": None})) == []
+
+
+def test_a_preset_this_machine_or_model_cannot_run_is_refused_with_what_to_change(tmp_path, monkeypatch):
+    gemma_seed = preset("seed-2xh200-120b").model_copy(update={"model": "embedded:gemma-3-270m"})
+    if config.gpu_count() == 0:
+        msg = "\n".join(check_config(gemma_seed))
+        assert "num_gpus=2 but this machine has no GPU" in msg and "num_gpus=none" in msg
+        assert "preset cpu-default" in msg
+    # The same preset on a machine with one 80 GiB GPU.
+    monkeypatch.setattr(config, "gpu_count", lambda: 1)
+    monkeypatch.setattr(config, "gpu_memory_gib", lambda: 80.0)
+    msg = "\n".join(check_config(gemma_seed))
+    assert "num_gpus=2 but this machine has 1 GPU: set num_gpus=1, or start from preset h200-20b" in msg
+    assert "gpu_memory_gib=140 but this machine's GPU has 80.0 GiB: set gpu_memory_gib=80" in msg
+    assert check_config(gemma_seed.model_copy(update={"num_gpus": 1, "gpu_memory_gib": None})) == []
+    # int8 cannot pack GPT-OSS's 3-D expert weights: refused, nf4 named instead.
+    m20 = gpt_oss_shell(tmp_path / "gpt-oss-20b", num_hidden_layers=2, num_local_experts=4)
+    msg = "\n".join(check_config(gemma_seed.model_copy(update={"model": str(m20), "quantization": "int8",
+                                                                "num_gpus": 1, "gpu_memory_gib": None})))
+    assert "quantization=int8 leaves GPT-OSS's expert weights" in msg and "quantization=nf4" in msg
 
 
 def test_nf4_really_quantizes_gpt_oss_and_trains(tiny_gpt_oss_dir):

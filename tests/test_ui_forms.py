@@ -54,3 +54,21 @@ def test_configure_warns_from_the_estimate_not_from_its_own_text():
     messages, memory, _ = describe(form, form.values_of(too_big.model_copy(update={"gpu_memory_gib": 80.0})))
     assert "fits in 80 GiB" in memory and "likely out of memory" not in memory, memory
     assert "run out of GPU memory" not in messages
+
+
+def test_configure_opens_on_this_machines_preset_and_shows_what_max_steps_cuts():
+    from app.common import Settings
+    from app.config_tab import build, describe
+    from training.config import hardware_preset
+
+    with gr.Blocks():
+        tab = build(Settings())
+    start = PRESETS[hardware_preset()]
+    assert tab["preset"].value == hardware_preset() != "smoke"
+    form = tab["form"]
+    assert form.widgets["model"].value == start.model and form.widgets["max_steps"].value == str(start.max_steps or "")
+    cut = PRESETS["cpu-default"].model_copy(update={"epochs": 3.0})
+    messages, _, _ = describe(form, form.values_of(cut))
+    assert "max_steps=12 stops the run after" in messages and "of the 3 asked for" in messages, messages
+    messages, _, _ = describe(form, form.values_of(cut.model_copy(update={"max_steps": None})))
+    assert "max_steps" not in messages, messages

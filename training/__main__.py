@@ -32,9 +32,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.config:
         cfg = C.load_config(args.config)
     else:
-        cfg = C.preset(args.preset or "cpu-default")
+        name = args.preset or C.hardware_preset()
+        if not args.preset:
+            n = C.gpu_count()
+            print(f"no --preset or --config: using preset {name}, the one for this machine "
+                  f"({f'{n} GPU' + ('s' if n > 1 else '') if n else 'no GPU'})", file=sys.stderr)
+        cfg = C.preset(name)
     if cfg is not None and args.set:
         cfg = C.apply_overrides(cfg, args.set)
+    for warning in C.config_warnings(cfg) if cfg is not None else []:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         handle = launcher.launch(cfg, resume=args.resume)
     except launcher.ConfigRefused as e:
@@ -165,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("run", help="start (or resume) a training run")
     src = r.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="seed-2xh200-120b | h200-20b | cpu-default | smoke")
+    src.add_argument("--preset", help="seed-2xh200-120b | h200-20b | cpu-default | smoke "
+                     "(default: the one for this machine's GPUs, cpu-default without one)")
     src.add_argument("--config", help="a RunConfig JSON file")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
     r.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete checkpoint")

@@ -3,13 +3,15 @@
 The UI edits it, the CLI reads it from a file (or a preset plus `--set key=value` overrides), the
 launcher writes it into the run folder, and the trainer reads it back. Every knob lives here.
 
-`check_config` refuses configurations that cannot work before anything is launched (each message
-says what to change); `estimate_memory` is the per-GPU memory arithmetic behind the "does it fit"
-checks.
+`check_config` refuses configurations that cannot work, here or on this machine, before anything is
+launched (each message says what to change); `config_warnings` names settings that launch but do
+not do what they seem to ask (a max_steps that cuts the epochs); `estimate_memory` is the per-GPU
+memory arithmetic behind the "does it fit" checks; `hardware_preset` is the preset for this machine.
 """
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 import typing
@@ -21,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from data import paths
+from data.model_zoo import EMBEDDED_PREFIX, EMBEDDED_SPECS, embedded_model
 
 # GPT-OSS keeps its expert weights as 3-D parameters of `mlp.experts` (not nn.Linear), so
 # bitsandbytes skips them: training.quant_experts packs them, peft reaches them through
@@ -276,25 +279,23 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 # ------------------------------------------------------------------------ model inspection
 
 # Module names of embedded models that may not be built yet (building Gemma takes a minute).
-_EMBEDDED_KIND = {"embedded:gemma-3-270m": "gemma3_text", "embedded:tiny-gpt-oss": "gpt_oss"}
 _KNOWN_LINEAR = {
     "gemma3_text": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"},
     "gpt_oss": {"q_proj", "k_proj", "v_proj", "o_proj", "lm_head"},
 }
-# Dims used by the memory estimate when an embedded model is not built yet.
-_EMBEDDED_SHAPES = {
-    "embedded:gemma-3-270m": dict(n_params=268_098_176, n_layers=18, hidden=640, heads=4, vocab=262_144,
-                                  model_type="gemma3_text"),
-    "embedded:tiny-gpt-oss": dict(n_params=26_000_000, n_layers=2, hidden=64, heads=4, vocab=201_088,
-                                  model_type="gpt_oss"),
-}
+
+
+def _embedded_shape(spec: str) -> dict | None:
+    """Dims for the memory estimate of an embedded model that is not built yet (data.model_zoo)."""
+    embedded = embedded_model(spec)
+    return None if embedded is None else {**embedded.shape, "model_type": embedded.model_type}
 
 
 def model_dir(cfg: RunConfig) -> Path | None:
     """The local folder of `cfg.model` if it exists now (never builds an embedded model)."""
-    if cfg.model.startswith("embedded:"):
-        folder = paths.cache_dir() / cfg.model.split(":", 1)[1]  # where model_zoo builds it
-        return folder if (folder / "config.json").exists() else None
+    if cfg.model.startswith(EMBEDDED_PREFIX):
+        embedded = embedded_model(cfg.model)
+        return embedded.built_folder() if embedded is not None else None
     p = Path(cfg.model).expanduser()
     if p.is_dir():
         return p
@@ -476,7 +477,7 @@ def estimate_memory(cfg: RunConfig) -> MemoryEstimate:
     Rough arithmetic, calibrated on GPT-OSS-20b on an H200 (bf16, seq 2048, checkpointing: 44 GiB
     at batch 1, +4.9 GiB per extra sample; without checkpointing +23.6 GiB per sample).
     """
-    info = inspect_model(cfg) or _EMBEDDED_SHAPES.get(cfg.model)
+    info = inspect_model(cfg) or _embedded_shape(cfg.model)
     if info is None:
         return MemoryEstimate(weights_gib=None, lora_gib=None, optimizer_gib=None, activations_gib=None,
                               overhead_gib=None, total_gib=None, limit_gib=None, fits=True,
@@ -544,6 +545,86 @@ def _weights_present(folder: Path) -> bool:
     return any(any(folder.glob(p)) for p in pats)
 
 
+def _machine_problems(cfg: RunConfig) -> list[str]:
+    """What this machine cannot give `cfg`: GPUs, GPU memory, bitsandbytes. A hostfile run is
+    not checked here (its GPUs are on the hosts it names)."""
+    problems: list[str] = []
+    if cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"quantization={cfg.quantization} needs bitsandbytes: .venv/bin/pip install bitsandbytes, "
+                        "or set quantization=none")
+    if cfg.hostfile:
+        return problems
+    n = gpu_count()
+    if n == 0 and cfg.num_gpus is not None:
+        problems.append(f"num_gpus={cfg.num_gpus} but this machine has no GPU (a CPU run starts num_processes "
+                        f"ranks): set num_gpus=none, or start from preset {hardware_preset(0)}")
+    elif cfg.num_gpus is not None and cfg.num_gpus > n:
+        problems.append(f"num_gpus={cfg.num_gpus} but this machine has {n} GPU{'s' if n > 1 else ''}: "
+                        f"set num_gpus={n}, or start from preset {hardware_preset(n)}")
+    real = gpu_memory_gib() if n else None
+    if real is not None and cfg.gpu_memory_gib is not None and cfg.gpu_memory_gib > real + 0.5:
+        problems.append(f"gpu_memory_gib={cfg.gpu_memory_gib:g} but this machine's GPU has {real:.1f} GiB: "
+                        f"set gpu_memory_gib={math.floor(real)} (or none to use what CUDA reports)")
+    return problems
+
+
+def hardware_preset(n_gpus: int | None = None) -> str:
+    """The preset for a machine with `n_gpus` GPUs (None: this machine): cpu-default without a GPU,
+    else the GPU preset that uses the most of them (h200-20b on one, seed-2xh200-120b on two or more)."""
+    n = gpu_count() if n_gpus is None else n_gpus
+    fitting = [name for name, p in PRESETS.items() if p.num_gpus is not None and p.num_gpus <= n]
+    return max(fitting, key=lambda name: PRESETS[name].num_gpus or 0) if fitting else "cpu-default"
+
+
+def _training_examples(cfg: RunConfig) -> int | None:
+    """About how many training examples `cfg.datasets` give (one per question or per submission,
+    less the held-out eval_fraction), or None when the data cannot be read now."""
+    from data.loading import load_graded
+    from data.store import Store
+
+    n_subs = n_items = 0
+    files = [d for d in cfg.datasets if not d.startswith("db:")]
+    try:
+        if files:
+            report = load_graded(files)
+            if not report.ok:
+                return None
+            n_subs += len(report.submissions)
+            n_items += sum(len(s.rubric_alignment) for s in report.submissions)
+        for d in cfg.datasets:
+            if d.startswith("db:"):
+                found = Store().find_dataset(d[3:])
+                if found is None:
+                    return None
+                n_subs += found["n_submissions"]
+                n_items += found["n_items"]
+    except (OSError, ValueError):
+        return None
+    n = n_items if cfg.example_unit == "item" else n_subs
+    if not cfg.validation_datasets:
+        n -= round(n * cfg.eval_fraction)
+    return max(n, 0)
+
+
+def config_warnings(cfg: RunConfig) -> list[str]:
+    """What launches but does not do what the settings seem to ask. Each names what to change."""
+    warnings: list[str] = []
+    if cfg.max_steps is not None and cfg.max_steps >= 1 and cfg.epochs > 0:
+        n = _training_examples(cfg)
+        if n:
+            per_step = cfg.per_device_batch_size * world_size(cfg) * cfg.gradient_accumulation_steps
+            per_epoch = math.ceil(n / per_step)
+            asked = max(1, math.ceil(cfg.epochs * per_epoch))
+            if cfg.max_steps < asked:
+                warnings.append(
+                    f"max_steps={cfg.max_steps} stops the run after {cfg.max_steps / per_epoch:.2g} epochs of the "
+                    f"{cfg.epochs:g} asked for (~{asked} steps of {per_step} example{'s' if per_step > 1 else ''}; ~{n} training "
+                    f"{cfg.example_unit}s); set max_steps=none to train all {cfg.epochs:g}")
+    if cfg.precision == "bf16" and not cfg.hostfile and gpu_count() == 0:
+        warnings.append("precision=bf16 is not used on a CPU (training runs in fp32 there); set precision=auto")
+    return warnings
+
+
 def check_config(cfg: RunConfig) -> list[str]:
     """Problems that refuse a launch. Each message names the setting and what to change."""
     problems: list[str] = []
@@ -577,11 +658,16 @@ def check_config(cfg: RunConfig) -> list[str]:
         problems.append(f"num_gpus must be >= 1 (got {cfg.num_gpus}), or none for all visible GPUs")
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         problems.append(f"hostfile {cfg.hostfile} does not exist; give a DeepSpeed hostfile or hostfile=none")
+    problems += _machine_problems(cfg)
     if not cfg.datasets:
         problems.append("no datasets: set datasets=path/to/graded.json (files, folders or db:<name>)")
     for d in cfg.datasets:
         if not d.startswith("db:") and not Path(d).expanduser().exists():
             problems.append(f"dataset {d} does not exist; give a .json/.jsonl file, a folder, or db:<name>")
+    for d in cfg.validation_datasets:
+        if not d.startswith("db:") and not Path(d).expanduser().exists():
+            problems.append(f"validation dataset {d} does not exist; give a .json/.jsonl file, a folder, "
+                            "or db:<name> (or validation_datasets=none to hold out eval_fraction)")
     if cfg.offload_optimizer and cfg.zero_stage == 0:
         problems.append("offload_optimizer needs ZeRO: set zero_stage=2 (or offload_optimizer=false)")
     if cfg.quantization != "none" and cfg.zero_stage == 3:
@@ -591,13 +677,15 @@ def check_config(cfg: RunConfig) -> list[str]:
     # The model: folder, weights, module names.
     folder = model_dir(cfg)
     info = None
-    if cfg.model.startswith("embedded:"):
-        if cfg.model not in _EMBEDDED_KIND:
-            problems.append(f"unknown embedded model {cfg.model!r}; use one of {', '.join(_EMBEDDED_KIND)}")
+    if cfg.model.startswith(EMBEDDED_PREFIX):
+        embedded = embedded_model(cfg.model)
+        if embedded is None:
+            problems.append(f"unknown embedded model {cfg.model!r}; use one of {', '.join(EMBEDDED_SPECS)}")
         elif folder is not None:
             info = inspect_model(cfg)
-        known = set(info["linear_names"]) if info else _KNOWN_LINEAR.get(_EMBEDDED_KIND.get(cfg.model, ""), set())
-        model_type = info["model_type"] if info else _EMBEDDED_KIND.get(cfg.model)
+        embedded_type = embedded.model_type if embedded is not None else None
+        known = set(info["linear_names"]) if info else _KNOWN_LINEAR.get(embedded_type or "", set())
+        model_type = info["model_type"] if info else embedded_type
     else:
         if folder is None:
             problems.append(f"model folder {cfg.model} not found; set model=<a local folder with config.json "
@@ -625,6 +713,13 @@ def check_config(cfg: RunConfig) -> list[str]:
     if cfg.lora_experts and model_type is not None and model_type != "gpt_oss":
         problems.append(f"lora_experts applies to GPT-OSS expert weights; this model is {model_type}: "
                         "set lora_experts=false")
+    if cfg.quantization == "int8" and model_type == "gpt_oss":
+        problems.append("quantization=int8 leaves GPT-OSS's expert weights (most of the model) unquantized: "
+                        "bitsandbytes' int8 takes only nn.Linear layers. Set quantization=nf4 (the experts are "
+                        "packed too) or quantization=none")
+    packed = (info or {}).get("quantized_checkpoint")
+    if cfg.quantization != "none" and packed not in (None, "mxfp4"):  # MXFP4 GPT-OSS is dequantized on load
+        problems.append(f"the checkpoint of {cfg.model} is already quantized ({packed}); set quantization=none")
 
     # Memory: does one rank hold what it must?
     if info is not None:
