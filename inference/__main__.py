@@ -5,8 +5,10 @@
     python -m inference evaluate [--base MODEL] [--adapter DIR] --data PATH... [--json OUT]
     python -m inference export   --adapter DIR --out DIR [--base MODEL]
 
---base defaults to the model the adapter was trained on (its run_config.json), and without an
-adapter to the embedded Gemma 3 270M. Scores are the model's expected score per question unless
+--adapter is an adapter folder, or a run's folder: then the run's adapter to grade with (best/, the
+best validation agreement; else final/; else its last complete checkpoint). --base defaults to the
+model the adapter was trained on (its run_config.json), and without an adapter to the embedded
+Gemma 3 270M. Scores are the model's expected score per question unless
 --scoring generated. Every grade is recorded in the studio's SQLite store.
 """
 from __future__ import annotations
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, adapter_required=False, scoring=True):
         p.add_argument("--base", help="base model: folder or embedded:NAME (default: the adapter's, else "
                                       "embedded:gemma-3-270m)")
-        p.add_argument("--adapter", required=adapter_required, help="LoRA adapter folder (a run's final/)")
+        p.add_argument("--adapter", required=adapter_required,
+                       help="LoRA adapter folder, or a run folder (its best/, else final/, else last checkpoint)")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
         if scoring:
@@ -186,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def adapter_of(value: str | None) -> str | None:
+    """--adapter as given, or for a run folder (config.json, no adapter_config.json) the run's
+    default adapter, said on stderr (stdout carries only the result)."""
+    from data.run_folder import ADAPTER_CONFIG, RunFolder
+    from inference.engine import AdapterError
+
+    if value is None:
+        return None
+    run = RunFolder(Path(value).expanduser())
+    if not run.exists() or (run.path / ADAPTER_CONFIG).is_file():
+        return value
+    chosen = run.default_adapter()
+    if chosen is None:
+        raise AdapterError(f"run folder {run.path} has no complete checkpoint yet (nothing with its "
+                           "complete.json): wait for the first save, or give a checkpoint folder")
+    print(f"adapter: {chosen} (the run's adapter to grade with)", file=sys.stderr)
+    return str(chosen)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -194,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     from data.model_zoo import ModelNotFoundError
 
     try:
+        if hasattr(args, "adapter"):
+            args.adapter = adapter_of(args.adapter)
         return args.func(args)
     except (AdapterError, DataError, ModelNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -156,3 +156,22 @@ def test_the_ui_side_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_grading_cli_takes_a_run_folder_as_its_default_adapter(tmp_path, capsys):
+    from inference.__main__ import adapter_of
+    from inference.engine import AdapterError
+
+    run = new_run(tmp_path)
+    with pytest.raises(AdapterError, match="no complete checkpoint yet"):
+        adapter_of(str(run.path))
+    save_checkpoint(run, 2)
+    save_checkpoint(run, 2, name="final")
+    assert adapter_of(str(run.path)) == str(run.final)
+    run.save_best(run.checkpoint(2))
+    assert adapter_of(str(run.path)) == str(run.best)
+    assert str(run.best) in capsys.readouterr().err  # said on stderr; stdout is the result's
+    # An adapter folder, or anything that is not a run folder, is passed on as given.
+    assert adapter_of(str(run.checkpoint(2))) == str(run.checkpoint(2))
+    assert adapter_of(str(tmp_path / "nowhere")) == str(tmp_path / "nowhere")
+    assert adapter_of(None) is None
