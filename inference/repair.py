@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from data.prompt_format import match_question, question_labels  # the labels the prompt format writes
 from data.rubric import Grade, GradeItem, Rubric
 
 RepairKind = Literal[
@@ -55,8 +56,8 @@ _FILLED_FOR_QUESTION = frozenset({"missing_item", "unreadable_score"})
 class Repair:
     """One thing the repair had to fix, guess or fill in.
 
-    ``question`` is the rubric question's label (its question_id, else its 1-based number) when
-    the repair concerns one question; ``detail`` says what was done, for people."""
+    ``question`` is the rubric question's label (data.prompt_format.question_labels) when the
+    repair concerns one question; ``detail`` says what was done, for people."""
 
     kind: RepairKind
     detail: str
@@ -213,9 +214,8 @@ def _item_label(item: dict) -> str | None:
 
 
 def _match_question(label: str, rubric: Rubric) -> int | None:
-    """Index of the rubric question a label names, or None."""
-    from data.prompt_format import match_question  # the labels the prompt format writes
-
+    """Index of the rubric question a label names, or None: the prompt format's labels first, then
+    the looser forms models write."""
     k = match_question(label, rubric)
     if k is not None:
         return k
@@ -330,9 +330,10 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[Repair
         repairs.append(Repair("unmatched_items", f"ignored {len(unmatched)} item(s) that match no rubric question"))
 
     grade_items: list[GradeItem] = []
+    labels = question_labels(rubric)
     for k, q in enumerate(rubric.questions):
         it = assigned[k]
-        label = question_label(q, k)
+        label = labels[k]
         if it is None:
             repairs.append(Repair("missing_item", "no item in the output; scored 0", label))
             grade_items.append(GradeItem(question=q.question, score=0.0, max_score=q.max_score))
@@ -386,9 +387,4 @@ def scores_read_from_output(repairs: list[Repair], rubric: Rubric) -> list[bool]
     if any(r.kind in _FILLED_FOR_ALL for r in repairs):  # (a one-question total used as its score was read)
         return [False] * len(rubric.questions)
     filled = {r.question for r in repairs if r.kind in _FILLED_FOR_QUESTION}
-    return [question_label(q, k) not in filled for k, q in enumerate(rubric.questions)]
-
-
-def question_label(question, index: int) -> str:
-    """The label a repair names a question by: its question_id, else its 1-based number."""
-    return question.question_id or str(index + 1)
+    return [label not in filled for label in question_labels(rubric)]
