@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import sqlite_utils
 
 from data import paths
-from data.loading import content_hash
+from data.loading import DataError, content_hash, load_graded
 from data.rubric import GradedSubmission
 
 BUSY_TIMEOUT_S = 30.0
@@ -376,6 +376,39 @@ class Store:
     def evaluations(self, limit: int = 100) -> list[dict]:
         """The most recent evaluations, newest first (report decoded)."""
         return self._rows("SELECT * FROM evaluations ORDER BY id DESC LIMIT ?", [int(limit)], _JSON["evaluations"])
+
+
+DB_PREFIX = "db:"  # a dataset spec naming a stored dataset: "db:<name or id>"
+
+
+def load_datasets(specs: list[str], store: Store | None = None) -> list[GradedSubmission]:
+    """All graded submissions that dataset specs name: files and folders (validated together,
+    as `load_graded`) first, then each ``db:<name or id>`` dataset of the store, in order.
+
+    The one resolver of a run's ``datasets`` for training, evaluation and the UI. Raises
+    `DataError` (a ValueError) naming what is wrong: the files' problems, a stored dataset that is
+    not there (with the names that are), or specs that hold no submission at all.
+    """
+    subs: list[GradedSubmission] = []
+    files = [d for d in specs if not d.startswith(DB_PREFIX)]
+    if files:
+        report = load_graded(files)
+        if not report.ok:
+            raise DataError("the data has errors; fix them or drop the file:\n" + report.format(), report.errors)
+        subs += report.submissions
+    names = [d[len(DB_PREFIX):] for d in specs if d.startswith(DB_PREFIX)]
+    if names:
+        store = store if store is not None else Store()
+        for name in names:
+            found = store.find_dataset(name)
+            if found is None:
+                stored = ", ".join(x["name"] for x in store.list_datasets()) or "none"
+                raise DataError(f"dataset {name!r} is not in the store {store.path} (stored: {stored}); "
+                                f"import it with `python -m training import {name} PATH...`")
+            subs += store.dataset_submissions(found["id"])
+    if not subs:
+        raise DataError(f"no graded submissions in {specs}: give .json/.jsonl files, folders or db:<name>")
+    return subs
 
 
 def _decode_row(row: dict, json_columns: frozenset[str]) -> dict:

@@ -13,7 +13,8 @@ import pytest
 import sqlite_utils
 
 from data.loading import content_hash, load_graded
-from data.store import MIGRATIONS, Store
+from data.loading import DataError
+from data.store import MIGRATIONS, Store, load_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples" / "graded"
@@ -263,6 +264,28 @@ def test_a_database_made_before_migrations_upgrades_and_keeps_its_rows(tmp_path:
     # it still takes new rows
     store.create_run("new-run", {}, [], "d")
     assert [r["run_id"] for r in store.list_runs()] == ["new-run", "old-run"]
+
+
+def test_load_datasets_resolves_files_folders_and_stored_datasets(tmp_path: Path, sample_submissions: list) -> None:
+    store = Store(tmp_path / "s.db")
+    store.import_dataset("three", sample_submissions[:3], ["x"])
+    one = tmp_path / "one.json"
+    one.write_text(sample_submissions[5].model_dump_json(), encoding="utf-8")
+    # files first, then stored datasets in the order named (a run's split depends on the order)
+    assert load_datasets(["db:three", str(one)], store) == [sample_submissions[5], *sample_submissions[:3]]
+    assert load_datasets([str(SAMPLES)], store) == sample_submissions
+    dataset_id = store.find_dataset("three")["id"]
+    assert load_datasets([f"db:{dataset_id}"], store) == sample_submissions[:3]
+
+    with pytest.raises(DataError, match=r"dataset 'nope' is not in the store .*\(stored: three\)"):
+        load_datasets(["db:nope"], store)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"score": 1}', encoding="utf-8")
+    with pytest.raises(DataError, match="bad.json") as e:
+        load_datasets([str(one), str(bad)], store)
+    assert e.value.problems and all(p.file == str(bad) for p in e.value.problems)
+    with pytest.raises(DataError, match="no graded submissions"):
+        load_datasets([], store)
 
 
 WRITER = textwrap.dedent(
