@@ -619,7 +619,7 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                 warnings.append(
                     f"max_steps={cfg.max_steps} stops the run after {cfg.max_steps / per_epoch:.2g} epochs of the "
                     f"{cfg.epochs:g} asked for (~{asked} steps of {per_step} example{'s' if per_step > 1 else ''}; ~{n} training "
-                    f"{cfg.example_unit}s); set max_steps=none to train all {cfg.epochs:g}")
+                    f"{cfg.example_unit}s); set max_steps=none for the full epochs={cfg.epochs:g}")
     if cfg.precision == "bf16" and not cfg.hostfile and gpu_count() == 0:
         warnings.append("precision=bf16 is not used on a CPU (training runs in fp32 there); set precision=auto")
     return warnings

@@ -152,8 +152,30 @@ def new_run_id(cfg: RunConfig) -> str:
     return run_id
 
 
+# Library lines that come back in every run's train.log and tell the user nothing (seen on the CPU
+# runs and on the H200): DeepSpeed's launcher chatter on one node (its hostfile notice, accelerator
+# detection, INFO lines, each rank loading its compiled CPU op), transformers' deprecation notices
+# and the source line Python prints under any warning. The CLI's progress and a failed run's recorded log tail leave them out.
+LIBRARY_NOISE = re.compile(
+    r"Unable to find hostfile, will proceed with training with local resources only"
+    r"|Setting accelerator to CPU\. If you have GPU"
+    r"|^\[[\d\-: ,]+\] \[INFO\] \[(runner|launch)\.py:\d+:main\]"
+    r"|/transformers/\S+\.py:\d+: (FutureWarning|DeprecationWarning): "
+    r"|^\s+warnings\.warn\($"
+    r"|^DeepSpeed deepspeed\.ops\.\S+ built successfully$"
+)
+
+
+def is_library_noise(line: str) -> bool:
+    """Whether a train.log line is repeated library noise (LIBRARY_NOISE), not the trainer's."""
+    return LIBRARY_NOISE.search(line) is not None
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    if not _cuda_available():
+        # What DeepSpeed would pick anyway, stated: each rank skips the detection and its warning.
+        env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(paths.cache_dir() / "torch_extensions"))  # shm_comm JIT, once
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -352,7 +374,8 @@ def finalize(handle: RunHandle) -> str:
     row = store.get_run(handle.run_id) or {}
     status = row.get("status")
     if status in ("created", "running") and not (handle.process and _alive(handle.process.pid)):
-        tail = handle.folder.log_tail(15)
+        lines = [ln for ln in handle.folder.log_tail(200).splitlines() if not is_library_noise(ln)]
+        tail = "\n".join(lines[-15:])
         store.set_run_status(handle.run_id, "failed", error=f"launcher exited with {rc}; train.log ends:\n{tail}")
         status = "failed"
     return status or "unknown"
@@ -531,6 +554,7 @@ def _echo_log(path: Path, pos: int, out) -> int:
         return pos
     end = data.rfind(b"\n") + 1
     for line in data[:end].decode("utf-8", "replace").splitlines():
-        if re.match(r"\[\d\d:\d\d:\d\d\] ", line) or "Error" in line or "Traceback" in line:
+        if (re.match(r"\[\d\d:\d\d:\d\d\] ", line) or "Error" in line or "Traceback" in line) \
+                and not is_library_noise(line):
             print(line, file=out, flush=True)
     return pos + end
