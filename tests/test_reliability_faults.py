@@ -120,11 +120,11 @@ def test_half_written_checkpoints_are_never_listed_for_grading(killed_run, monke
     _use(killed_run, monkeypatch)
     from app import jobs
     from app.grade_tab import adapter_choices
-    from training.train_entry import last_complete_checkpoint
+    from data.run_folder import RunFolder
 
     run_dir = killed_run["run_dir"]
     no_marker, tmp = _plant_half_written(run_dir)
-    assert last_complete_checkpoint(run_dir).name == f"checkpoint-{complete_checkpoints(run_dir)[-1]}"
+    assert RunFolder(run_dir).last_complete_checkpoint().name == f"checkpoint-{complete_checkpoints(run_dir)[-1]}"
     listed = {Path(p).name for _, p in jobs.list_adapters()}
     offered = {Path(p).name for _, p in adapter_choices() if p}
     assert tmp.name not in listed | offered
