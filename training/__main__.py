@@ -52,7 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 3
     print(f"run {handle.run_id}: {handle.run_dir}")
     print(f"command: {shlex.join(handle.command)}")
-    print(f"log: {handle.run_dir / 'train.log'}")
+    print(f"log: {handle.folder.log}")
     if args.detach:
         print(f"detached; follow with: python -m training status {handle.run_id}  (stop: python -m training stop {handle.run_id})")
         return 0
