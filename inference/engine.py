@@ -30,11 +30,10 @@ import os
 import re
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from data.rubric import Grade, GradeItem, Rubric
 from inference.repair import Repair, parse_grade, scores_read_from_output, zero_grade
@@ -44,7 +43,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "run_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SCORINGS = ("expected", "generated")
-_LEGACY: Any = object()  # grade_many without adapter=: the deprecated use_adapter choice (see there)
 
 
 class AdapterError(ValueError):
@@ -362,7 +360,6 @@ class GraderEngine:
         self._switched_to: str | None = None  # PEFT adapter set last (internal: every call names its own)
         self._lock = threading.RLock()  # one model call at a time per engine (UI threads share it)
         self._value_ids_cache: dict[float, dict[int, int] | None] = {}
-        self._legacy_adapter: str | Path | None = None  # see use_adapter (deprecated)
 
     def _pad_id(self) -> int:
         for cand in (self.tokenizer.pad_token_id, getattr(self.model.generation_config, "pad_token_id", None),
@@ -414,14 +411,6 @@ class GraderEngine:
                     self.peft.set_adapter(name)
                     self._switched_to = name
                 yield self.peft
-
-    def use_adapter(self, adapter_dir: str | Path | None) -> None:
-        """Deprecated: pass ``adapter=`` to grade()/grade_many(). Kept only until
-        inference/evaluate.py does; it sets the adapter grade_many uses when given none."""
-        warnings.warn("GraderEngine.use_adapter is deprecated: pass adapter= to grade()/grade_many()",
-                      DeprecationWarning, stacklevel=2)
-        self._attach(adapter_dir)
-        self._legacy_adapter = adapter_dir
 
     # ----------------------------------------------------------------- generation
 
@@ -601,25 +590,16 @@ class GraderEngine:
             new = self._generate([prompt], max_new_tokens, key, streamer=streamer)[0]
             return self._finish(prompt, new, rubric, max_new_tokens, t0, key, scoring=scoring, retry=retry)
 
-    def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = _LEGACY,
+    def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                    scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
                    progress: Callable[[int], None] | None = None, retry: bool = True,
-                   store: bool = False, unit: str | None = None) -> list[GradeResult]:
+                   unit: str | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
         results in input order (the names are the caller's, e.g. for :func:`store_grade`).
-        ``progress(n)`` is called after each batch with the number just finished.
-
-        Deprecated, until inference/evaluate.py passes ``adapter=`` and stores itself: without
-        ``adapter`` the one set by ``use_adapter`` is used, and ``store=True`` stores each grade."""
+        ``progress(n)`` is called after each batch with the number just finished. Nothing is stored."""
         _check_scoring(scoring)
-        if adapter is _LEGACY:
-            adapter = self._legacy_adapter
         if (unit or grading_unit(adapter)) == "item":
-            results = self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress)
-            if store:
-                for r, (name, _, rubric) in zip(results, items):
-                    store_grade(r, rubric, name)
-            return results
+            return self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress)
         key = self._attach(adapter)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
@@ -635,9 +615,6 @@ class GraderEngine:
                     t_i = time.perf_counter() - share  # each row is charged its share of the batch
                     results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i, key,
                                               scoring=scoring, retry=retry)
-            if store:
-                for i in chunk:
-                    store_grade(results[i], items[i][2], items[i][0])  # type: ignore[arg-type]
             if progress:
                 progress(len(chunk))
         return results  # type: ignore[return-value]
