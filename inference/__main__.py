@@ -14,6 +14,7 @@ Gemma 3 270M. Scores are the model's expected score per question unless
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +27,15 @@ def _engine(args):
     from inference.engine import get_engine, resolve_base
 
     base = resolve_base(args.base, args.adapter)
-    return get_engine(base, device=args.device, trust_remote_code=args.trust_remote_code)
+    with _libraries_to_stderr():
+        return get_engine(base, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _libraries_to_stderr():
+    """stdout carries only the command's result (`| jq` parses it). Loading a model, or building
+    an embedded one on first use, imports DeepSpeed (transformers' save_pretrained does), whose
+    logger writes to the sys.stdout of that moment: inside this block that is stderr, for good."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _submission(path: Path, rubric) -> str:
@@ -103,10 +112,11 @@ def cmd_evaluate(args) -> int:
             bar = bars[predictor] = tqdm(desc=predictor, total=total, unit="sub", file=sys.stderr)
         bar.update(done - bar.n)
 
-    report = evaluate(args.data, adapter=args.adapter, base=args.base, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, n_boot=args.n_boot, include_base=not args.no_base,
-                      progress=progress, scoring=args.scoring, unit=args.unit, device=args.device,
-                      trust_remote_code=args.trust_remote_code, out_path=args.json)
+    with _libraries_to_stderr():
+        report = evaluate(args.data, adapter=args.adapter, base=args.base, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, n_boot=args.n_boot, include_base=not args.no_base,
+                          progress=progress, scoring=args.scoring, unit=args.unit, device=args.device,
+                          trust_remote_code=args.trust_remote_code, out_path=args.json)
     for bar in bars.values():
         bar.close()
     print(report["table_markdown"])
