@@ -7,6 +7,12 @@ what value was found and what was expected. It never raises on bad content: bina
 invalid UTF-8, broken JSON, absurd nesting, NaN, oversize files all become problems.
 
 A file with any error yields no submissions (nothing partial reaches training or the store).
+
+What valid data is lives in `data.rubric` (the pydantic schema and its validators); this module
+only reads bytes into JSON records, and turns the schema's errors into problems with the file and
+the JSON path. The checks here are of the file, not the data: encoding, JSON syntax, nesting
+depth, NaN/Infinity (JSON has none), size, submission ids unique across the data set, and the
+warnings about data that is valid but suspicious.
 """
 from __future__ import annotations
 
@@ -19,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from data.rubric import TOTAL_TOLERANCE, GradedSubmission, Rubric
+from data.rubric import TOTAL_TOLERANCE, GradedSubmission, Rubric, expected_of, shared_max
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 # Real submissions are a few levels deep; anything far deeper is an accident or an attack, and
@@ -386,195 +392,78 @@ def _too_big(name: str, size: int, max_bytes: int) -> Problem:
 
 
 # ---------------------------------------------------------------------------------------------
-# One record -> problems (all of them) -> GradedSubmission
+# One record -> the schema's verdict as problems -> GradedSubmission
+
+# Errors about a value's type: shown with the JSON name of what was found ('"five" (a string)').
+_TYPE_ERRORS = {"number_type", "blank", "string_type", "list_type", "model_type", "model_attributes_type",
+                "dict_type", "float_type", "int_type", "grader_scores"}
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_finite(v: Any) -> bool:
-    """A number that is finite as a float: a 400-digit JSON integer is not (float() overflows)."""
-    if not _is_number(v):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
-def _check_number(name: str, path: str, v: Any, what: str, *, positive: bool = False) -> list[Problem]:
-    """A JSON number, finite, >= 0 (or > 0). Strings like "5" are refused: the data is wrong."""
-    if not _is_number(v):
-        hint = " (write it without quotes)" if isinstance(v, str) and _looks_numeric(v) else ""
-        return [Problem(name, path, f"{_show(v)} ({_kind(v)})", f"a number: {what}{hint}")]
-    if not _is_finite(v):
-        return [Problem(name, path, _show(v, 40), "a finite number (JSON has no NaN or Infinity; at most about 1e308)")]
-    if positive and v <= 0:
-        return [Problem(name, path, _show(v), f"a number above 0: {what}")]
-    if v < 0:
-        return [Problem(name, path, _show(v), f"a number >= 0: {what}")]
-    return []
-
-
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _check_optional_str(name: str, path: str, obj: dict, key: str, what: str) -> list[Problem]:
-    if key in obj and obj[key] is not None and not isinstance(obj[key], str):
-        return [Problem(name, _join(path, key), f"{_show(obj[key])} ({_kind(obj[key])})",
-                        f"a string or null: {what}")]
-    return []
-
-
-def _check_submission(name: str, prefix: str, rec: Any, known_bad: bool = False
-                      ) -> tuple[GradedSubmission | None, list[Problem]]:
-    """Every problem of one record, then the model (only if there were no errors and the caller
-    found none elsewhere in the record: ``known_bad``)."""
-    here = prefix.rstrip(": ") if prefix.endswith(": ") else prefix
-    if not isinstance(rec, dict):
-        return None, [Problem(name, here, f"{_show(rec)} ({_kind(rec)})",
-                              "an object with score, max_score and rubric_alignment (a graded submission)")]
-    problems: list[Problem] = []
-    usable: dict[str, bool] = {}
-    for key, what in (("score", "the total score"), ("max_score", "the total maximum score")):
-        if key not in rec:
-            problems.append(Problem(name, _join(prefix, key), "nothing (field missing)", f"a number: {what}"))
-            usable[key] = False
-        else:
-            found = _check_number(name, _join(prefix, key), rec[key], what)
-            problems += found
-            usable[key] = not found
-    score_ok, max_ok = usable["score"], usable["max_score"]
-    if score_ok and max_ok and rec["score"] > rec["max_score"]:
-        problems.append(Problem(name, _join(prefix, "score"),
-                                f"{_show(rec['score'])} (above max_score {_show(rec['max_score'])})",
-                                "0 <= score <= max_score"))
-    problems += _check_optional_str(name, prefix, rec, "feedback", "the overall feedback")
-    problems += _check_optional_str(name, prefix, rec, "submission_id", "an id unique in the data set")
-
-    items_path = _join(prefix, "rubric_alignment")
-    items = rec.get("rubric_alignment")
-    item_maxes: list[float | None] = []
-    items_valid = False
-    if "rubric_alignment" not in rec:
-        problems.append(Problem(name, items_path, "nothing (field missing)",
-                                "a non-empty list of items {question, answer, score, max_score?}"))
-    elif not isinstance(items, list):
-        problems.append(Problem(name, items_path, f"{_show(items)} ({_kind(items)})",
-                                "a non-empty list of items {question, answer, score, max_score?}"))
-    elif not items:
-        problems.append(Problem(name, items_path, "an empty list []",
-                                "at least one item {question, answer, score, max_score?}"))
-    else:
-        n_before = len(problems)
-        for i, item in enumerate(items):
-            ip = _join(items_path, i)
-            item_problems, mx = _check_item(name, ip, item)
-            problems += item_problems
-            item_maxes.append(mx)
-        items_valid = len(problems) == n_before
-
-    if items_valid and max_ok:
-        problems += _check_item_maxes(name, prefix, rec, item_maxes)
-    # The total against its items: a warning, shown even when other fields have errors.
-    item_scores = ([i.get("score") for i in items]
-                   if isinstance(items, list) and all(isinstance(i, dict) for i in items) else [])
-    if score_ok and item_scores and all(map(_is_finite, item_scores)):
-        summed = math.fsum(item_scores)
-        if abs(summed - rec["score"]) > TOTAL_TOLERANCE:
-            problems.append(Problem(name, _join(prefix, "score"), f"{_show(rec['score'])} (the stated total)",
-                                    f"the sum of the item scores, {summed:g} (total {rec['score']:g} != items "
-                                    f"{summed:g}; training uses the sum of the items)", "warning"))
-    # Whatever the checks above missed (they should miss nothing): pydantic decides validity.
-    if known_bad or any(p.severity == "error" for p in problems):
-        return None, problems
-    try:
-        sub = GradedSubmission.model_validate(rec)
-    except ValidationError as e:
-        for err in e.errors():
-            problems.append(Problem(name, _loc_to_path(prefix, tuple(err["loc"])),
-                                    _show(err.get("input")), err["msg"]))
-        return None, problems
-    except (RecursionError, ValueError, TypeError) as e:
-        problems.append(Problem(name, here, f"a value that cannot be validated ({e})", "a graded submission"))
-        return None, problems
-    return sub, problems
-
-
-def _check_item(name: str, ip: str, item: Any) -> tuple[list[Problem], float | None]:
-    """Problems of one rubric_alignment item, and its max_score when usable."""
-    if not isinstance(item, dict):
-        return [Problem(name, ip, f"{_show(item)} ({_kind(item)})",
-                        "an object {question, answer, score, max_score?}")], None
-    problems: list[Problem] = []
-    q = item.get("question")
-    if "question" not in item:
-        problems.append(Problem(name, _join(ip, "question"), "nothing (field missing)", "a non-empty string: the question"))
-    elif not isinstance(q, str) or not q.strip():
-        problems.append(Problem(name, _join(ip, "question"), f"{_show(q)} ({_kind(q)})", "a non-empty string: the question"))
-    if "answer" not in item:
-        problems.append(Problem(name, _join(ip, "answer"), "nothing (field missing)",
-                                "a string: the student's answer (\"\" if none)"))
-    elif not isinstance(item["answer"], str):
-        problems.append(Problem(name, _join(ip, "answer"), f"{_show(item['answer'])} ({_kind(item['answer'])})",
-                                "a string: the student's answer"))
-    if "score" not in item:
-        problems.append(Problem(name, _join(ip, "score"), "nothing (field missing)", "a number: the points this answer earned"))
-    else:
-        problems += _check_number(name, _join(ip, "score"), item["score"], "the points this answer earned")
-    mx: float | None = None
-    if item.get("max_score") is not None:
-        mp = _check_number(name, _join(ip, "max_score"), item["max_score"],
-                           "the points this question is worth", positive=True)
-        problems += mp
-        if not mp:
-            mx = float(item["max_score"])
-            s = item.get("score")
-            if _is_finite(s) and s > mx:
-                problems.append(Problem(name, _join(ip, "score"), f"{_show(s)} (above max_score {_show(item['max_score'])})",
-                                        "0 <= score <= max_score"))
-    problems += _check_optional_str(name, ip, item, "reference_answer", "the model answer")
-    s = item.get("score")
-    if (not problems and isinstance(item.get("answer"), str) and not item["answer"].strip()
-            and _is_number(s) and s > 0):
-        # Points for nothing usually means the answer text was lost (Mohler has 9 such items);
-        # training on it teaches the model to reward empty answers.
-        problems.append(Problem(name, _join(ip, "answer"), f'an empty answer that scored {_show(s)}',
-                                "the student's answer text (was it lost? leave such items out of training)",
-                                "warning"))
-    return problems, mx
-
-
-def _check_item_maxes(name: str, prefix: str, rec: dict, maxes: list[float | None]) -> list[Problem]:
-    """Item maxima against the total: what `GradedSubmission.rubric()` relies on."""
-    total_max = float(rec["max_score"])
-    known = sum(m for m in maxes if m is not None)
-    missing = [i for i, m in enumerate(maxes) if m is None]
-    if not missing:
-        if abs(known - total_max) > TOTAL_TOLERANCE:
-            return [Problem(name, _join(prefix, "max_score"), f"{_show(rec['max_score'])} (the stated maximum)",
-                            f"the sum of the items' max_score, {known:g} (training uses the sum of the items)",
-                            "warning")]
-        return []
-    share = total_max - known
-    if share <= TOTAL_TOLERANCE:
-        first = _join(_join(prefix, "rubric_alignment"), missing[0])
-        return [Problem(name, _join(first, "max_score"), "nothing (field missing)",
-                        f"a number: items without max_score share what max_score {total_max:g} leaves over, "
-                        f"but the other items already use {known:g}")]
+def _schema_problems(name: str, prefix: str, model: type[BaseModel], error: ValidationError) -> list[Problem]:
+    """The schema's errors as problems: the JSON path of each, the value found, and what the schema
+    expects there (its own words, from `data.rubric`)."""
     problems = []
-    share /= len(missing)
-    for i in missing:
-        s = rec["rubric_alignment"][i]["score"]
-        if s > share + TOTAL_TOLERANCE:
-            problems.append(Problem(name, _join(_join(_join(prefix, "rubric_alignment"), i), "score"),
-                                    f"{_show(s)} (above this item's share of the maximum, {share:g})",
+    for err in error.errors():
+        ctx = err.get("ctx") or {}
+        loc = tuple(err["loc"]) + tuple(ctx.get("at", ()))
+        value = err.get("input")
+        if ctx.get("shown"):
+            shown = ctx["shown"]
+        elif err["type"] == "missing":
+            shown = "nothing (field missing)"
+        elif err["type"] == "too_short" and value == []:
+            shown = "an empty list []"
+        elif err["type"] in _TYPE_ERRORS:
+            shown = f"{_show(value)} ({_kind(value)})"
+        else:
+            shown = _show(value, 40)
+        expected = ctx["expected"] if "expected" in ctx else expected_of(model, loc)
+        problems.append(Problem(name, _loc_to_path(prefix, loc), shown, expected))
+    return problems
+
+
+def _check_submission(name: str, prefix: str, rec: Any) -> tuple[GradedSubmission | None, list[Problem]]:
+    """The submission, or every problem the schema finds in the record."""
+    here = prefix.rstrip(": ") if prefix.endswith(": ") else prefix
+    try:
+        return GradedSubmission.model_validate(rec), []
+    except ValidationError as e:
+        return None, _schema_problems(name, prefix, GradedSubmission, e)
+    except (RecursionError, ValueError, TypeError) as e:
+        return None, [Problem(name, here, f"a value that cannot be validated ({e})", "a graded submission")]
+
+
+def _suspicious(name: str, prefix: str, rec: dict, sub: GradedSubmission) -> list[Problem]:
+    """Warnings about valid data that is probably wrong: it loads, and the user hears of it."""
+    problems: list[Problem] = []
+    items_path = _join(prefix, "rubric_alignment")
+    for i, item in enumerate(sub.rubric_alignment):
+        if not item.answer.strip() and item.score > 0:
+            # Points for nothing usually means the answer text was lost (Mohler has 9 such items);
+            # training on it teaches the model to reward empty answers.
+            problems.append(Problem(name, _join(_join(items_path, i), "answer"),
+                                    f"an empty answer that scored {_show(rec['rubric_alignment'][i]['score'])}",
+                                    "the student's answer text (was it lost? leave such items out of training)",
+                                    "warning"))
+    mismatch = sub.total_mismatch()
+    if mismatch is not None:
+        total, summed = mismatch
+        problems.append(Problem(name, _join(prefix, "score"), f"{_show(rec['score'])} (the stated total)",
+                                f"the sum of the item scores, {summed:g} (total {total:g} != items "
+                                f"{summed:g}; training uses the sum of the items)", "warning"))
+    known = [i.max_score for i in sub.rubric_alignment]
+    if None not in known:
+        if abs(sum(known) - sub.max_score) > TOTAL_TOLERANCE:  # type: ignore[arg-type]
+            problems.append(Problem(name, _join(prefix, "max_score"), f"{_show(rec['max_score'])} (the stated maximum)",
+                                    f"the sum of the items' max_score, {sum(known):g} "  # type: ignore[arg-type]
+                                    "(training uses the sum of the items)", "warning"))
+        return problems
+    share = shared_max(sub.max_score, known)
+    for i, (item, m) in enumerate(zip(sub.rubric_alignment, known)):
+        if m is None and item.score > share + TOTAL_TOLERANCE:
+            problems.append(Problem(name, _join(_join(items_path, i), "score"),
+                                    f"{_show(rec['rubric_alignment'][i]['score'])} "
+                                    f"(above this item's share of the maximum, {share:g})",
                                     "a max_score on this item, or a score within its share", "warning"))
     return problems
 
@@ -597,12 +486,13 @@ def _report_from_records(name: str, records: list[tuple[str, Any]], problems: li
         problems += [_unicode_problem(name, path, v) for path, v in bad_text]
         for path, v in bad_numbers:
             problems.append(Problem(name, path, _show(v), "a finite number (JSON has no NaN or Infinity)"))
-        sub, p = _check_submission(name, prefix, rec, known_bad=bool(bad_numbers or bad_text))
+        sub, p = _check_submission(name, prefix, rec)
         # NaN/Infinity found by the scan above are not repeated by the field checks.
         nan_paths = {path for path, _ in bad_numbers}
         problems += [x for x in p if not (x.path in nan_paths and "finite" in x.expected)]
         if sub is None or bad_numbers or bad_text:
             continue
+        problems += _suspicious(name, prefix, rec, sub)
         if sub.submission_id is not None:
             if sub.submission_id in seen:
                 problems.append(Problem(name, _join(prefix, "submission_id"),
@@ -786,94 +676,36 @@ def _raise(problems: list[Problem]) -> None:
 
 
 def _validate_rubric(name: str, prefix: str, obj: dict) -> Rubric:
-    problems: list[Problem] = []
-    qs = obj.get("questions")
-    qpath = _join(prefix, "questions")
-    if not isinstance(qs, list) or not qs:
-        _raise([Problem(name, qpath, _show(qs) if "questions" in obj else "nothing (field missing)",
-                        "a non-empty list of {question, max_score, reference_answer?}")])
-    clean = dict(obj)
-    clean["questions"] = []
-    for i, q in enumerate(qs):
-        ip = _join(qpath, i)
-        if not isinstance(q, dict):
-            problems.append(Problem(name, ip, f"{_show(q)} ({_kind(q)})", "an object {question, max_score, reference_answer?}"))
-            continue
-        q = dict(q)
-        if isinstance(q.get("question_id"), int) and not isinstance(q.get("question_id"), bool):
-            q["question_id"] = str(q["question_id"])  # "question_id": 3 is a natural way to write it
-        if not isinstance(q.get("question"), str) or not q.get("question", "").strip():
-            problems.append(Problem(name, _join(ip, "question"),
-                                    _show(q.get("question")) if "question" in q else "nothing (field missing)",
-                                    "a non-empty string: the question"))
-        if "max_score" not in q:
-            problems.append(Problem(name, _join(ip, "max_score"), "nothing (field missing)",
-                                    "a number above 0: what the question is worth"))
-        else:
-            problems += _check_number(name, _join(ip, "max_score"), q["max_score"],
-                                      "what the question is worth", positive=True)
-        problems += _check_optional_str(name, ip, q, "reference_answer", "the model answer")
-        problems += _check_optional_str(name, ip, q, "question_id", "the question's label, e.g. \"1.2\"")
-        clean["questions"].append(q)
-    problems += _check_optional_str(name, prefix, obj, "title", "the rubric's title")
-    if problems:
-        _raise(problems)
     try:
-        return Rubric.model_validate(clean)
+        return Rubric.model_validate(obj)
     except ValidationError as e:
-        _raise([Problem(name, _loc_to_path(prefix, tuple(err["loc"])), _show(err.get("input")), err["msg"])
-                for err in e.errors()])
+        _raise(_schema_problems(name, prefix, Rubric, e))
     raise AssertionError("unreachable")
 
 
+# What a graded submission's rubric needs; its answers and scores are not looked at.
+_RUBRIC_ITEM_KEYS = ("question", "max_score", "reference_answer", "question_id")
+
+
 def _rubric_from_graded(name: str, prefix: str, rec: dict) -> Rubric:
-    """A graded submission's rubric. Only what a rubric needs is checked: answers and scores are
-    ignored, so a submission with a bad score still gives a usable rubric."""
+    """A graded submission's rubric (`GradedSubmission.rubric`). Only what a rubric needs is
+    checked: answers and scores are ignored, so a submission with a bad score still gives a
+    usable rubric."""
     items = rec.get("rubric_alignment")
-    ipath = _join(prefix, "rubric_alignment")
-    if not isinstance(items, list) or not items:
-        _raise([Problem(name, ipath, _show(items), "a non-empty list of items {question, max_score?, ...}")])
-    problems: list[Problem] = []
-    maxes: list[float | None] = []
-    for i, item in enumerate(items):
-        ip = _join(ipath, i)
-        if not isinstance(item, dict):
-            problems.append(Problem(name, ip, f"{_show(item)} ({_kind(item)})", "an object {question, max_score?, ...}"))
-            maxes.append(None)
-            continue
-        q = item.get("question")
-        if not isinstance(q, str) or not q.strip():
-            problems.append(Problem(name, _join(ip, "question"),
-                                    _show(q) if "question" in item else "nothing (field missing)",
-                                    "a non-empty string: the question"))
-        if item.get("max_score") is not None:
-            mp = _check_number(name, _join(ip, "max_score"), item["max_score"], "what the question is worth", positive=True)
-            problems += mp
-            maxes.append(None if mp else float(item["max_score"]))
-        else:
-            maxes.append(None)
-        problems += _check_optional_str(name, ip, item, "reference_answer", "the model answer")
-    missing = [i for i, (m, it) in enumerate(zip(maxes, items)) if m is None and isinstance(it, dict)
-               and it.get("max_score") is None]
-    share = 0.0
-    if missing and not problems:
-        total = rec.get("max_score")
-        tp = _check_number(name, _join(prefix, "max_score"), total, "the total maximum score") if "max_score" in rec else [
-            Problem(name, _join(prefix, "max_score"), "nothing (field missing)",
-                    "a number, or a max_score on every item")]
-        if tp:
-            _raise(tp)
-        share = (float(total) - sum(m for m in maxes if m is not None)) / len(missing)
-        if share <= 0:
-            _raise([Problem(name, _join(_join(ipath, missing[0]), "max_score"), "nothing (field missing)",
-                            f"a number: the other items already use all of max_score {total}")])
-    if problems:
-        _raise(problems)
-    qs = []
-    for item, m in zip(items, maxes):
-        qid = item.get("question_id")
-        qs.append({"question": item["question"], "max_score": m if m is not None else share,
-                   "reference_answer": item.get("reference_answer"),
-                   "question_id": None if qid is None else str(qid)})
-    title = rec.get("assignment") if isinstance(rec.get("assignment"), str) else None
-    return Rubric.model_validate({"questions": qs, "title": title})
+    if isinstance(items, list):
+        items = [{**{k: it[k] for k in _RUBRIC_ITEM_KEYS if k in it}, "answer": "", "score": 0}
+                 if isinstance(it, dict) else it for it in items]
+    shape: dict[str, Any] = {"score": 0, "rubric_alignment": items}
+    if "assignment" in rec:
+        shape["assignment"] = rec["assignment"]
+    # The total matters only to items without a max_score of their own (they share what it leaves).
+    maxes = [it.get("max_score") if isinstance(it, dict) else None for it in items] if isinstance(items, list) else []
+    if maxes and all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in maxes):
+        shape["max_score"] = sum(maxes)
+    elif "max_score" in rec:
+        shape["max_score"] = rec["max_score"]
+    try:
+        return GradedSubmission.model_validate(shape).rubric()
+    except ValidationError as e:
+        _raise(_schema_problems(name, prefix, GradedSubmission, e))
+    raise AssertionError("unreachable")

@@ -3,6 +3,7 @@ file, the JSON path, the value and what was expected, never with a traceback."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,37 @@ def test_every_problem_in_a_file_is_reported_with_value_and_expectation() -> Non
     assert "essay.json: [3].max_score: got NaN; expected a finite number (JSON has no NaN or Infinity)" in messages
     assert any(m.startswith("essay.json: [5].rubric_alignment: got an empty list") for m in messages)
     assert report.submissions == []  # nothing partial
+
+
+@pytest.mark.parametrize(
+    "record, path, words",
+    [
+        ({**sub(), "score": "3"}, "score", "write it without quotes"),
+        ({**sub(1), "rubric_alignment": [{"question": "  ", "answer": "a", "score": 1}]},
+         "rubric_alignment[0].question", "a non-empty string"),
+        ({**sub(1), "score": 0, "rubric_alignment": [{"question": "q", "answer": "a", "score": 0, "max_score": 0}]},
+         "rubric_alignment[0].max_score", "above 0"),
+        ({"score": 1, "max_score": 5, "rubric_alignment": [{"question": "a", "answer": "a", "score": 1, "max_score": 5},
+                                                           {"question": "b", "answer": "b", "score": 0}]},
+         "rubric_alignment[1].max_score", "already use 5"),
+        ({**sub(1), "rubric_alignment": [{"question": "a", "answer": "a", "score": 1, "max_score": 5,
+                                          "grader_scores": [1, 7]}]},
+         "rubric_alignment[0].grader_scores", "within 0..max_score"),
+        ({**sub(1), "rubric_alignment": [{"question": "a", "answer": "a", "score": 1, "max_score": 5,
+                                          "grader_scores": []}]},
+         "rubric_alignment[0].grader_scores", "each grader's score for this item"),
+    ],
+)
+def test_the_schema_is_the_one_judge_of_validity(record: dict, path: str, words: str) -> None:
+    """A Python caller of the schema meets the rule the loader reports, in the same words."""
+    from pydantic import ValidationError
+
+    from data.rubric import GradedSubmission
+
+    with pytest.raises(ValidationError, match=re.escape(words)):
+        GradedSubmission.model_validate(record)
+    (err,) = load_graded_bytes("x.json", json.dumps(record).encode()).errors
+    assert err.path == path and words in err.expected, str(err)
 
 
 def test_special_numbers_are_named_by_kind() -> None:
