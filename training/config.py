@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from data import paths
-from data.model_zoo import EMBEDDED_PREFIX, EMBEDDED_SPECS, embedded_model
+from data.model_zoo import EMBEDDED_PREFIX, EMBEDDED_SPECS, ModelNotFoundError, embedded_model, resolve_model_path
 
 # GPT-OSS keeps its expert weights as 3-D parameters of `mlp.experts` (not nn.Linear), so
 # bitsandbytes skips them: training.quant_experts packs them, peft reaches them through
@@ -301,10 +301,8 @@ def model_dir(cfg: RunConfig) -> Path | None:
         return p
     # A hub id like "openai/gpt-oss-120b" resolves only when a local copy exists (offline).
     try:
-        from data.model_zoo import resolve_model_path
-
         return Path(resolve_model_path(cfg.model))
-    except Exception:
+    except ModelNotFoundError:
         return None
 
 
