@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from data.loading import content_hash, load_graded
-from data.loading import DataError
+from data.loading import DataError, content_hash, load_graded
 from data.store import MIGRATIONS, Store, load_datasets
 
 REPO = Path(__file__).resolve().parents[1]
