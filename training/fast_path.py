@@ -50,7 +50,6 @@ from training.config import RunConfig
 _FUSED_CE_MODEL_TYPES = {
     "gpt_oss", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "gemma", "phi3", "olmo2",
 }
-CE_CHUNK_TOKENS = None  # None: as many tokens as keep one fp32 logits chunk near 1 GiB (1024 for 201k vocab)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,8 +196,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                             chunk: int | None = CE_CHUNK_TOKENS) -> torch.Tensor:
-    """Sum of token cross-entropies of ``h @ weight.T`` against ``target`` (fp32 scalar)."""
+                             chunk: int | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies of ``h @ weight.T`` against ``target`` (fp32 scalar), ``chunk``
+    tokens at a time (None: as many as keep one fp32 logits chunk near 1 GiB, 1024 for a 201k vocab)."""
     if not chunk:
         chunk = 1 << max(8, min(13, int(math.log2(max(1, (1 << 28) // weight.shape[0])))))
     return _LinearCrossEntropy.apply(h, weight, target, int(chunk))
