@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import json
 import math
+import sqlite3
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -596,7 +597,7 @@ def _training_examples(cfg: RunConfig) -> int | None:
                     return None
                 n_subs += found["n_submissions"]
                 n_items += found["n_items"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, sqlite3.Error):  # unreadable now: check_config says why
         return None
     n = n_items if cfg.example_unit == "item" else n_subs
     if not cfg.validation_datasets:
@@ -607,17 +608,18 @@ def _training_examples(cfg: RunConfig) -> int | None:
 def config_warnings(cfg: RunConfig) -> list[str]:
     """What launches but does not do what the settings seem to ask. Each names what to change."""
     warnings: list[str] = []
-    if cfg.max_steps is not None and cfg.max_steps >= 1 and cfg.epochs > 0:
+    per_step = cfg.per_device_batch_size * world_size(cfg) * cfg.gradient_accumulation_steps
+    if cfg.max_steps is not None and cfg.max_steps >= 1 and cfg.epochs > 0 and per_step >= 1:
         n = _training_examples(cfg)
         if n:
-            per_step = cfg.per_device_batch_size * world_size(cfg) * cfg.gradient_accumulation_steps
             per_epoch = math.ceil(n / per_step)
             asked = max(1, math.ceil(cfg.epochs * per_epoch))
             if cfg.max_steps < asked:
+                examples = f"{per_step} example{'s' if per_step > 1 else ''}"
                 warnings.append(
                     f"max_steps={cfg.max_steps} stops the run after {cfg.max_steps / per_epoch:.2g} epochs of the "
-                    f"{cfg.epochs:g} asked for (~{asked} steps of {per_step} example{'s' if per_step > 1 else ''}; ~{n} training "
-                    f"{cfg.example_unit}s); set max_steps=none for the full epochs={cfg.epochs:g}")
+                    f"{cfg.epochs:g} asked for (~{asked} steps of {examples}; ~{n} training {cfg.example_unit}s); "
+                    f"set max_steps=none for the full epochs={cfg.epochs:g}")
     if cfg.precision == "bf16" and not cfg.hostfile and gpu_count() == 0:
         warnings.append("precision=bf16 is not used on a CPU (training runs in fp32 there); set precision=auto")
     return warnings
