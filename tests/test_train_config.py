@@ -132,6 +132,9 @@ def test_without_a_preset_the_run_takes_this_machines_preset_and_says_what_max_s
     if hardware_preset() == "cpu-default":  # max_steps=12: far less than 3 epochs of the sample data
         assert "warning: max_steps=12 stops the run after" in err and "of the 3 asked for" in err
         assert "set max_steps=none" in err
+    # A setting the check refuses is reported as such, not as a crash of the warnings before it.
+    assert cli(["run", "--preset", "cpu-default", "--set", "per_device_batch_size=0"]) == 2
+    assert "per_device_batch_size must be >= 1" in capsys.readouterr().err
     assert Store().list_runs() == []
     # Steps that cover the epochs asked for, or no max_steps at all: nothing to say.
     assert config_warnings(preset("cpu-default").model_copy(update={"max_steps": 100_000})) == []
