@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         "constant_item_mae": const["items"]["mae"]["value"],
         "constant_submission_mae": const["submissions"]["mae"]["value"],
         "spread": ad["spread_within_assignment"],
-        "uncalibrated_items": {k: ad["uncalibrated"]["items"][k]["value"] for k in ("mae", "pearson_r", "qwk")} if ad.get("uncalibrated") else None,
+        "calibrated_items": {k: ad["calibrated_scores"]["items"][k]["value"] for k in ("mae", "pearson_r", "qwk")} if ad.get("calibrated_scores") else None,
+        "calibrated_submission_mae": ad["calibrated_scores"]["submissions"]["mae"]["value"] if ad.get("calibrated_scores") else None,
         "base": {k: report["predictors"]["base zero-shot"]["items"][k]["value"] for k in ("mae", "pearson_r", "qwk")}
         if "base zero-shot" in report["predictors"] else None,
         "repair_rate": ad["repair_rate"],

@@ -127,8 +127,8 @@ def cmd_evaluate(args) -> int:
                   f"({', '.join(f'{k} {v}' for k, v in p['repair_kinds'].items()) or 'no repairs'}); "
                   f"{p['n_needs_review']} questions need review; totals within an assignment spread "
                   f"sd {spread.get('pred_sd')} vs the humans' {spread.get('human_sd')}")
-        if p.get("uncalibrated"):
-            before, after = p["uncalibrated"]["items"], p["items"]
+        if p.get("calibrated_scores"):
+            before, after = p["items"], p["calibrated_scores"]["items"]
             print(f"{name}: calibration (fitted on the validation set) item MAE {before['mae']['value']:.3f} -> "
                   f"{after['mae']['value']:.3f}, QWK {before['qwk']['value']} -> {after['qwk']['value']}")
     const = report["predictors"]["constant (training mean)"]

@@ -568,7 +568,7 @@ class GraderEngine:
 
     def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
               scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
-              retry: bool = True, unit: str | None = None) -> GradeResult:
+              retry: bool = True, unit: str | None = None, calibrate: bool = False) -> GradeResult:
         """Grade one submission (Markdown) against ``rubric`` with ``adapter`` (a LoRA folder; None:
         the base alone): always a valid Grade. ``unit``: "item" grades each question by reading the
         model's score distribution (:meth:`grade_items`), "submission" generates the grade JSON;
@@ -578,7 +578,7 @@ class GraderEngine:
         :func:`store_grade`."""
         _check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
-            result = self.grade_items([("submission", submission_md, rubric)], adapter=adapter)[0]
+            result = self.grade_items([("submission", submission_md, rubric)], adapter=adapter, calibrate=calibrate)[0]
             if on_token:
                 on_token(result.raw_text)
             return result
@@ -593,13 +593,14 @@ class GraderEngine:
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                    scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
                    progress: Callable[[int], None] | None = None, retry: bool = True,
-                   unit: str | None = None) -> list[GradeResult]:
+                   unit: str | None = None, calibrate: bool = False) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
         results in input order (the names are the caller's, e.g. for :func:`store_grade`).
         ``progress(n)`` is called after each batch with the number just finished. Nothing is stored."""
         _check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
-            return self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress)
+            return self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress,
+                                    calibrate=calibrate)
         key = self._attach(adapter)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
@@ -623,13 +624,15 @@ class GraderEngine:
 
     def grade_items(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                     batch_size: int = 16, progress: Callable[[int], None] | None = None,
-                    calibrate: bool = True) -> list[GradeResult]:
+                    calibrate: bool = False) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples question by question, without generation: each
         question alone (its answer from the submission's sections, or the whole text when the
         headings do not match the rubric) is encoded to its score position and one forward pass
         reads the distribution over 0..max (data.prompt_format's item-level section). The score is
         its expected value, mapped by the adapter's calibration when it has one; the confidence
         comes from its spread. Questions are batched across submissions, sorted by length.
+        ``calibrate``: map expected scores through the calibration stored with the adapter (off by
+        default: on Mohler it lowered agreement on unseen assignments, BENCHMARKS.md).
         Questions whose values are not single tokens get the number the model writes there."""
         import torch
 
@@ -680,7 +683,7 @@ class GraderEngine:
                     raw.append(round(score, 3))
                     if cal is not None and p is not None:
                         score = cal.apply(score, ex.max_score)
-                    grade_items.append(GradeItem(question=labels[k], score=round(score, 2), max_score=ex.max_score))
+                    grade_items.append(GradeItem(question=rubric.questions[k].question, score=round(score, 2), max_score=ex.max_score))
                     probs_out.append({str(v): round(x, 4) for v, x in enumerate(p)} if p is not None else None)
                     conf.append(confidence(p) if p is not None else None)
                 grade = Grade(score=round(sum(it.score for it in grade_items), 2), max_score=rubric.max_score,

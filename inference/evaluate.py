@@ -78,6 +78,10 @@ def training_mean_fraction(adapter_dir: str | Path | None) -> tuple[float | None
 
 
 def _spread(results: list[GradeResult], human: list[float], rubrics: list) -> dict:
+    return _spread_of([r.grade.score for r in results], human, rubrics)
+
+
+def _spread_of(totals: list[float], human: list[float], rubrics: list) -> dict:
     """Within each assignment (submissions sharing a rubric), the standard deviation of the
     predicted totals against the humans': a grader that gives every student the same total
     has ratio 0, whatever its MAE."""
@@ -87,7 +91,7 @@ def _spread(results: list[GradeResult], human: list[float], rubrics: list) -> di
     pred_sd, human_sd = [], []
     for idx in groups.values():
         if len(idx) >= 3:
-            pred_sd.append(float(np.std([results[k].grade.score for k in idx])))
+            pred_sd.append(float(np.std([totals[k] for k in idx])))
             human_sd.append(float(np.std([human[k] for k in idx])))
     if not human_sd or sum(human_sd) == 0:
         return {"assignments": len(human_sd), "pred_sd": None, "human_sd": None, "ratio": None}
@@ -115,12 +119,15 @@ def _predictor_report(results: list[GradeResult], item_h, item_max, sub_h, sub_m
         "mean_latency_s": float(np.mean([r.latency_s for r in results])) if results else None,
         "calibrated": any(r.calibrated for r in results),
     }
-    if out["calibrated"]:  # the same grades before the calibration map, for the before/after table
-        raw = [s if s is not None else it.score for r in results for it, s in zip(r.grade.items, r.raw_scores or [])]
-        raw_sub = [sum(s if s is not None else it.score for it, s in zip(r.grade.items, r.raw_scores or []))
-                   for r in results]
-        out["uncalibrated"] = {"items": _level_metrics(item_h, raw, item_max, n_boot),
-                               "submissions": _level_metrics(sub_h, raw_sub, sub_max, n_boot)}
+    if out["calibrated"]:
+        # Graded with the calibration map applied; the headline rows are the raw expected scores
+        # (what grading gives by default), "calibrated" what --calibrate gives.
+        raw = [[s if s is not None else it.score for it, s in zip(r.grade.items, r.raw_scores or [])] for r in results]
+        out["calibrated_scores"] = {"items": out["items"], "submissions": out["submissions"]}
+        out["items"] = _level_metrics(item_h, [x for row in raw for x in row], item_max, n_boot)
+        out["submissions"] = _level_metrics(sub_h, [sum(row) for row in raw], sub_max, n_boot)
+        totals = [sum(row) for row in raw]
+        out["spread_within_assignment"] = _spread_of(totals, sub_h, rubrics)
     return out
 
 
@@ -218,7 +225,8 @@ def evaluate(
                 progress(name, done[0], len(items))
 
         results = engine.grade_many(items, adapter=which, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                    progress=tick, scoring=scoring, unit=unit or grading_unit(which if which else adapter))
+                                    progress=tick, scoring=scoring, unit=unit or grading_unit(which if which else adapter),
+                                    calibrate=True)
         if store:
             for r, (sub_name, _, rubric) in zip(results, items):
                 store_grade(r, rubric, sub_name)

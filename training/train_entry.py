@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.config import RunConfig, load_config, save_config  # noqa: E402
 from inference.score_head import collate_scores, score_log_probs, soft_cross_entropy  # noqa: E402
 
-COMPLETE_MARKER = "complete.json"
-STOP_FILE = "STOP"
+from data.run_folder import COMPLETE_MARKER, RunFolder, fsync_dir, fsync_tree  # noqa: E402
 
 # Library notices that repeat every step in train.log and mean nothing to the user (seen on the
 # CPU runs and on the H200): DeepSpeed's use of a deprecated torch collective, inductor's notes.
@@ -74,20 +73,7 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self.signalled or (self.run_dir / STOP_FILE).exists()
-
-
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint-<step>/ with its completion marker (half-written ones are ignored)."""
-    best: tuple[int, Path] | None = None
-    for d in run_dir.glob("checkpoint-*"):
-        try:
-            step = int(d.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        if (d / COMPLETE_MARKER).is_file() and (best is None or step > best[0]):
-            best = (step, d)
-    return best[1] if best else None
+        return self.signalled or RunFolder(self.run_dir).stop_requested()
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):
@@ -171,23 +157,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of `folder` and the folder itself, so a rename publishes complete data."""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
 # --------------------------------------------------------------------------------------- main
 
 
@@ -254,32 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_submissions(specs: list[str]) -> list:
-    """All graded submissions of ``specs``: files/folders (validated) and db:<name> datasets."""
-    from data.loading import load_graded
-
-    subs: list = []
-    files = [d for d in specs if not d.startswith("db:")]
-    if files:
-        report = load_graded(files)
-        if not report.ok:
-            raise ValueError("the training data has errors; fix them or drop the file:\n" + report.format())
-        subs += report.submissions
-    for d in specs:
-        if d.startswith("db:"):
-            from data.store import Store
-
-            store = Store()
-            ds = store.find_dataset(d[3:])
-            if ds is None:
-                names = ", ".join(x["name"] for x in store.list_datasets()) or "none"
-                raise ValueError(f"dataset {d[3:]!r} is not in the store (stored: {names})")
-            subs += store.dataset_submissions(ds["id"])
-    if not subs:
-        raise ValueError(f"no graded submissions in {specs}")
-    return subs
-
-
 def split_eval(subs: list, cfg: RunConfig) -> tuple[list, list]:
     order = list(range(len(subs)))
     random.Random(cfg.split_seed).shuffle(order)
@@ -317,9 +260,11 @@ class Trainer:
     # ------------------------------------------------------------------------------- setup
     def setup_data(self) -> None:
         cfg = self.cfg
-        subs = load_submissions(cfg.datasets)
+        from data.store import load_datasets
+
+        subs = load_datasets(cfg.datasets)
         if cfg.validation_datasets:
-            self.train_subs, self.eval_subs = subs, load_submissions(cfg.validation_datasets)
+            self.train_subs, self.eval_subs = subs, load_datasets(cfg.validation_datasets)
         else:
             self.train_subs, self.eval_subs = split_eval(subs, cfg)
 
@@ -373,7 +318,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_ex) / (cfg.per_device_batch_size * self.world * cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.start_step, state = 0, None
-        self.resumed_from = last_complete_checkpoint(self.run_dir) if resume else None
+        self.resumed_from = RunFolder(self.run_dir).last_complete_checkpoint() if resume else None
         if resume and self.resumed_from is None and self.is_main:
             log("no complete checkpoint to resume from: starting at step 0")
         if self.resumed_from is not None:
@@ -400,7 +345,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"][self.rank if self.rank < len(state["rng"]) else 0])
             if self.is_main:  # the curve carries on from the checkpoint: drop rows written after it
-                _truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+                RunFolder(self.run_dir).truncate_metrics(after_step=self.start_step)
         self.loss_fn = self._loss_fn()
 
     def _loss_fn(self):
@@ -590,8 +535,7 @@ class Trainer:
         return round(self.elapsed_before + time.time() - self.t_start, 2)
 
     def write_metrics(self, row: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        RunFolder(self.run_dir).append_metrics(row)
         self.store.add_metrics(self.run_id, [row])
 
     # ------------------------------------------------------------------------------- the loop
@@ -667,7 +611,7 @@ def publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torch.device, rank: int,
@@ -680,15 +624,6 @@ def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torc
     trainer.setup_model()
     trainer.setup_optimizer(resume)
     return trainer.train()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if r.get("step", 0) <= step]
-    if len(keep) != len(rows):
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def write_debug(engine, examples: list, run_dir: Path, rank: int, device: torch.device, pad_id: int) -> None:
