@@ -69,7 +69,8 @@ def empty_figure(title: str, message: str = "no data yet") -> go.Figure:
 
 
 def loss_figure(series: dict[str, list[dict[str, Any]]], title: str = "Loss") -> go.Figure:
-    """Train (solid) and eval (dotted, markers) loss against step for one or several runs."""
+    """Train (solid) and eval (dotted, markers) loss against step for one or several runs, and,
+    on a second axis, the validation agreement with the humans (QWK, Pearson r) where logged."""
     if not any(series.values()):
         return empty_figure(title)
     fig = go.Figure()
@@ -85,6 +86,12 @@ def loss_figure(series: dict[str, list[dict[str, Any]]], title: str = "Loss") ->
             fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals],
                                      mode="lines+markers", line=dict(dash="dot"),
                                      name=f"{prefix}eval loss"))
+        for key, label in (("val_qwk", "validation QWK"), ("val_pearson_r", "validation r")):
+            pts = [r for r in rows if r.get("kind") == "eval" and r.get(key) is not None]
+            if pts:
+                fig.add_trace(go.Scatter(x=[r["step"] for r in pts], y=[r[key] for r in pts], yaxis="y2",
+                                         mode="lines+markers", line=dict(dash="dash"), name=f"{prefix}{label}"))
+    fig.update_layout(yaxis2=dict(title="agreement", overlaying="y", side="right", range=[-0.2, 1.0]))
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", height=360,
                       margin=dict(l=40, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.2))
     return fig

@@ -19,7 +19,7 @@ from app import jobs
 from app.common import Settings, checked_adapter, model_choices, rubric_choices, safe_display_name
 from inference.repair import repair_messages
 
-GRADE_COLUMNS = ["question", "score", "max score", "justification"]
+GRADE_COLUMNS = ["question", "score", "max score", "confidence", "review", "justification"]
 GRADE_WIDTHS = ["45%", "10%", "12%", "33%"]
 BATCH_COLUMNS = ["file", "total", "max total", "repaired", "latency s"]
 NO_ADAPTER = "(none: base model only)"
@@ -73,7 +73,9 @@ def rubric_markdown(rubric) -> str:
 def grade_table(result) -> pd.DataFrame:
     if result is None:
         return pd.DataFrame(columns=GRADE_COLUMNS)
-    rows = [[i.question, i.score, i.max_score, i.justification or ""] for i in result.grade.items]
+    conf = result.confidence or [None] * len(result.grade.items)
+    rows = [[i.question, i.score, i.max_score, "" if c is None else round(c, 2), "needs review" if r else "",
+             i.justification or ""] for i, c, r in zip(result.grade.items, conf, result.needs_review)]
     return pd.DataFrame(rows, columns=GRADE_COLUMNS)
 
 

@@ -16,8 +16,8 @@ from inference.repair import repair_messages
 if TYPE_CHECKING:  # the engine imports torch lazily; writing a CSV should not need it
     from inference.engine import GradeResult
 
-GRADES_CSV_COLUMNS = ("file", "question", "score", "max_score", "justification", "total", "max_total", "feedback",
-                      "repaired", "repairs", "scoring", "base_model", "adapter")
+GRADES_CSV_COLUMNS = ("file", "question", "score", "max_score", "confidence", "needs_review", "justification",
+                      "total", "max_total", "feedback", "repaired", "repairs", "scoring", "base_model", "adapter")
 
 
 def write_grades_csv(path: str | Path, graded: Iterable[tuple[str, "GradeResult"]]) -> Path:
@@ -29,8 +29,10 @@ def write_grades_csv(path: str | Path, graded: Iterable[tuple[str, "GradeResult"
         w.writerow(GRADES_CSV_COLUMNS)
         for name, res in graded:
             g = res.grade
-            for it in g.items:
-                w.writerow([name, it.question, it.score, it.max_score, it.justification or "", g.score, g.max_score,
+            conf = res.confidence or [None] * len(g.items)
+            for it, c, review in zip(g.items, conf, res.needs_review):
+                w.writerow([name, it.question, it.score, it.max_score, "" if c is None else c, int(review),
+                            it.justification or "", g.score, g.max_score,
                             g.feedback or "", int(res.repaired), repair_messages(res.repairs), res.scoring,
                             res.base_model, res.adapter or ""])
     return path
