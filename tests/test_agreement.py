@@ -110,6 +110,9 @@ def test_validation_agreement_is_logged_and_the_best_checkpoint_kept(validated_r
 
 def test_unsure_questions_are_flagged_in_cli_and_csv(validated_run, tmp_path: Path) -> None:
     folder = RunFolder(validated_run["run_dir"])
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / SUBMISSION.name).write_text(SUBMISSION.read_text())
     out = subprocess.run([sys.executable, "-m", "inference", "grade", "--adapter", str(folder.best), "--rubric",
                           str(RUBRIC), str(SUBMISSION)], cwd=REPO, env=validated_run["env"], capture_output=True,
                          text=True, timeout=600)
@@ -120,7 +123,7 @@ def test_unsure_questions_are_flagged_in_cli_and_csv(validated_run, tmp_path: Pa
     assert graded["unit"] == "item" and len(conf) == 4
     assert graded["needs_review"] == [c < REVIEW_THRESHOLD for c in conf]
     batch = subprocess.run([sys.executable, "-m", "inference", "batch", "--adapter", str(folder.best), "--rubric",
-                            str(RUBRIC), "--out-dir", str(tmp_path), str(SUBMISSION)], cwd=REPO,
+                            str(RUBRIC), "--out-dir", str(tmp_path), str(inbox)], cwd=REPO,
                            env=validated_run["env"], capture_output=True, text=True, timeout=600)
     assert batch.returncode == 0, batch.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "grades.csv", encoding="utf-8")))
