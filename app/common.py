@@ -26,24 +26,21 @@ def model_choices() -> list[str]:
     """Embedded models, the presets' models and every model folder the presets name."""
     from data.model_zoo import EMBEDDED_SPECS
 
-    out = list(EMBEDDED_SPECS)
-    try:
-        from training.config import PRESETS
+    from training.config import PRESETS
 
-        out += [p.model for p in PRESETS.values()]
-    except Exception:
-        pass
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(list(EMBEDDED_SPECS) + [p.model for p in PRESETS.values()]))
 
 
 def dataset_choices() -> list[str]:
     """Stored datasets as `db:<name>` plus the sample folders, for the config's datasets field."""
+    import sqlite3
+
+    from data.store import Store
+
     out: list[str] = []
     try:
-        from data.store import Store
-
         out += [f"db:{d['name']}" for d in Store().list_datasets()]
-    except Exception:
+    except sqlite3.Error:  # a store the app cannot read yet (locked, or on a missing disk): no choices
         pass
     graded = paths.samples_dir() / "graded"
     if graded.exists():

@@ -82,12 +82,16 @@ def read_metrics(run_id: str) -> list[dict[str, Any]]:
 
 
 def log_tail(run_id: str, n_lines: int = 40, width: int = 220) -> str:
-    """The last lines of the run's train.log, each cut to `width` characters so they fit the box
-    ("" for an id that is not a run folder name)."""
+    """The last lines of the run's train.log without repeated library noise (the launcher's
+    filter), each cut to `width` characters so they fit the box ("" for an id that is not a run
+    folder name)."""
+    from training.launcher import is_library_noise
+
     try:
-        return RunFolder.of(run_id).log_tail(n_lines, width=width)
+        text = RunFolder.of(run_id).log_tail(n_lines * 3, width=width)
     except ValueError:
         return ""
+    return "\n".join([ln for ln in text.splitlines() if not is_library_noise(ln)][-n_lines:])
 
 
 def list_adapters() -> list[tuple[str, str]]:

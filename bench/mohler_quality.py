@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data.run_folder import RunFolder  # noqa: E402
 SPLIT = {"train": ["a05", "a06", "a07", "a08", "a09", "a10", "a12"], "validation": ["a01"],
          "test": ["a02", "a03", "a04", "a11"]}
 # The recipe that the side loop found (one question per example, soft labels from both graders,
@@ -115,12 +117,12 @@ def main(argv=None) -> int:
     py = sys.executable
     p = run([py, "-m", "training", "run", "--config", str(cfg_path)], log)
     run_dir = Path(p.stdout.strip().splitlines()[-1])
-    adapter = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "final"
+    adapter = RunFolder(run_dir).default_adapter()
     report_path = out / f"{args.name}_evaluate.json"
     run([py, "-m", "inference", "evaluate", "--adapter", str(adapter), "--data", str(split["test"]),
          "--json", str(report_path), "--n-boot", str(args.n_boot)], log)
     report = json.loads(report_path.read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = RunFolder(run_dir).read_metrics()
     evals = [m for m in metrics if m.get("kind") == "eval"]
     ad = report["predictors"]["adapter"]
     const = report["predictors"]["constant (training mean)"]

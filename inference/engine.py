@@ -36,11 +36,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from data.rubric import Grade, GradeItem, Rubric
+from data.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINAL, RUN_CONFIG, RunFolder
 from inference.repair import Repair, parse_grade, scores_read_from_output, zero_grade
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-RUN_CONFIG = "run_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SCORINGS = ("expected", "generated")
 
@@ -123,7 +121,7 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     if not folder.is_dir():
         raise AdapterError(f"adapter {folder} is a file; give the folder that holds {ADAPTER_CONFIG}")
     if not (folder / ADAPTER_CONFIG).is_file():
-        final = folder / "final"
+        final = folder / FINAL
         hint = f" (did you mean {final}?)" if (final / ADAPTER_CONFIG).is_file() else ""
         raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}: not a PEFT adapter folder{hint}")
     if not (folder / ADAPTER_WEIGHTS).is_file():
@@ -144,7 +142,7 @@ def base_model_of_adapter(adapter_dir: str | Path) -> str:
     folder = Path(adapter_dir).expanduser()
     if not folder.exists():
         raise AdapterError(f"adapter folder {folder} does not exist")
-    for cand in (folder / RUN_CONFIG, folder.parent / "config.json"):
+    for cand in (folder / RUN_CONFIG, RunFolder(folder.parent).config):
         if cand.is_file():
             try:
                 model = json.loads(cand.read_text()).get("model")
@@ -729,7 +727,7 @@ def grading_unit(adapter_dir: str | Path | None) -> str:
     item: reading a distribution needs no instruction following, and cannot run away."""
     if adapter_dir is None:
         return "item"
-    for cand in (Path(adapter_dir) / RUN_CONFIG, Path(adapter_dir).parent / "config.json"):
+    for cand in (Path(adapter_dir) / RUN_CONFIG, RunFolder(Path(adapter_dir).parent).config):
         if cand.is_file():
             try:
                 unit = json.loads(cand.read_text()).get("example_unit")

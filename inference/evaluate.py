@@ -39,38 +39,29 @@ def _level_metrics(human: list[float], pred: list[float], maxes: list[float], n_
 def training_mean_fraction(adapter_dir: str | Path | None) -> tuple[float | None, str]:
     """Mean item score as a fraction of its max over the adapter's training data, when the run
     says what it was trained on (run_config.json "datasets"); (None, why) otherwise."""
-    if adapter_dir is None:
-        return None, "no adapter"
     import json
 
+    from data.loading import DataError
+    from data.run_folder import RUN_CONFIG, RunFolder
+    from data.store import load_datasets
+
+    if adapter_dir is None:
+        return None, "no adapter"
     folder = Path(adapter_dir)
-    cfg_path = next((p for p in (folder / "run_config.json", folder.parent / "config.json") if p.is_file()), None)
+    cfg_path = next((p for p in (folder / RUN_CONFIG, RunFolder(folder.parent).config) if p.is_file()), None)
     if cfg_path is None:
-        return None, "the adapter has no run_config.json"
+        return None, f"the adapter has no {RUN_CONFIG}"
     try:
         datasets = json.loads(cfg_path.read_text()).get("datasets") or []
     except (OSError, ValueError, AttributeError):
         return None, f"{cfg_path} is unreadable"
-    subs: list[GradedSubmission] = []
-    files = []
-    for spec in datasets:
-        if isinstance(spec, str) and spec.startswith("db:"):
-            from data.store import Store
-
-            store = Store()
-            found = store.find_dataset(spec[3:])
-            if found is None:
-                return None, f"dataset {spec} is not in the store"
-            subs += store.dataset_submissions(found["id"])
-        else:
-            files.append(spec)
-    if files:
-        from data.loading import load_graded
-
-        missing = [f for f in files if not Path(f).exists()]
-        if missing:
-            return None, f"training data {missing[0]} is not on this machine"
-        subs += load_graded(files).submissions
+    missing = [d for d in datasets if not str(d).startswith("db:") and not Path(d).exists()]
+    if missing:
+        return None, f"training data {missing[0]} is not on this machine"
+    try:
+        subs: list[GradedSubmission] = load_datasets(datasets)
+    except DataError as e:
+        return None, str(e)
     fracs = [it.score / m for s in subs for it, m in zip(s.rubric_alignment, s.item_max_scores()) if m > 0]
     if not fracs:
         return None, "the training data could not be read"

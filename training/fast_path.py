@@ -55,18 +55,7 @@ _FUSED_CE_MODEL_TYPES = {
 # --------------------------------------------------------------------------------------------
 # model plumbing
 # --------------------------------------------------------------------------------------------
-def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers ``*ForCausalLM`` under any PEFT wrapping."""
-    m = model
-    for _ in range(4):
-        if hasattr(m, "get_base_model") and callable(m.get_base_model):
-            inner = m.get_base_model()
-            if inner is m:
-                break
-            m = inner
-        else:
-            break
-    return m
+from inference.score_head import base_causal_lm  # noqa: E402 (one home: the trainer's score head uses it too)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -7,8 +7,8 @@ It reads top to bottom: config -> distributed -> `Trainer`: data -> model + LoRA
 Only rank 0 writes metrics, checkpoints and the store. Every rank takes the same decisions (stop,
 eval, save) because they are agreed on by one all-reduce per optimizer step.
 
-Run folder (made by `training.launcher`): config.json, ds_config.json, command.txt, train.log,
-metrics.jsonl, checkpoint-<step>/, final/.
+The run folder's layout (config, checkpoints, best/, final/, metrics, stop file) is owned by
+`data.run_folder.RunFolder`; the launcher makes the folder, this program fills it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.config import RunConfig, load_config, save_config  # noqa: E402
 from inference.score_head import collate_scores, score_log_probs, soft_cross_entropy  # noqa: E402
 
-from data.run_folder import COMPLETE_MARKER, RunFolder, fsync_dir, fsync_tree  # noqa: E402
+from data.run_folder import FINAL, RUN_CONFIG, RunFolder  # noqa: E402
 
 # Library notices that repeat every step in train.log and mean nothing to the user (seen on the
 # CPU runs and on the H200): DeepSpeed's use of a deprecated torch collective, inductor's notes.
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(args.run_dir).resolve()
     run_id = run_dir.name
-    cfg = load_config(run_dir / "config.json")
+    cfg = load_config(RunFolder(run_dir).config)
     stop = StopRequest(run_dir)
 
     # Embedded models are built (once, under a file lock) before the process group starts:
@@ -220,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         store.set_run_status(run_id, status)
         log(f"run {run_id} {status}")
     dist.barrier()
+    dist.destroy_process_group()  # an orderly exit (torch warns about a group left open)
     return 0
 
 
@@ -328,7 +328,7 @@ class Trainer:
             self.best = state.get("best", self.best)
             if self.is_main:
                 log(f"resuming from {self.resumed_from.name} at step {self.start_step}/{self.total_steps}")
-        ds_config = json.loads((self.run_dir / "ds_config.json").read_text())
+        ds_config = json.loads(RunFolder(self.run_dir).ds_config.read_text())
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         schedule = lr_lambda(cfg, self.total_steps)
@@ -496,12 +496,12 @@ class Trainer:
         out = None
         with gather_ctx:
             if self.is_main:
-                out = self.run_dir / (name or f"checkpoint-{step}")
-                tmp = self.run_dir / f".tmp-{out.name}"
-                shutil.rmtree(tmp, ignore_errors=True)
+                folder = RunFolder(self.run_dir)
+                name = name or folder.checkpoint(step).name
+                tmp = folder.staging(name)
                 self.engine.module.save_pretrained(str(tmp), safe_serialization=True)
                 self.tokenizer.save_pretrained(str(tmp))
-                save_config(cfg, tmp / "run_config.json")
+                save_config(cfg, tmp / RUN_CONFIG)
                 if self.calibrations.get(step) is not None:
                     self.calibrations[step].save(tmp)
                 torch.save({
@@ -511,9 +511,8 @@ class Trainer:
                     "optimizer": [g[0] for g in gathered], "rng": [g[1] for g in gathered],
                     "scheduler": self.scheduler.state_dict(), "world_size": self.world, "zero_stage": cfg.zero_stage,
                 }, tmp / "trainer_state.pt")
-                (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
-                publish(tmp, out)
-                self.store.add_checkpoint(self.run_id, step, str(out), final=name == "final")
+                out = folder.publish(tmp, name, step)
+                self.store.add_checkpoint(self.run_id, step, str(out), final=name == FINAL)
                 log(f"saved {out.name} (step {step})")
         dist.barrier()
         return out
@@ -522,12 +521,8 @@ class Trainer:
         """Copy checkpoint-<step>/ to best/ (rank 0), noting why."""
         self.best = {"step": step, "qwk": row.get("val_qwk"), "pearson_r": row.get("val_pearson_r")}
         if self.is_main:
-            src = self.run_dir / f"checkpoint-{step}"
-            tmp = self.run_dir / ".tmp-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "best": self.best}))
-            publish(tmp, self.run_dir / "best")
+            folder = RunFolder(self.run_dir)
+            folder.save_best(folder.checkpoint(step), best=self.best)
             log(f"best validation agreement so far (QWK {_fmt(row.get('val_qwk'))}, r {_fmt(row.get('val_pearson_r'))}): "
                 f"checkpoint-{step} kept as best/")
 
@@ -589,7 +584,7 @@ class Trainer:
         if not stopped:
             if last_saved != step:
                 self.save_checkpoint(step)
-            self.save_checkpoint(step, name="final")
+            self.save_checkpoint(step, name=FINAL)
         if cfg.debug and not stopped:
             write_debug(self.engine, self.eval_ex or self.train_ex, self.run_dir, self.rank, self.device,
                         self.tokenizer.pad_token_id)
@@ -598,20 +593,6 @@ class Trainer:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Make the complete folder ``tmp`` appear as ``out`` in one rename (replacing an old one)."""
-    fsync_tree(tmp)
-    if out.exists():
-        old = out.parent / f".old-{out.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    fsync_dir(out.parent)
 
 
 def train(cfg: RunConfig, run_dir: Path, run_id: str, resume: bool, device: torch.device, rank: int,
@@ -630,7 +611,7 @@ def write_debug(engine, examples: list, run_dir: Path, rank: int, device: torch.
     """Test mode: every rank's LoRA hash; rank 0's logits on one example (for the reload check)."""
     from training.models import lora_state_hash
 
-    out = run_dir / "debug"
+    out = RunFolder(run_dir).debug
     out.mkdir(exist_ok=True)
     (out / f"lora_hash_rank{rank}.txt").write_text(lora_state_hash(engine.module))
     engine.eval()
