@@ -22,18 +22,24 @@ of 0001, which creates only what is missing, so they upgrade like any other.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import sqlite3
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import sqlite_utils
+from pydantic import ValidationError
 
 from data import paths
 from data.loading import DataError, content_hash, load_graded
-from data.rubric import GradedSubmission
+from data.markdown import split_sections
+from data.prompt_format import question_labels
+from data.rubric import GradedSubmission, Rubric
 
 BUSY_TIMEOUT_S = 30.0
 RUN_STATUSES = ("created", "running", "stopped", "failed", "finished")
@@ -42,6 +48,73 @@ METRIC_COLUMNS = ("kind", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm
                   "samples", "elapsed_s", "peak_mem_gib", "total_steps")
 
 MIGRATIONS = sqlite_utils.Migrations("grader_studio")
+REVIEW_ORDERS = ("confidence", "newest")  # the review queue: least sure first, or newest grade first
+DEFAULT_CORRECTOR = "teacher"
+CORRECTIONS_SOURCE = "corrections"  # the `sources` of a dataset made from the teacher's corrections
+
+
+class CorrectionError(ValueError):
+    """A correction the store refuses (no such grade or question, a score outside 0..max, no name)."""
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One teacher correction of one question of a stored grade: what the model said, what the
+    teacher says, who and when. Rows are never changed; the newest one of an answer counts."""
+
+    id: int
+    grade_id: int
+    question_index: int  # position in the grade's items (rubric order)
+    question_label: str
+    question: str
+    max_score: float
+    model_score: float
+    model_justification: str | None
+    teacher_score: float
+    teacher_justification: str | None
+    corrected_by: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """One question of a stored grade as the review queue shows it."""
+
+    grade_id: int
+    question_index: int
+    question_label: str
+    question: str
+    max_score: float
+    model_score: float
+    model_justification: str | None
+    confidence: float | None  # None: the grade was generated whole, so there is no distribution
+    submission_name: str
+    adapter: str | None  # None: the base model alone
+    base_model: str
+    graded_at: str
+    answer: str | None  # the student's answer to it; None when the grade kept no Markdown
+    answer_key: str  # the same answer to the same question, whichever grade (adapter) it is in
+    correction: Correction | None  # the teacher's latest correction of this answer, from any grade
+
+
+@dataclass(frozen=True)
+class CorrectedData:
+    """The corrected answers as graded submissions (one per submission text and rubric, holding
+    only its corrected questions), the corrections used, and why any corrected answer is left out."""
+
+    submissions: list[GradedSubmission]
+    correction_ids: list[int]
+    skipped: list[str]
+
+
+@dataclass(frozen=True)
+class CorrectionsDataset:
+    """A dataset made from corrections, as a run's config names it."""
+
+    spec: str  # "db:<name or id>" as in the run's config
+    dataset_id: int
+    name: str
+    correction_ids: list[int]
 
 
 @MIGRATIONS(name="0001_create_tables")
@@ -110,12 +183,35 @@ def _drop_schema_version(db: sqlite_utils.Database) -> None:
     db.execute("DROP TABLE IF EXISTS schema_version")
 
 
+@MIGRATIONS(name="0003_review_corrections")
+def _review_corrections(db: sqlite_utils.Database) -> None:
+    """The teacher's review loop (#16). A grade keeps the Markdown it was made from (a correction
+    becomes training data only with the student's answer) and its per-question confidence (JSON
+    list; `min_confidence` so the least sure grades are found without reading every row). The
+    `corrections` table only ever gains rows: a second correction of a question is a new row and
+    the newest one counts. A dataset made from corrections lists their ids (`correction_ids`)."""
+    grades = db["grades"]
+    grades.add_column("submission_md", str)
+    grades.add_column("confidence", str)
+    grades.add_column("min_confidence", float)
+    grades.create_index(["min_confidence"], if_not_exists=True)
+    db["datasets"].add_column("correction_ids", str)
+    db["corrections"].create(
+        {"id": int, "grade_id": int, "question_index": int, "question_label": str, "question": str,
+         "max_score": float, "model_score": float, "model_justification": str, "teacher_score": float,
+         "teacher_justification": str, "corrected_by": str, "created_at": str},
+        pk="id", foreign_keys=[("grade_id", "grades", "id")],
+        not_null={"grade_id", "question_index", "teacher_score", "corrected_by", "created_at"},
+    )
+    db["corrections"].create_index(["grade_id", "question_index"], if_not_exists=True)
+
+
 _JSON = {
-    "datasets": frozenset({"sources"}),
+    "datasets": frozenset({"sources", "correction_ids"}),
     "submissions": frozenset({"data"}),
     "metrics": frozenset({"data"}),
     "runs": frozenset({"config", "command"}),
-    "grades": frozenset({"grade", "rubric"}),
+    "grades": frozenset({"grade", "rubric", "confidence"}),
     "evaluations": frozenset({"report"}),  # its `data` column names the data, it is not JSON
 }
 
@@ -204,9 +300,11 @@ class Store:
 
     # -- datasets ------------------------------------------------------------------------------
 
-    def import_dataset(self, name: str, submissions: list[GradedSubmission], sources: list[str]) -> tuple[int, bool]:
+    def import_dataset(self, name: str, submissions: list[GradedSubmission], sources: list[str], *,
+                       correction_ids: list[int] | None = None) -> tuple[int, bool]:
         """Store validated submissions as a named dataset. The same content (by `content_hash`)
-        imported again returns the existing id and ``created=False``, whatever the name."""
+        imported again returns the existing id and ``created=False``, whatever the name.
+        ``correction_ids``: the teacher's corrections it was made from (:meth:`store_corrections_dataset`)."""
         if not submissions:
             raise ValueError("import_dataset: no submissions to import (validate the files first)")
         digest = content_hash(submissions)
@@ -216,9 +314,10 @@ class Store:
                 return int(existing[0]["id"]), False
             n_items = sum(len(s.rubric_alignment) for s in submissions)
             cur = db.execute(
-                "INSERT INTO datasets (name, content_hash, n_submissions, n_items, sources, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [name, digest, len(submissions), n_items, _dumps(list(sources)), _now()],
+                "INSERT INTO datasets (name, content_hash, n_submissions, n_items, sources, created_at, correction_ids) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [name, digest, len(submissions), n_items, _dumps(list(sources)), _now(),
+                 None if correction_ids is None else _dumps([int(i) for i in correction_ids])],
             )
             dataset_id = int(cur.lastrowid)
             for pos, sub in enumerate(submissions):
@@ -346,16 +445,30 @@ class Store:
     # -- grades and evaluations ----------------------------------------------------------------
 
     def add_grade(self, *, grade: dict, raw_text: str, base_model: str, adapter: str | None,
-                  submission_name: str, rubric: dict, repaired: bool, latency_s: float) -> int:
-        """Record one grading result; returns its id."""
+                  submission_name: str, rubric: dict, repaired: bool, latency_s: float,
+                  submission_md: str | None = None, confidence: list[float | None] | None = None) -> int:
+        """Record one grading result; returns its id. ``submission_md``: the Markdown that was
+        graded (what makes a corrected grade training data); ``confidence``: per question, how sure
+        the model was (item-level grading; None where unknown), for the review queue's order."""
+        conf = None if confidence is None else [_finite_or_none(c) for c in confidence]
+        known = [float(c) for c in conf or [] if c is not None]
         with self._write() as db:
             cur = db.execute(
                 "INSERT INTO grades (created_at, base_model, adapter, submission_name, score, max_score, grade, "
-                "raw_text, rubric, repaired, latency_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "raw_text, rubric, repaired, latency_s, submission_md, confidence, min_confidence) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [_now(), base_model, adapter, submission_name, grade.get("score"), grade.get("max_score"),
-                 _dumps(grade), raw_text, _dumps(rubric), int(bool(repaired)), float(latency_s)],
+                 _dumps(grade), raw_text, _dumps(rubric), int(bool(repaired)), float(latency_s),
+                 submission_md, None if conf is None else _dumps(conf), min(known) if known else None],
             )
             return int(cur.lastrowid)
+
+    def get_grade(self, grade_id: int) -> dict | None:
+        """One stored grade (grade, rubric and confidence decoded), or None."""
+        rows = self._rows("SELECT * FROM grades WHERE id = ?", [int(grade_id)], _JSON["grades"])
+        for r in rows:
+            r["repaired"] = bool(r["repaired"])
+        return rows[0] if rows else None
 
     def grades(self, limit: int = 100) -> list[dict]:
         """The most recent grades, newest first (grade and rubric decoded)."""
@@ -376,6 +489,202 @@ class Store:
     def evaluations(self, limit: int = 100) -> list[dict]:
         """The most recent evaluations, newest first (report decoded)."""
         return self._rows("SELECT * FROM evaluations ORDER BY id DESC LIMIT ?", [int(limit)], _JSON["evaluations"])
+
+    # -- the teacher's review loop -------------------------------------------------------------
+
+    def add_correction(self, grade_id: int, question_index: int, teacher_score: float,
+                       teacher_justification: str | None = None,
+                       corrected_by: str = DEFAULT_CORRECTOR) -> Correction:
+        """Store the teacher's score (and justification) for question ``question_index`` of grade
+        ``grade_id``, beside what the model said. Nothing is overwritten: correcting the same
+        question again adds a row, and the newest row is the one read. Raises `CorrectionError`
+        for a missing grade or question, a score that is not a number within 0..max, or no name."""
+        row = self.get_grade(grade_id)
+        if row is None:
+            raise CorrectionError(f"grade {grade_id}: no such grade in {self.path}")
+        questions = _grade_questions(row)
+        if not 0 <= int(question_index) < len(questions):
+            raise CorrectionError(f"grade {grade_id}: question index {question_index} is not one of its "
+                                  f"{len(questions)} questions (0..{len(questions) - 1})")
+        q = questions[int(question_index)]
+        where = f"grade {grade_id} ({q.submission_name}), question {q.question_label}"
+        if isinstance(teacher_score, bool) or not isinstance(teacher_score, (int, float)) \
+                or not math.isfinite(teacher_score):
+            raise CorrectionError(f"{where}: teacher score {teacher_score!r} is not a number; give 0..{q.max_score:g}")
+        if not 0 <= teacher_score <= q.max_score:
+            raise CorrectionError(f"{where}: teacher score {teacher_score:g} is outside 0..{q.max_score:g}")
+        who = " ".join(str(corrected_by or "").split())
+        if not who:
+            raise CorrectionError(f"{where}: say who corrected it (the name field; default {DEFAULT_CORRECTOR!r})")
+        why = (teacher_justification or "").strip() or None
+        now = _now()
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO corrections (grade_id, question_index, question_label, question, max_score, model_score, "
+                "model_justification, teacher_score, teacher_justification, corrected_by, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [int(grade_id), int(question_index), q.question_label, q.question, q.max_score, q.model_score,
+                 q.model_justification, float(teacher_score), why, who, now],
+            )
+            cid = int(cur.lastrowid)
+        return Correction(id=cid, grade_id=int(grade_id), question_index=int(question_index),
+                          question_label=q.question_label, question=q.question, max_score=q.max_score,
+                          model_score=q.model_score, model_justification=q.model_justification,
+                          teacher_score=float(teacher_score), teacher_justification=why, corrected_by=who,
+                          created_at=now)
+
+    def corrections(self, grade_id: int | None = None) -> list[Correction]:
+        """Every correction (of one grade, or all), oldest first: the full history, none dropped."""
+        sql = "SELECT * FROM corrections" + (" WHERE grade_id = ?" if grade_id is not None else "") + " ORDER BY id"
+        return [_correction(r) for r in self._rows(sql, [int(grade_id)] if grade_id is not None else [])]
+
+    def latest_corrections(self) -> dict[str, Correction]:
+        """The teacher's current word on each corrected answer: {answer key: newest correction}.
+        The key is the same for every grade of the same submission text and question, so a
+        correction made on one adapter's grade is the truth for all of them."""
+        rows = self._rows("SELECT c.*, g.submission_md AS _md FROM corrections c JOIN grades g ON g.id = c.grade_id "
+                          "ORDER BY c.id")
+        latest: dict[str, Correction] = {}
+        for r in rows:
+            c = _correction(r)
+            latest[_answer_key(r["_md"], c.grade_id, c.question_index, c.question_label, c.question,
+                               c.max_score)] = c
+        return latest
+
+    def review_items(self, *, adapters: set[str | None] | None = None, order: str = "confidence",
+                     limit_grades: int = 500) -> list[ReviewItem]:
+        """The questions of stored grades, those most in need of review first (``order``
+        "confidence": the least sure first, questions without a confidence after them, newest
+        grades first among equals; "newest": newest grade first). ``adapters``: only grades made by
+        these adapter folders (None in the set: the base model alone); None: every grade. Reads
+        the ``limit_grades`` grades that come first in that order."""
+        if order not in REVIEW_ORDERS:
+            raise ValueError(f"review order {order!r}: expected one of {', '.join(REVIEW_ORDERS)}")
+        where, params = "", []
+        if adapters is not None:
+            named = sorted(a for a in adapters if a is not None)
+            parts = [f"adapter IN ({', '.join('?' * len(named))})"] if named else []
+            if None in adapters:
+                parts.append("adapter IS NULL")
+            where = " WHERE " + (" OR ".join(parts) if parts else "0")
+            params += named
+        sort = ("min_confidence IS NULL, min_confidence, id DESC" if order == "confidence" else "id DESC")
+        rows = self._rows(f"SELECT * FROM grades{where} ORDER BY {sort} LIMIT ?", [*params, int(limit_grades)],
+                          _JSON["grades"])
+        latest = self.latest_corrections()
+        items = [q for row in rows for q in _grade_questions(row, latest)]
+        if order == "confidence":
+            items.sort(key=lambda q: (q.confidence is None, q.confidence or 0.0, -q.grade_id, q.question_index))
+        else:
+            items.sort(key=lambda q: (-q.grade_id, q.question_index))
+        return items
+
+    def corrected_review_items(self) -> list[ReviewItem]:
+        """Every question, in any stored grade, whose answer the teacher has corrected (its
+        ``correction`` set): the grade where it was corrected and every other grade of the same
+        submission text, whichever adapter made it. What agreement with the teacher is computed on."""
+        latest = self.latest_corrections()
+        if not latest:
+            return []
+        rows = self._rows(
+            "SELECT * FROM grades WHERE id IN (SELECT grade_id FROM corrections) OR submission_md IN "
+            "(SELECT g.submission_md FROM corrections c JOIN grades g ON g.id = c.grade_id "
+            "WHERE g.submission_md IS NOT NULL) ORDER BY id", (), _JSON["grades"])
+        return [q for row in rows for q in _grade_questions(row, latest) if q.correction is not None]
+
+    def graded_adapters(self) -> list[tuple[str | None, str]]:
+        """(adapter, base model) pairs that made stored grades, newest grade first."""
+        rows = self._rows("SELECT adapter, base_model, max(id) AS last FROM grades GROUP BY adapter, base_model "
+                          "ORDER BY last DESC")
+        return [(r["adapter"], r["base_model"]) for r in rows]
+
+    def corrected_submissions(self) -> CorrectedData:
+        """The teacher's corrected answers as training data: one graded submission per corrected
+        submission text and rubric, holding its corrected questions (the teacher's score and
+        justification, the answer cut from the Markdown by `data.markdown.split_sections`).
+        Questions nobody corrected are left out: their only score is the model's own."""
+        latest = self.latest_corrections()
+        if not latest:
+            return CorrectedData([], [], [])
+        ids = sorted({c.grade_id for c in latest.values()})
+        rows = self._rows(f"SELECT * FROM grades WHERE id IN ({', '.join('?' * len(ids))}) ORDER BY id", ids,
+                          _JSON["grades"])
+        groups: dict[tuple[str, str], dict] = {}  # (text, rubric) -> its newest grade
+        skipped: list[str] = []
+        for row in rows:
+            if not row.get("submission_md"):
+                skipped.append(f"grade {row['id']} ({row['submission_name']}): it kept no submission text "
+                               "(graded before the review loop, or by evaluate), so there is no answer to train on")
+                continue
+            groups[(row["submission_md"], _dumps(row["rubric"]))] = row
+        subs: list[GradedSubmission] = []
+        used: list[int] = []
+        for row in sorted(groups.values(), key=lambda r: r["id"]):
+            questions = [q for q in _grade_questions(row, latest) if q.correction is not None]
+            if not questions:
+                continue
+            if any(q.answer is None for q in questions):
+                skipped.append(f"grade {row['id']} ({row['submission_name']}): its Markdown headings do not match "
+                               "the rubric's questions, so there is no answer per question")
+                continue
+            rubric = _rubric(row)
+            items = []
+            for q in questions:
+                c = q.correction
+                ref = rubric.questions[q.question_index].reference_answer if rubric else None
+                item: dict[str, Any] = {
+                    "question_id": q.question_label, "question": q.question, "answer": q.answer,
+                    "score": c.teacher_score, "max_score": q.max_score, "reference_answer": ref,
+                    "model_score": c.model_score, "correction_id": c.id, "corrected_by": c.corrected_by}
+                if c.teacher_justification:
+                    item["justification"] = c.teacher_justification
+                items.append(item)
+                used.append(c.id)
+            sub: dict[str, Any] = {
+                "submission_id": f"grade-{row['id']}", "submission_name": row["submission_name"],
+                "score": sum(i["score"] for i in items), "max_score": sum(i["max_score"] for i in items),
+                "graded_by": row["adapter"] or row["base_model"], "source": CORRECTIONS_SOURCE,
+                "rubric_alignment": items}
+            if rubric is not None and rubric.title:
+                sub["assignment"] = rubric.title
+            subs.append(GradedSubmission.model_validate(sub))
+        return CorrectedData(subs, sorted(used), skipped)
+
+    def store_corrections_dataset(self, name: str | None = None) -> tuple[int, bool, CorrectedData]:
+        """Store the corrected answers (:meth:`corrected_submissions`) as a dataset for
+        ``datasets=db:<name>`` (default name ``corrections-<UTC date>``), recording the ids of the
+        corrections it holds. Returns (dataset id, created, the data); the same corrections again
+        give the existing dataset (``created=False``). Raises `CorrectionError` when no corrected
+        answer can become training data, saying why."""
+        data = self.corrected_submissions()
+        if not data.submissions:
+            why = "; ".join(data.skipped) or "there are no corrections yet: correct a question in the Review tab first"
+            raise CorrectionError(f"no training data from corrections: {why}")
+        name = " ".join((name or "").split()) or f"corrections-{datetime.now(timezone.utc).date().isoformat()}"
+        dataset_id, created = self.import_dataset(name, data.submissions, [CORRECTIONS_SOURCE],
+                                                  correction_ids=data.correction_ids)
+        return dataset_id, created, data
+
+    def run_corrections(self, run_id: str) -> list[CorrectionsDataset]:
+        """The datasets made from corrections that run ``run_id`` trained on, with their
+        correction ids. The run's config names each ``db:`` dataset; a name means the newest
+        dataset of that name when the run was created (what its trainer loaded then)."""
+        run = self.get_run(run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id!r} in {self.path}")
+        cfg = run["config"] if isinstance(run["config"], dict) else {}
+        out: list[CorrectionsDataset] = []
+        for spec in cfg.get("datasets") or []:
+            if not isinstance(spec, str) or not spec.startswith(DB_PREFIX):
+                continue
+            ref = spec[len(DB_PREFIX):]
+            rows = self._rows("SELECT * FROM datasets WHERE id = ?", [int(ref)], _JSON["datasets"]) if ref.isdigit() else []
+            if not rows:
+                rows = self._rows("SELECT * FROM datasets WHERE name = ? AND created_at <= ? ORDER BY id DESC LIMIT 1",
+                                  [ref, run["created_at"]], _JSON["datasets"])
+            if rows and rows[0].get("correction_ids") is not None:
+                out.append(CorrectionsDataset(spec, int(rows[0]["id"]), rows[0]["name"], list(rows[0]["correction_ids"])))
+        return out
 
 
 DB_PREFIX = "db:"  # a dataset spec naming a stored dataset: "db:<name or id>"
@@ -409,6 +718,57 @@ def load_datasets(specs: list[str], store: Store | None = None) -> list[GradedSu
     if not subs:
         raise DataError(f"no graded submissions in {specs}: give .json/.jsonl files, folders or db:<name>")
     return subs
+
+
+def _rubric(row: dict) -> Rubric | None:
+    """The rubric a grade was made against, or None for a row whose rubric is not one."""
+    try:
+        return Rubric.model_validate(row.get("rubric"))
+    except ValidationError:
+        return None
+
+
+def _answer_key(md: str | None, grade_id: int, index: int, label: str, question: str, max_score: float) -> str:
+    """Names one answer to one question: by the submission text when the grade kept it (so every
+    grade of that text shares it), else by the grade and question position."""
+    if not md:
+        return f"grade:{grade_id}:{index}"
+    digest = hashlib.sha256(_dumps([md, label, question, float(max_score)]).encode("utf-8")).hexdigest()
+    return f"text:{digest[:24]}"
+
+
+def _grade_questions(row: dict, latest: dict[str, Correction] | None = None) -> list[ReviewItem]:
+    """The questions of a stored grade row (grade, rubric and confidence decoded)."""
+    grade = row.get("grade") if isinstance(row.get("grade"), dict) else {}
+    items = [i for i in grade.get("items") or [] if isinstance(i, dict)]
+    rubric = _rubric(row)
+    labels = question_labels(rubric) if rubric is not None and len(rubric.questions) == len(items) else \
+        [str(k + 1) for k in range(len(items))]
+    md = row.get("submission_md")
+    answers: list[str] | None = None
+    if md and rubric is not None and len(rubric.questions) == len(items):
+        # The answer each question was graded on (as grade_items cuts it); a single question is
+        # the whole text. Headings that do not match a multi-question rubric give no answers.
+        answers = split_sections(md, rubric) or ([md.strip()] if len(items) == 1 else None)
+    conf = row.get("confidence") if isinstance(row.get("confidence"), list) else []
+    out = []
+    for k, item in enumerate(items):
+        max_score = float(item.get("max_score") or 0.0)
+        key = _answer_key(md, int(row["id"]), k, labels[k], str(item.get("question", "")), max_score)
+        c = conf[k] if k < len(conf) else None
+        out.append(ReviewItem(
+            grade_id=int(row["id"]), question_index=k, question_label=labels[k],
+            question=str(item.get("question", "")), max_score=max_score, model_score=float(item.get("score") or 0.0),
+            model_justification=item.get("justification"), confidence=None if c is None else float(c),
+            submission_name=row.get("submission_name") or "", adapter=row.get("adapter"),
+            base_model=row.get("base_model") or "", graded_at=row.get("created_at") or "",
+            answer=answers[k] if answers is not None else None, answer_key=key,
+            correction=(latest or {}).get(key)))
+    return out
+
+
+def _correction(row: dict) -> Correction:
+    return Correction(**{f: row[f] for f in Correction.__dataclass_fields__})
 
 
 def _decode_row(row: dict, json_columns: frozenset[str]) -> dict:
