@@ -105,7 +105,7 @@ def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_
         try:
             result = get_engine(base).grade(markdown, rubric, adapter=adapter or None,
                                             max_new_tokens=max_new_tokens, on_token=lambda t: q.put(t))
-            store_grade(result, rubric, name)
+            store_grade(result, rubric, name, submission_md=markdown)
             box["result"] = result
         except Exception as exc:  # shown to the user
             box["error"] = exc
@@ -252,8 +252,8 @@ def build(settings: Settings) -> dict[str, Any]:
                                                     max_new_tokens=int(max_new_tokens or 512))
         graded = [(name, res) for (name, _, _), res in zip(items, results)]
         rows = []
-        for name, res in graded:
-            store_grade(res, rubric, name)
+        for (name, md, _), res in zip(items, results):
+            store_grade(res, rubric, name, submission_md=md)
             rows.append([name, res.grade.score, res.grade.max_score, res.repaired, round(res.latency_s, 2)])
         csv_path = write_grades_csv(Path(tempfile.mkdtemp(prefix="grader-batch-")) / "grades.csv", graded)
         return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)

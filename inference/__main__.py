@@ -57,7 +57,7 @@ def cmd_grade(args) -> int:
         on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
         r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, max_new_tokens=args.max_new_tokens,
                          on_token=on_token)
-        store_grade(r, rubric, path.name)
+        store_grade(r, rubric, path.name, submission_md=md)
         if args.stream:
             sys.stderr.write("\n")
         out.append({"file": str(path), **r.to_dict()})
@@ -86,8 +86,8 @@ def cmd_batch(args) -> int:
     with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
         results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, batch_size=args.batch_size,
                                     max_new_tokens=args.max_new_tokens, progress=bar.update)
-    for (name, _, _), r in zip(items, results):
-        store_grade(r, rubric, name)
+    for (name, md, _), r in zip(items, results):
+        store_grade(r, rubric, name, submission_md=md)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_grades_csv(out / "grades.csv", [(p.name, r) for p, r in zip(files, results)])

@@ -737,15 +737,19 @@ def grading_unit(adapter_dir: str | Path | None) -> str:
     return "submission"
 
 
-def store_grade(result: GradeResult, rubric: Rubric, submission_name: str, store=None) -> int:
+def store_grade(result: GradeResult, rubric: Rubric, submission_name: str, store=None, *,
+                submission_md: str | None = None) -> int:
     """Record ``result`` in the studio's store (``store``: a data.store.Store, default the user's)
-    with the base model and adapter that made it; returns its row id."""
+    with the base model and adapter that made it and its per-question confidence; returns its row
+    id. ``submission_md``: the Markdown that was graded; the teacher's corrections of this grade
+    become training data only when it is kept (the Review tab)."""
     from data.store import Store
 
     return (store or Store()).add_grade(
         grade=result.grade.model_dump(), raw_text=result.raw_text, base_model=result.base_model,
         adapter=result.adapter, submission_name=submission_name, rubric=rubric.model_dump(),
-        repaired=result.repaired, latency_s=result.latency_s,
+        repaired=result.repaired, latency_s=result.latency_s, submission_md=submission_md,
+        confidence=result.confidence,
     )
 
 
