@@ -4,6 +4,7 @@
     python -m inference batch    [--base MODEL] [--adapter DIR] --rubric RUBRIC.json --out-dir OUT DIR
     python -m inference evaluate [--base MODEL] [--adapter DIR] --data PATH... [--json OUT]
     python -m inference export   --adapter DIR --out DIR [--base MODEL]
+    python -m inference teacher-agreement [--adapter DIR] [--json OUT] [--n-boot N]
 
 --adapter is an adapter folder, or a run's folder: then the run's adapter to grade with (best/, the
 best validation agreement; else final/; else its last complete checkpoint). --base defaults to the
@@ -146,6 +147,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_teacher_agreement(args) -> int:
+    from inference.teacher_agreement import format_agreement, teacher_agreement
+
+    adapters = {str(Path(args.adapter).expanduser().resolve())} if args.adapter else None
+    results = teacher_agreement(adapters=adapters, n_boot=args.n_boot)
+    if not results:
+        which = f" graded by {args.adapter}" if args.adapter else ""
+        print(f"teacher-agreement: no corrected answers{which} yet: correct grades in the Review tab first "
+              "(the studio's store holds the grades and corrections)", file=sys.stderr)
+        return 1
+    print(format_agreement(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([a.to_dict() for a in results], indent=1, ensure_ascii=False),
+                                    encoding="utf-8")
+        print(f"report -> {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m inference", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -191,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", choices=["item", "submission"],
                    help="grade each question alone (item) or generate whole grades (default: the adapter's own)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("teacher-agreement", help="each adapter against the teacher's corrections (Review tab): "
+                                                 "MAE, r, QWK overall and per question, oldest adapter first")
+    p.add_argument("--adapter", help="only this adapter folder, or a run folder (its best/, else final/, ...)")
+    p.add_argument("--json", help="write the full report (with every score pair) here")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
+    p.set_defaults(func=cmd_teacher_agreement)
 
     p = sub.add_parser("export", help="merge the adapter into its base and save a plain model folder")
     common(p, adapter_required=True, scoring=False)
