@@ -7,6 +7,7 @@
     list                             runs and stored datasets
     validate PATH... [--max-mb N]    check graded-submission files, report every problem
     import   NAME PATH...            store a dataset (validated) under NAME, for datasets=db:NAME
+    corrections-dataset [NAME]       store the teacher's corrections (Review tab) as dataset NAME
     tokenizer [--out DIR]            build the offline GPT-OSS tokenizer
     presets                          print the presets as JSON
 """
@@ -113,6 +114,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     adapter = RunFolder(st["run_dir"]).default_adapter()
     if adapter:
         print(f"adapter to grade with: {adapter}")
+    for used in Store().run_corrections(st["run_id"]):
+        print(f"trained on {len(used.correction_ids)} teacher corrections ({used.spec}, dataset {used.dataset_id}): "
+              f"ids {', '.join(map(str, used.correction_ids))}")
     return 0
 
 
@@ -148,6 +152,23 @@ def _cmd_import(args: argparse.Namespace) -> int:
     verb = "stored" if created else "already stored (same content)"
     print(f"{verb}: dataset {args.name!r} id {ds_id}, {len(report.submissions)} submissions; "
           f"train on it with --set datasets=db:{args.name}")
+    return 0
+
+
+def _cmd_corrections_dataset(args: argparse.Namespace) -> int:
+    from data.store import CorrectionError, Store
+
+    try:
+        ds_id, created, data = Store().store_corrections_dataset(args.name)
+    except CorrectionError as e:
+        print(f"nothing stored: {e}", file=sys.stderr)
+        return 1
+    for why in data.skipped:
+        print(f"left out: {why}", file=sys.stderr)
+    name = Store().find_dataset(ds_id)["name"]
+    verb = "stored" if created else "already stored (the same corrections)"
+    print(f"{verb}: dataset {name!r} id {ds_id}, {len(data.submissions)} submissions from "
+          f"{len(data.correction_ids)} corrections; train on it with --set datasets=db:{name}")
     return 0
 
 
@@ -199,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("name")
     i.add_argument("paths", nargs="+")
     i.set_defaults(fn=_cmd_import)
+
+    c = sub.add_parser("corrections-dataset", help="store the teacher's corrections as a dataset")
+    c.add_argument("name", nargs="?", help="dataset name (default: corrections-<date>)")
+    c.set_defaults(fn=_cmd_corrections_dataset)
 
     t = sub.add_parser("tokenizer", help="build the offline GPT-OSS tokenizer")
     t.add_argument("--out")
