@@ -22,6 +22,8 @@ from typing import Iterator
 
 import pytest
 
+from inference.scoring import REVIEW_THRESHOLD
+
 from tests.test_reliability_support import listening_addresses, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -291,6 +293,13 @@ def test_upload_train_restart_and_grade_flow(app):
     assert len(tuned_table["data"]) == n_questions == len(base_table["data"])
     assert [r[0] for r in tuned_table["data"]] == [
         q["question"] for q in json.loads(rubric.read_text())["questions"]]
+    # Each question shows the model's confidence, and the unsure ones say "needs review".
+    head = tuned_table["headers"]
+    for row in tuned_table["data"] + base_table["data"]:
+        conf, review = float(row[head.index("confidence")]), row[head.index("review")]
+        assert 0 <= conf <= 1 and review in ("needs review", "")
+        if abs(conf - REVIEW_THRESHOLD) > 0.01:  # the table shows confidence rounded to 2 places
+            assert review == ("needs review" if conf < REVIEW_THRESHOLD else "")
 
     phase("graded; batch grading")
     # Many submissions at once -> a table and a CSV to download.
