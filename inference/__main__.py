@@ -56,7 +56,7 @@ def cmd_grade(args) -> int:
         path = Path(f)
         md = _submission(path, rubric)
         on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
-        r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, max_new_tokens=args.max_new_tokens,
+        r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, calibrate=args.calibrate, max_new_tokens=args.max_new_tokens,
                          on_token=on_token)
         store_grade(r, rubric, path.name, submission_md=md)
         if args.stream:
@@ -85,7 +85,7 @@ def cmd_batch(args) -> int:
     engine = _engine(args)
     items = [(p.name, _submission(p, rubric), rubric) for p in files]
     with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
-        results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, batch_size=args.batch_size,
+        results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, calibrate=args.calibrate, batch_size=args.batch_size,
                                     max_new_tokens=args.max_new_tokens, progress=bar.update)
     for (name, md, _), r in zip(items, results):
         store_grade(r, rubric, name, submission_md=md)
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--scoring", choices=SCORINGS, default="expected",
                            help="expected: each score is the mean of the model's probabilities for 0..max "
                                 "at that score (default); generated: the digits the model wrote")
+            p.add_argument("--calibrate", action="store_true",
+                           help="map expected scores through the calibration stored with the adapter "
+                                "(fitted on the run's validation set; evaluate reports whether it helps)")
 
     p = sub.add_parser("grade", help="grade Markdown submissions, print JSON grades")
     common(p)
