@@ -76,7 +76,7 @@ def render_submission_markdown(sub: GradedSubmission) -> str:
     No title line, no scores, no reference answers. The heading uses the item's ``question_id``
     when it has one, else the 1-based position (the style of the Mohler Markdown files).
     """
-    labels = [item.question_id or str(n) for n, item in enumerate(sub.rubric_alignment, start=1)]
+    labels = sub.rubric().labels()
     return _render(labels, [i.question for i in sub.rubric_alignment], [i.answer for i in sub.rubric_alignment])
 
 
@@ -275,5 +275,5 @@ def normalize_submission(text: str, rubric: Rubric) -> str:
     sections = split_sections(text, rubric)
     if sections is None:
         return text.strip()
-    labels = [q.question_id or str(n) for n, q in enumerate(rubric.questions, start=1)]
+    labels = rubric.labels()
     return _render(labels, [q.question for q in rubric.questions], sections)

@@ -69,7 +69,7 @@ class PromptTooLongError(ValueError):
 def question_labels(rubric: Rubric) -> list[str]:
     """Each question's label: its ``question_id``, else its 1-based position (as the Markdown
     headings of a submission and ``inference.repair`` use)."""
-    return [q.question_id or str(k + 1) for k, q in enumerate(rubric.questions)]
+    return rubric.labels()
 
 
 def match_question(label: str, rubric: Rubric) -> int | None:

@@ -287,6 +287,11 @@ class Rubric(BaseModel):
     def max_score(self) -> float:
         return sum(q.max_score for q in self.questions)
 
+    def labels(self) -> list[str]:
+        """Each question's label: its ``question_id``, else its 1-based position. The one rule
+        for the Markdown headings of a submission, the grade JSON and matching answers back."""
+        return [q.question_id or str(k + 1) for k, q in enumerate(self.questions)]
+
 
 class GradeItem(BaseModel):
     question: str
