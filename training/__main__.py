@@ -6,7 +6,10 @@
     status   [RUN]                   one run in detail, or the newest runs
     list                             runs and stored datasets
     validate PATH... [--max-mb N]    check graded-submission files, report every problem
-    import   NAME PATH...            store a dataset (validated) under NAME, for datasets=db:NAME
+    import   NAME PATH...            store a dataset (validated) under NAME, for datasets=db:NAME;
+             [--map FIELD=COLUMN ...] [--group-by COL] [--max-score N] [--shape long|wide]
+                                     .csv/.xlsx files: which column is what (unmapped fields are
+                                     guessed from the header and printed)
     corrections-dataset [NAME]       store the teacher's corrections (Review tab) as dataset NAME
     tokenizer [--out DIR]            build the offline GPT-OSS tokenizer
     presets                          print the presets as JSON
@@ -139,15 +142,50 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return validate_cli(args.paths, max_bytes=int(args.max_mb * 1024 * 1024))
 
 
+def _import_spreadsheets(args: argparse.Namespace, paths: list[str]) -> list:
+    """Each spreadsheet's report, read with the mapping the flags give (guesses for the rest,
+    said on stderr) and a progress bar per file."""
+    from tqdm import tqdm
+
+    from data.loading import FileReport
+    from data.spreadsheet import ColumnMap, guess_mapping, parse_map_args, read_sheet_file, sheet_submissions
+
+    reports = []
+    for path in paths:
+        sheet, problems = read_sheet_file(path, encoding=args.encoding, max_bytes=int(args.max_mb * 1024 * 1024))
+        if sheet is None:
+            reports.append(FileReport(file=path, problems=problems))
+            continue
+        shape = args.shape or ("wide" if any(m.split("=", 1)[0].strip() in ("questions", "answers", "max_row")
+                                             for m in args.map) else None)
+        guessed = guess_mapping(sheet, shape)
+        mapping = parse_map_args(args.map, guessed)
+        updates = {k: v for k, v in (("group_by", args.group_by), ("default_max_score", args.max_score)) if v}
+        mapping = ColumnMap.model_validate({**mapping.model_dump(), **updates})
+        print(f"{path}: columns {mapping.describe()}", file=sys.stderr)
+        with tqdm(total=len(sheet.rows), desc=Path(path).name, unit="row", file=sys.stderr) as bar:
+            reports.append(sheet_submissions(sheet, mapping, lambda done, total: bar.update(done - bar.n)))
+    return reports
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
-    from data.loading import load_graded
+    from data.loading import check_across_files, load_graded
+    from data.spreadsheet import is_spreadsheet
     from data.store import Store
 
-    report = load_graded(args.paths)
+    sheets = [p for p in args.paths if is_spreadsheet(p) and not Path(p).is_dir()]
+    if not sheets and (args.map or args.group_by or args.max_score or args.shape):
+        print("import: --map, --group-by, --max-score and --shape are for .csv/.xlsx files", file=sys.stderr)
+        return 2
+    others = [p for p in args.paths if p not in sheets]
+    reports = (load_graded(others).files if others else []) + _import_spreadsheets(args, sheets)
+    report = check_across_files(reports)
     if not report.ok:
         print(report.format())
         print("nothing imported: fix the errors above first", file=sys.stderr)
         return 1
+    if sheets and report.warnings:
+        print(report.format(), file=sys.stderr)
     ds_id, created = Store().import_dataset(args.name, report.submissions, [str(Path(p).resolve()) for p in args.paths])
     verb = "stored" if created else "already stored (same content)"
     print(f"{verb}: dataset {args.name!r} id {ds_id}, {len(report.submissions)} submissions; "
@@ -218,7 +256,18 @@ def main(argv: list[str] | None = None) -> int:
 
     i = sub.add_parser("import", help="store a dataset under a name")
     i.add_argument("name")
-    i.add_argument("paths", nargs="+")
+    i.add_argument("paths", nargs="+", help=".json/.jsonl files or folders, .csv/.tsv/.xlsx spreadsheets")
+    i.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="spreadsheets: which column holds FIELD (repeatable): submission, question_id, question, "
+                        "reference_answer, answer, score, max_score, graders (comma-separated), group_by; "
+                        "wide shape: questions, answers (comma-separated), max_row. An empty COLUMN drops a guess")
+    i.add_argument("--group-by", help="spreadsheets: rows with the same value here (and submission) form one submission")
+    i.add_argument("--max-score", type=float, help="spreadsheets: each question's maximum where no column or row says it")
+    i.add_argument("--shape", choices=["long", "wide"],
+                   help="spreadsheets: long = a row per answer, wide = a row per student, a column per question "
+                        "(default: guessed)")
+    i.add_argument("--encoding", default="utf-8", help="CSV text encoding (default utf-8; Excel's plain CSV: cp1252)")
+    i.add_argument("--max-mb", type=float, default=20.0, help="refuse spreadsheets larger than this")
     i.set_defaults(fn=_cmd_import)
 
     c = sub.add_parser("corrections-dataset", help="store the teacher's corrections as a dataset")
