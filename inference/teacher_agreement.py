@@ -171,21 +171,33 @@ def _cell(m: dict) -> str:
     return f"{v:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
-def format_agreement(results: list[AdapterAgreement]) -> str:
-    """Markdown: one table of adapters (overall), then one per adapter by question."""
+def format_overall(results: list[AdapterAgreement]) -> str:
+    """Markdown: one row per adapter (oldest first), agreement over every corrected answer."""
     if not results:
         return "No corrections yet: correct some questions in the Review tab first."
-    head = "| " + " | ".join(SHOWN_METRICS) + " |"
-    rule = "|---" * len(SHOWN_METRICS) + "|"
-    lines = ["**Agreement with the teacher** (oldest adapter first)", "",
-             "| adapter | n " + head, "|---|---" + rule]
+    lines = ["| adapter | n | " + " | ".join(SHOWN_METRICS) + " |", "|---|---" + "|---" * len(SHOWN_METRICS) + "|"]
     for a in results:
         note = " (0-10 scale)" if a.overall.get("normalized_to_0_10") else ""
         lines.append(f"| {a.label}{note} | {a.n} | " + " | ".join(_cell(a.overall[k]) for k in SHOWN_METRICS) + " |")
-    for a in results:
-        lines += ["", f"**{a.label}, by question**", "", "| question | max | n " + head, "|---|---|---" + rule]
-        for q in a.per_question:
-            text = (q.question if len(q.question) <= 60 else q.question[:57] + "...").replace("|", "\\|")
-            lines.append(f"| {q.question_label}: {text} | {q.max_score:g} | {q.metrics['n']} | "
-                         + " | ".join(_cell(q.metrics[k]) for k in SHOWN_METRICS) + " |")
     return "\n".join(lines)
+
+
+def format_by_question(a: AdapterAgreement) -> str:
+    """Markdown: one adapter's agreement question by question."""
+    lines = ["| question | max | n | " + " | ".join(SHOWN_METRICS) + " |",
+             "|---|---|---" + "|---" * len(SHOWN_METRICS) + "|"]
+    for q in a.per_question:
+        text = (q.question if len(q.question) <= 60 else q.question[:57] + "...").replace("|", "\\|")
+        lines.append(f"| {q.question_label}: {text} | {q.max_score:g} | {q.metrics['n']} | "
+                     + " | ".join(_cell(q.metrics[k]) for k in SHOWN_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def format_agreement(results: list[AdapterAgreement]) -> str:
+    """Markdown: the adapters' table (overall), then each adapter's by question."""
+    if not results:
+        return format_overall(results)
+    parts = ["**Agreement with the teacher** (oldest adapter first)", "", format_overall(results)]
+    for a in results:
+        parts += ["", f"**{a.label}, by question**", "", format_by_question(a)]
+    return "\n".join(parts)
