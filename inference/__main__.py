@@ -4,6 +4,7 @@
     python -m inference batch    [--base MODEL] [--adapter DIR] --rubric RUBRIC.json --out-dir OUT DIR
     python -m inference evaluate [--base MODEL] [--adapter DIR] --data PATH... [--json OUT]
     python -m inference export   --adapter DIR --out DIR [--base MODEL]
+    python -m inference export-grades --out FILE.xlsx|FILE.csv [--adapter DIR]
     python -m inference teacher-agreement [--adapter DIR] [--json OUT] [--n-boot N]
 
 --adapter is an adapter folder, or a run's folder: then the run's adapter to grade with (best/, the
@@ -165,6 +166,18 @@ def cmd_teacher_agreement(args) -> int:
     return 0
 
 
+def cmd_export_grades(args) -> int:
+    from inference.gradebook import export_gradebook
+
+    try:
+        path, book = export_gradebook(args.out, adapter=args.grades_of)
+    except ValueError as e:
+        print(f"export-grades: {e}", file=sys.stderr)
+        return 2
+    print(f"gradebook: {len(book.rows)} submissions x {len(book.columns)} questions -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m inference", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -225,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, adapter_required=True, scoring=False)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-grades", help="the stored grades as a gradebook: a row per submission, a column per "
+                                             "question, total and max (.csv or .xlsx)")
+    p.add_argument("--out", required=True, help="FILE.csv or FILE.xlsx")
+    # Not --adapter's usual dest: here a run folder means every adapter of that run, not its best one.
+    p.add_argument("--adapter", dest="grades_of", metavar="DIR",
+                   help="only grades made with this adapter (or any adapter of this run folder); default: all, "
+                        "each submission's newest grade")
+    p.set_defaults(func=cmd_export_grades)
     return ap
 
 
