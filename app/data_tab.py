@@ -1,8 +1,11 @@
-"""Data tab: upload graded JSON/JSONL, see every problem per file, preview, statistics, store.
+"""Data tab: upload graded JSON/JSONL or spreadsheets (CSV, Excel .xlsx), see every problem per
+file, preview, statistics, store.
 
 Uploads are read as bytes and validated by `data.loading.load_graded_bytes`, the same
-validator `python -m training validate` uses; the uploaded file name is only shown, never used to
-build a path. A dataset is stored only when every file is valid (nothing partial).
+validator `python -m training validate` uses; spreadsheets by `data.spreadsheet` with the column
+mapping the user picks (guessed from the header on upload), as `python -m training import --map`
+does. The uploaded file name is only shown, never used to build a path. A dataset is stored only
+when every file is valid (nothing partial).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import functools
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -18,7 +21,7 @@ import plotly.graph_objects as go
 
 from app.common import Settings, empty_figure, model_choices, safe_display_name
 
-PROBLEM_COLUMNS = ["file", "JSON path", "severity", "reason"]
+PROBLEM_COLUMNS = ["file", "where (JSON path, or row and column)", "severity", "reason"]
 PREVIEW_COLUMNS = ["file", "submission", "question", "answer", "score", "max score"]
 DATASET_COLUMNS = ["id", "name", "submissions", "items", "created", "content hash"]
 # Token statistics tokenize at most this many submissions: the page stays quick on big uploads.
@@ -26,13 +29,21 @@ TOKEN_SAMPLE = 300
 
 
 # -- pure functions (the handlers below only wire them to widgets) ----------------------------
-def read_uploads(files: list[str] | None, max_bytes: int) -> list:
-    """Validate each uploaded file from its bytes. Oversize files are refused before reading all."""
+def _upload_path(f: Any) -> Path:
+    return Path(f if isinstance(f, str) else getattr(f, "name", str(f)))
+
+
+def read_uploads(files: list[str] | None, max_bytes: int, mapping: Any = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> list:
+    """Validate each uploaded file from its bytes. Oversize files are refused before reading all.
+    Spreadsheets are read with ``mapping`` (a `data.spreadsheet.ColumnMap`; None: guessed per
+    file); ``progress(file, rows_done, rows_total)`` follows their rows."""
     from data.loading import FileReport, Problem, check_across_files, load_graded_bytes
+    from data.spreadsheet import is_spreadsheet, load_spreadsheet_bytes
 
     reports = []
     for f in files or []:
-        path = Path(f if isinstance(f, str) else getattr(f, "name", str(f)))
+        path = _upload_path(f)
         name = safe_display_name(path.name)
         size = path.stat().st_size
         if size > max_bytes:
@@ -40,9 +51,60 @@ def read_uploads(files: list[str] | None, max_bytes: int) -> list:
                 file=name, path="(file)", value=f"{size} bytes",
                 expected=f"at most {max_bytes} bytes; split the file", severity="error")]))
             continue
+        if is_spreadsheet(name):
+            rows = (lambda done, total, n=name: progress(n, done, total)) if progress else None
+            reports.append(load_spreadsheet_bytes(name, path.read_bytes(), mapping, max_bytes=max_bytes,
+                                                  progress=rows)[0])
+            continue
         reports.append(load_graded_bytes(name, path.read_bytes(), max_bytes=max_bytes))
     # A submission_id repeated in a later upload is an error there, as it is for the CLI.
     return check_across_files(reports).files
+
+
+def first_sheet(files: list[str] | None, max_bytes: int):
+    """The first uploaded spreadsheet that can be read (its header fills the column dropdowns),
+    else None."""
+    from data.spreadsheet import is_spreadsheet, read_sheet
+
+    for f in files or []:
+        path = _upload_path(f)
+        name = safe_display_name(path.name)
+        if is_spreadsheet(name) and path.stat().st_size <= max_bytes:
+            sheet, _ = read_sheet(name, path.read_bytes(), max_bytes=max_bytes)
+            if sheet is not None:
+                return sheet
+    return None
+
+
+# The column dropdowns of a mapping, in the order the widgets are built and passed around.
+MAPPING_SINGLE = ["submission", "group_by", "question_id", "question", "reference_answer", "answer", "score",
+                  "max_score"]
+NO_COLUMN = "(none)"
+
+
+def mapping_from_widgets(shape: str, singles: list[str | None], graders: list[str] | None,
+                         questions: list[str] | None, answers: list[str] | None, max_row: str | None,
+                         default_max: float | None):
+    """The `ColumnMap` the dropdowns say (a `ValueError` with the reason if they cannot be one)."""
+    from pydantic import ValidationError
+
+    from data.spreadsheet import ColumnMap
+
+    picked = {k: v for k, v in zip(MAPPING_SINGLE, singles) if v and v != NO_COLUMN}
+    try:
+        return ColumnMap(shape=shape or "long", graders=list(graders or []), questions=list(questions or []),
+                         answers=list(answers or []), max_row=(max_row or "").strip() or None,
+                         default_max_score=float(default_max) if default_max else None, **picked)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from e
+
+
+def mapping_widget_values(mapping) -> list[Any]:
+    """The widgets' values for ``mapping`` (a `ColumnMap`, or None for the empty form)."""
+    if mapping is None:
+        return ["long", *[NO_COLUMN] * len(MAPPING_SINGLE), [], [], [], "", None]
+    return [mapping.shape, *[getattr(mapping, k) or NO_COLUMN for k in MAPPING_SINGLE], mapping.graders,
+            mapping.questions, mapping.answers, mapping.max_row or "", mapping.default_max_score]
 
 
 def problems_table(reports: list) -> pd.DataFrame:
@@ -57,7 +119,7 @@ def problems_table(reports: list) -> pd.DataFrame:
 def summary_markdown(reports: list, list_ok: int = 5) -> str:
     """One line per file with problems; valid files listed by name only when there are few."""
     if not reports:
-        return "Upload one or more `.json` / `.jsonl` files of graded submissions."
+        return "Upload one or more `.json` / `.jsonl` files of graded submissions, or a `.csv` / `.xlsx` sheet."
     lines = []
     ok_files = [r for r in reports if r.ok and not r.problems]
     for rep in reports:
@@ -173,11 +235,13 @@ def dataset_names() -> list[str]:
 # -- handlers ---------------------------------------------------------------------------------
 def build(settings: Settings) -> dict[str, Any]:
     """Create the Data tab's widgets (inside a gr.Tab context) and wire them."""
-    gr.Markdown("Upload graded submissions (`.json` with one submission or a list, or `.jsonl`). "
+    gr.Markdown("Upload graded submissions (`.json` with one submission or a list, or `.jsonl`), or a "
+                "spreadsheet of grades (`.csv`, `.xlsx`: one row per answer, or one row per student with a "
+                "column per question). "
                 f"Each file is checked on its own; files over {settings.max_upload_mb:g} MB are refused.")
     with gr.Row():
-        files = gr.File(label="Graded JSON / JSONL files", file_count="multiple",
-                        file_types=[".json", ".jsonl"], height=240, elem_id="data-files")
+        files = gr.File(label="Graded JSON / JSONL files, or CSV / Excel sheets", file_count="multiple",
+                        file_types=[".json", ".jsonl", ".csv", ".tsv", ".xlsx"], height=240, elem_id="data-files")
         with gr.Column():
             token_model = gr.Dropdown(model_choices(), value="embedded:tiny-gpt-oss",
                                       allow_custom_value=True,
@@ -187,6 +251,40 @@ def build(settings: Settings) -> dict[str, Any]:
             max_length = gr.Number(value=2048, precision=0, label="max length (tokens)",
                                    elem_id="data-max-length")
             check_btn = gr.Button("Validate", elem_id="data-validate")
+    with gr.Accordion("Spreadsheet columns", open=True, visible=False, elem_id="data-sheet-columns") as sheet_box:
+        gr.Markdown("Which column holds what, guessed from the header's names: check them, change what is "
+                    "wrong, then **Apply columns**. Without a submission (or group-by) column each row is its "
+                    "own one-question submission.")
+        shape = gr.Radio([("one row per answer", "long"), ("one row per student, a column per question", "wide")],
+                         value="long", label="Shape", elem_id="data-map-shape")
+        singles = {}
+        with gr.Row():
+            for key, label in [("submission", "Submission id (e.g. student)"), ("group_by", "Group by (e.g. assignment)")]:
+                singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=label, elem_id=f"data-map-{key}")
+            default_max = gr.Number(value=None, label="Max score (where no column or row says it)",
+                                    elem_id="data-map-default-max")
+        with gr.Group(visible=True) as long_box:
+            with gr.Row():
+                for key, label in [("question_id", "Question id"), ("question", "Question"),
+                                   ("reference_answer", "Reference answer"), ("answer", "Answer")]:
+                    singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=label, elem_id=f"data-map-{key}")
+            with gr.Row():
+                for key, label in [("score", "Score (default: the graders' mean)"), ("max_score", "Max score")]:
+                    singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=label, elem_id=f"data-map-{key}")
+                graders = gr.Dropdown([], value=[], multiselect=True, label="Graders' scores (one column each)",
+                                      elem_id="data-map-graders")
+        with gr.Group(visible=False) as wide_box:
+            with gr.Row():
+                questions = gr.Dropdown([], value=[], multiselect=True, label="Question score columns",
+                                        elem_id="data-map-questions")
+                answers = gr.Dropdown([], value=[], multiselect=True,
+                                      label="Answer columns (in the order of the questions; optional)",
+                                      elem_id="data-map-answers")
+                max_row = gr.Textbox(label="Row of maxima (its submission id, e.g. Points possible)",
+                                     elem_id="data-map-max-row")
+        apply_btn = gr.Button("Apply columns", elem_id="data-map-apply")
+    mapping_state = gr.State(None)  # the ColumnMap (as a dict) spreadsheets are read with
+    mapping_widgets = [shape, *[singles[k] for k in MAPPING_SINGLE], graders, questions, answers, max_row, default_max]
     summary = gr.Markdown(elem_id="data-summary")
     problems = gr.Dataframe(headers=PROBLEM_COLUMNS, label="Problems (file, JSON path, reason)",
                             interactive=False, wrap=True, column_widths=["18%", "24%", "8%", "50%"],
@@ -211,8 +309,14 @@ def build(settings: Settings) -> dict[str, Any]:
         del_btn = gr.Button("Delete dataset", variant="stop", elem_id="data-delete")
     del_msg = gr.Markdown()
 
-    def validate(file_list, model, max_len):
-        reports = read_uploads(file_list, settings.max_upload_bytes)
+    def check(file_list, model, max_len, mapping, progress):
+        """Validate the uploads (spreadsheets with ``mapping``, a ColumnMap or None: guessed)."""
+        from data.spreadsheet import is_spreadsheet
+
+        def rows(name: str, done: int, total: int) -> None:
+            progress(done / max(total, 1), desc=f"{name}: row {done:,} of {total:,}")
+
+        reports = read_uploads(file_list, settings.max_upload_bytes, mapping, rows)
         subs = [s for r in reports if r.ok for s in r.submissions]
         tokens: dict | str | None = None
         if subs:
@@ -223,8 +327,48 @@ def build(settings: Settings) -> dict[str, Any]:
         ok = bool(reports) and all(r.ok for r in reports)
         state = ({"submissions": [s.model_dump(mode="json") for s in subs],
                   "sources": [r.file for r in reports]} if ok else None)
-        return (summary_markdown(reports), problems_table(reports), stats_markdown(subs, tokens),
+        head = summary_markdown(reports)
+        if mapping is not None and any(is_spreadsheet(r.file) for r in reports):
+            head += f"\n\nSpreadsheet columns: `{mapping.describe()}`"
+        return (head, problems_table(reports), stats_markdown(subs, tokens),
                 score_figure(subs), preview_table(reports), state)
+
+    def validate(file_list, model, max_len, mapping_dict=None, progress=gr.Progress()):
+        from data.spreadsheet import ColumnMap
+
+        mapping = ColumnMap.model_validate(mapping_dict) if mapping_dict else None
+        return check(file_list, model, max_len, mapping, progress)
+
+    def on_upload(file_list, model, max_len, progress=gr.Progress()):
+        """New files: the first spreadsheet's header fills the dropdowns, with guessed columns."""
+        from data.spreadsheet import guess_mapping
+
+        sheet = first_sheet(file_list, settings.max_upload_bytes)
+        mapping = guess_mapping(sheet) if sheet is not None else None
+        header = sheet.header if sheet is not None else []
+        values = mapping_widget_values(mapping)
+        updates = [gr.update(value=values[0])]
+        updates += [gr.update(choices=[NO_COLUMN, *header], value=v) for v in values[1:1 + len(MAPPING_SINGLE)]]
+        updates += [gr.update(choices=header, value=v) for v in values[1 + len(MAPPING_SINGLE):4 + len(MAPPING_SINGLE)]]
+        updates += [gr.update(value=v) for v in values[4 + len(MAPPING_SINGLE):]]
+        return (*check(file_list, model, max_len, mapping, progress),
+                mapping.model_dump() if mapping else None, gr.update(visible=sheet is not None), *updates)
+
+    def apply_columns(file_list, model, max_len, shape_value, submission, group_by, question_id, question,
+                      reference_answer, answer, score, max_score, graders_value, questions_value, answers_value,
+                      max_row_value, default_max_value, progress=gr.Progress()):
+        """Re-read the spreadsheets with the columns the dropdowns say."""
+        singles_value = [submission, group_by, question_id, question, reference_answer, answer, score, max_score]
+        try:
+            mapping = mapping_from_widgets(shape_value, singles_value, graders_value, questions_value,
+                                           answers_value, max_row_value, default_max_value)
+        except ValueError as e:
+            return (f"### Column mapping not usable: {e}", problems_table([]), "", score_figure([]),
+                    preview_table([]), None, None)
+        return (*check(file_list, model, max_len, mapping, progress), mapping.model_dump())
+
+    def on_shape(value):
+        return gr.update(visible=value != "wide"), gr.update(visible=value == "wide")
 
     def save(state, name):
         from data.rubric import GradedSubmission
@@ -257,8 +401,12 @@ def build(settings: Settings) -> dict[str, Any]:
         return f"Deleted dataset **{ds['name']}**.", *refresh()
 
     outputs = [summary, problems, stats, plot, preview, valid_state]
-    files.upload(validate, [files, token_model, max_length], outputs, api_name="validate_upload")
-    check_btn.click(validate, [files, token_model, max_length], outputs, api_name="validate")
+    files.upload(on_upload, [files, token_model, max_length], [*outputs, mapping_state, sheet_box, *mapping_widgets],
+                 api_name="validate_upload")
+    check_btn.click(validate, [files, token_model, max_length, mapping_state], outputs, api_name="validate")
+    apply_btn.click(apply_columns, [files, token_model, max_length, *mapping_widgets], [*outputs, mapping_state],
+                    api_name="validate_mapped")
+    shape.change(on_shape, [shape], [long_box, wide_box])
     save_btn.click(save, [valid_state, ds_name], [save_msg, table, del_name], api_name="store_dataset")
     del_btn.click(delete, [del_name], [del_msg, table, del_name], api_name="delete_dataset")
     return {"refresh": (refresh, None, [table, del_name]), "files": files}

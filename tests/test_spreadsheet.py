@@ -215,3 +215,53 @@ def test_json_import_still_works_beside_the_spreadsheet_flags(tmp_path: Path, ca
     assert "stored: dataset 'essays'" in capsys.readouterr().out
     # Spreadsheet flags with JSON alone are a mistake worth saying.
     assert training_cli(["import", "essays2", str(repo / "data" / "samples" / "graded"), "--max-score", "5"]) == 2
+
+
+# -- the Data tab ------------------------------------------------------------------------------------
+
+
+def test_data_tab_guesses_columns_shows_errors_then_stores_the_mapped_sheet(tmp_path: Path) -> None:
+    """Through the studio's API, as the page does it: upload a sheet (columns guessed from the
+    header; no maximum anywhere: an error, nothing stored), pick the maximum, apply, store."""
+    from gradio_client import Client, handle_file
+
+    from tests.test_ui_client import app_server
+
+    sheet = _write_xlsx(tmp_path / "class.xlsx", [
+        ["Student", "Question", "Desired answer", "Student answer", "Score me", "Score other"],
+        ["ann", "What is a stack?", "a LIFO list", "last in first out", 5, 4],
+        ["bob", "What is a stack?", "a LIFO list", "a queue", 1, 2],
+        ["bob", "What is a queue?", "a FIFO list", "first in first out", "five", 5],
+    ])
+    with app_server(tmp_path / "app") as url:
+        client = Client(url, verbose=False)
+        summary, problems, *_ = client.predict([handle_file(str(sheet))], "embedded:tiny-gpt-oss", 512,
+                                               api_name="/validate_upload")
+        assert "errors" in summary.lower() and "class.xlsx" in summary
+        assert any(r[1] == "row 1 (header)" and "maximum" in r[3] for r in problems["data"]), problems
+        msg, *_ = client.predict("class", api_name="/store_dataset")
+        assert "Nothing stored" in msg
+        # The columns the page would show, with the maximum filled in (what the user does).
+        mapping = ["long", "Student", "(none)", "(none)", "Question", "Desired answer", "Student answer", "(none)",
+                   "(none)", ["Score me", "Score other"], [], [], "", 5]
+        summary, problems, stats, _plot, preview = client.predict(
+            [handle_file(str(sheet))], "embedded:tiny-gpt-oss", 512, *mapping, api_name="/validate_mapped")[:5]
+        rows = problems["data"]
+        assert [r[1] for r in rows] == ["row 4, column E (Score me)"] and "five" in rows[0][3], rows
+        fixed = _write_xlsx(tmp_path / "class-fixed.xlsx", [
+            ["Student", "Question", "Desired answer", "Student answer", "Score me", "Score other"],
+            ["ann", "What is a stack?", "a LIFO list", "last in first out", 5, 4],
+            ["bob", "What is a stack?", "a LIFO list", "a queue", 1, 2],
+            ["bob", "What is a queue?", "a FIFO list", "first in first out", 5, 5],
+        ])
+        summary, problems, stats, _plot, preview = client.predict(
+            [handle_file(str(fixed))], "embedded:tiny-gpt-oss", 512, *mapping, api_name="/validate_mapped")[:5]
+        assert "All files valid" in summary and "graders=Score me,Score other" in summary, (summary, problems)
+        assert "2 submissions" in stats and "3 items" in stats
+        assert [r[1] for r in preview["data"]] == ["ann", "bob", "bob"]
+        msg, table, _ = client.predict("class", api_name="/store_dataset")
+        assert "Stored dataset **class**" in msg, msg
+    stored = Store(tmp_path / "app" / "studio.db")
+    subs = stored.dataset_submissions(stored.find_dataset("class")["id"])
+    assert {s.submission_id: [i.grader_scores for i in s.rubric_alignment] for s in subs} == {
+        "ann": [[5, 4]], "bob": [[1, 2], [5, 5]]}
