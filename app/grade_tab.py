@@ -31,6 +31,11 @@ def adapter_choices() -> list[tuple[str, str]]:
     return [(NO_ADAPTER, "")] + jobs.list_adapters()
 
 
+def gradebook_choices() -> list[tuple[str, str]]:
+    """Whose grades a gradebook holds: all of them, or one adapter's (or a run's)."""
+    return [("all grades (each submission's newest)", "")] + jobs.list_adapters()
+
+
 def default_adapter(choices: list[tuple[str, str]]) -> str:
     """The adapter the tab starts on: the first listed (see adapter_choices), else none."""
     return choices[1][1] if len(choices) > 1 else ""
@@ -174,6 +179,17 @@ def build(settings: Settings) -> dict[str, Any]:
         batch_table = gr.Dataframe(headers=BATCH_COLUMNS, interactive=False,
                                    elem_id="grade-batch-table")
         batch_csv = gr.File(label="Grades (CSV)", interactive=False, elem_id="grade-batch-csv")
+    with gr.Tab("Gradebook"):
+        gr.Markdown("Every stored grade as a gradebook: a row per submission (its newest grade), a column "
+                    "per question, total and max, under a *Points possible* row. The same file as "
+                    "`python -m inference export-grades`; it imports back in the Data tab.")
+        with gr.Row():
+            book_adapter = gr.Dropdown(gradebook_choices(), value="", label="Grades made by",
+                                       elem_id="grade-book-adapter")
+            book_format = gr.Radio(["xlsx", "csv"], value="xlsx", label="Format", elem_id="grade-book-format")
+            book_btn = gr.Button("Export gradebook", elem_id="grade-book-export")
+        book_msg = gr.Markdown(elem_id="grade-book-msg")
+        book_file = gr.File(label="Gradebook", interactive=False, elem_id="grade-book-file")
 
     def on_adapter(path):
         b = base_of(path)
@@ -258,7 +274,20 @@ def build(settings: Settings) -> dict[str, Any]:
         csv_path = write_grades_csv(Path(tempfile.mkdtemp(prefix="grader-batch-")) / "grades.csv", graded)
         return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)
 
+    def do_gradebook(adapter_filter, fmt):
+        from inference.gradebook import export_gradebook
+
+        out = Path(tempfile.mkdtemp(prefix="grader-gradebook-")) / f"gradebook.{fmt or 'xlsx'}"
+        try:
+            path, book = export_gradebook(out, adapter=adapter_filter or None)
+        except ValueError as exc:
+            return str(exc), None, gr.update(choices=gradebook_choices())
+        return (f"{len(book.rows)} submissions x {len(book.columns)} questions", str(path),
+                gr.update(choices=gradebook_choices()))
+
     adapter.change(on_adapter, [adapter], [base])
+    book_btn.click(do_gradebook, [book_adapter, book_format], [book_msg, book_file, book_adapter],
+                   api_name="export_gradebook")
     refresh_btn.click(on_refresh, None, [adapter], api_name="refresh_adapters")
     rubric_pick.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
     rubric_file.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])

@@ -120,3 +120,22 @@ def test_an_unknown_file_type_is_refused_before_anything_is_written(graded: dict
     assert inference_cli(["export-grades", "--out", str(tmp_path / "grades.ods")]) == 2
     assert ".csv or .xlsx" in capsys.readouterr().err
     assert list(tmp_path.glob("grades*")) == []
+
+
+def test_grade_tab_downloads_the_gradebook(tmp_path: Path) -> None:
+    """The Grade tab's Gradebook download (the API name the button has): the stored grades as an
+    .xlsx that reads back with every score."""
+    from gradio_client import Client
+
+    from tests.test_ui_client import app_server
+
+    store = Store(tmp_path / "app" / "studio.db")
+    _grade(store, "ann.md", STACKS, [3.41, 2.0, 0.5])
+    _grade(store, "bob.md", STACKS, [5.0, 1.0, 3.0])
+    with app_server(tmp_path / "app") as url:
+        client = Client(url, verbose=False)
+        msg, path, _ = client.predict("", "xlsx", api_name="/export_gradebook")
+        assert msg == "2 submissions x 3 questions"
+        back = _reimport(Path(path))
+        assert {k: {q: s for q, (s, _) in v.items()} for k, v in back.items()} == {
+            "ann.md": {"1.1": 3.41, "1.2": 2.0, "3": 0.5}, "bob.md": {"1.1": 5.0, "1.2": 1.0, "3": 3.0}}
