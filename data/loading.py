@@ -154,7 +154,7 @@ class DataError(ValueError):
 # Small helpers: how values and paths are shown
 
 
-def _show(value: Any, limit: int = 80) -> str:
+def show_value(value: Any, limit: int = 80) -> str:
     """A short, JSON-like rendering of a value for messages."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
@@ -278,7 +278,7 @@ def _lone_surrogates(value: Any, prefix: str) -> Iterator[tuple[str, str]]:
 
 
 def _unicode_problem(name: str, path: str, text: str) -> Problem:
-    return Problem(name, path, f"{_show(text, 60)} (a lone UTF-16 surrogate escape)",
+    return Problem(name, path, f"{show_value(text, 60)} (a lone UTF-16 surrogate escape)",
                    "valid Unicode text (a \\uD800-\\uDFFF escape must be half of a pair)")
 
 
@@ -315,7 +315,7 @@ def _json_error(name: str, text: str, e: json.JSONDecodeError, line_offset: int 
     start = max(0, e.colno - 30)
     context = snippet[start : e.colno + 20].strip()
     where = f"line {e.lineno + line_offset}, column {e.colno}"
-    return Problem(name, where, f"invalid JSON near {_show(context)}",
+    return Problem(name, where, f"invalid JSON near {show_value(context)}",
                    f"valid JSON ({e.msg} at {where})")
 
 
@@ -367,7 +367,7 @@ def _records(name: str, text: str, jsonl: bool) -> tuple[list[tuple[str, Any]], 
     return records, problems
 
 
-def _read_limited(path: Path, max_bytes: int) -> tuple[bytes | None, list[Problem]]:
+def read_limited(path: Path, max_bytes: int) -> tuple[bytes | None, list[Problem]]:
     """The file's bytes, refusing (before reading) files above ``max_bytes``."""
     name = str(path)
     try:
@@ -375,18 +375,19 @@ def _read_limited(path: Path, max_bytes: int) -> tuple[bytes | None, list[Proble
     except OSError as e:
         return None, [Problem(name, "", f"a file that cannot be opened ({e.strerror})", "a readable file")]
     if size > max_bytes:
-        return None, [_too_big(name, size, max_bytes)]
+        return None, [too_big(name, size, max_bytes)]
     try:
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)  # +1: the file may have grown since stat
     except OSError as e:
         return None, [Problem(name, "", f"a file that cannot be read ({e.strerror})", "a readable file")]
     if len(data) > max_bytes:
-        return None, [_too_big(name, len(data), max_bytes)]
+        return None, [too_big(name, len(data), max_bytes)]
     return data, []
 
 
-def _too_big(name: str, size: int, max_bytes: int) -> Problem:
+def too_big(name: str, size: int, max_bytes: int) -> Problem:
+    """The problem of a file over the size limit (refused before it is read)."""
     return Problem(name, "", f"{size:,} bytes",
                    f"at most {max_bytes:,} bytes (split the file, or raise the limit with --max-bytes)")
 
@@ -399,7 +400,7 @@ _TYPE_ERRORS = {"number_type", "blank", "string_type", "list_type", "model_type"
                 "dict_type", "float_type", "int_type", "grader_scores"}
 
 
-def _schema_problems(name: str, prefix: str, model: type[BaseModel], error: ValidationError) -> list[Problem]:
+def schema_problems(name: str, prefix: str, model: type[BaseModel], error: ValidationError) -> list[Problem]:
     """The schema's errors as problems: the JSON path of each, the value found, and what the schema
     expects there (its own words, from `data.rubric`)."""
     problems = []
@@ -414,9 +415,9 @@ def _schema_problems(name: str, prefix: str, model: type[BaseModel], error: Vali
         elif err["type"] == "too_short" and value == []:
             shown = "an empty list []"
         elif err["type"] in _TYPE_ERRORS:
-            shown = f"{_show(value)} ({_kind(value)})"
+            shown = f"{show_value(value)} ({_kind(value)})"
         else:
-            shown = _show(value, 40)
+            shown = show_value(value, 40)
         expected = ctx["expected"] if "expected" in ctx else expected_of(model, loc)
         problems.append(Problem(name, _loc_to_path(prefix, loc), shown, expected))
     return problems
@@ -428,7 +429,7 @@ def _check_submission(name: str, prefix: str, rec: Any) -> tuple[GradedSubmissio
     try:
         return GradedSubmission.model_validate(rec), []
     except ValidationError as e:
-        return None, _schema_problems(name, prefix, GradedSubmission, e)
+        return None, schema_problems(name, prefix, GradedSubmission, e)
     except (RecursionError, ValueError, TypeError) as e:
         return None, [Problem(name, here, f"a value that cannot be validated ({e})", "a graded submission")]
 
@@ -442,19 +443,19 @@ def _suspicious(name: str, prefix: str, rec: dict, sub: GradedSubmission) -> lis
             # Points for nothing usually means the answer text was lost (Mohler has 9 such items);
             # training on it teaches the model to reward empty answers.
             problems.append(Problem(name, _join(_join(items_path, i), "answer"),
-                                    f"an empty answer that scored {_show(rec['rubric_alignment'][i]['score'])}",
+                                    f"an empty answer that scored {show_value(rec['rubric_alignment'][i]['score'])}",
                                     "the student's answer text (was it lost? leave such items out of training)",
                                     "warning"))
     mismatch = sub.total_mismatch()
     if mismatch is not None:
         total, summed = mismatch
-        problems.append(Problem(name, _join(prefix, "score"), f"{_show(rec['score'])} (the stated total)",
+        problems.append(Problem(name, _join(prefix, "score"), f"{show_value(rec['score'])} (the stated total)",
                                 f"the sum of the item scores, {summed:g} (total {total:g} != items "
                                 f"{summed:g}; training uses the sum of the items)", "warning"))
     known = [i.max_score for i in sub.rubric_alignment]
     if None not in known:
         if abs(sum(known) - sub.max_score) > TOTAL_TOLERANCE:  # type: ignore[arg-type]
-            problems.append(Problem(name, _join(prefix, "max_score"), f"{_show(rec['max_score'])} (the stated maximum)",
+            problems.append(Problem(name, _join(prefix, "max_score"), f"{show_value(rec['max_score'])} (the stated maximum)",
                                     f"the sum of the items' max_score, {sum(known):g} "  # type: ignore[arg-type]
                                     "(training uses the sum of the items)", "warning"))
         return problems
@@ -462,7 +463,7 @@ def _suspicious(name: str, prefix: str, rec: dict, sub: GradedSubmission) -> lis
     for i, (item, m) in enumerate(zip(sub.rubric_alignment, known)):
         if m is None and item.score > share + TOTAL_TOLERANCE:
             problems.append(Problem(name, _join(_join(items_path, i), "score"),
-                                    f"{_show(rec['rubric_alignment'][i]['score'])} "
+                                    f"{show_value(rec['rubric_alignment'][i]['score'])} "
                                     f"(above this item's share of the maximum, {share:g})",
                                     "a max_score on this item, or a score within its share", "warning"))
     return problems
@@ -485,7 +486,7 @@ def _report_from_records(name: str, records: list[tuple[str, Any]], problems: li
         bad_text = list(_lone_surrogates(rec, prefix)) if maybe_surrogates else []
         problems += [_unicode_problem(name, path, v) for path, v in bad_text]
         for path, v in bad_numbers:
-            problems.append(Problem(name, path, _show(v), "a finite number (JSON has no NaN or Infinity)"))
+            problems.append(Problem(name, path, show_value(v), "a finite number (JSON has no NaN or Infinity)"))
         sub, p = _check_submission(name, prefix, rec)
         # NaN/Infinity found by the scan above are not repeated by the field checks.
         nan_paths = {path for path, _ in bad_numbers}
@@ -496,7 +497,7 @@ def _report_from_records(name: str, records: list[tuple[str, Any]], problems: li
         if sub.submission_id is not None:
             if sub.submission_id in seen:
                 problems.append(Problem(name, _join(prefix, "submission_id"),
-                                        f"{_show(sub.submission_id)} (also at {seen[sub.submission_id]})",
+                                        f"{show_value(sub.submission_id)} (also at {seen[sub.submission_id]})",
                                         "a submission_id unique in the data set"))
                 continue
             seen[sub.submission_id] = here or "the top level"
@@ -517,7 +518,7 @@ def load_graded_bytes(name: str, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES
     for ``.jsonl``); it is never used as a path. Never raises on bad content."""
     try:
         if len(data) > max_bytes:
-            return FileReport(file=name, problems=[_too_big(name, len(data), max_bytes)])
+            return FileReport(file=name, problems=[too_big(name, len(data), max_bytes)])
         text, problems = _decode(name, data)
         if text is None:
             return FileReport(file=name, problems=problems)
@@ -574,7 +575,7 @@ def load_graded(paths: Iterable[str | Path], max_bytes: int = DEFAULT_MAX_BYTES)
         if problems:
             reports.append(FileReport(file=str(path), problems=problems))
             continue
-        data, problems = _read_limited(path, max_bytes)
+        data, problems = read_limited(path, max_bytes)
         if data is None:
             reports.append(FileReport(file=str(path), problems=problems))
             continue
@@ -594,7 +595,7 @@ def check_across_files(reports: list[FileReport]) -> ValidationReport:
                 continue
             at = fr.record_paths[i] if i < len(fr.record_paths) else ""
             fr.problems.append(Problem(fr.file, _join(at + (": " if at.startswith("line") else ""), "submission_id"),
-                                       f"{_show(sid)} (also in {seen[sid]})",
+                                       f"{show_value(sid)} (also in {seen[sid]})",
                                        "a submission_id unique in the data set"))
         if fr.ok:
             for sub, at in zip(fr.submissions, fr.record_paths):
@@ -631,7 +632,7 @@ def load_rubric(path: str | Path) -> Rubric:
     """Read a rubric file, or a graded submission of that assignment (its answers and scores are
     ignored). Raises `DataError` naming the file, the field and the fix."""
     p = Path(path)
-    data, problems = _read_limited(p, DEFAULT_MAX_BYTES)
+    data, problems = read_limited(p, DEFAULT_MAX_BYTES)
     if data is None:
         raise DataError("\n".join(map(str, problems)), problems)
     return parse_rubric_bytes(str(p), data)
@@ -640,7 +641,7 @@ def load_rubric(path: str | Path) -> Rubric:
 def parse_rubric_bytes(name: str, data: bytes) -> Rubric:
     """Same as `load_rubric`, from bytes (uploads: ``name`` is for messages only)."""
     if len(data) > DEFAULT_MAX_BYTES:
-        _raise([_too_big(name, len(data), DEFAULT_MAX_BYTES)])
+        _raise([too_big(name, len(data), DEFAULT_MAX_BYTES)])
     text, problems = _decode(name, data)
     if text is None:
         _raise(problems)
@@ -657,7 +658,7 @@ def parse_rubric_bytes(name: str, data: bytes) -> Rubric:
         _raise([_unicode_problem(name, p, v) for p, v in bad_text])
     bad = list(_non_finite(first, prefix))
     if bad:
-        _raise([Problem(name, p, _show(v), "a finite number (JSON has no NaN or Infinity)") for p, v in bad])
+        _raise([Problem(name, p, show_value(v), "a finite number (JSON has no NaN or Infinity)") for p, v in bad])
     # A bare list of questions is a rubric too.
     if isinstance(first, dict) and "question" in first and "rubric_alignment" not in first and prefix.startswith("["):
         return _validate_rubric(name, "", {"questions": [v for _, v in records]})
@@ -665,7 +666,7 @@ def parse_rubric_bytes(name: str, data: bytes) -> Rubric:
         return _validate_rubric(name, prefix, first)
     if isinstance(first, dict) and "rubric_alignment" in first:
         return _rubric_from_graded(name, prefix, first)
-    _raise([Problem(name, prefix.rstrip(": "), f"{_show(first)} ({_kind(first)})",
+    _raise([Problem(name, prefix.rstrip(": "), f"{show_value(first)} ({_kind(first)})",
                     'a rubric {"questions": [{"question", "max_score", "reference_answer"?}]} '
                     "or a graded submission {score, max_score, rubric_alignment}")])
     raise AssertionError("unreachable")
@@ -679,7 +680,7 @@ def _validate_rubric(name: str, prefix: str, obj: dict) -> Rubric:
     try:
         return Rubric.model_validate(obj)
     except ValidationError as e:
-        _raise(_schema_problems(name, prefix, Rubric, e))
+        _raise(schema_problems(name, prefix, Rubric, e))
     raise AssertionError("unreachable")
 
 
@@ -707,5 +708,5 @@ def _rubric_from_graded(name: str, prefix: str, rec: dict) -> Rubric:
     try:
         return GradedSubmission.model_validate(shape).rubric()
     except ValidationError as e:
-        _raise(_schema_problems(name, prefix, GradedSubmission, e))
+        _raise(schema_problems(name, prefix, GradedSubmission, e))
     raise AssertionError("unreachable")

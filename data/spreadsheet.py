@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data.loading import (DEFAULT_MAX_BYTES, FileReport, Problem, _read_limited, _schema_problems, _show,
-                          _too_big)
+from data.loading import (DEFAULT_MAX_BYTES, FileReport, Problem, read_limited, schema_problems, show_value,
+                          too_big)
 from data.rubric import GradedSubmission, RubricItem, expected_of
 
 SPREADSHEET_SUFFIXES = (".csv", ".tsv", ".xlsx")
@@ -152,7 +152,7 @@ def read_sheet(name: str, data: bytes, *, encoding: str = "utf-8",
     sheet) into a `Sheet`; or the problems that stop it (too big, wrong encoding, not a workbook,
     empty). ``name`` is shown in messages and picks the format by its ending; it is never opened."""
     if len(data) > max_bytes:
-        return None, [_too_big(name, len(data), max_bytes)]
+        return None, [too_big(name, len(data), max_bytes)]
     try:
         if name.lower().endswith(".xlsx"):
             cells, problems = _xlsx_cells(name, data)
@@ -472,7 +472,7 @@ def _located(sheet: Sheet, items: list[_Item], error: ValidationError) -> list[P
     """The schema's errors (worded by `data.loading`, as for JSON) at the row and column the value
     came from: ``rubric_alignment[3].score`` is item 3's score cell."""
     out = []
-    found = _schema_problems(sheet.file, "", GradedSubmission, error)
+    found = schema_problems(sheet.file, "", GradedSubmission, error)
     in_items = any(p.path.startswith("rubric_alignment[") for p in found)
     for p in found:
         m = re.match(r"rubric_alignment\[(\d+)\](?:\.(\w+))?", p.path)
@@ -492,7 +492,7 @@ def _cell_number(sheet: Sheet, row: int, col: int, v: Any, fld: str, problems: l
     x = _number(v)
     if x is None:
         expected = expected_of(RubricItem, (fld,))
-        got = "an empty cell" if _blank(v) else f"{_show(_text(v), 40)} (not a number)"
+        got = "an empty cell" if _blank(v) else f"{show_value(_text(v), 40)} (not a number)"
         problems.append(Problem(sheet.file, _where(sheet, row, col), got,
                                 f"{expected} (digits with a dot for decimals, e.g. 3.5)"))
     return x
@@ -572,7 +572,7 @@ def _long_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
         if check_repeats and label in seen_q.setdefault(sid, set()) and sid not in repeated:
             repeated.add(sid)  # once per submission: the first repeat is what to look at
             problems.append(Problem(sheet.file, _where(sheet, row, c_qid if c_qid is not None else c_q),
-                                    f"question {_show(label, 40)} again in submission {_show(sid, 40)}",
+                                    f"question {show_value(label, 40)} again in submission {show_value(sid, 40)}",
                                     "each question once per submission (is a row repeated?)", "warning"))
         if check_repeats:
             seen_q[sid].add(label)
@@ -624,7 +624,7 @@ def _wide_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
                 continue
             if sid in rows_of:
                 problems.append(Problem(sheet.file, _where(sheet, row, c_sub),
-                                        f"{_show(sid, 40)} again (also in row {rows_of[sid]})",
+                                        f"{show_value(sid, 40)} again (also in row {rows_of[sid]})",
                                         "one row per submission"))
                 continue
             rows_of[sid] = row
@@ -679,7 +679,7 @@ def load_spreadsheet_bytes(name: str, data: bytes, mapping: ColumnMap | None = N
 def read_sheet_file(path: str | Path, *, encoding: str = "utf-8",
                     max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Sheet | None, list[Problem]]:
     """`read_sheet` for a file on disk (refused before reading when over ``max_bytes``)."""
-    data, problems = _read_limited(Path(path), max_bytes)
+    data, problems = read_limited(Path(path), max_bytes)
     if data is None:
         return None, problems
     return read_sheet(str(path), data, encoding=encoding, max_bytes=max_bytes)
@@ -689,7 +689,7 @@ def load_spreadsheet(path: str | Path, mapping: ColumnMap | None = None, *, enco
                      max_bytes: int = DEFAULT_MAX_BYTES,
                      progress: Callable[[int, int], None] | None = None) -> tuple[FileReport, ColumnMap | None]:
     """`load_spreadsheet_bytes` for a file on disk (refused before reading when over ``max_bytes``)."""
-    data, problems = _read_limited(Path(path), max_bytes)
+    data, problems = read_limited(Path(path), max_bytes)
     if data is None:
         return FileReport(file=str(path), problems=problems), None
     return load_spreadsheet_bytes(str(path), data, mapping, encoding=encoding, max_bytes=max_bytes, progress=progress)
