@@ -264,8 +264,10 @@ def build(settings: Settings) -> dict[str, Any]:
             p = Path(f)
             items.append((safe_display_name(p.name),
                           read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
-        results = get_engine(base_model).grade_many(items, adapter=adapter_dir,
-                                                    max_new_tokens=int(max_new_tokens or 512))
+        engine = get_engine(base_model)
+        # Batched across submissions (and, item by item, with each question's shared prefix computed once).
+        results = engine.grade_many(items, adapter=adapter_dir, batch_size=engine.default_batch_size(),
+                                    max_new_tokens=int(max_new_tokens or 512))
         graded = [(name, res) for (name, _, _), res in zip(items, results)]
         rows = []
         for (name, md, _), res in zip(items, results):

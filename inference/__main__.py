@@ -68,11 +68,13 @@ def cmd_grade(args) -> int:
 
 
 def cmd_batch(args) -> int:
+    """Grade a folder, streaming each finished batch to grades.csv and grades.jsonl; a second run
+    over the same --out-dir grades only what is not there yet (killed runs resume)."""
     from tqdm import tqdm
 
     from data.loading import load_rubric
-    from inference.engine import store_grade
-    from inference.grades_csv import write_grades_csv
+    from inference.engine import check_adapter_dir, resolve_base, store_grade
+    from inference.grades_csv import BatchOutput, OutputMismatchError, content_sha256
 
     rubric = load_rubric(args.rubric)
     folder = Path(args.folder)
@@ -83,21 +85,38 @@ def cmd_batch(args) -> int:
     if not files:
         print(f"batch: no .md files in {folder}", file=sys.stderr)
         return 2
-    engine = _engine(args)
-    items = [(p.name, _submission(p, rubric), rubric) for p in files]
-    with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
-        results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, calibrate=args.calibrate, batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, progress=bar.update)
-    for (name, md, _), r in zip(items, results):
-        store_grade(r, rubric, name, submission_md=md)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_grades_csv(out / "grades.csv", [(p.name, r) for p, r in zip(files, results)])
-    with open(out / "grades.jsonl", "w", encoding="utf-8") as fh:
-        for p, r in zip(files, results):
-            fh.write(json.dumps({"file": p.name, **r.to_dict()}, ensure_ascii=False) + "\n")
+    hashes = {p.name: content_sha256(p.read_bytes()) for p in files}
+    adapter = str(check_adapter_dir(args.adapter)) if args.adapter else None
+    try:
+        out = BatchOutput(args.out_dir, base_model=resolve_base(args.base, args.adapter), adapter=adapter,
+                          rubric=rubric, files=hashes)
+    except OutputMismatchError as e:
+        print(f"batch: {e}", file=sys.stderr)
+        return 2
+    done = out.done()
+    todo = [p for p in files if (p.name, hashes[p.name]) not in done]
+    if out.n_cut or out.n_changed or len(todo) < len(files):
+        print(f"batch: resuming in {out.folder}: {len(files) - len(todo)} of {len(files)} already graded"
+              + (", a half-written last line dropped" if out.n_cut else "")
+              + (f", {out.n_changed} changed since graded (graded again)" if out.n_changed else ""), file=sys.stderr)
+    results = []
+    if todo:
+        engine = _engine(args)
+        items = [(p.name, _submission(p, rubric), rubric) for p in todo]
+
+        def write(finished) -> None:  # each batch as it finishes: the record first, then the store
+            out.append([(items[i][0], hashes[items[i][0]], r) for i, r in finished])
+            for i, r in finished:
+                store_grade(r, rubric, items[i][0], submission_md=items[i][1])
+
+        batch_size = args.batch_size or engine.default_batch_size()
+        with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
+            results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, calibrate=args.calibrate,
+                                        batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+                                        progress=bar.update, on_batch=write)
     n_rep = sum(r.repaired for r in results)
-    print(f"graded {len(results)} submissions ({n_rep} repaired) -> {out / 'grades.csv'}, {out / 'grades.jsonl'}")
+    print(f"graded {len(results)} submissions ({n_rep} repaired; {len(files) - len(todo)} already graded) "
+          f"-> {out.csv}, {out.jsonl}")
     return 0
 
 
@@ -209,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and grades.jsonl")
     common(p)
     p.add_argument("--rubric", required=True)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out-dir", required=True,
+                   help="grades.csv and grades.jsonl grow here as batches finish; run again to resume")
+    p.add_argument("--batch-size", type=int, help="submissions per batch (default: 64 on a GPU, 8 on CPU)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("folder")
     p.set_defaults(func=cmd_batch)
