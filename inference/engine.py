@@ -30,6 +30,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ class GradeResult:
     confidence: list[float | None] | None = None
     raw_scores: list[float | None] | None = None
     calibrated: bool = False
+    # where the time went, this grade's share of its batch: item unit {"encode_s", "model_s"};
+    # submission unit {"prefill_s", "decode_s", "scoring_s"}
+    timings: dict[str, float] | None = None
 
     @property
     def needs_review(self) -> list[bool]:
@@ -96,6 +100,7 @@ class GradeResult:
             "needs_review": self.needs_review,
             "raw_scores": self.raw_scores,
             "calibrated": self.calibrated,
+            "timings": self.timings,
         }
 
 
@@ -250,6 +255,29 @@ class _CallbackStreamer:
         if len(text) > self.sent:
             self.on_token(text[self.sent :])
             self.sent = len(text)
+
+
+class _StepClock:
+    """A streamer that only notes when generate() started (its first put() is the prompt) and
+    when the first new tokens came out (the second): the prefill, as against the decoding."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+        self._puts = 0
+
+    def put(self, value) -> None:
+        self._puts += 1
+        if self._puts == 2:
+            self.first_token = time.perf_counter()
+
+    def end(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+
+    @property
+    def prefill_s(self) -> float:
+        return (self.first_token or time.perf_counter()) - self.started
 
 
 # --------------------------------------------------------------------------- the engine
@@ -591,14 +619,16 @@ class GraderEngine:
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                    scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
                    progress: Callable[[int], None] | None = None, retry: bool = True,
-                   unit: str | None = None, calibrate: bool = False) -> list[GradeResult]:
+                   unit: str | None = None, calibrate: bool = False,
+                   on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
         results in input order (the names are the caller's, e.g. for :func:`store_grade`).
-        ``progress(n)`` is called after each batch with the number just finished. Nothing is stored."""
+        After each batch, ``progress(n)`` gets the number just finished and ``on_batch`` the
+        finished (input index, result) pairs, so a caller can stream them out. Nothing is stored."""
         _check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
             return self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress,
-                                    calibrate=calibrate)
+                                    calibrate=calibrate, on_batch=on_batch)
         key = self._attach(adapter)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
@@ -607,13 +637,18 @@ class GraderEngine:
         for start in range(0, len(order), max(1, batch_size)):
             chunk = order[start : start + batch_size]
             with self._lock:  # per batch: a single grade from another thread may run between batches
-                t0 = time.perf_counter()
-                news = self._generate([prompts[i] for i in chunk], max_new_tokens, key)
-                share = (time.perf_counter() - t0) / len(chunk)
+                clock = _StepClock()
+                news = self._generate([prompts[i] for i in chunk], max_new_tokens, key, streamer=clock)
+                share = (time.perf_counter() - clock.started) / len(chunk)
+                prefill = clock.prefill_s / len(chunk)
                 for i, new in zip(chunk, news):
-                    t_i = time.perf_counter() - share  # each row is charged its share of the batch
-                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i, key,
-                                              scoring=scoring, retry=retry)
+                    t_i = time.perf_counter()
+                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i - share, key,
+                                              scoring=scoring, retry=retry)  # charged its share of the batch
+                    results[i].timings = {"prefill_s": round(prefill, 4), "decode_s": round(share - prefill, 4),
+                                          "scoring_s": round(time.perf_counter() - t_i, 4)}
+            if on_batch:
+                on_batch([(i, results[i]) for i in chunk])
             if progress:
                 progress(len(chunk))
         return results  # type: ignore[return-value]
@@ -622,78 +657,128 @@ class GraderEngine:
 
     def grade_items(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                     batch_size: int = 16, progress: Callable[[int], None] | None = None,
-                    calibrate: bool = False) -> list[GradeResult]:
+                    calibrate: bool = False,
+                    on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples question by question, without generation: each
         question alone (its answer from the submission's sections, or the whole text when the
         headings do not match the rubric) is encoded to its score position and one forward pass
         reads the distribution over 0..max (data.prompt_format's item-level section). The score is
         its expected value, mapped by the adapter's calibration when it has one; the confidence
-        comes from its spread. Questions are batched across submissions, sorted by length.
-        ``calibrate``: map expected scores through the calibration stored with the adapter (off by
-        default: on Mohler it lowered agreement on unseen assignments, BENCHMARKS.md).
-        Questions whose values are not single tokens get the number the model writes there."""
+        comes from its spread. ``calibrate``: map expected scores through the calibration stored
+        with the adapter (off by default: on Mohler it lowered agreement on unseen assignments,
+        BENCHMARKS.md). Questions whose values are not single tokens get the number the model
+        writes there.
+
+        Speed: every submission's copy of a question starts with the same tokens (the one-question
+        instructions, up to the student's answer), so that shared prefix goes through the model
+        once per call and its KV cache is reused for each answer (:func:`_shared_prefixes`); only
+        the answers, sorted by length, are batched. Submissions are taken ``batch_size`` at a time,
+        those of one rubric together; after each such batch ``progress(n)`` and
+        ``on_batch([(input index, result), ...])`` report the submissions just finished, so a
+        caller can write them out before the rest is graded. Results come back in input order."""
         import torch
 
         from data.markdown import split_sections
-        from data.prompt_format import encode_score_prompt, question_labels, target_text
+        from data.prompt_format import ScoreExample, encode_score_prompt, question_labels, target_text
         from inference.calibration import load_calibration
-        from inference.score_head import collate_scores, score_log_probs
+        from inference.score_head import base_causal_lm, collate_scores, score_log_probs
         from inference.scoring import confidence, expected_score
 
         key = self._attach(adapter)
         cal = load_calibration(key) if calibrate else None
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        results: list[GradeResult] = []
         step = max(1, batch_size)
-        for start in range(0, len(items), step):  # a chunk of submissions: progress per chunk
-            chunk = items[start : start + step]
+        # Encode every question first (cheap next to the model): the shared prefixes are found
+        # over the whole call, so one computed prefix serves all the batches of its rubric.
+        encoded: list[list[ScoreExample]] = []
+        encode_s: list[float] = []
+        for _, md, rubric in items:
             t0 = time.perf_counter()
-            questions = []  # (submission in chunk, question, ScoreExample)
-            for i, (_, md, rubric) in enumerate(chunk):
-                answers = split_sections(md, rubric) or [md.strip()] * len(rubric.questions)
-                for k, answer in enumerate(answers):
-                    questions.append((i, k, encode_score_prompt(self.tokenizer, self.format, rubric, k, answer,
-                                                                limit - 8 if isinstance(limit, int) else None)))
-            probs: list[list[float] | None] = [None] * len(questions)
-            order = sorted((j for j, q in enumerate(questions) if q[2].value_ids), key=lambda j: len(questions[j][2].input_ids))
-            for b in range(0, len(order), step):
-                part = order[b : b + step]
+            answers = split_sections(md, rubric) or [md.strip()] * len(rubric.questions)
+            encoded.append([encode_score_prompt(self.tokenizer, self.format, rubric, k, answer,
+                                                limit - 8 if isinstance(limit, int) else None)
+                            for k, answer in enumerate(answers)])
+            encode_s.append(time.perf_counter() - t0)
+        rubric_keys = [rubric.model_dump_json() for _, _, rubric in items]
+        prefixes = _shared_prefixes(encoded, rubric_keys)  # (rubric, question) -> prefix length
+        left = Counter((rubric_keys[i], k) for i, exs in enumerate(encoded) for k, ex in enumerate(exs)
+                       if ex.value_ids and (rubric_keys[i], k) in prefixes)  # answers still to read per prefix
+        kv: dict[tuple[str, int], object] = {}  # computed prefix caches, freed when their last answer is read
+        # One rubric's submissions together: its prefixes are freed before the next rubric's are made.
+        first_seen = {k: n for n, k in reversed(list(enumerate(rubric_keys)))}
+        order = sorted(range(len(items)), key=lambda i: (first_seen[rubric_keys[i]], i))
+        results: list[GradeResult | None] = [None] * len(items)
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            t0 = time.perf_counter()
+            probs: dict[tuple[int, int], list[float]] = {}
+            groups: dict[tuple[str, int] | None, list[tuple[int, int]]] = {}
+            for i in chunk:
+                for k, ex in enumerate(encoded[i]):
+                    if ex.value_ids:
+                        g = (rubric_keys[i], k)
+                        groups.setdefault(g if g in prefixes else None, []).append((i, k))
+            for g, members in groups.items():
+                n_prefix = prefixes[g] if g is not None else 0
+                members.sort(key=lambda ik: len(encoded[ik[0]][ik[1]].input_ids))  # less padding
                 with self._using(key) as model, torch.inference_mode():
-                    batch = collate_scores([questions[j][2] for j in part], self.pad_id, self.device)
-                    rows = score_log_probs(model, batch).exp().float().cpu().tolist()
-                for j, row in zip(part, rows):
-                    probs[j] = row[: len(questions[j][2].value_ids)]
-            written: dict[int, float] = {}
-            for j, (_, _, ex) in enumerate(questions):
-                if probs[j] is None:  # values that are not single tokens: the number it writes
-                    text = self._decode(self._generate([ex.input_ids], 8, key)[0])
-                    m = re.match(r"\s*(\d+(?:\.\d+)?)", text)
-                    written[j] = min(max(float(m.group(1)), 0.0), ex.max_score) if m else 0.0
-            share = (time.perf_counter() - t0) / len(chunk)
-            for i, (_, md, rubric) in enumerate(chunk):
-                mine = [j for j, q in enumerate(questions) if q[0] == i]
-                labels = question_labels(rubric)
+                    lm = base_causal_lm(model)
+                    if g is not None and g not in kv:
+                        i, k = members[0]
+                        ids = torch.tensor([encoded[i][k].input_ids[:n_prefix]], device=self.device)
+                        kv[g] = lm.model(input_ids=ids, use_cache=True).cache
+                    reader = _AfterPrefix(lm, kv[g], n_prefix) if g is not None else model
+                    for b in range(0, len(members), step):
+                        part = members[b : b + step]
+                        exs = [encoded[i][k] for i, k in part]
+                        if n_prefix:
+                            exs = [ScoreExample(input_ids=ex.input_ids[n_prefix:], value_ids=ex.value_ids,
+                                                max_score=ex.max_score) for ex in exs]
+                        rows = score_log_probs(reader, collate_scores(exs, self.pad_id, self.device))
+                        for (i, k), row in zip(part, rows.exp().float().cpu().tolist()):
+                            probs[(i, k)] = row[: len(encoded[i][k].value_ids)]
+                if g is not None:
+                    left[g] -= len(members)
+                    if left[g] <= 0:
+                        kv.pop(g, None)
+            written: dict[tuple[int, int], float] = {}
+            for i in chunk:
+                for k, ex in enumerate(encoded[i]):
+                    if (i, k) not in probs:  # values that are not single tokens: the number it writes
+                        text = self._decode(self._generate([ex.input_ids], 8, key)[0])
+                        m = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+                        written[(i, k)] = min(max(float(m.group(1)), 0.0), ex.max_score) if m else 0.0
+            model_share = (time.perf_counter() - t0) / len(chunk)
+            done = []
+            for i in chunk:
+                rubric = items[i][2]
                 grade_items, probs_out, conf, raw = [], [], [], []
-                for j in mine:
-                    k, ex = questions[j][1], questions[j][2]
-                    p = probs[j]
-                    score = expected_score(p) if p is not None else written[j]
+                for k, ex in enumerate(encoded[i]):
+                    p = probs.get((i, k))
+                    score = expected_score(p) if p is not None else written[(i, k)]
                     raw.append(round(score, 3))
                     if cal is not None and p is not None:
                         score = cal.apply(score, ex.max_score)
-                    grade_items.append(GradeItem(question=rubric.questions[k].question, score=round(score, 2), max_score=ex.max_score))
+                    grade_items.append(GradeItem(question=rubric.questions[k].question, score=round(score, 2),
+                                                 max_score=ex.max_score))
                     probs_out.append({str(v): round(x, 4) for v, x in enumerate(p)} if p is not None else None)
                     conf.append(confidence(p) if p is not None else None)
                 grade = Grade(score=round(sum(it.score for it in grade_items), 2), max_score=rubric.max_score,
                               items=grade_items, feedback="")
-                results.append(GradeResult(
-                    grade=grade, raw_text=target_text(grade, rubric), repaired=False, repairs=[], latency_s=share,
-                    base_model=self.base_model, adapter=key, prompt_tokens=sum(len(questions[j][2].input_ids) for j in mine),
-                    scoring="expected" if not written else "generated", score_probs=probs_out, unit="item",
-                    confidence=conf, raw_scores=raw, calibrated=cal is not None))
+                results[i] = GradeResult(
+                    grade=grade, raw_text=target_text(grade, rubric), repaired=False, repairs=[],
+                    latency_s=encode_s[i] + model_share, base_model=self.base_model, adapter=key,
+                    prompt_tokens=sum(len(ex.input_ids) for ex in encoded[i]),
+                    scoring="expected" if not any(k[0] == i for k in written) else "generated",
+                    score_probs=probs_out, unit="item", confidence=conf, raw_scores=raw,
+                    calibrated=cal is not None,
+                    timings={"encode_s": round(encode_s[i], 4), "model_s": round(model_share, 4)})
+                done.append((i, results[i]))
+            if on_batch:
+                on_batch(done)
             if progress:
                 progress(len(chunk))
-        return results
+        return results  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- scores without generation
 
@@ -705,10 +790,69 @@ class GraderEngine:
             out = model(input_ids=torch.tensor([ids], device=self.device), logits_to_keep=1)
         return out.logits[0, -1].float().cpu()
 
+    def default_batch_size(self) -> int:
+        """Submissions per batch when the caller does not say: 64 on a GPU (item grading of Mohler
+        on an H200 was fastest there, BENCHMARKS.md), 8 on CPU (larger batches gain nothing on a
+        few cores and delay the first results written out)."""
+        return 64 if self.device.type == "cuda" else 8
+
     def describe(self) -> dict:
         return {"base_model": self.base_model, "base_path": str(self.base_path), "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "format": self.format,
                 "adapters": list(self.adapters), **self.base_summary}
+
+
+# A prefix shorter than this is not worth a separate pass (and its own forward per batch).
+MIN_SHARED_PREFIX = 16
+
+
+def _shared_prefixes(encoded: list[list], rubric_keys: list[str]) -> dict[tuple[str, int], int]:
+    """For each (rubric, question) asked of two or more submissions: how many leading tokens all
+    their prompts share (the one-question instructions up to the student's answer). At least one
+    token is left to every prompt, since the score is read after its last token. Taken from the
+    tokens themselves, so a reused prefix is exactly what each prompt would have computed."""
+    groups: dict[tuple[str, int], list[list[int]]] = {}
+    for exs, rubric_key in zip(encoded, rubric_keys):
+        for k, ex in enumerate(exs):
+            if ex.value_ids:
+                groups.setdefault((rubric_key, k), []).append(ex.input_ids)
+    out = {}
+    for g, prompts in groups.items():
+        if len(prompts) < 2:
+            continue
+        first, n = prompts[0], min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            n = next((j for j in range(n) if p[j] != first[j]), n)
+        if n >= MIN_SHARED_PREFIX:
+            out[g] = n
+    return out
+
+
+class _AfterPrefix:
+    """A causal LM whose body continues from a computed prefix: what
+    :func:`inference.score_head.score_log_probs` reads scores through (it calls ``.model(input_ids=,
+    attention_mask=)``, ``.get_output_embeddings()`` and ``.config``), so the item scores keep their
+    one home there. Each call gets its own copy of the prefix cache, repeated for the batch (a
+    forward appends to the cache it is given)."""
+
+    def __init__(self, lm, cache, prefix_len: int) -> None:
+        self.lm, self.cache, self.prefix_len = lm, cache, prefix_len
+        self.config = lm.config
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def model(self, *, input_ids, attention_mask):
+        import copy
+
+        import torch
+
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        seen = torch.ones((input_ids.shape[0], self.prefix_len), dtype=attention_mask.dtype,
+                          device=attention_mask.device)
+        return self.lm.model(input_ids=input_ids, attention_mask=torch.cat([seen, attention_mask], dim=1),
+                             cache=cache, use_cache=True)
 
 
 def _check_scoring(scoring: str) -> None:
