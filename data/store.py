@@ -552,22 +552,26 @@ class Store:
         return latest
 
     def review_items(self, *, adapters: set[str | None] | None = None, order: str = "confidence",
-                     limit_grades: int = 500) -> list[ReviewItem]:
+                     limit_grades: int = 500, grade_ids: list[int] | None = None) -> list[ReviewItem]:
         """The questions of stored grades, those most in need of review first (``order``
         "confidence": the least sure first, questions without a confidence after them, newest
         grades first among equals; "newest": newest grade first). ``adapters``: only grades made by
-        these adapter folders (None in the set: the base model alone); None: every grade. Reads
-        the ``limit_grades`` grades that come first in that order."""
+        these adapter folders (None in the set: the base model alone); None: every grade.
+        ``grade_ids``: only these grades. Reads the ``limit_grades`` grades that come first in that order."""
         if order not in REVIEW_ORDERS:
             raise ValueError(f"review order {order!r}: expected one of {', '.join(REVIEW_ORDERS)}")
-        where, params = "", []
+        conditions, params = [], []
         if adapters is not None:
             named = sorted(a for a in adapters if a is not None)
             parts = [f"adapter IN ({', '.join('?' * len(named))})"] if named else []
             if None in adapters:
                 parts.append("adapter IS NULL")
-            where = " WHERE " + (" OR ".join(parts) if parts else "0")
+            conditions.append("(" + (" OR ".join(parts) if parts else "0") + ")")
             params += named
+        if grade_ids is not None:
+            conditions.append(f"id IN ({', '.join('?' * len(grade_ids))})" if grade_ids else "0")
+            params += [int(g) for g in grade_ids]
+        where = " WHERE " + " AND ".join(conditions) if conditions else ""
         sort = ("min_confidence IS NULL, min_confidence, id DESC" if order == "confidence" else "id DESC")
         rows = self._rows(f"SELECT * FROM grades{where} ORDER BY {sort} LIMIT ?", [*params, int(limit_grades)],
                           _JSON["grades"])
