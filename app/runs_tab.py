@@ -1,5 +1,6 @@
 """Runs tab: the run history from SQLite (config, status, final loss, eval metrics), several runs'
-loss curves in one plot, delete a run, export (merge) an adapter into a full model folder."""
+loss curves in one plot, delete a run, export (merge) an adapter into a full model folder, and each
+adapter's agreement with the teacher's corrections (table, confusion plot, trend across runs)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,13 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+import plotly.graph_objects as go
 
 from app import jobs
-from app.common import Settings, checked_adapter, loss_figure
+from app.common import Settings, checked_adapter, empty_figure, loss_figure
 from data.run_folder import RunFolder
+from inference.teacher_agreement import (AdapterAgreement, confusion_counts, format_by_question, format_overall,
+                                         teacher_agreement)
 
 RUN_COLUMNS = ["run", "name", "status", "model", "datasets", "steps", "final loss",
                "eval loss", "lora r", "lr", "created"]
@@ -66,6 +70,9 @@ def run_details(run_id: str | None) -> str:
         parts.append(f"error: {run['error']}")
     if ckpts:
         parts.append("checkpoints: " + ", ".join(str(c.get("path")) for c in ckpts))
+    for used in jobs.store().run_corrections(run_id) if run else []:
+        parts.append(f"trained on {len(used.correction_ids)} teacher corrections (`{used.spec}`, dataset "
+                     f"{used.dataset_id}): ids {', '.join(map(str, used.correction_ids))}")
     parts.append("```json\n" + json.dumps(cfg, indent=1) + "\n```")
     return "\n\n".join(parts)
 
@@ -94,6 +101,47 @@ def export_adapter(adapter_path: str | None) -> str:
     return f"Merged model written to `{path}` (loads with transformers `from_pretrained`)."
 
 
+def confusion_figure(a: AdapterAgreement | None) -> go.Figure:
+    """How often the teacher gave each score (rows) when the model gave each score (columns),
+    both rounded to whole points."""
+    title = "Model vs teacher scores (rounded)"
+    if a is None or not a.pairs:
+        return empty_figure(title, "no corrections yet")
+    scores, counts = confusion_counts(a.pairs)
+    fig = go.Figure(go.Heatmap(z=counts, x=scores, y=scores, colorscale="Blues", texttemplate="%{z}",
+                               hovertemplate="teacher %{y}, model %{x}: %{z}<extra></extra>"))
+    fig.update_layout(title=f"{title}: {a.label}", xaxis_title="model score", yaxis_title="teacher score",
+                      height=360, margin=dict(l=40, r=20, t=50, b=40), xaxis=dict(dtick=1), yaxis=dict(dtick=1))
+    return fig
+
+
+def trend_figure(results: list[AdapterAgreement]) -> go.Figure:
+    """One point per adapter, oldest first: QWK and r (left axis) and MAE (right axis)."""
+    title = "Agreement with the teacher across runs"
+    if not results:
+        return empty_figure(title, "no corrections yet")
+    x = [a.label for a in results]
+    fig = go.Figure()
+    for key, name, axis in (("qwk", "QWK", "y"), ("pearson_r", "Pearson r", "y"), ("mae", "MAE", "y2")):
+        fig.add_trace(go.Scatter(x=x, y=[a.overall[key]["value"] for a in results], mode="lines+markers",
+                                 name=name, yaxis=axis, line=dict(dash="dot") if axis == "y2" else None))
+    fig.update_layout(title=title, height=360, margin=dict(l=40, r=40, t=50, b=40), yaxis_title="agreement",
+                      yaxis=dict(range=[-0.2, 1.05]), legend=dict(orientation="h", y=-0.3),
+                      yaxis2=dict(title="MAE", overlaying="y", side="right", rangemode="tozero"))
+    return fig
+
+
+def agreement_view(pick: str | None):
+    """(overall table, adapter picker, the picked adapter's table by question, its confusion plot,
+    the trend). The picked adapter defaults to the newest."""
+    results = teacher_agreement(jobs.store(), n_boot=0)  # intervals: python -m inference teacher-agreement
+    labels = [a.label for a in results]
+    chosen = pick if pick in labels else (labels[-1] if labels else None)
+    one = next((a for a in results if a.label == chosen), None)
+    return (format_overall(results), gr.update(choices=labels, value=chosen),
+            format_by_question(one) if one else "", confusion_figure(one), trend_figure(results))
+
+
 def build(settings: Settings) -> dict[str, Any]:
     refresh_btn = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
     table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True, elem_id="runs-table")
@@ -109,6 +157,14 @@ def build(settings: Settings) -> dict[str, Any]:
                            elem_id="runs-ckpt")
         export_btn = gr.Button("Export merged model", elem_id="runs-export")
     message = gr.Markdown(elem_id="runs-message")
+    gr.Markdown("### Agreement with the teacher\nEach adapter against the corrections made in the Review tab "
+                "(every grade of a corrected answer counts). Intervals: `python -m inference teacher-agreement`.")
+    agreement = gr.Markdown(elem_id="runs-agreement")
+    agree_pick = gr.Dropdown([], label="Adapter (by question, confusion)", elem_id="runs-agreement-pick")
+    by_question = gr.Markdown(elem_id="runs-agreement-questions")
+    with gr.Row():
+        confusion = gr.Plot(label="Model vs teacher", elem_id="runs-confusion")
+        trend = gr.Plot(label="Trend across runs", elem_id="runs-trend")
 
     def refresh():
         df = runs_table()
@@ -117,11 +173,13 @@ def build(settings: Settings) -> dict[str, Any]:
                 gr.update(choices=jobs.list_adapters()), compare_figure(ids[:3]))
 
     outs = [table, pick, one, ckpt, plot]
-    refresh_btn.click(refresh, None, outs, api_name="runs")
+    agree_outs = [agreement, agree_pick, by_question, confusion, trend]
+    refresh_btn.click(refresh, None, outs, api_name="runs").then(agreement_view, [agree_pick], agree_outs)
+    agree_pick.input(agreement_view, [agree_pick], agree_outs, api_name="teacher_agreement")
     pick.change(compare_figure, [pick], [plot])
     one.change(run_details, [one], [details])
     del_btn.click(lambda r: (delete_run(r), *refresh()), [one], [message, *outs],
                   api_name="delete_run")
     export_btn.click(export_adapter, [ckpt], [message], api_name="export_adapter",
                      concurrency_limit=1)
-    return {"refresh": (refresh, None, outs)}
+    return {"refresh": (refresh, None, outs), "agreement": (agreement_view, [agree_pick], agree_outs)}

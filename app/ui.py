@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app import config_tab, data_tab, grade_tab, runs_tab, train_tab
+from app import config_tab, data_tab, grade_tab, review_tab, runs_tab, train_tab
 from app.common import Settings
 
 TITLE = "Grader studio"
@@ -25,6 +25,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 train = train_tab.build(settings, cfg["form"])
             with gr.Tab("Grade", id="grade") as t_grade:
                 grade = grade_tab.build(settings)
+            with gr.Tab("Review", id="review") as t_review:
+                review = review_tab.build(settings)
             with gr.Tab("Runs", id="runs") as t_runs:
                 runs = runs_tab.build(settings)
 
@@ -32,11 +34,14 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         t_data.select(*data["refresh"])
         t_cfg.select(*cfg["refresh_datasets"])
         t_grade.select(*grade["refresh"])
+        t_review.select(*review["refresh"])
         t_runs.select(*runs["refresh"])
+        t_runs.select(*runs["agreement"])
         # A reload (or an app restart) shows the stored state again: the latest run, datasets...
         demo.load(*train["on_load"], api_name="current_run")
         demo.load(*data["refresh"])
         demo.load(*runs["refresh"])
         demo.load(*cfg["describe"])
         demo.load(*grade["rubric_load"])
+        demo.load(*review["on_load"])  # the teacher's name from the login
     return demo
