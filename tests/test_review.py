@@ -214,6 +214,9 @@ def test_the_cli_stores_the_dataset_and_shows_agreement_and_what_a_run_trained_o
     assert status.returncode == 0, status.stderr
     assert f"trained on 1 teacher corrections (db:week-1, dataset {store.find_dataset('week-1')['id']}): ids {corr.id}" \
         in status.stdout
+    from app.runs_tab import run_details  # the Runs tab's run details say it too
+
+    assert f"trained on 1 teacher corrections (`db:week-1`" in run_details("r-cli")
     agree = cli("inference", "teacher-agreement", "--n-boot", "0")
     assert agree.returncode == 0, agree.stderr
     assert "| embedded:tiny-gpt-oss (base) | 1 |" in agree.stdout and "1: What is a stack?" in agree.stdout
