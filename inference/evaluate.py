@@ -219,8 +219,8 @@ def evaluate(
                                     progress=tick, scoring=scoring, unit=unit or grading_unit(which if which else adapter),
                                     calibrate=True)
         if store:
-            for r, (sub_name, _, rubric) in zip(results, items):
-                store_grade(r, rubric, sub_name)
+            for r, (sub_name, md, rubric) in zip(results, items):
+                store_grade(r, rubric, sub_name, submission_md=md)
         out["predictors"][name] = _predictor_report(results, item_h, item_max, sub_h, sub_max, rubrics, n_boot)
         for row, r in zip(out["per_submission"], results):
             row[name] = r.grade.score

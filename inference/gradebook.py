@@ -190,11 +190,26 @@ def _short(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
+def teacher_corrections(grades: list[dict], store=None) -> dict[tuple[int, int], float]:
+    """The teacher's current score for every corrected question of ``grades`` (Review tab): a
+    correction made on any grade of the same answer counts for all of them."""
+    from data.store import Store
+
+    ids = [int(g["id"]) for g in grades if g.get("id") is not None]
+    if not ids:
+        return {}
+    items = (store or Store()).review_items(grade_ids=ids, limit_grades=len(ids))
+    return {(it.grade_id, it.question_index): it.correction.teacher_score for it in items if it.correction}
+
+
 def export_gradebook(path: str | Path, *, adapter: str | None = None, store=None,
                      corrections: Corrections | None = None) -> tuple[Path, Gradebook]:
-    """Write the stored grades (all, or ``adapter``'s) to ``path`` as a gradebook. Raises
-    ValueError when there is no grade to write."""
+    """Write the stored grades (all, or ``adapter``'s) to ``path`` as a gradebook, with the
+    teacher's corrections in place of the model's scores (``corrections``; default: those stored
+    by the Review tab). Raises ValueError when there is no grade to write."""
     grades = stored_grades(store, adapter)
+    if corrections is None:
+        corrections = teacher_corrections(grades, store)
     if not grades:
         who = f" made with adapter {adapter}" if adapter else ""
         raise ValueError(f"no stored grades{who}: grade submissions first (python -m inference grade/batch, "

@@ -139,3 +139,24 @@ def test_grade_tab_downloads_the_gradebook(tmp_path: Path) -> None:
         back = _reimport(Path(path))
         assert {k: {q: s for q, (s, _) in v.items()} for k, v in back.items()} == {
             "ann.md": {"1.1": 3.41, "1.2": 2.0, "3": 0.5}, "bob.md": {"1.1": 5.0, "1.2": 1.0, "3": 3.0}}
+
+
+def test_the_teachers_corrections_replace_the_models_scores_in_the_export(tmp_path: Path) -> None:
+    """A score corrected in the Review tab is what the gradebook says (by default)."""
+    from data.store import Store
+    from inference.gradebook import export_gradebook, teacher_corrections
+
+    store = Store(tmp_path / "studio.db")
+    rubric = {"title": "t", "questions": [{"question": "Q one", "max_score": 5, "question_id": "1"},
+                                          {"question": "Q two", "max_score": 5, "question_id": "2"}]}
+    grade = {"score": 5, "max_score": 10, "feedback": "",
+             "items": [{"question": "Q one", "score": 2, "max_score": 5}, {"question": "Q two", "score": 3, "max_score": 5}]}
+    gid = store.add_grade(grade=grade, raw_text="", base_model="b", adapter=None, submission_name="ann.md",
+                          rubric=rubric, repaired=False, latency_s=0.1,
+                          submission_md="## Question 1: Q one\n\na\n\n## Question 2: Q two\n\nb\n")
+    store.add_correction(gid, 1, teacher_score=5, corrected_by="teacher")
+    assert teacher_corrections(store.grades(limit=-1), store) == {(gid, 1): 5}
+    _, book = export_gradebook(tmp_path / "book.csv", store=store)
+    (row,) = book.rows
+    assert row.submission == "ann.md" and list(row.scores.values()) == [2, 5] and row.total == 7
+    assert len(row.corrected) == 1
