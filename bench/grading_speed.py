@@ -1,14 +1,25 @@
-"""Grading speed: submissions per minute with the real grading path (prompt format, greedy
-decoding with the KV cache, repair), one at a time and batched.
+"""Grading speed: submissions per minute through the real grading path, by grading unit.
 
-    python bench/grading_speed.py [--model embedded:gemma-3-270m] [--n 4] [--batch-sizes 1,4]
-                                  [--max-new-tokens 128] [--gpt-oss-20b-shaped] [--out bench/results]
+    python bench/grading_speed.py [--model embedded:gemma-3-270m] [--unit item,submission] [--n 14]
+                                  [--batch-sizes 8] [--max-new-tokens 64] [--also-unshared]
+                                  [--gpt-oss-20b-shaped] [--device cpu] [--out bench/results]
 
-Submissions are the sample Markdown files in data/samples/submissions, each with its rubric from
-data/samples/rubrics (file name prefix). Generation runs to a stop token or --max-new-tokens; the retry
-that follows an answer without JSON is off here, so the figure is the generation path alone.
---gpt-oss-20b-shaped adds a GPT-OSS-20b-shaped model with random bf16 weights (GPU only): its
-output is noise, so every answer runs to --max-new-tokens (a worst case for length).
+- ``--unit item`` (the default since issue 13; justifications off): each question alone, one
+  forward pass to its score position, the expected score from the distribution over 0..max
+  (``GraderEngine.grade_items``). No generation. The time split is encode (tokenization, prompt
+  rendering) vs model (the forward passes). Each question's prefix shared by the submissions of
+  its rubric goes through the model once; ``--also-unshared`` first measures the item unit with
+  that off too (every question's whole prompt through the model: the path before issue 14). Tokens/s counts the prompt tokens graded (what the model reads) per second;
+  ``model_tokens`` is how many actually went through the model.
+- ``--unit submission``: the grade JSON generated whole (greedy, KV cache) and repaired where it
+  has to be, then the expected-score pass: the path before issue 13, the baseline row. The time
+  split is prefill vs decode vs scoring (parse, repair, expected-score pass); the retry that
+  follows an answer without JSON is off, so the figure is one generation per submission.
+
+Submissions are the sample Markdown files in data/samples/submissions (14, five rubrics), each
+with its rubric from data/samples/rubrics (file name prefix). --gpt-oss-20b-shaped adds a
+GPT-OSS-20b-shaped model with random bf16 weights (GPU only): its generated output is noise, so
+every answer runs to --max-new-tokens (a worst case for length).
 """
 from __future__ import annotations
 
@@ -21,11 +32,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
-from inference.engine import SCORINGS, GraderEngine  # noqa: E402
+import inference.engine as engine_mod  # noqa: E402  (before torch: it sets the CPU threads' wait policy)
 from data.loading import load_rubric  # noqa: E402
 from data.markdown import normalize_submission, read_markdown  # noqa: E402
+from inference.engine import GraderEngine  # noqa: E402
+
+import torch  # noqa: E402
+
+UNITS = ("item", "submission")
 
 
 def sample_items(n: int) -> list[tuple[str, str, object]]:
@@ -49,29 +63,62 @@ def sample_items(n: int) -> list[tuple[str, str, object]]:
     return out[:n]
 
 
-def measure(engine: GraderEngine, items, batch_sizes, max_new_tokens, scoring="generated") -> list[dict]:
-    # The retry that follows an answer without JSON is off: the figure is the generation path alone.
-    engine.grade_many(items[:1], adapter=None, batch_size=1, max_new_tokens=8, retry=False)  # warm-up
+def model_tokens(engine: GraderEngine, items) -> int:
+    """Tokens the item path puts through the model: each shared prefix once, then every answer
+    (the same rule as GraderEngine.grade_items, from the same encoding)."""
+    from data.markdown import split_sections
+    from data.prompt_format import encode_score_prompt
+
+    limit = getattr(engine.model.config, "max_position_embeddings", None)
+    encoded = [[encode_score_prompt(engine.tokenizer, engine.format, rubric, k, a, limit - 8 if limit else None)
+                for k, a in enumerate(split_sections(md, rubric) or [md.strip()] * len(rubric.questions))]
+               for _, md, rubric in items]
+    keys = [rubric.model_dump_json() for _, _, rubric in items]
+    prefixes = engine_mod._shared_prefixes(encoded, keys)
+    total = sum(len(ex.input_ids) for exs in encoded for ex in exs)
+    for (key, k), n in prefixes.items():
+        users = sum(1 for exs, kk in zip(encoded, keys) if kk == key and k < len(exs) and exs[k].value_ids)
+        total -= n * (users - 1)
+    return total
+
+
+def _sync(engine: GraderEngine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens: int, shared_prefix: bool) -> list[dict]:
+    """One timed run per batch size, after a warm-up on one submission (a prefix is never kept
+    from one call to the next, so the warm-up gives the timed run nothing)."""
+    engine_mod.MIN_SHARED_PREFIX = 16 if shared_prefix else 10**9
+    engine.grade_many(items[:1], adapter=None, unit=unit, batch_size=1, max_new_tokens=8, retry=False)  # warm-up
     rows = []
     for bs in batch_sizes:
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(engine)
         t0 = time.perf_counter()
-        res = engine.grade_many(items, adapter=None, scoring=scoring, batch_size=bs, max_new_tokens=max_new_tokens,
+        res = engine.grade_many(items, adapter=None, unit=unit, batch_size=bs, max_new_tokens=max_new_tokens,
                                 retry=False)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(engine)
         dt = time.perf_counter() - t0
+        prompt = sum(r.prompt_tokens for r in res)
         new = sum(r.new_tokens for r in res)
-        rows.append({
+        split = {k: round(sum((r.timings or {}).get(k, 0.0) for r in res), 2) for k in res[0].timings or {}}
+        row = {
             "model": engine.base_model, "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
-            "batch_size": bs, "n": len(items), "seconds": round(dt, 2),
-            "submissions_per_min": round(len(items) / dt * 60, 2), "new_tokens": new,
-            "new_tokens_per_s": round(new / dt, 1), "mean_prompt_tokens": round(sum(r.prompt_tokens for r in res) / len(res)),
-            "valid_json_without_repair": sum(not r.repaired for r in res), "max_new_tokens": max_new_tokens,
-            "scoring": scoring,
-        })
-        print(json.dumps(rows[-1]), flush=True)
+            "unit": unit, "batch_size": bs, "n": len(items), "seconds": round(dt, 2),
+            "submissions_per_min": round(len(items) / dt * 60, 2), "prompt_tokens": prompt, "new_tokens": new,
+            "time_split_s": split, "valid_without_repair": sum(not r.repaired for r in res),
+        }
+        if unit == "item":
+            row.update(shared_prefix=shared_prefix,
+                       model_tokens=model_tokens(engine, items) if shared_prefix else prompt,
+                       questions=sum(len(r.grade.items) for r in res),
+                       prompt_tokens_per_s=round(prompt / dt, 1))
+        else:
+            row.update(max_new_tokens=max_new_tokens, new_tokens_per_s=round(new / dt, 1),
+                       prompt_tokens_per_s=round(prompt / split.get("prefill_s", dt), 1) if split.get("prefill_s") else None)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -97,25 +144,35 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="embedded:gemma-3-270m")
     ap.add_argument("--device")
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--batch-sizes", default="1,4")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--unit", default="item", help="item, submission, or both: item,submission")
+    ap.add_argument("--n", type=int, default=14, help="how many sample submissions (14: all of them)")
+    ap.add_argument("--batch-sizes", default="8")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="submission unit only")
+    ap.add_argument("--also-unshared", action="store_true",
+                    help="item unit: also a row with every question's whole prompt through the model (the path "
+                         "before issue 14)")
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--scoring", default="generated", choices=SCORINGS,
-                    help="generated: generation alone (the recorded figures); expected adds the expected-score pass")
     args = ap.parse_args(argv)
+    units = [u.strip() for u in args.unit.split(",")]
+    if any(u not in UNITS for u in units):
+        ap.error(f"--unit takes {', '.join(UNITS)} (comma-separated), not {args.unit!r}")
     items = sample_items(args.n)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
-    rows = []
+    engines = []
     if not args.skip_model:
-        engine = GraderEngine(args.model, device=args.device)
-        rows += measure(engine, items, sizes, args.max_new_tokens, args.scoring)
-        del engine
+        engines.append(lambda: GraderEngine(args.model, device=args.device))
     if args.gpt_oss_20b_shaped:
-        engine = gpt_oss_20b_shaped(args.device or "cuda")
-        rows += measure(engine, items, sizes, args.max_new_tokens, args.scoring)
+        engines.append(lambda: gpt_oss_20b_shaped(args.device or "cuda"))
+    rows = []
+    for make in engines:
+        engine = make()
+        with torch.inference_mode():
+            for unit in units:
+                for shared in ([False, True] if unit == "item" and args.also_unshared else [True]):
+                    rows += measure(engine, items, unit, sizes, args.max_new_tokens, shared)
+        del engine
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
@@ -124,11 +181,14 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name(0) if dev == "gpu" else f"cpu ({torch.get_num_threads()} threads)",
               "rows": rows}
     (out / f"grading_speed_{dev}.json").write_text(json.dumps(report, indent=1))
-    print("| model | device | batch | submissions/min | new tokens/s | mean prompt tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| model | device | unit | batch | submissions/min | tokens/s | time split (s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {report['device']} | {r['batch_size']} | {r['submissions_per_min']} | "
-              f"{r['new_tokens_per_s']} | {r['mean_prompt_tokens']} |")
+        tps = r["prompt_tokens_per_s"] if r["unit"] == "item" else r["new_tokens_per_s"]
+        split = ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in r["time_split_s"].items())
+        unit = r["unit"] + ("" if r["unit"] != "item" else ", shared prefix" if r["shared_prefix"] else ", unshared")
+        print(f"| {r['model']} | {report['device']} | {unit} | {r['batch_size']} | {r['submissions_per_min']} | "
+              f"{tps} | {split} |")
     return 0
 
 

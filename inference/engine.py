@@ -40,6 +40,13 @@ from data.rubric import Grade, GradeItem, Rubric
 from data.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINAL, RUN_CONFIG, RunFolder
 from inference.repair import Repair, parse_grade, scores_read_from_output, zero_grade
 
+# CPU threads that wait for the others sleep instead of spinning. With torch's default (spinning)
+# every op stalls whenever another process holds a core: on this project's 2-core machine,
+# shared with a training run or a test suite, a Gemma forward pass took 2.5-7x longer on 2
+# threads than on 1; waiting passively, 2 threads were as fast as 1 under load (BENCHMARKS.md
+# "Grading speed"). OpenMP reads it when torch is first imported, which the engine does lazily.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SCORINGS = ("expected", "generated")
 
