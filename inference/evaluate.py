@@ -225,6 +225,12 @@ def evaluate(
         for row, r in zip(out["per_submission"], results):
             row[name] = r.grade.score
         finish()
+    if adapter is not None:  # the teacher's own corrections of this adapter's grades (Review tab)
+        from inference.teacher_agreement import format_agreement, teacher_agreement
+
+        found = teacher_agreement(adapters={str(Path(adapter).resolve())}, n_boot=n_boot)
+        out["teacher_agreement"] = [a.to_dict() for a in found]
+        out["teacher_agreement_markdown"] = format_agreement(found) if found else ""
     finish()
     if store:
         from data.store import Store

@@ -129,3 +129,28 @@ def test_unsure_questions_are_flagged_in_cli_and_csv(validated_run, tmp_path: Pa
     rows = list(csv.DictReader(open(tmp_path / "grades.csv", encoding="utf-8")))
     assert [float(r["confidence"]) for r in rows] == pytest.approx(conf, abs=1e-4)
     assert [r["needs_review"] == "1" for r in rows] == graded["needs_review"]
+
+
+def test_evaluate_reports_agreement_with_the_teachers_corrections(validated_run, tmp_path: Path) -> None:
+    """A question the teacher corrected in the Review tab shows up in evaluate's report for the
+    adapter that graded it."""
+    from data.store import Store
+
+    folder = RunFolder(validated_run["run_dir"])
+    env = validated_run["env"]
+    out = subprocess.run([sys.executable, "-m", "inference", "grade", "--adapter", str(folder.best), "--rubric",
+                          str(RUBRIC), str(SUBMISSION)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = Store(Path(env["GRADER_DB"]))
+    grade_id = max(g["id"] for g in store.grades(limit=-1))
+    store.add_correction(grade_id, 0, teacher_score=3, corrected_by="teacher")
+    report_path = tmp_path / "report.json"
+    ev = subprocess.run([sys.executable, "-m", "inference", "evaluate", "--adapter", str(folder.best), "--data",
+                         str(GRADED / "algebra-linear"), "--no-base", "--n-boot", "10", "--json", str(report_path)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "agreement with the teacher's corrections" in ev.stdout
+    report = json.loads(report_path.read_text())
+    (mine,) = report["teacher_agreement"]
+    assert mine["adapter"] == str(folder.best.resolve()) and mine["n"] == 1
+    assert mine["pairs"][0]["teacher_score"] == 3
