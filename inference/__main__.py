@@ -154,6 +154,8 @@ def cmd_evaluate(args) -> int:
                   f"{after['mae']['value']:.3f}, QWK {before['qwk']['value']} -> {after['qwk']['value']}")
     const = report["predictors"]["constant (training mean)"]
     print(f"\nconstant predictor: {const['mean_fraction']:.3f} of each maximum, from the {const['source']}")
+    if report.get("teacher_agreement_markdown"):
+        print("\nagreement with the teacher's corrections (Review tab):\n" + report["teacher_agreement_markdown"])
     if args.json:
         print(f"report -> {args.json}")
     return 0
