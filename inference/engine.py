@@ -11,7 +11,10 @@ always valid.
   trained for another base model is refused with both models named.
 - Prompts come from ``data.prompt_format.encode_prompt`` (the tokens training used) and
   generation stops at ``stop_token_ids``. Decoding is greedy with the KV cache; tokens stream to a
-  callback. The answer goes through ``inference.repair.parse_grade``; if it holds no JSON at all,
+  callback. By default it is constrained to the rubric's grade schema (``inference.constrained``,
+  xgrammar): the answer is a valid grade by construction, its forced opening is part of the
+  prompt, and repair is left for what the constraint cannot cover (xgrammar not installed,
+  ``constrained=False``). The answer goes through ``inference.repair.parse_grade``; if it holds no JSON at all,
   one guided retry forces the grade JSON's opening (as training writes it) up to the first score,
   makes that score start with the most likely digit, and lets the model write the rest; if that
   fails too, every question scores 0 and the grade says why.
@@ -25,6 +28,7 @@ always valid.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -393,6 +397,7 @@ class GraderEngine:
         self._switched_to: str | None = None  # PEFT adapter set last (internal: every call names its own)
         self._lock = threading.RLock()  # one model call at a time per engine (UI threads share it)
         self._value_ids_cache: dict[float, dict[int, int] | None] = {}
+        self._grammars = None  # inference.constrained.GradeGrammars, built on first constrained grade
 
     def _pad_id(self) -> int:
         for cand in (self.tokenizer.pad_token_id, getattr(self.model.generation_config, "pad_token_id", None),
@@ -460,13 +465,43 @@ class GraderEngine:
         max_prompt = limit - max_new_tokens if isinstance(limit, int) and limit > max_new_tokens else None
         return encode_prompt(self.tokenizer, self.format, rubric, submission_md, max_prompt_tokens=max_prompt)
 
-    def _generate(self, batch_ids: list[list[int]], max_new_tokens: int, adapter: str | None,
-                  streamer=None) -> list[list[int]]:
-        """Greedy decoding with the KV cache over left-padded prompts, with ``adapter`` (None: the
-        base alone); new tokens per row, cut at the first stop token."""
-        import torch
-        from transformers import GenerationConfig
+    def _grade_grammars(self):
+        """xgrammar's compiled grade grammars for this tokenizer (built on first use), or None
+        when xgrammar is not installed (grades are then generated freely and repaired)."""
+        if self._grammars is None:
+            try:
+                from inference.constrained import GradeGrammars
+            except ImportError:
+                return None
+            vocab = getattr(self.model.get_output_embeddings(), "out_features", None) or self.model.config.vocab_size
+            self._grammars = GradeGrammars(self.tokenizer, int(vocab), self.stop_ids)
+        return self._grammars
 
+    def _generate(self, batch_ids: list[list[int]], max_new_tokens: int, adapter: str | None,
+                  streamer=None, rubrics: list[Rubric] | None = None) -> list[list[int]]:
+        """Greedy decoding with the KV cache over left-padded prompts, with ``adapter`` (None: the
+        base alone); new tokens per row, cut at the first stop token. With ``rubrics`` (one per
+        row), decoding is constrained to each rubric's grade (inference.constrained): the forced
+        opening joins the prompt, and is the start of the row's new tokens."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        processors = None
+        openings: list[list[int]] = [[] for _ in batch_ids]
+        grammars = self._grade_grammars() if rubrics else None
+        if grammars is not None:
+            from data.prompt_format import encode_answer_text
+            from inference.constrained import GradeLogitsProcessor, forced_opening, reserve_chars
+
+            # Below what the smallest grade of the rubric may take, any answer would be cut.
+            max_new_tokens = max([max_new_tokens] + [reserve_chars(r) for r in rubrics])
+            encode = functools.partial(encode_answer_text, self.tokenizer, self.format)
+            openings = [forced_opening(grammars, r, encode, self._decode) for r in rubrics]
+            batch_ids = [p + o for p, o in zip(batch_ids, openings)]
+            processors = LogitsProcessorList([GradeLogitsProcessor(grammars, rubrics, openings, max_new_tokens,
+                                                                   encode, self._decode)])
+            if isinstance(streamer, _CallbackStreamer):
+                streamer.ids = list(openings[0])  # the opening is part of the answer shown
         width = max(len(x) for x in batch_ids)
         ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -479,12 +514,12 @@ class GraderEngine:
         )
         with self._using(adapter) as model, torch.inference_mode():
             out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 generation_config=gen_cfg, streamer=streamer)
+                                 generation_config=gen_cfg, streamer=streamer, logits_processor=processors)
         rows = []
         stops = set(self.stop_ids)
-        for row in out[:, width:].tolist():
+        for opening, row in zip(openings, out[:, width:].tolist()):
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            rows.append(row[:cut])
+            rows.append(opening + row[:cut])
         return rows
 
     def _decode(self, ids: list[int]) -> str:
@@ -601,13 +636,16 @@ class GraderEngine:
 
     def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
               scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
-              retry: bool = True, unit: str | None = None, calibrate: bool = False) -> GradeResult:
+              retry: bool = True, unit: str | None = None, calibrate: bool = False,
+              constrained: bool = True) -> GradeResult:
         """Grade one submission (Markdown) against ``rubric`` with ``adapter`` (a LoRA folder; None:
         the base alone): always a valid Grade. ``unit``: "item" grades each question by reading the
         model's score distribution (:meth:`grade_items`), "submission" generates the grade JSON;
         None: what the adapter was trained for (:func:`grading_unit`). ``scoring`` (submission
-        unit): "expected" or "generated" (see the module docstring). ``retry``: one guided retry
-        when the answer holds no JSON (speed benchmarks turn it off). Nothing is stored: see
+        unit): "expected" or "generated" (see the module docstring). ``constrained`` (submission
+        unit): decode only what the rubric's grade schema allows (inference.constrained; needs
+        xgrammar), so repair is left for answers cut by ``max_new_tokens``. ``retry``: one guided
+        retry when the answer holds no JSON (speed benchmarks turn it off). Nothing is stored: see
         :func:`store_grade`."""
         _check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
@@ -620,18 +658,21 @@ class GraderEngine:
             t0 = time.perf_counter()
             prompt = self.encode(submission_md, rubric, max_new_tokens)
             streamer = _CallbackStreamer(self.tokenizer, on_token, self.stop_ids) if on_token else None
-            new = self._generate([prompt], max_new_tokens, key, streamer=streamer)[0]
+            new = self._generate([prompt], max_new_tokens, key, streamer=streamer,
+                                 rubrics=[rubric] if constrained else None)[0]
             return self._finish(prompt, new, rubric, max_new_tokens, t0, key, scoring=scoring, retry=retry)
 
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                    scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
                    progress: Callable[[int], None] | None = None, retry: bool = True,
                    unit: str | None = None, calibrate: bool = False,
-                   on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None) -> list[GradeResult]:
+                   on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None,
+                   constrained: bool = True) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
         results in input order (the names are the caller's, e.g. for :func:`store_grade`).
         After each batch, ``progress(n)`` gets the number just finished and ``on_batch`` the
-        finished (input index, result) pairs, so a caller can stream them out. Nothing is stored."""
+        finished (input index, result) pairs, so a caller can stream them out. ``constrained``: as
+        for :meth:`grade`. Nothing is stored."""
         _check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
             return self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress,
@@ -645,7 +686,8 @@ class GraderEngine:
             chunk = order[start : start + batch_size]
             with self._lock:  # per batch: a single grade from another thread may run between batches
                 clock = _StepClock()
-                news = self._generate([prompts[i] for i in chunk], max_new_tokens, key, streamer=clock)
+                news = self._generate([prompts[i] for i in chunk], max_new_tokens, key, streamer=clock,
+                                      rubrics=[items[i][2] for i in chunk] if constrained else None)
                 share = (time.perf_counter() - clock.started) / len(chunk)
                 prefill = clock.prefill_s / len(chunk)
                 for i, new in zip(chunk, news):

@@ -1,0 +1,124 @@
+"""Whole grades decoded under the rubric's schema (issue #14): even a random model writes a valid
+grade that needs no repair, and a tuned adapter gives the same scores with the constraint as
+without it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.loading import load_graded
+from data.markdown import render_submission_markdown
+from data.rubric import Grade, GradeItem, Rubric, RubricQuestion
+from inference.constrained import grade_json_schema, reserve_chars
+from inference.engine import get_engine
+
+REPO = Path(__file__).resolve().parent.parent
+GRADED = REPO / "data" / "samples" / "graded" / "algebra-linear"
+
+
+def _sample():
+    sub = load_graded([sorted(GRADED.glob("*.json"))[0]]).submissions[0]
+    return sub, sub.rubric(), render_submission_markdown(sub)
+
+
+def test_the_schema_is_the_grade_as_training_writes_it() -> None:
+    from data.prompt_format import question_labels, target_text
+
+    sub, rubric, _ = _sample()
+    schema = grade_json_schema(rubric)
+    assert list(schema["properties"]) == ["items", "score", "max_score", "feedback"]
+    items = schema["properties"]["items"]["prefixItems"]
+    assert [it["properties"]["question"]["const"] for it in items] == question_labels(rubric)
+    assert [list(it["properties"]) for it in items] == [["question", "justification", "score", "max_score"]] * len(items)
+    assert [it["properties"]["score"]["maximum"] for it in items] == [q.max_score for q in rubric.questions]
+    # The training target has exactly these keys, in this order.
+    target = json.loads(target_text(sub.grade(), rubric))
+    assert list(target) == list(schema["properties"])
+    assert all(list(it) == [k for k in ["question", "justification", "score", "max_score"] if k in it]
+               for it in target["items"])
+
+
+@pytest.mark.parametrize("max_new_tokens", [96, 400])
+def test_a_random_model_writes_a_valid_grade_without_repairs(tiny_gpt_oss_dir: Path, max_new_tokens: int) -> None:
+    """The tiny GPT-OSS has random weights: unconstrained it writes noise (every question repaired
+    to 0); constrained, its answer is a grade of this rubric as it stands, whatever the budget."""
+    engine = get_engine(str(tiny_gpt_oss_dir), device="cpu")
+    _, rubric, md = _sample()
+    free = engine.grade(md, rubric, unit="submission", constrained=False, retry=False, max_new_tokens=max_new_tokens)
+    assert free.repaired
+    result = engine.grade(md, rubric, unit="submission", max_new_tokens=max_new_tokens)
+    assert result.repairs == [] and not result.repaired and not result.retried
+    written = json.loads(result.raw_text)  # the answer itself is the JSON, nothing around it
+    assert [it["question"] for it in written["items"]] == ["1", "2", "3", "4"]
+    assert written["score"] == pytest.approx(sum(it["score"] for it in written["items"]))
+    assert written["max_score"] == rubric.max_score
+    for it, q in zip(written["items"], rubric.questions):
+        assert 0 <= it["score"] <= q.max_score and it["max_score"] == q.max_score
+    if max_new_tokens >= reserve_chars(rubric):  # a budget below the smallest grade is raised to it
+        assert result.new_tokens <= max_new_tokens + 12  # (+ the forced opening, in the prompt)
+    # Batched, with several rubrics at once: each row under its own rubric.
+    other = load_graded([sorted((REPO / "data" / "samples" / "graded" / "py-functions").glob("*.json"))[0]])
+    sub2 = other.submissions[0]
+    many = engine.grade_many([("a", md, rubric), ("b", render_submission_markdown(sub2), sub2.rubric())],
+                             unit="submission", max_new_tokens=max_new_tokens)
+    assert [r.repairs for r in many] == [[], []]
+    assert [len(r.grade.items) for r in many] == [len(rubric.questions), len(sub2.rubric().questions)]
+
+
+RUBRIC = Rubric(questions=[RubricQuestion(question="What is a stack?", max_score=5, question_id="1"),
+                           RubricQuestion(question="What is a queue?", max_score=3, question_id="2")])
+MD = "## Question 1: What is a stack?\n\nLIFO.\n\n## Question 2: What is a queue?\n\nFIFO.\n"
+HUMAN = Grade(score=6, max_score=8, feedback="Good.",
+              items=[GradeItem(question="What is a stack?", score=4, max_score=5, justification="Right, brief."),
+                     GradeItem(question="What is a queue?", score=2, max_score=3, justification="Right.")])
+
+
+@pytest.fixture(scope="module")
+def tuned_adapter(tiny_gpt_oss_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter tuned (overfitted, in seconds) until it writes the human grade of one
+    submission by itself, greedily."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.prompt_format import detect_format, encode_example
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_gpt_oss_dir))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gpt_oss_dir), dtype=torch.float32)
+    ex = encode_example(tok, detect_format(tok, model.config.model_type), RUBRIC, MD, HUMAN, 4096)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    ids, n = torch.tensor([ex.input_ids]), len(ex.input_ids) - ex.prompt_len
+    learnt = False
+    for step in range(1, 301):
+        model.train()
+        logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0, :-1]  # the grade's tokens only
+        torch.nn.functional.cross_entropy(logits.float(), ids[0, -n:]).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 25 == 0:
+            model.eval()
+            with torch.no_grad():
+                out = model.generate(input_ids=ids[:, : ex.prompt_len], max_new_tokens=n, do_sample=False)
+            if out[0, ex.prompt_len :].tolist() == ex.input_ids[ex.prompt_len :]:
+                learnt = True
+                break
+    assert learnt, "the adapter did not learn to write the grade in 300 steps"
+    out = tmp_path_factory.mktemp("tuned") / "final"
+    model.save_pretrained(str(out))
+    (out / "run_config.json").write_text(json.dumps({"name": "tuned", "model": str(tiny_gpt_oss_dir), "datasets": [],
+                                                     "example_unit": "submission"}))
+    return out
+
+
+def test_constrained_and_free_grading_of_a_tuned_adapter_agree(tiny_gpt_oss_dir: Path, tuned_adapter: Path) -> None:
+    engine = get_engine(str(tiny_gpt_oss_dir), device="cpu")
+    free = engine.grade(MD, RUBRIC, adapter=tuned_adapter, constrained=False, retry=False, scoring="generated")
+    assert free.repairs == [], f"the tuned adapter writes a valid grade by itself: {free.raw_text[:300]}"
+    constrained = engine.grade(MD, RUBRIC, adapter=tuned_adapter, scoring="generated")
+    assert constrained.repairs == []
+    assert [it.score for it in constrained.grade.items] == [it.score for it in free.grade.items] == [4, 2]
+    assert constrained.grade.score == free.grade.score == 6
