@@ -14,7 +14,9 @@
 - ``--unit submission``: the grade JSON generated whole (greedy, KV cache) and repaired where it
   has to be, then the expected-score pass: the path before issue 13, the baseline row. The time
   split is prefill vs decode vs scoring (parse, repair, expected-score pass); the retry that
-  follows an answer without JSON is off, so the figure is one generation per submission.
+  follows an answer without JSON is off, so the figure is one generation per submission. Free
+  decoding (the baseline); ``--constrained`` adds a row decoded under the grade schema (xgrammar;
+  its budget is raised to what the smallest grade of the rubric takes).
 
 Submissions are the sample Markdown files in data/samples/submissions (14, five rubrics), each
 with its rubric from data/samples/rubrics (file name prefix). --gpt-oss-20b-shaped adds a
@@ -87,7 +89,8 @@ def _sync(engine: GraderEngine) -> None:
         torch.cuda.synchronize()
 
 
-def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens: int, shared_prefix: bool) -> list[dict]:
+def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens: int, shared_prefix: bool,
+            constrained: bool = False) -> list[dict]:
     """One timed run per batch size, after a warm-up on one submission (a prefix is never kept
     from one call to the next, so the warm-up gives the timed run nothing)."""
     engine_mod.MIN_SHARED_PREFIX = 16 if shared_prefix else 10**9
@@ -97,7 +100,7 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
         _sync(engine)
         t0 = time.perf_counter()
         res = engine.grade_many(items, adapter=None, unit=unit, batch_size=bs, max_new_tokens=max_new_tokens,
-                                retry=False)
+                                retry=False, constrained=constrained)
         _sync(engine)
         dt = time.perf_counter() - t0
         prompt = sum(r.prompt_tokens for r in res)
@@ -115,7 +118,7 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
                        questions=sum(len(r.grade.items) for r in res),
                        prompt_tokens_per_s=round(prompt / dt, 1))
         else:
-            row.update(max_new_tokens=max_new_tokens, new_tokens_per_s=round(new / dt, 1),
+            row.update(constrained=constrained, max_new_tokens=max_new_tokens, new_tokens_per_s=round(new / dt, 1),
                        prompt_tokens_per_s=round(prompt / split.get("prefill_s", dt), 1) if split.get("prefill_s") else None)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -151,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--also-unshared", action="store_true",
                     help="item unit: also a row with every question's whole prompt through the model (the path "
                          "before issue 14)")
+    ap.add_argument("--constrained", action="store_true",
+                    help="submission unit: also a row with decoding constrained to the grade schema (xgrammar)")
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -170,8 +175,12 @@ def main(argv=None) -> int:
         engine = make()
         with torch.inference_mode():
             for unit in units:
-                for shared in ([False, True] if unit == "item" and args.also_unshared else [True]):
-                    rows += measure(engine, items, unit, sizes, args.max_new_tokens, shared)
+                if unit == "item":
+                    for shared in [False, True] if args.also_unshared else [True]:
+                        rows += measure(engine, items, unit, sizes, args.max_new_tokens, shared)
+                else:
+                    for constrained in [False, True] if args.constrained else [False]:
+                        rows += measure(engine, items, unit, sizes, args.max_new_tokens, True, constrained)
         del engine
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +195,8 @@ def main(argv=None) -> int:
     for r in rows:
         tps = r["prompt_tokens_per_s"] if r["unit"] == "item" else r["new_tokens_per_s"]
         split = ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in r["time_split_s"].items())
-        unit = r["unit"] + ("" if r["unit"] != "item" else ", shared prefix" if r["shared_prefix"] else ", unshared")
+        unit = r["unit"] + ((", shared prefix" if r["shared_prefix"] else ", unshared") if r["unit"] == "item"
+                            else ", constrained" if r["constrained"] else "")
         print(f"| {r['model']} | {report['device']} | {unit} | {r['batch_size']} | {r['submissions_per_min']} | "
               f"{tps} | {split} |")
     return 0

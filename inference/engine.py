@@ -777,8 +777,8 @@ class GraderEngine:
                         ids = torch.tensor([encoded[i][k].input_ids[:n_prefix]], device=self.device)
                         kv[g] = lm.model(input_ids=ids, use_cache=True).cache
                     reader = _AfterPrefix(lm, kv[g], n_prefix) if g is not None else model
-                    for b in range(0, len(members), step):
-                        part = members[b : b + step]
+                    lengths = [len(encoded[i][k].input_ids) - n_prefix for i, k in members]
+                    for part in _padding_bounded_batches(members, lengths, step):
                         exs = [encoded[i][k] for i, k in part]
                         if n_prefix:
                             exs = [ScoreExample(input_ids=ex.input_ids[n_prefix:], value_ids=ex.value_ids,
@@ -853,6 +853,25 @@ class GraderEngine:
 
 # A prefix shorter than this is not worth a separate pass (and its own forward per batch).
 MIN_SHARED_PREFIX = 16
+# At most this share of a batch's tokens may be padding: a long answer among short ones gets a
+# batch of its own (on the sample submissions, one free-form essay padded its three-row batches
+# to 2.2x their tokens).
+MAX_PADDING_SHARE = 0.2
+
+
+def _padding_bounded_batches(rows: list, lengths: list[int], batch_size: int) -> list[list]:
+    """``rows`` (sorted by ``lengths``, ascending) cut into batches of at most ``batch_size`` whose
+    padding stays within MAX_PADDING_SHARE of their tokens."""
+    batches: list[list] = []
+    part: list = []
+    real = 0
+    for row, n in zip(rows, lengths):
+        if part and (len(part) >= batch_size or n * (len(part) + 1) * (1 - MAX_PADDING_SHARE) > real + n):
+            batches.append(part)
+            part, real = [], 0
+        part.append(row)
+        real += n
+    return batches + ([part] if part else [])
 
 
 def _shared_prefixes(encoded: list[list], rubric_keys: list[str]) -> dict[tuple[str, int], int]:
