@@ -728,7 +728,7 @@ class GraderEngine:
         import torch
 
         from data.markdown import split_sections
-        from data.prompt_format import ScoreExample, encode_score_prompt, question_labels, target_text
+        from data.prompt_format import ScoreExample, encode_score_prompt, target_text
         from inference.calibration import load_calibration
         from inference.score_head import base_causal_lm, collate_scores, score_log_probs
         from inference.scoring import confidence, expected_score
