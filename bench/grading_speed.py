@@ -93,14 +93,14 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
             constrained: bool = False) -> list[dict]:
     """One timed run per batch size, after a warm-up on one submission (a prefix is never kept
     from one call to the next, so the warm-up gives the timed run nothing)."""
-    engine_mod.MIN_SHARED_PREFIX = 16 if shared_prefix else 10**9
-    engine.grade_many(items[:1], adapter=None, unit=unit, batch_size=1, max_new_tokens=8, retry=False)  # warm-up
+    engine.grade_many(items[:1], adapter=None, unit=unit, batch_size=1, max_new_tokens=8, retry=False,
+                      share_prefix=shared_prefix)  # warm-up
     rows = []
     for bs in batch_sizes:
         _sync(engine)
         t0 = time.perf_counter()
         res = engine.grade_many(items, adapter=None, unit=unit, batch_size=bs, max_new_tokens=max_new_tokens,
-                                retry=False, constrained=constrained)
+                                retry=False, constrained=constrained, share_prefix=shared_prefix)
         _sync(engine)
         dt = time.perf_counter() - t0
         prompt = sum(r.prompt_tokens for r in res)

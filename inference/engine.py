@@ -667,16 +667,16 @@ class GraderEngine:
                    progress: Callable[[int], None] | None = None, retry: bool = True,
                    unit: str | None = None, calibrate: bool = False,
                    on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None,
-                   constrained: bool = True) -> list[GradeResult]:
+                   constrained: bool = True, share_prefix: bool | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
         results in input order (the names are the caller's, e.g. for :func:`store_grade`).
         After each batch, ``progress(n)`` gets the number just finished and ``on_batch`` the
         finished (input index, result) pairs, so a caller can stream them out. ``constrained``: as
-        for :meth:`grade`. Nothing is stored."""
+        for :meth:`grade`; ``share_prefix``: as for :meth:`grade_items`. Nothing is stored."""
         _check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
             return self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress,
-                                    calibrate=calibrate, on_batch=on_batch)
+                                    calibrate=calibrate, on_batch=on_batch, share_prefix=share_prefix)
         key = self._attach(adapter)
         prompts = [self.encode(md, rubric, max_new_tokens) for _, md, rubric in items]
         # Similar lengths together: less padding. Results go back to input order.
@@ -707,7 +707,8 @@ class GraderEngine:
     def grade_items(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                     batch_size: int = 16, progress: Callable[[int], None] | None = None,
                     calibrate: bool = False,
-                    on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None) -> list[GradeResult]:
+                    on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None,
+                    share_prefix: bool | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples question by question, without generation: each
         question alone (its answer from the submission's sections, or the whole text when the
         headings do not match the rubric) is encoded to its score position and one forward pass
@@ -721,7 +722,10 @@ class GraderEngine:
         Speed: every submission's copy of a question starts with the same tokens (the one-question
         instructions, up to the student's answer), so that shared prefix goes through the model
         once per call and its KV cache is reused for each answer (:func:`_shared_prefixes`); only
-        the answers, sorted by length, are batched. Submissions are taken ``batch_size`` at a time,
+        the answers, sorted by length, are batched. ``share_prefix`` (None: on the CPU only) turns
+        that on: on the 2-core CPU it made the 14 samples 1.8x faster, on an H200 it made them
+        ~10x slower (2,950 -> 308 submissions/min: many small batches where one large one is
+        cheap; BENCHMARKS.md), with the same scores either way. Submissions are taken ``batch_size`` at a time,
         those of one rubric together; after each such batch ``progress(n)`` and
         ``on_batch([(input index, result), ...])`` report the submissions just finished, so a
         caller can write them out before the rest is graded. Results come back in input order."""
@@ -749,7 +753,10 @@ class GraderEngine:
                             for k, answer in enumerate(answers)])
             encode_s.append(time.perf_counter() - t0)
         rubric_keys = [rubric.model_dump_json() for _, _, rubric in items]
-        prefixes = _shared_prefixes(encoded, rubric_keys)  # (rubric, question) -> prefix length
+        if share_prefix is None:
+            share_prefix = self.device.type == "cpu"
+        # (rubric, question) -> prefix length; none shared: every prompt goes through whole
+        prefixes = _shared_prefixes(encoded, rubric_keys) if share_prefix else {}
         left = Counter((rubric_keys[i], k) for i, exs in enumerate(encoded) for k, ex in enumerate(exs)
                        if ex.value_ids and (rubric_keys[i], k) in prefixes)  # answers still to read per prefix
         kv: dict[tuple[str, int], object] = {}  # computed prefix caches, freed when their last answer is read
