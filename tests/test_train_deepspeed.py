@@ -22,13 +22,15 @@ GRADED = REPO / "data" / "samples" / "graded"
 
 
 def small_config(**changes):
-    """The smoke preset on a fixed set of 10 sample submissions (2 held out), 8 optimizer steps."""
+    """The smoke preset on a fixed set of 10 sample submissions (2 held out), 8 optimizer steps,
+    whole-submission examples: an item-level step of the tiny model takes ~0.1 s, too fast to stop a
+    run between its steps reliably (tests/test_agreement.py trains item-level runs)."""
     files = sorted(GRADED.rglob("*.json"))[::5][:10]
     assert len(files) == 10
     cfg = apply_overrides(preset("smoke"), [
         "datasets=" + json.dumps([str(f) for f in files]),
         "eval_fraction=0.2", "max_steps=8", "save_every_steps=4", "learning_rate=1e-2",
-        "lr_scheduler=constant", "lora_experts=true", "lora_dropout=0", "debug=true",
+        "lr_scheduler=constant", "lora_experts=true", "lora_dropout=0", "debug=true", "example_unit=submission",
     ])
     return cfg.model_copy(update=changes)
 
