@@ -396,7 +396,6 @@ class GraderEngine:
         self.adapters: dict[str, str] = {}  # resolved folder -> PEFT adapter name (attached once, kept)
         self._switched_to: str | None = None  # PEFT adapter set last (internal: every call names its own)
         self._lock = threading.RLock()  # one model call at a time per engine (UI threads share it)
-        self._value_ids_cache: dict[float, dict[int, int] | None] = {}
         self._grammars = None  # inference.constrained.GradeGrammars, built on first constrained grade
 
     def _pad_id(self) -> int:
@@ -587,16 +586,12 @@ class GraderEngine:
                            scoring="expected" if probs and any(probs) else "generated", score_probs=probs)
 
     def _value_ids(self, max_score: float) -> dict[int, int] | None:
-        """{token id: value} for the whole-number scores 0..max_score when each is one token
-        (cached per maximum: asked for every question of every grade)."""
-        if max_score not in self._value_ids_cache:
-            out: dict[int, int] | None = None
-            if max_score == int(max_score) and 1 <= max_score <= 100:
-                encs = [self.tokenizer(str(v), add_special_tokens=False)["input_ids"] for v in range(int(max_score) + 1)]
-                if all(len(e) == 1 for e in encs):
-                    out = {e[0]: v for v, e in enumerate(encs)}
-            self._value_ids_cache[max_score] = out
-        return self._value_ids_cache[max_score]
+        """{token id: value} for the whole-number scores 0..max_score when each is one token: the
+        prompt format's value tokens, the same ones item-level grading reads."""
+        from data.prompt_format import score_value_ids
+
+        ids = score_value_ids(self.tokenizer, self.format, max_score)
+        return None if ids is None else {t: v for v, t in enumerate(ids)}
 
     def _expected_scores(self, prompt: list[int], grade: Grade, rubric: Rubric, read: list[bool], *,
                          adapter: str | Path | None) -> tuple[Grade, list[dict[str, float] | None]]:

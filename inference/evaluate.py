@@ -68,10 +68,6 @@ def training_mean_fraction(adapter_dir: str | Path | None) -> tuple[float | None
     return float(np.mean(fracs)), f"training data of the adapter ({len(fracs)} items)"
 
 
-def _spread(results: list[GradeResult], human: list[float], rubrics: list) -> dict:
-    return _spread_of([r.grade.score for r in results], human, rubrics)
-
-
 def _spread_of(totals: list[float], human: list[float], rubrics: list) -> dict:
     """Within each assignment (submissions sharing a rubric), the standard deviation of the
     predicted totals against the humans': a grader that gives every student the same total
@@ -101,7 +97,7 @@ def _predictor_report(results: list[GradeResult], item_h, item_max, sub_h, sub_m
     out = {
         "items": _level_metrics(item_h, ip, item_max, n_boot),
         "submissions": _level_metrics(sub_h, sp, sub_max, n_boot),
-        "spread_within_assignment": _spread(results, sub_h, rubrics),
+        "spread_within_assignment": _spread_of([r.grade.score for r in results], sub_h, rubrics),
         "unit": results[0].unit if results else None,
         "n_repaired": sum(r.repaired for r in results),
         "repair_rate": round(sum(r.repaired for r in results) / max(1, len(results)), 4),
