@@ -85,7 +85,8 @@ class RunConfig(BaseModel):
     # GPU speed path (training.fast_path): flex attention, grouped-GEMM experts, chunked loss.
     fast_path: bool = True
     # GPT-OSS on GPU with fast_path: torch.compile each decoder layer (~1.8x tokens/s on the H200;
-    # the first step compiles for about a minute). NF4 experts are never compiled (not measured).
+    # the first step compiles for about a minute). With NF4 experts the layers compile around the
+    # NF4 grouped GEMMs, which stay eager (fast_path._nf4_gmm).
     compile_layers: bool = True
     # Test/diagnostic mode: each rank writes a hash of its LoRA weights, rank 0 records reference
     # logits of the final model, so a test can check replication and reload.

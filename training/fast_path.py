@@ -17,11 +17,18 @@ Two entry points the training engine calls:
     materialising ``W + B A`` for every expert on every forward (what PEFT does).  Adapters stay
     PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  NF4 experts
     (``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
-    function so no bf16 copy is kept for backward.
+    function one packed chunk of experts at a time (<= 512 MiB in bf16, chunks nobody was routed
+    to skipped), forward and backward, so a layer's bf16 experts never exist whole (120b shape:
+    ~6 GB per layer); a recomputed layer keeps them for its backward only when that fits
+    ``NF4_KEEP_MAX_BYTES``.  On CUDA the dequantization is a compiled torch kernel
+    (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths) unless
+    ``quant_experts.DEQUANT_BACKEND = "bnb"``.
   - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
-    default) and the experts are not NF4 (not yet measured compiled on a GPU); errors fall back to
-    eager.  The biggest single win measured on the H200 (attention LoRA 9.4k -> 17k tokens/s,
-    + expert LoRA 8.5k -> 14.2k; see BENCHMARKS.md).
+    default); errors fall back to eager.  With NF4 experts the layer compiles around the NF4
+    grouped GEMMs, which stay eager (``torch.compiler.disable``: they read the routed row counts
+    on the host and call their own kernel), i.e. a few graph breaks per layer.  The biggest single
+    win measured on the H200 with bf16 experts (attention LoRA 9.4k -> 17k tokens/s, + expert
+    LoRA 8.5k -> 14.2k; see BENCHMARKS.md).
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
     positions that carry labels are projected at all.
@@ -42,7 +49,6 @@ import types
 import torch
 import torch.nn.functional as F
 
-from training import quant_experts
 from training.config import RunConfig
 
 # Models whose causal-LM head is a plain ``lm_head`` over ``model.model``'s last hidden state, with
@@ -93,8 +99,9 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
     if on_cuda and fused_ce_supported(model):
         applied.append("fused_ce")
     # Compiled: bf16 experts with attention LoRA and with expert LoRA (both checked on the H200
-    # against stock: tests/test_gpu_fast_path.py); NF4 experts stay eager (not measured compiled).
-    if on_cuda and mtype == "gpt_oss" and cfg.compile_layers and not quant_experts.is_quantized(lm):
+    # against stock), and NF4 experts, whose grouped GEMMs run outside the graph (_nf4_gmm) and
+    # are checked against the eager NF4 path (tests/test_gpu_fast_path.py).
+    if on_cuda and mtype == "gpt_oss" and cfg.compile_layers:
         if compile_layers(lm):
             applied.append("compile_layers")
     return applied
@@ -215,7 +222,9 @@ def _label_count(labels: torch.Tensor) -> int:
 
 def compute_loss(model: torch.nn.Module, batch: dict, *, fused: bool | None = None) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over label tokens, number of label tokens) for a causal-LM batch with
-    ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss).  Equal to ``model(**batch).loss``
+    ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss) and optionally ``position_ids``
+    (packed rows: positions restarting per example; both paths pass them to the model, and
+    ``attention_mask`` may then be None or transformers' prepared mask mapping).  Equal to ``model(**batch).loss``
     (next-token shift).  ``fused=None``: fused on CUDA when supported, plain elsewhere."""
     input_ids = batch["input_ids"]
     labels = batch["labels"]
@@ -224,14 +233,13 @@ def compute_loss(model: torch.nn.Module, batch: dict, *, fused: bool | None = No
         fused = input_ids.device.type == "cuda" and fused_ce_supported(model)
     elif fused and not fused_ce_supported(model):
         fused = False
+    extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
     if not fused:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
         return out.loss, _label_count(labels)
 
     lm = base_causal_lm(model)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
     hidden = lm.model(**kwargs).last_hidden_state  # LoRA layers live inside: they run here too
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
@@ -314,33 +322,66 @@ def gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int] 
     return torch.cat(outs, 0)
 
 
+# Eager SwiGLU works this many elements of its (rows, 2I) input at a time, so its fp32
+# temporaries stay ~100 MiB (120b shape, batch 4: the whole input is 32k rows x 5760, and the
+# unchunked backward made ~6 fp32 copies of half of it, several GiB).  Compiled layers fuse the
+# whole thing into one kernel and do not chunk.
+SWIGLU_CHUNK_ELEMS = 1 << 24
+
+
+def _swiglu_rows(gu, alpha, limit):
+    gate = gu[..., ::2].clamp(max=limit)
+    up = gu[..., 1::2].clamp(min=-limit, max=limit)
+    glu = gate * torch.sigmoid(gate * alpha)
+    return (up + 1) * glu
+
+
+def _swiglu_grad_rows(gu, dy, alpha, limit):
+    g_raw = gu[..., ::2].float()
+    u_raw = gu[..., 1::2].float()
+    gate = g_raw.clamp(max=limit)
+    up = u_raw.clamp(min=-limit, max=limit)
+    sig = torch.sigmoid(gate * alpha)
+    glu = gate * sig
+    dyf = dy.float()
+    dgate = dyf * (up + 1) * (sig + gate * alpha * sig * (1 - sig))
+    dgate = dgate * (g_raw <= limit)
+    dup = dyf * glu * ((u_raw >= -limit) & (u_raw <= limit))
+    return torch.stack((dgate, dup), dim=-1).reshape(gu.shape).to(gu.dtype)
+
+
+def _row_chunks(t: torch.Tensor):
+    if torch.compiler.is_compiling() or t.dim() != 2 or t.numel() <= SWIGLU_CHUNK_ELEMS:
+        return [slice(None)]
+    step = max(1, SWIGLU_CHUNK_ELEMS // max(1, t.shape[-1]))
+    return [slice(s, s + step) for s in range(0, t.shape[0], step)]
+
+
 class _SwiGLUClamp(torch.autograd.Function):
     """GPT-OSS activation on interleaved gate/up; saves only its input for backward."""
 
     @staticmethod
     def forward(ctx, gu: torch.Tensor, alpha: float, limit: float):
-        gate = gu[..., ::2].clamp(max=limit)
-        up = gu[..., 1::2].clamp(min=-limit, max=limit)
-        glu = gate * torch.sigmoid(gate * alpha)
         ctx.save_for_backward(gu)
         ctx.alpha, ctx.limit = alpha, limit
-        return (up + 1) * glu
+        chunks = _row_chunks(gu)
+        if len(chunks) == 1:
+            return _swiglu_rows(gu, alpha, limit)
+        out = gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2))
+        for sl in chunks:
+            out[sl] = _swiglu_rows(gu[sl], alpha, limit)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
         (gu,) = ctx.saved_tensors
         alpha, limit = ctx.alpha, ctx.limit
-        g_raw = gu[..., ::2].float()
-        u_raw = gu[..., 1::2].float()
-        gate = g_raw.clamp(max=limit)
-        up = u_raw.clamp(min=-limit, max=limit)
-        sig = torch.sigmoid(gate * alpha)
-        glu = gate * sig
-        dyf = dy.float()
-        dgate = dyf * (up + 1) * (sig + gate * alpha * sig * (1 - sig))
-        dgate = dgate * (g_raw <= limit)
-        dup = dyf * glu * ((u_raw >= -limit) & (u_raw <= limit))
-        dgu = torch.stack((dgate, dup), dim=-1).reshape(gu.shape).to(gu.dtype)
+        chunks = _row_chunks(gu)
+        if len(chunks) == 1:
+            return _swiglu_grad_rows(gu, dy, alpha, limit), None, None
+        dgu = torch.empty_like(gu)
+        for sl in chunks:
+            dgu[sl] = _swiglu_grad_rows(gu[sl], dy[sl], alpha, limit)
         return dgu, None, None
 
 
@@ -351,34 +392,76 @@ def _in_backward() -> bool:
         return False
 
 
+# A recomputed layer (activation checkpointing) runs its backward right after: its dequantized
+# expert weight is kept for that backward instead of being dequantized again, when the whole
+# tensor (all experts, compute dtype) is at most this many bytes.  20b shape: gate_up 1.06 GB (kept
+# at 1.1 GiB), down 0.53 GB; 120b shape: gate_up 4.25 GB, down 2.1 GB (never kept: one layer's
+# experts in bf16 would be ~6 GB on top of a 59 GiB model).  0: never keep.
+NF4_KEEP_MAX_BYTES = int(1.1 * 2**30)
+
+
 class _FrozenNF4GMM(torch.autograd.Function):
-    """x @ W_e with W dequantized from NF4 on the fly, forward and backward; W never saved."""
+    """x @ W_e with W dequantized from NF4 one packed chunk of experts at a time (the store's
+    chunks: <= 2**28 weights, 512 MiB in bf16), forward and backward, so at most one chunk's bf16
+    copy exists (plus the kept weight, see NF4_KEEP_MAX_BYTES); chunks with no routed rows are
+    not dequantized at all."""
 
     @staticmethod
-    def forward(ctx, x, store, offs, counts, dtype):
-        w = store.dequantize(dtype)
-        y = gmm(x, w, offs, counts)
-        ctx.store, ctx.counts, ctx.dtype = store, counts, dtype
-        # Inside backward (activation-checkpoint recomputation) this layer's backward follows at
-        # once: keep the dequantized weight for it instead of dequantizing a third time.  In the
-        # first forward it is dropped (keeping it would hold every layer's bf16 experts).
-        ctx.w = w if _in_backward() else None
+    def forward(ctx, x, store, offs, dtype):
+        bounds = [0] + [int(v) for v in offs.tolist()]  # host row boundaries: one sync per GEMM
+        keep = (_in_backward() and NF4_KEEP_MAX_BYTES > 0
+                and store.logical_numel * torch.empty((), dtype=dtype).element_size() <= NF4_KEEP_MAX_BYTES)
+        y = x.new_empty((x.shape[0], store.shape[-1]))
+        kept = []
+        for ci, (e0, e1) in enumerate(store.chunk_ranges()):
+            r0, r1 = bounds[e0], bounds[e1]
+            if r1 == r0:
+                kept.append(None)
+                continue
+            w = store.dequantize_chunk(ci, dtype)
+            y[r0:r1] = gmm(x[r0:r1], w, offs[e0:e1] - r0, _counts(bounds, e0, e1))
+            kept.append(w if keep else None)
+            del w
+        ctx.store, ctx.dtype, ctx.bounds = store, dtype, bounds
+        ctx.kept = kept if keep else None
         ctx.save_for_backward(offs)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (offs,) = ctx.saved_tensors
-        w = ctx.w if ctx.w is not None else ctx.store.dequantize(ctx.dtype)
-        ctx.w = None
-        dx = gmm(dy.contiguous(), w.transpose(-2, -1), offs, ctx.counts)
-        return dx, None, None, None, None
+        bounds, kept = ctx.bounds, ctx.kept
+        ctx.kept = None
+        dy = dy.contiguous()
+        dx = dy.new_empty((dy.shape[0], ctx.store.shape[-2]))
+        for ci, (e0, e1) in enumerate(ctx.store.chunk_ranges()):
+            r0, r1 = bounds[e0], bounds[e1]
+            if r1 == r0:
+                continue
+            w = kept[ci] if kept is not None else ctx.store.dequantize_chunk(ci, ctx.dtype)
+            if kept is not None:
+                kept[ci] = None
+            dx[r0:r1] = gmm(dy[r0:r1], w.transpose(-2, -1), offs[e0:e1] - r0, _counts(bounds, e0, e1))
+            del w
+        return dx, None, None, None
+
+
+def _counts(bounds: list[int], e0: int, e1: int) -> list[int]:
+    return [bounds[e + 1] - bounds[e] for e in range(e0, e1)]
+
+
+@torch.compiler.disable
+def _nf4_gmm(x, store, offs, dtype):
+    """The NF4 grouped GEMM runs outside any compiled graph (a graph break inside a compiled
+    decoder layer): it reads row counts on the host and calls the dequantization kernel, which is
+    compiled on its own (training.quant_experts.DEQUANT_BACKEND)."""
+    return _FrozenNF4GMM.apply(x, store, offs, dtype)
 
 
 def _expert_linear(experts, name: str, x, offs, counts, ids_sorted, lora: dict):
     store = getattr(experts, name + "_nf4", None)
     if store is not None:
-        y = _FrozenNF4GMM.apply(x, store, offs, counts, x.dtype)
+        y = _nf4_gmm(x, store, offs, x.dtype)
     else:
         y = gmm(x, getattr(experts, name), offs, counts)
     bias = getattr(experts, name + "_bias", None)

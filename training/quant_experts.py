@@ -42,6 +42,60 @@ def _f32_to_i32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous().view(torch.int32)
 
 
+# How NF4 chunks are dequantized on CUDA: "torch" = ``nf4_dequant_torch`` compiled by inductor into
+# one fused kernel (falls back to bitsandbytes if compiling fails), "bnb" = bitsandbytes'
+# dequantize_4bit (~0.5 TB/s on the H200: 0.082 ms per 2880x5760 expert matrix, FACTS.md).
+DEQUANT_BACKEND = "torch"
+
+
+def nf4_dequant_torch(q: torch.Tensor, absmax_q: torch.Tensor, code_i32: torch.Tensor, s2absmax_i32: torch.Tensor,
+                      s2code_i32: torch.Tensor, offset_i32: torch.Tensor, blocksize: int, blocksize2: int,
+                      numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' double-quantized NF4 dequantization written as index arithmetic over the output
+    elements (no intermediate the size of the weight, so inductor makes it one pointwise kernel).
+    Element i: nibble = high half of byte i//2 for even i, low half for odd i; value =
+    code[nibble] * (s2code[absmax_q[i//blocksize]] * s2absmax[i//blocksize//blocksize2] + offset),
+    computed in fp32 and rounded to ``dtype`` once, as bitsandbytes does."""
+    code = code_i32.view(torch.float32)
+    s2code = s2code_i32.view(torch.float32)
+    s2absmax = s2absmax_i32.view(torch.float32)
+    offset = offset_i32.view(torch.float32)
+    i = torch.arange(numel, device=q.device)
+    byte = q.reshape(-1)[i // 2].to(torch.int32)
+    nib = torch.where(i % 2 == 0, byte >> 4, byte & 15)
+    blk = i // blocksize
+    scale = s2code[absmax_q[blk].to(torch.int64)] * s2absmax[blk // blocksize2] + offset
+    return (code[nib.to(torch.int64)] * scale).to(dtype)
+
+
+_COMPILED: dict = {}
+
+
+def _dequant_compiled(store: "NF4Store", i: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Chunk i through the compiled ``nf4_dequant_torch``; None (and bitsandbytes from then on)
+    if compiling fails."""
+    global DEQUANT_BACKEND
+    m = store.meta[i]
+    if not m["nested"] or m["quant_type"] != "nf4":
+        return None
+    fn = _COMPILED.get("fn")
+    if fn is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        fn = _COMPILED["fn"] = torch.compile(nf4_dequant_torch, dynamic=False)
+    try:
+        return fn(getattr(store, f"q{i}"), getattr(store, f"absmax{i}"), getattr(store, f"code{i}"),
+                  getattr(store, f"s2absmax{i}"), getattr(store, f"s2code{i}"), getattr(store, f"offset{i}"),
+                  m["blocksize"], m["blocksize2"], m["numel"], dtype)
+    except Exception as e:  # no inductor/triton here: bitsandbytes' kernel is always there
+        import warnings
+
+        warnings.warn(f"compiled NF4 dequantization failed ({type(e).__name__}: {e}); using bitsandbytes'")
+        DEQUANT_BACKEND = "bnb"
+        return None
+
+
 class NF4Store(nn.Module):
     """A 3-D weight held as NF4 chunks (groups of whole experts); ``dequantize(dtype)`` rebuilds it."""
 
@@ -91,20 +145,52 @@ class NF4Store(nn.Module):
             code=code, blocksize=m["blocksize"], quant_type=m["quant_type"], dtype=dtype,
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """(first expert, end expert) of each packed chunk, in order; together they cover every expert."""
+        return [(m["e0"], m["e1"]) for m in self.meta]
+
+    def dequantize_chunk(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Chunk ``i``'s experts as a dense (e1 - e0, ...) tensor of ``dtype`` (default bf16)."""
+        dtype = dtype or torch.bfloat16
+        m = self.meta[i]
+        q = getattr(self, f"q{i}")
+        shape = (m["e1"] - m["e0"], *self.shape[1:])
+        if q.device.type == "cuda" and DEQUANT_BACKEND != "bnb":
+            w = _dequant_compiled(self, i, dtype)
+            if w is not None:
+                return w.view(shape)
+        return self._dequantize_chunk_bnb(i, dtype).view(shape)
+
+    def _dequantize_chunk_bnb(self, i: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         bnbf = _bnb_functional()
+        q = getattr(self, f"q{i}")
+        st = self._state(i, dtype)
+        if out is None:
+            out = torch.empty(self.meta[i]["numel"], dtype=dtype, device=q.device)
+        if q.device.type == "cuda":
+            bnbf.dequantize_4bit(q, st, out=out)
+        else:  # bitsandbytes' CPU backend has no out= variant
+            out.copy_(bnbf.dequantize_4bit(q, st).reshape(-1))
+        return out
+
+    def dequantize_chunk_torch(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Chunk ``i`` dequantized by ``nf4_dequant_torch`` (plain torch ops: what runs compiled on
+        CUDA), flat."""
+        m = self.meta[i]
+        if not m["nested"] or m["quant_type"] != "nf4":
+            return self._dequantize_chunk_bnb(i, dtype or torch.bfloat16)
+        return nf4_dequant_torch(
+            getattr(self, f"q{i}"), getattr(self, f"absmax{i}"), getattr(self, f"code{i}"),
+            getattr(self, f"s2absmax{i}"), getattr(self, f"s2code{i}"), getattr(self, f"offset{i}"),
+            m["blocksize"], m["blocksize2"], m["numel"], dtype or torch.bfloat16)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole (E, ...) weight in ``dtype`` (default bf16)."""
         dtype = dtype or torch.bfloat16
         q0 = getattr(self, "q0")
         out = torch.empty(self.shape, dtype=dtype, device=q0.device)
-        flat = out.view(self.shape[0], -1)
-        for i, m in enumerate(self.meta):
-            dst = flat[m["e0"] : m["e1"]].reshape(-1)
-            q = getattr(self, f"q{i}")
-            st = self._state(i, dtype)
-            if q.device.type == "cuda":
-                bnbf.dequantize_4bit(q, st, out=dst)
-            else:  # bitsandbytes' CPU backend has no out= variant
-                dst.copy_(bnbf.dequantize_4bit(q, st).reshape(-1))
+        for i, (e0, e1) in enumerate(self.chunk_ranges()):
+            out[e0:e1] = self.dequantize_chunk(i, dtype)
         return out
 
     def nbytes(self) -> int:
@@ -172,13 +258,15 @@ def _iter_experts(model: nn.Module):
 
 def quantize_tensor_nf4(w: torch.Tensor | None, shape: tuple[int, ...], *, device: torch.device,
                         compute_dtype: torch.dtype, random_std: float | None = None,
-                        generator: torch.Generator | None = None) -> NF4Store:
+                        generator: torch.Generator | None = None, chunk_elems: int | None = None) -> NF4Store:
     """Pack a (E, ...) weight into an NF4Store chunk by chunk (whole experts per chunk).  ``w`` None
-    (or on meta) with ``random_std``: draw N(0, std) weights chunk by chunk (random-weights bench)."""
+    (or on meta) with ``random_std``: draw N(0, std) weights chunk by chunk (random-weights bench).
+    ``chunk_elems``: at most this many weights per chunk (default 2**28: 512 MiB in bf16), which is
+    also the unit the expert GEMMs dequantize at a time."""
     bnbf = _bnb_functional()
     E = shape[0]
     per = math.prod(shape[1:])
-    step = max(1, min(E, _CHUNK_ELEMS // per))
+    step = max(1, min(E, (chunk_elems or _CHUNK_ELEMS) // per))
     store = NF4Store(shape)
     for e0 in range(0, E, step):
         e1 = min(E, e0 + step)
@@ -203,11 +291,12 @@ def _default_compute_dtype(device: torch.device) -> torch.dtype:
 
 def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = None, *,
                          device: torch.device | str | None = None, random_std: float | None = None,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, chunk_elems: int | None = None) -> dict:
     """Replace every GPT-OSS experts' ``gate_up_proj``/``down_proj`` with frozen NF4 storage and
     route the MLPs through ``training.fast_path.moe_forward``.  Works on a plain or PEFT-wrapped
     model, before or after LoRA.  ``compute_dtype``: the dtype experts are dequantized to (default
-    the weights' dtype; bf16 on CUDA for meta weights, fp32 on CPU).  Returns the memory report."""
+    the weights' dtype; bf16 on CUDA for meta weights, fp32 on CPU).  ``chunk_elems``: see
+    ``quantize_tensor_nf4``.  Returns the memory report."""
     from training import fast_path  # here, not at the top: fast_path imports this module
 
     n = 0
@@ -228,7 +317,7 @@ def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = N
         for pname in GPT_OSS_EXPERT_WEIGHTS:
             p = ex._parameters[pname]
             stores[pname] = quantize_tensor_nf4(p, tuple(p.shape), device=dev, compute_dtype=cdt,
-                                                random_std=random_std, generator=gen)
+                                                random_std=random_std, generator=gen, chunk_elems=chunk_elems)
         for pname in GPT_OSS_EXPERT_WEIGHTS:
             del ex._parameters[pname]
             setattr(ex, pname + "_nf4", stores[pname])
