@@ -10,11 +10,16 @@ never exists in bf16), puts LoRA r 8 on q/k/v/o (and on the experts), and times 
             fast_path.compute_loss (chunked linear cross-entropy), recomputation as the row says
 
 tokens/s is the median of >= 5 steps after warm-up; peak GiB is torch's max allocated over the
-config; MFU = tokens/s x (6 x active params, 4 x when nothing is recomputed) / 989 TFLOP/s (H200
+config; every row carries the memory split: weights held (experts, NF4 or bf16, and the bf16 rest),
+``held_gib`` (allocated when the config starts: weights + LoRA) and ``act_gib`` = peak - held
+(activations, transients, gradients and optimizer state); ``--mem-limit-gib`` marks each row
+within/over the limit and skips larger batches of a config once one went over (or ran out); MFU = tokens/s x (6 x active params, 4 x when nothing is recomputed) / 989 TFLOP/s (H200
 dense bf16 datasheet; ~790 measured).  Every row carries the first-step loss on the same batch
 (LoRA reset to the same init before each config), so project and stock losses can be compared.
 
     python bench/gpu_lora_bench.py --name h200 --shapes 20b,120b --seqs 2048 --batches 1,2,4
+    python bench/gpu_lora_bench.py --shapes 120b --loras attention --impls project --batches 4,8,2 \
+        --recompute full+compile,full --compile-batches 4,8,2 --mem-limit-gib 65
 Rows go to bench/results/<name>.json (appended/replaced by key), a table is printed at the end.
 """
 from __future__ import annotations
@@ -149,6 +154,18 @@ def configure(pm, impl: str, recompute):
     return applied + [f"attn={lm.config._attn_implementation}"]
 
 
+def weights_split(model) -> dict:
+    """GiB of weights held: experts (NF4 packed or bf16 3-D stacks) and everything else."""
+    rep = qe.memory_report(model)
+    dense_experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                        if n.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") and p.dim() == 3)
+    g = 2**30
+    return {"weights_gib": round(rep["total_bytes"] / g, 2),
+            "experts_gib": round((rep["expert_bytes"] + dense_experts) / g, 2),
+            "experts_format": "nf4" if rep["expert_bytes"] else "bf16",
+            "rest_gib": round((rep["other_bytes"] - dense_experts) / g, 2)}
+
+
 def cuda_ok(params):
     return all(p.device.type == "cuda" for p in params)
 
@@ -161,9 +178,11 @@ def time_config(pm, impl, batch, steps, warmup, init_state):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     gc.collect()
+    held = 0.0
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated() / 2**30
     times, losses = [], []
     for i in range(warmup + steps):
         sync()
@@ -180,7 +199,7 @@ def time_config(pm, impl, batch, steps, warmup, init_state):
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     del opt
-    return times, losses, peak
+    return times, losses, peak, held
 
 
 def main(argv=None):
@@ -200,12 +219,22 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip what would start after this")
-    ap.add_argument("--mem-limit-gib", type=float, default=None, help="skip configs whose peak exceeded this at a smaller batch")
+    ap.add_argument("--mem-limit-gib", type=float, default=None,
+                    help="mark rows within/over this peak; skip larger batches of a config once one went over")
+    ap.add_argument("--nf4-dequant", default=None, choices=["torch", "bnb"],
+                    help="NF4 dequantization on CUDA (training.quant_experts.DEQUANT_BACKEND; default torch)")
+    ap.add_argument("--nf4-keep-gib", type=float, default=None,
+                    help="a recomputed layer keeps a dequantized expert tensor up to this size for its backward "
+                         "(training.fast_path.NF4_KEEP_MAX_BYTES; default 1.1; 0 never)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args(argv)
 
     t_start = time.time()
+    if a.nf4_dequant:
+        qe.DEQUANT_BACKEND = a.nf4_dequant
+    if a.nf4_keep_gib is not None:
+        fast_path.NF4_KEEP_MAX_BYTES = int(a.nf4_keep_gib * 2**30)
     device = torch.device(a.device)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -215,7 +244,8 @@ def main(argv=None):
     date = time.strftime("%Y-%m-%d", time.gmtime())
 
     def save(row):
-        key = lambda r: (r["shape"], r["seq"], r["batch"], r["lora"], r["impl"], r["quant"], str(r.get("recompute")))
+        key = lambda r: (r["shape"], r["seq"], r["batch"], r["lora"], r["impl"], r["quant"], str(r.get("recompute")),
+                         r.get("variant"))
         nonlocal rows
         rows = [r for r in rows if key(r) != key(row)] + [row]
         out.write_text(json.dumps(rows, indent=1))
@@ -230,6 +260,11 @@ def main(argv=None):
             torch.cuda.synchronize()
         build_s = time.time() - t0
         rep = qe.memory_report(model)
+        split = weights_split(model)
+        variant = (f"dequant={qe.DEQUANT_BACKEND},keep={fast_path.NF4_KEEP_MAX_BYTES / 2**30:g}GiB"
+                   if quant == "nf4" else None)
+        over: dict = {}  # (lora, impl, recompute, seq) -> smallest batch that went over --mem-limit-gib
+        print(f"weights: {split}", flush=True)
         print(f"== {shape} ({cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts) {quant}: built in {build_s:.1f}s, "
               f"weights {rep['total_bytes']/2**30:.1f} GiB, {rep['bytes_per_param']:.3f} B/param, "
               f"allocated {torch.cuda.memory_allocated()/2**30 if device.type == 'cuda' else 0:.1f} GiB", flush=True)
@@ -249,18 +284,25 @@ def main(argv=None):
                             if time.time() - t_start > a.budget_s:
                                 print(f"SKIP (budget) {shape} {lora} {seq} {bs} {impl} {rc}", flush=True)
                                 continue
+                            if bs >= over.get((lora, impl, rc, seq), math.inf):
+                                print(f"SKIP (over {a.mem_limit_gib} GiB at a smaller batch) {shape} {lora} {seq} {bs} "
+                                      f"{impl} {rc}", flush=True)
+                                continue
                             row = dict(gpu=gpu, gpus=1, shape=shape, layers=cfg.num_hidden_layers, seq=seq, batch=bs,
-                                       lora=lora, impl=impl, quant=quant, recompute=rc, date=date)
+                                       lora=lora, impl=impl, quant=quant, recompute=rc, date=date, **split)
+                            if variant:
+                                row["variant"] = variant
                             try:
                                 applied = configure(pm, impl, rc)
                                 n_layers = cfg.num_hidden_layers
                                 rcb = rc.removesuffix("+compile")
                                 ck = n_layers if rcb == "full" else 0 if rcb == "none" else n_layers - int(rcb)
                                 mult = 4 + 2 * ck / n_layers
-                                times, losses, peak = time_config(pm, impl, batch, a.steps, a.warmup, init)
+                                times, losses, peak, held = time_config(pm, impl, batch, a.steps, a.warmup, init)
                                 med = statistics.median(times[a.warmup:])
                                 tps = bs * seq / med
                                 row.update(tokens_per_s=round(tps, 1), peak_gib=round(peak, 2),
+                                           held_gib=round(held, 2), act_gib=round(peak - held, 2),
                                            mfu=round(tps * mult * act / PEAK_FLOPS, 4), loss=round(losses[0], 5),
                                            step_s=round(med, 4), first_step_s=round(times[0], 2), applied=applied,
                                            flops_per_token=mult * act, active_params=act,
@@ -270,6 +312,11 @@ def main(argv=None):
                             except Exception as e:  # record and go on: one broken variant must not lose the run
                                 traceback.print_exc()
                                 row.update(tokens_per_s=None, peak_gib=None, mfu=None, error=f"{type(e).__name__}: {e}"[:400])
+                            if a.mem_limit_gib is not None:
+                                row["mem_limit_gib"] = a.mem_limit_gib
+                                row["within_limit"] = row.get("peak_gib") is not None and row["peak_gib"] <= a.mem_limit_gib
+                                if not row["within_limit"]:
+                                    over[(lora, impl, rc, seq)] = min(bs, over.get((lora, impl, rc, seq), math.inf))
                             gc.collect()
                             if device.type == "cuda":
                                 torch.cuda.empty_cache()
@@ -291,15 +338,19 @@ def main(argv=None):
 
 
 def print_table(rows):
-    hdr = f"{'shape':5} {'quant':5} {'seq':>5} {'bs':>3} {'lora':18} {'impl':8} {'recomp':6} {'tok/s':>8} {'peakGiB':>8} {'MFU':>6} {'loss':>8}"
+    hdr = (f"{'shape':5} {'quant':5} {'seq':>5} {'bs':>3} {'lora':18} {'impl':8} {'recomp':6} {'tok/s':>8} {'peakGiB':>8} "
+           f"{'experts':>7} {'rest':>5} {'held':>5} {'act':>5} {'lim':>4} {'MFU':>6} {'loss':>8}")
     print(hdr)
     for r in rows:
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         pk = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         mfu = f"{r['mfu']*100:.1f}%" if r.get("mfu") else "-"
         loss = f"{r['loss']:.4f}" if r.get("loss") is not None else (r.get("error", "")[:30])
+        f = lambda k: f"{r[k]:.1f}" if r.get(k) is not None else "-"
+        lim = "" if "within_limit" not in r else ("ok" if r["within_limit"] else "OVER")
         print(f"{r['shape']:5} {r['quant']:5} {r['seq']:>5} {r['batch']:>3} {r['lora']:18} {r['impl']:8} "
-              f"{str(r.get('recompute')):6} {tps:>8} {pk:>8} {mfu:>6} {loss:>8}")
+              f"{str(r.get('recompute')):6} {tps:>8} {pk:>8} {f('experts_gib'):>7} {f('rest_gib'):>5} {f('held_gib'):>5} "
+              f"{f('act_gib'):>5} {lim:>4} {mfu:>6} {loss:>8}")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,11 @@ def compile_layers(model: torch.nn.Module, enable: bool = True) -> bool:
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        # room for one entry per layer (120b: 36; frames that guard on the layer's modules, e.g.
+        # the resumed parts around the eager NF4 GEMMs, may compile per layer) and a few shapes
+        for name, least in (("cache_size_limit", 128), ("accumulated_cache_size_limit", 1024)):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), least))
     for layer in layers:
         if enable:
             layer.compile()

@@ -4,9 +4,11 @@ bitsandbytes replaces only ``nn.Linear``; GPT-OSS keeps its experts as 3-D ``nn.
 (``mlp.experts.gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H)), which are >95 % of the
 weights.  ``quantize_experts_nf4`` packs each of them with ``bitsandbytes.functional.quantize_4bit``
 (NF4, blocksize 64, double-quantized absmax: ~0.516 bytes per weight), in groups of experts, and
-deletes the bf16 parameter.  The forward pass (``training.fast_path.moe_forward``) dequantizes a
-layer's experts right before its grouped GEMM and again in backward (never saved), so the bf16
-copy lives only while that layer runs.  The packed weights are frozen buffers, so optimizers,
+deletes the bf16 parameter.  The forward pass (``training.fast_path.moe_forward``) dequantizes
+one chunk of a layer's experts at a time right before that chunk's grouped GEMM, and again in
+backward, so at most one chunk's bf16 copy (<= 512 MiB) exists at a time.  On CUDA the
+dequantization is ``nf4_dequant_torch`` compiled into one kernel (bitsandbytes' own maths; its
+kernel is the fallback, ``DEQUANT_BACKEND``).  The packed weights are frozen buffers, so optimizers,
 DeepSpeed ZeRO-0/2 and PEFT never see them as trainable; ``.to(device)`` moves them.  LoRA on the
 experts (PEFT ``target_parameters``) works with NF4 experts in either order (before or after
 ``quantize_experts_nf4``): the adapter factors are read from PEFT and fused into the grouped GEMMs.
