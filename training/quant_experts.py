@@ -80,16 +80,18 @@ def _dequant_compiled(store: "NF4Store", i: int, dtype: torch.dtype) -> torch.Te
     m = store.meta[i]
     if not m["nested"] or m["quant_type"] != "nf4":
         return None
+    import torch._dynamo
+
     fn = _COMPILED.get("fn")
     if fn is None:
-        import torch._dynamo
-
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
         fn = _COMPILED["fn"] = torch.compile(nf4_dequant_torch, dynamic=False)
-    try:
-        return fn(getattr(store, f"q{i}"), getattr(store, f"absmax{i}"), getattr(store, f"code{i}"),
-                  getattr(store, f"s2absmax{i}"), getattr(store, f"s2code{i}"), getattr(store, f"offset{i}"),
-                  m["blocksize"], m["blocksize2"], m["numel"], dtype)
+    try:  # errors must reach us (compile_layers turns suppress_errors on): eagerly this would
+        # materialise int64 indices the size of the chunk (2 GiB at 2**28 weights)
+        with torch._dynamo.config.patch(suppress_errors=False):
+            return fn(getattr(store, f"q{i}"), getattr(store, f"absmax{i}"), getattr(store, f"code{i}"),
+                      getattr(store, f"s2absmax{i}"), getattr(store, f"s2code{i}"), getattr(store, f"offset{i}"),
+                      m["blocksize"], m["blocksize2"], m["numel"], dtype)
     except Exception as e:  # no inductor/triton here: bitsandbytes' kernel is always there
         import warnings
 
