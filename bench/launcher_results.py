@@ -4,7 +4,9 @@ into a row of bench/results/*.json, in the format of bench/results/h200.json.
     python bench/launcher_results.py --dir FOLDER_WITH_FILES --out bench/results/h200_launcher_1gpu.json \
         --command "the exact device command" [--layers 24]
 
-tokens/s: median over the optimizer steps after the first (the first compiles the layers);
+tokens/s: median over the optimizer steps after the first (the first compiles the layers); the
+trainer counts real tokens only, never padding (packed or not);
+packing: the trainer's "packing: ..." line (rows, width, padding packed and unpacked), or None;
 peak memory: the last step's `peak_mem_gib` (torch.cuda.max_memory_allocated of rank 0);
 model load: the trainer's "loaded in X s" line (tokenizer + weights onto the GPU + encoding).
 """
@@ -29,6 +31,11 @@ def build_row(folder: Path, command: str, layers: int) -> dict:
     load_s = float(m.group(1)) if m else None
     m = re.search(r"fast path: (.*)", log)
     applied = [a.strip() for a in m.group(1).split(",")] if m else []
+    m = re.search(r"packing: ([\d,]+) examples into ([\d,]+) rows of (\d+) tokens.*?, (\d+)% padding "
+                  r"\(unpacked: (\d+)%\)", log)
+    packing = None if not m else {
+        "examples": int(m.group(1).replace(",", "")), "rows": int(m.group(2).replace(",", "")),
+        "width": int(m.group(3)), "padding": int(m.group(4)) / 100, "unpacked_padding": int(m.group(5)) / 100}
     tps = [r["tokens_per_s"] for r in train]
     steady = tps[1:] or tps
     elapsed = [r["elapsed_s"] for r in train]
@@ -44,7 +51,9 @@ def build_row(folder: Path, command: str, layers: int) -> dict:
                 twin = json.loads(line)
     return {
         "gpu": "NVIDIA H200", "gpus": 1, "shape": "20b", "layers": layers,
-        "seq": f"<= {cfg['max_length']} (real submissions, padded per micro-batch)",
+        "seq": (f"rows of {packing['width']} packed with real examples" if packing else
+                f"<= {cfg['max_length']} (real submissions, padded per micro-batch)"),
+        "packing": packing,
         "batch": cfg["per_device_batch_size"], "grad_accum": cfg["gradient_accumulation_steps"],
         "lora": "attention" + ("+experts" if cfg.get("lora_experts") else ""),
         "impl": "project-launcher", "quant": cfg["quantization"] if cfg["quantization"] != "none" else "bf16",

@@ -48,10 +48,20 @@ def base_causal_lm(model: Any) -> Any:
 
 def score_log_probs(model: Any, batch: dict) -> torch.Tensor:
     """log p(value) at each row's score position over that row's values only. Only the score
-    rows go through the LM head (Gemma's head is 170M of its 268M parameters)."""
+    rows go through the LM head (Gemma's head is 170M of its 268M parameters).
+
+    A packed batch (training: several examples per row) also has ``position_ids`` (restarting at
+    each example), a prepared per-layer-type ``attention_mask`` and ``score_row``: the row of each
+    example's score position, so the result has one row per example, not per batch row."""
     lm = base_causal_lm(model)
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["score_pos"]]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    hidden = lm.model(**kwargs).last_hidden_state
+    rows = batch.get("score_row")
+    if rows is None:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+    h = hidden[rows, batch["score_pos"]]
     logits = lm.get_output_embeddings()(h).float()
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:

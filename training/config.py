@@ -88,6 +88,18 @@ class RunConfig(BaseModel):
     # the first step compiles for about a minute). With NF4 experts the layers compile around the
     # NF4 grouped GEMMs, which stay eager (fast_path._nf4_gmm).
     compile_layers: bool = True
+    # Training rows packed with whole examples (best-fit decreasing) instead of one right-padded
+    # example per row: each micro-batch is per_device_batch_size rows of one width (the longest
+    # example's, rounded up to 64, or max_length, whichever pads less), every example keeping its
+    # own positions and attending only to itself. A step then sees as many examples as fit (item
+    # prompts of a few hundred tokens: several per row), so an epoch has fewer steps. The loss is
+    # the mean over the step's examples (item) or label tokens (submission), what one unpacked
+    # batch of the same examples gives. "auto": pack when the packed rows pad less than the
+    # unpacked batches would (GPU with compiled layers: they pad every batch to the longest
+    # example; on CPU length-bucketed batches already pad little); "on": always; "off": never.
+    # train.log says what was chosen and the padding of both. Models not verified for packing
+    # (training.train_entry.PACKABLE_MODEL_TYPES) train unpacked, saying so. Validation is unpacked.
+    pack_sequences: Literal["auto", "on", "off"] = "auto"
     # Test/diagnostic mode: each rank writes a hash of its LoRA weights, rank 0 records reference
     # logits of the final model, so a test can check replication and reload.
     debug: bool = False

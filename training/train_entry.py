@@ -129,6 +129,167 @@ def collate(examples: list, pad_id: int, device: torch.device, width: int | None
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+# ------------------------------------------------------------------------------------ packing
+#
+# With ``pack_sequences`` each training row holds several whole examples: positions restart at 0
+# for every example and the attention mask keeps every example to itself (also in sliding-window
+# layers), so each example's hidden states, and so its loss and gradient, are the ones it has
+# alone in a right-padded row. transformers detects packed rows from ``position_ids`` only in
+# models that pass them to their mask builders: GPT-OSS (5.24) does not, so the trainer builds
+# the per-layer-type masks itself with transformers' own mask functions and hands the model the
+# prepared mapping, which GPT-OSS and Gemma 3 accept as their ``attention_mask``.
+
+PACKABLE_MODEL_TYPES = {"gpt_oss", "gemma3_text"}  # checked packed == unpacked: tests/test_packing.py
+
+
+def packing_unsupported(model: Any) -> str | None:
+    """Why ``model`` cannot train on packed rows (None: it can)."""
+    from inference.score_head import base_causal_lm
+
+    cfg = getattr(base_causal_lm(model), "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in PACKABLE_MODEL_TYPES:
+        return (f"model type {mtype} is not verified for packed rows (verified: "
+                f"{', '.join(sorted(PACKABLE_MODEL_TYPES))})")
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(kinds)} (only full and sliding attention are packed)"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    return None
+
+
+def pack_rows(lengths: list[int], order: list[int], width: int) -> list[list[int]]:
+    """Example indices (``order``, all of them) packed into rows of at most ``width`` tokens:
+    best-fit decreasing (longest first, each into the fullest row it still fits; ties keep
+    ``order``). An example longer than ``width`` is an error (the encoder cuts to max_length)."""
+    import bisect
+
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    smallest = min((lengths[i] for i in order), default=0)
+    for i in sorted(order, key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > width:
+            raise ValueError(f"example of {n} tokens does not fit a packed row of {width}")
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, r = free.pop(at)
+        else:
+            room, r = width, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n >= smallest:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def packed_epoch_micro_batches(lengths: list[int], epoch: int, cfg: RunConfig, world: int,
+                               width: int) -> list[list[list[int]]]:
+    """One epoch as global micro-batches of packed rows (per_device_batch_size * world rows each,
+    every row a list of example indices). Shuffled by (seed, epoch) like `epoch_micro_batches`;
+    the number of rows depends only on the lengths, so every epoch has the same number of steps;
+    wrapped around (rows from the start repeated) so every optimizer step is full on every rank."""
+    n = len(lengths)
+    rng = random.Random(cfg.seed * 1000 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)
+    rows = pack_rows(lengths, order, width)
+    rng.shuffle(rows)
+    g = cfg.per_device_batch_size * world
+    per_step = g * cfg.gradient_accumulation_steps
+    need = math.ceil(len(rows) / per_step) * per_step
+    rows = (rows * math.ceil(need / len(rows)))[:need]
+    return [rows[i : i + g] for i in range(0, need, g)]
+
+
+def packed_attention_masks(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """The per-layer-type attention masks of packed rows (as the model's attention implementation
+    wants them: eager/sdpa tensors or flex BlockMasks), built by transformers' mask functions from
+    ``position_ids`` (a new example wherever the position does not go up by one)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    from inference.score_head import base_causal_lm
+
+    lm = base_causal_lm(model)
+    config = lm.model.config
+    dtype = lm.get_input_embeddings().weight.dtype
+    shape = torch.empty((*input_ids.shape, 0), dtype=dtype, device=input_ids.device)  # only shape/dtype are read
+    kw = dict(config=config, inputs_embeds=shape, attention_mask=None, cache=None, position_ids=position_ids)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    masks = {"full_attention": create_causal_mask(**kw)}
+    if "sliding_attention" in kinds:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+    return masks
+
+
+def collate_packed(model: Any, examples: list, rows: list[list[int]], width: int, pad_id: int,
+                   device: torch.device, items: bool) -> dict[str, torch.Tensor]:
+    """Packed rows of ``examples`` (indices per row): input_ids, position_ids (restarting at 0 per
+    example; the padding after the last example is a segment of its own), the prepared masks; for
+    submission examples ``labels`` (-100 at each example's first token, so no example predicts
+    across a boundary), for score examples ``score_row``/``score_pos`` (the token that predicts
+    the score) and the values/targets, one row per example as `collate_scores` has them."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    score_row, score_pos, members = [], [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = examples[i]
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            pos[r, at : at + n] = torch.arange(n)
+            if items:
+                score_row.append(r)
+                score_pos.append(at + n - 1)
+                members.append(e)
+            else:
+                labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:])
+            at += n
+        pos[r, at:] = torch.arange(width - at)
+    ids, pos = ids.to(device), pos.to(device)
+    batch = {"input_ids": ids, "position_ids": pos, "attention_mask": packed_attention_masks(model, ids, pos)}
+    if not items:
+        batch["labels"] = labels.to(device)
+        return batch
+    n_val = max(len(e.value_ids) for e in members)
+    values = torch.zeros((len(members), n_val), dtype=torch.long)
+    value_mask = torch.zeros((len(members), n_val), dtype=torch.bool)
+    target = torch.zeros((len(members), n_val), dtype=torch.float32)
+    for k, e in enumerate(members):
+        v = len(e.value_ids)
+        values[k, :v] = torch.tensor(e.value_ids)
+        value_mask[k, :v] = True
+        if e.target is not None:
+            target[k, :v] = torch.tensor(e.target)
+    batch.update(score_row=torch.tensor(score_row), score_pos=torch.tensor(score_pos), values=values,
+                 value_mask=value_mask, target=target)
+    return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in batch.items()}
+
+
+def example_weight(e: Any, items: bool) -> int:
+    """What the loss averages over, per example: 1 (item: the mean over examples) or its label
+    tokens after the first (submission: the mean over label tokens, as the shifted loss counts)."""
+    return 1 if items else sum(1 for t in e.labels[1:] if t != -100)
+
+
+def packed_loss_sum(model: Any, batch: dict, items: bool, fused: bool = True) -> tuple[torch.Tensor, int]:
+    """(sum of the loss over the batch's examples or label tokens, how many): the item loss is
+    the soft cross-entropy per example, the submission loss the cross-entropy per label token."""
+    if items:
+        logp = score_log_probs(model, batch)
+        return -(batch["target"] * logp).sum(), int(logp.shape[0])
+    from training.fast_path import compute_loss, fused_ce_supported
+
+    if fused and fused_ce_supported(model):  # compute_loss's plain path would drop position_ids
+        mean, n = compute_loss(model, batch, fused=True)
+        return mean * n, n
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    return model(**batch).loss * n, n
+
+
 def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 1024**3, 3)
@@ -252,6 +413,7 @@ class Trainer:
         self.is_main = rank == 0
         self.items = cfg.example_unit == "item"
         self.pad_width: int | None = None
+        self.pack_width: int | None = None  # packed training rows (cfg.pack_sequences), else None
         self.best: dict = {"step": None, "qwk": None, "pearson_r": None}
         self.calibrations: dict[int, Any] = {}  # step -> calibration fitted at that step's evaluation
         self.elapsed_before = 0.0
@@ -298,9 +460,17 @@ class Trainer:
                 # on an H200 spent > 100 s in its first step on 4 widths): one width per run.
                 longest = max(len(e.input_ids) for e in self.train_ex + self.eval_ex)
                 self.pad_width = min(cfg.max_length, -(-longest // 64) * 64)
-                if self.is_main:
-                    log(f"compiled layers: every batch padded to {self.pad_width} tokens (one compiled shape); "
-                        "the first step compiles them and takes about a minute, later steps are fast")
+        if cfg.pack_sequences != "off":
+            why = packing_unsupported(model) or self.choose_pack_width()
+            if why and self.is_main:
+                log(f"packing off: {why}; training batches are padded as with pack_sequences=off")
+        if self.is_main and self.pad_width:
+            shapes = (f"training rows packed to {self.pack_width} tokens, validation batches padded to "
+                      f"{self.pad_width} ({'one compiled shape' if self.pack_width == self.pad_width else 'two compiled shapes'})"
+                      if self.pack_width else
+                      f"every batch padded to {self.pad_width} tokens (one compiled shape)")
+            log(f"compiled layers: {shapes}; the first step compiles them and takes about a minute, "
+                "later steps are fast")
         self.model = model
         if self.is_main:
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -315,7 +485,15 @@ class Trainer:
         from safetensors.torch import load_file
 
         cfg = self.cfg
-        self.steps_per_epoch = math.ceil(len(self.train_ex) / (cfg.per_device_batch_size * self.world * cfg.gradient_accumulation_steps))
+        per_step = cfg.per_device_batch_size * self.world * cfg.gradient_accumulation_steps
+        self.lengths = [len(e.input_ids) for e in self.train_ex]
+        self.weights = [example_weight(e, self.items) for e in self.train_ex]
+        if self.pack_width:  # the row count depends only on the lengths: the same every epoch
+            self.steps_per_epoch = len(self.epoch_plan(0)) // cfg.gradient_accumulation_steps
+            if self.is_main:
+                log(self.packing_report())
+        else:
+            self.steps_per_epoch = math.ceil(len(self.train_ex) / per_step)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.start_step, state = 0, None
         self.resumed_from = RunFolder(self.run_dir).last_complete_checkpoint() if resume else None
@@ -360,6 +538,59 @@ class Trainer:
             return lambda batch: compute_loss(self.engine.module, batch, fused=True)[0]
         return lambda batch: self.engine(**batch).loss
 
+    def epoch_plan(self, epoch: int) -> list:
+        """The epoch's global micro-batches: example indices, or rows of them when packing."""
+        if self.pack_width:
+            return packed_epoch_micro_batches(self.lengths, epoch, self.cfg, self.world, self.pack_width)
+        return epoch_micro_batches(self.lengths, epoch, self.cfg, self.world)
+
+    def unpacked_padding(self) -> float:
+        """The padding share of epoch 0's unpacked micro-batches (each rank's examples padded to
+        their longest, or to the compiled width)."""
+        lengths, b = [len(e.input_ids) for e in self.train_ex], self.cfg.per_device_batch_size
+        real = padded = 0
+        for mb in epoch_micro_batches(lengths, 0, self.cfg, self.world):
+            for lo in range(0, len(mb), b):
+                part = [lengths[i] for i in mb[lo : lo + b]]
+                real += sum(part)
+                padded += len(part) * max(part + [self.pad_width or 0])
+        return 1 - real / max(1, padded)
+
+    def choose_pack_width(self) -> str | None:
+        """Set ``pack_width``: the row width of the two candidates (the longest example rounded
+        up to 64, the compiled width; max_length, the tokens per micro-batch the memory check
+        budgets for) whose rows pad less. With pack_sequences="auto", packing only when that is
+        less padding than the unpacked batches'; else the reason it is not used."""
+        cfg = self.cfg
+        lengths = [len(e.input_ids) for e in self.train_ex]
+        longest = max(len(e.input_ids) for e in self.train_ex + self.eval_ex)
+        share = {}
+        for w in sorted({self.pad_width or min(cfg.max_length, -(-longest // 64) * 64), cfg.max_length}):
+            share[w] = 1 - sum(lengths) / (len(pack_rows(lengths, list(range(len(lengths))), w)) * w)
+        width = min(share, key=lambda w: (round(share[w], 3), w))
+        unpacked = self.unpacked_padding()
+        if cfg.pack_sequences == "auto" and share[width] >= unpacked:
+            return (f"packed rows of {width} tokens would pad {share[width]:.0%}, the unpacked batches "
+                    f"{unpacked:.0%} (pack_sequences=on packs anyway)")
+        self.pack_width = width
+        return None
+
+    def packing_report(self) -> str:
+        """The packing line of train.log: epoch 0's rows and padding, against the unpacked batches'."""
+        cfg, lengths = self.cfg, self.lengths
+        packed = self.epoch_plan(0)
+        rows = [row for mb in packed for row in mb]
+        real = sum(lengths[i] for row in rows for i in row)
+        pad_packed = 1 - real / (len(rows) * self.pack_width)
+        b = cfg.per_device_batch_size
+        unique = len({i for row in rows for i in row})
+        repeated = len(rows) - len({tuple(r) for r in rows})
+        return (f"packing: {unique:,} examples into {len(rows) - repeated:,} rows of {self.pack_width} tokens"
+                f"{f' (+{repeated} repeated to fill the last step)' if repeated else ''}, "
+                f"{pad_packed:.0%} padding (unpacked: {self.unpacked_padding():.0%}); "
+                f"{self.steps_per_epoch} steps per epoch (unpacked: "
+                f"{math.ceil(len(lengths) / (b * self.world * cfg.gradient_accumulation_steps))})")
+
     def collate(self, examples: list, width: int | None = None) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
         if self.items:
@@ -375,18 +606,37 @@ class Trainer:
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, micro count, tokens, stop
         k0 = (step % self.steps_per_epoch) * cfg.gradient_accumulation_steps
         grad_norm = None
+        if self.pack_width:
+            # Every rank knows the whole step's plan: the loss of each micro-batch is its sum over
+            # examples (label tokens) scaled so that DeepSpeed's 1/accumulation and its mean over
+            # ranks leave the step's gradient = d(sum over the step's examples)/(their count),
+            # the gradient of one unpacked batch of the same examples.
+            n_norm = sum(self.weights[i] for mb in batches[k0 : k0 + cfg.gradient_accumulation_steps]
+                         for row in mb for i in row)
+            scale = self.world * cfg.gradient_accumulation_steps / max(1, n_norm)
         for k in range(k0, k0 + cfg.gradient_accumulation_steps):
-            batch = self.collate([self.train_ex[i] for i in batches[k][lo:hi]], self.pad_width)
-            loss = self.loss_fn(batch)
-            self.engine.backward(loss)
+            if self.pack_width:
+                rows = batches[k][lo:hi]
+                batch = collate_packed(self.engine.module, self.train_ex, rows, self.pack_width,
+                                       self.tokenizer.pad_token_id, self.device, self.items)
+                loss_sum, n = packed_loss_sum(self.engine.module, batch, self.items, fused=cfg.fast_path)
+                self.engine.backward(loss_sum * scale)
+                loss_total, count = float(loss_sum.detach()), n
+                n_tokens = sum(self.lengths[i] for row in rows for i in row)
+            else:
+                batch = self.collate([self.train_ex[i] for i in batches[k][lo:hi]], self.pad_width)
+                loss = self.loss_fn(batch)
+                self.engine.backward(loss)
+                loss_total, count = float(loss.detach()), 1
+                n_tokens = float(batch["attention_mask"].sum())
             if cfg.zero_stage == 0 and k == k0 + cfg.gradient_accumulation_steps - 1:
                 # DeepSpeed reports the norm only for its ZeRO/mixed-precision optimizers.
                 grads = [p.grad.detach().float().norm() for p in self.trainable if p.grad is not None]
                 grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
             self.engine.step()
-            totals[0] += float(loss.detach())
-            totals[1] += 1
-            totals[2] += float(batch["attention_mask"].sum())
+            totals[0] += loss_total
+            totals[1] += count
+            totals[2] += n_tokens  # real tokens, not padding
         totals[3] = 1.0 if self.stop.requested else 0.0
         import torch.distributed as dist
 
@@ -401,9 +651,21 @@ class Trainer:
             "loss": float(totals[0] / totals[1]), "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_s": round(float(totals[2]) / dt, 1),
-            "samples": n_step * cfg.per_device_batch_size * self.world * cfg.gradient_accumulation_steps,
+            "samples": self.samples_seen(step, batches),
             "elapsed_s": self.elapsed(), "peak_mem_gib": peak_mem_gib(self.device), "total_steps": self.total_steps,
         }
+
+    def samples_seen(self, step: int, batches: list) -> int:
+        """Examples trained on up to and including ``step`` (packed: counted on this epoch's plan,
+        which has the same number of rows every epoch)."""
+        cfg = self.cfg
+        n_step = step + 1
+        if not self.pack_width:
+            return n_step * cfg.per_device_batch_size * self.world * cfg.gradient_accumulation_steps
+        accum = cfg.gradient_accumulation_steps
+        per_mb = [sum(len(row) for row in mb) for mb in batches]
+        done_here = (step % self.steps_per_epoch + 1) * accum
+        return (step // self.steps_per_epoch) * sum(per_mb) + sum(per_mb[:done_here])
 
     def _eval_batches(self) -> list[list[int]]:
         """This rank's share of the validation set; every rank runs the same number of batches
@@ -542,15 +804,14 @@ class Trainer:
         step, epoch_index, batches = self.start_step, -1, []
         last_saved = self.start_step if self.resumed_from else -1
         stopped = False
-        lengths = [len(e.input_ids) for e in self.train_ex]
         if self.is_main:
             log(f"training: {self.total_steps} steps ({self.steps_per_epoch} per epoch), {self.world} rank(s), "
-                f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.per_device_batch_size} x accumulation "
+                f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.per_device_batch_size}{' packed rows' if self.pack_width else ''} x accumulation "
                 f"{cfg.gradient_accumulation_steps}")
         while step < self.total_steps:
             if step // self.steps_per_epoch != epoch_index:
                 epoch_index = step // self.steps_per_epoch
-                batches = epoch_micro_batches(lengths, epoch_index, cfg, self.world)
+                batches = self.epoch_plan(epoch_index)
             row = self.train_step(step, batches)
             step += 1
             stopped = self.stop_agreed and step < self.total_steps
