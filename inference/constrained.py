@@ -7,28 +7,48 @@ labels, each score a number within [0, max] (at most 6 decimals), the maxima fix
 bounded. The same schema is what a server such as vLLM takes for guided decoding
 (``guided_json`` / ``response_format``), so a grade served there has the same shape.
 
-:class:`GradeLogitsProcessor` applies it inside ``transformers``' ``generate`` with xgrammar (the
-structured-generation library vLLM and SGLang use), one grammar matcher per row, plus what a
-static schema cannot say:
+:func:`decode_grades` decodes a batch of grades under it with xgrammar (the structured-generation
+library vLLM and SGLang use), one grammar matcher per row, greedily with the model's KV cache,
+plus what a static schema cannot say:
 
 - the total is the sum of the item scores: once the items are closed, ``,"score":<sum>,
-  "max_score":<max>,"feedback":"`` is forced token by token;
+  "max_score":<max>,"feedback":"`` is forced;
 - the answer fits its token budget: when only the tokens that the rest of the grade may need
-  are left, an open string is closed at once, so a grade always ends with its stop token. The
-  budget is ``max_new_tokens``, raised where needed to :func:`reserve_chars` (a grade of the
-  rubric with empty strings: no valid grade is shorter, and none fits in less).
+  are left, an open string is closed at once, so a grade always ends complete. The budget is
+  ``max_new_tokens``, raised where needed to :func:`reserve_chars` (a grade of the rubric with
+  empty strings: no valid grade is shorter, and none fits in less);
+- the strings' character bounds: the compiled grammar's strings are unbounded and the decoder
+  keeps each within its bound (tokens longer than the room left are masked; at the bound the
+  string is closed). Written into the grammar as ``{0,400}`` the bound made every bitmask inside a
+  justification cost ~80 ms instead of ~0.06 ms (xgrammar 0.2.9, GPT-OSS vocabulary, this CPU):
+  seconds per step for a batch of 64.
 
-The forced opening (``{"items":[{"question":"<label>","``) is not generated at all: the engine
-appends it to the prompt (:func:`forced_opening`), one prefill instead of a step per token.
+Forced spans are not sampled token by token (jump-forward decoding). The forced opening
+(``{"items":[{"question":"<label>","``) joins the prompt (:func:`forced_opening`). After every
+token the model chooses, the matcher's forced continuation (``find_jump_forward_string``: e.g.
+``max_score":5},{"question":"2","`` once an item's score is followed by a comma) and the row's
+forced total are encoded as training encodes answers and go into the model in the same forward
+step as the chosen token: one step for the whole span. Rows of a batch then feed chunks of
+different widths; each is left-padded inside its step (attention mask 0), the mask keeps growing
+with the cache and positions come from it (``cumsum(mask) - 1``), so every real token has its
+exact position. The cache then has holes (the pads). transformers' sliding-window layers (Gemma 3,
+GPT-OSS) cover a window of cache slots, not of positions, and their cache keeps only the last
+slots: with a window of 16 and 5 pads inside it a next-token logit moved by 0.3 (tiny GPT-OSS),
+and batched grades differed from the same grades alone. For models with sliding layers the
+decoder therefore keeps every layer's whole cache and gives the model its own masks: causal over
+real tokens, and for sliding layers the window taken over positions (:func:`_step_masks`), so a
+row sees what it would alone. Those are dense additive masks, which eager and sdpa attention
+take; flex attention wants a BlockMask instead.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import json
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from transformers import LogitsProcessor
 
 from data.prompt_format import question_labels
 
@@ -48,16 +68,19 @@ def _num(x: float) -> int | float:
     return int(x) if x.is_integer() else x
 
 
-def _text(max_chars: int) -> dict[str, Any]:
-    """A JSON string of at most ``max_chars`` characters, without escapes or control characters
-    (a raw tab or newline inside a string is not JSON; the grammar's default string allows them)."""
-    return {"type": "string", "pattern": r'^[^"\\\u0000-\u001f]{0,%d}$' % max_chars}
+def _text(max_chars: int | None) -> dict[str, Any]:
+    """A JSON string of at most ``max_chars`` characters (None: unbounded), without escapes or
+    control characters (a raw tab or newline inside a string is not JSON)."""
+    bound = "*" if max_chars is None else "{0,%d}" % max_chars
+    return {"type": "string", "pattern": r'^[^"\\\u0000-\u001f]%s$' % bound}
 
 
-def grade_json_schema(rubric: "Rubric", *, justification_chars: int = JUSTIFICATION_MAX_CHARS,
-                      feedback_chars: int = FEEDBACK_MAX_CHARS) -> dict[str, Any]:
+def grade_json_schema(rubric: "Rubric", *, justification_chars: int | None = JUSTIFICATION_MAX_CHARS,
+                      feedback_chars: int | None = FEEDBACK_MAX_CHARS) -> dict[str, Any]:
     """The JSON schema of a grade of ``rubric``, as training writes it (see the module docstring).
-    Justifications are optional, as in training data without them."""
+    Justifications are optional, as in training data without them. A bound of None leaves that
+    string unbounded (what :class:`GradeGrammars` compiles: :func:`decode_grades` keeps the
+    bounds itself)."""
 
     def item(label: str, max_score: float) -> dict[str, Any]:
         return {"type": "object",
@@ -109,7 +132,13 @@ class GradeGrammars:
                                                  strict_mode=True)
 
     def compiled(self, rubric: "Rubric"):
-        return self._compiled(_dumps(grade_json_schema(rubric)))
+        """The grammar of ``rubric``'s grade with unbounded strings (see the module docstring)."""
+        return self._compiled(_dumps(grade_json_schema(rubric, justification_chars=None, feedback_chars=None)))
+
+    @functools.cached_property
+    def token_bytes(self) -> torch.Tensor:
+        """Each token's length in bytes (at least its length in characters)."""
+        return torch.tensor([len(b) for b in self.info.decoded_vocab] + [0] * (self.vocab_size - len(self.info.decoded_vocab)))
 
 
 def forced_opening(grammars: GradeGrammars, rubric: "Rubric", encode, decode) -> list[int]:
@@ -124,108 +153,287 @@ def forced_opening(grammars: GradeGrammars, rubric: "Rubric", encode, decode) ->
     from inference.repair import zero_grade
 
     matcher = xgr.GrammarMatcher(grammars.compiled(rubric))
-    forced = matcher.find_jump_forward_string()
-    ids: list[int] = []
-    text = ""
-    for t in encode(target_text(zero_grade(rubric), rubric)):
-        piece = decode([t])
-        if not forced.startswith(text + piece):
-            break
-        ids.append(t)
-        text += piece
+    ids = _within(list(encode(target_text(zero_grade(rubric), rubric))), matcher.find_jump_forward_string(), decode)
     for t in ids:
         if not matcher.accept_token(t):
             return []
     return ids
 
 
-class GradeLogitsProcessor(LogitsProcessor):
-    """Masks each row's next-token logits to what its rubric's grade grammar allows (see the module
-    docstring). One instance per ``generate`` call; rows are matched to ``rubrics`` in order and
-    start after their ``openings`` (already in the prompt)."""
+# Continuations a forced span may be followed by in a grade (a key or text, a digit, a space...):
+# its last token counts as forced only if the encoder keeps it whatever follows (a tokenizer may
+# merge the span's end with the next characters, as training's encoding of the whole grade does).
+_PROBES = ("a", "A", "0", " ", ".", "-")
 
-    def __init__(self, grammars: GradeGrammars, rubrics: list["Rubric"], openings: list[list[int]],
-                 max_new_tokens: int, encode, decode) -> None:
+
+def _within(tokens: list[int], forced: str, decode) -> list[int]:
+    """The leading ``tokens`` whose decoded text stays a prefix of ``forced``."""
+    out: list[int] = []
+    text = ""
+    for t in tokens:
+        piece = decode([t])
+        if not piece or not forced.startswith(text + piece):
+            break
+        out.append(t)
+        text += piece
+    return out
+
+
+def forced_tokens(forced: str, encode, decode) -> list[int]:
+    """``forced`` (a span the grammar allows no alternative to) as training tokenizes it in a
+    grade: its tokens under ``encode`` (the prompt format's answer encoding) up to the last one
+    that stays the same whatever text follows (see ``_PROBES``)."""
+    if not forced:
+        return []
+    common: list[int] | None = None
+    for probe in _PROBES:
+        ids = _within(list(encode(forced + probe)), forced, decode)
+        if common is None:
+            common = ids
+        else:
+            n = next((k for k, (a, b) in enumerate(zip(common, ids)) if a != b), min(len(common), len(ids)))
+            common = common[:n]
+        if not common:
+            break
+    return common or []
+
+
+@dataclass
+class DecodedGrade:
+    """One row's answer: its tokens (the forced opening first, no stop token) and how many model
+    forward passes chose them (the prefill included). ``steps < len(tokens)``: the rest were
+    forced spans written without a step of their own."""
+
+    tokens: list[int]
+    steps: int
+
+
+class _Row:
+    """One grade being decoded: its grammar matcher, its text so far, its budget and forced total."""
+
+    def __init__(self, grammars: GradeGrammars, rubric: "Rubric", opening: list[int], budget: int,
+                 encode, decode, quote: int | None) -> None:
         import xgrammar as xgr
 
-        self.xgr = xgr
-        self.rubrics, self.encode, self.decode = rubrics, encode, decode
-        self.matchers = []
-        for rubric, opening in zip(rubrics, openings):
-            m = xgr.GrammarMatcher(grammars.compiled(rubric))
-            for t in opening:
-                m.accept_token(t)
-            self.matchers.append(m)
-        self.texts = [decode(o) for o in openings]  # what each row has written (for the total)
-        self.budget = [max_new_tokens] * len(rubrics)  # tokens each row may still write
-        self.reserve = [reserve_chars(r) for r in rubrics]
-        self.forced: list[list[int]] = [[] for _ in rubrics]
-        self.total_done = [False] * len(rubrics)
-        self.broken = [False] * len(rubrics)  # a token the grammar refused: left to repair
-        quote = encode('"')
-        self.quote = quote[0] if len(quote) == 1 else None
-        self.bitmask = xgr.allocate_token_bitmask(len(rubrics), grammars.vocab_size)
-        self.started = False
+        self.rubric, self.encode, self.decode, self.quote = rubric, encode, decode, quote
+        self.matcher = xgr.GrammarMatcher(grammars.compiled(rubric))
+        for t in opening:
+            self.matcher.accept_token(t)
+        self.tokens = list(opening)
+        self.text = decode(opening)
+        self.budget = budget  # tokens it may still write (the opening is part of the prompt)
+        self.reserve = reserve_chars(rubric)
+        self.total: tuple[int, str] | None = None  # (where the items close, the forced text after them)
+        self.total_done = False
+        self.bracket = False  # a "]" written since the items were last looked at
+        self.broken = False  # a token the grammar refused: the row writes freely, repair sees it
+        self.done = False
+        self.steps = 0
 
-    def _after_token(self, row: int, token: int) -> None:
-        m = self.matchers[row]
-        if self.broken[row] or m.is_terminated():
-            return
-        self.budget[row] -= 1
-        if not m.accept_token(token):
-            self.broken[row] = True
-            return
-        if self.forced[row]:
-            self.forced[row].pop(0)
-        self.texts[row] += self.decode([token])
-        if not self.total_done[row]:
-            self._force_total(row)
+    def _write(self, token: int) -> None:
+        piece = self.decode([token])
+        self.tokens.append(token)
+        self.text += piece
+        self.bracket = self.bracket or "]" in piece
+        self.budget -= 1
 
-    def _force_total(self, row: int) -> None:
-        """Once the items are closed: the total (their sum), the maximum and the feedback's opening."""
-        text = self.texts[row]
-        end = _items_end(text)
-        if end is None:
-            return
-        self.total_done[row] = True
-        rubric = self.rubrics[row]
-        try:
-            items = json.loads(text[: end + 1] + "}")["items"]
-            total = sum(float(it["score"]) for it in items)
-        except (ValueError, KeyError, TypeError):
-            return  # the grammar kept it well formed; if not, repair sees it
-        rest = f',"score":{_dumps(_num(total))},"max_score":{_dumps(_num(rubric.max_score))},"feedback":"'
-        written = text[end + 1 :]
-        if not rest.startswith(written):
-            return
-        self.forced[row] = list(self.encode(rest[len(written):]))
+    def _total_rest(self) -> str:
+        """What is still to write of the forced total (the items' sum, the maximum and the
+        feedback's opening), "" before the items are closed or once it is written."""
+        if not self.total_done:
+            end = _items_end(self.text) if self.bracket else None  # (a scan of the whole text)
+            self.bracket = False
+            if end is None:
+                return ""
+            self.total_done = True
+            try:
+                items = json.loads(self.text[: end + 1] + "}")["items"]
+                total = sum(float(it["score"]) for it in items)
+            except (ValueError, KeyError, TypeError):
+                return ""  # the grammar kept it well formed; if not, repair sees it
+            rest = f',"score":{_dumps(_num(total))},"max_score":{_dumps(_num(self.rubric.max_score))},"feedback":"'
+            self.total = (end, rest)
+        if self.total is None:
+            return ""
+        end, rest = self.total
+        written = self.text[end + 1 :]
+        return rest[len(written):] if rest.startswith(written) else ""
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.started:
-            for row, token in enumerate(input_ids[:, -1].tolist()):
-                self._after_token(row, int(token))
-        self.started = True
-        self.xgr.reset_token_bitmask(self.bitmask)  # all allowed: rows finished or broken stay free
+    def room(self) -> int | None:
+        """Characters the open string may still take (None outside strings): its bound less what
+        it holds; 0 once only the reserve is left of the budget."""
+        if not _in_string(self.text):
+            return None
+        start = self.text.rfind('"') + 1
+        bound = FEEDBACK_MAX_CHARS if self.text.endswith('"feedback":"', 0, start) else JUSTIFICATION_MAX_CHARS
+        return 0 if self.budget <= self.reserve else bound - (len(self.text) - start)
+
+    def only(self) -> int | None:
+        """The one token this row must write next, where the grammar alone would allow more: the
+        forced total's next token, or a closing quote once the open string has no room left."""
+        if self.broken:
+            return None
+        rest = self._total_rest()
+        if rest:
+            ids = list(self.encode(rest))
+            return ids[0] if ids else None
+        room = self.room()
+        if self.quote is not None and room is not None and room <= 0:
+            return self.quote
+        return None
+
+    def take(self, token: int, stop_ids: set[int]) -> list[int]:
+        """Write the token the model chose, then every forced token after it (jump-forward); the
+        tokens to feed the model next (none once the row is done)."""
+        self.steps += 1
+        if token in stop_ids:
+            self.done = True
+            return []
+        self._write(token)
+        if not self.broken and not self.matcher.accept_token(token):
+            self.broken = True
+        chunk = [token]
+        while not self.broken and self.budget > 0 and not self.matcher.is_completed():
+            jump = self.matcher.find_jump_forward_string()
+            rest = self._total_rest()
+            forced = rest if rest.startswith(jump) else jump  # the total goes on where the grammar stops
+            ids = forced_tokens(forced, self.encode, self.decode)[: self.budget]
+            accepted = 0
+            for t in ids:
+                if not self.matcher.accept_token(t):
+                    break
+                self._write(t)
+                accepted += 1
+            chunk += ids[:accepted]
+            if accepted == 0:
+                break
+        # Complete: the stop token is all the grammar allows next, so no step is spent on it.
+        self.done = self.budget <= 0 or (not self.broken and self.matcher.is_completed())
+        return [] if self.done else chunk
+
+
+def _sliding_window(config) -> int | None:
+    """The window of the model's sliding-window layers, None when it has none."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def _step_masks(mask: torch.Tensor, width: int, window: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Additive attention masks (0 or the dtype's minimum; batch x 1 x width x slots) for the
+    last ``width`` slots of ``mask`` (batch x slots, 1 for real tokens): "full_attention" lets a
+    token see the real tokens up to itself; "sliding_attention" only those whose position is less
+    than ``window`` before its own (positions count real tokens, so pads in between take no room)."""
+    slots = mask.shape[1]
+    real = mask.bool()
+    pos = mask.cumsum(-1) - 1
+    q_slot = torch.arange(slots - width, slots, device=mask.device)
+    k_slot = torch.arange(slots, device=mask.device)
+    seen = (k_slot[None, :] <= q_slot[:, None])[None] & real[:, None, :]  # batch x width x slots
+    near = (pos[:, -width:, None] - pos[:, None, :]) < window
+    low = torch.finfo(dtype).min
+    full = torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill_(~seen, low)
+    sliding = torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill_(~(seen & near), low)
+    return {"full_attention": full[:, None], "sliding_attention": sliding[:, None]}
+
+
+def _cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` in newer transformers
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    from inference.score_head import base_causal_lm
+
+    params = inspect.signature(type(base_causal_lm(model)).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, grammars: GradeGrammars,
+                  encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], max_new_tokens: int,
+                  stop_ids: list[int], pad_id: int, streamer=None) -> list[DecodedGrade]:
+    """Greedy decoding of one grade per prompt, each under its rubric's grammar, with jump-forward
+    over forced spans (see the module docstring). Each row's budget after its forced opening is
+    ``max_new_tokens``, raised to its own rubric's :func:`reserve_chars` where that is more (so a
+    row's grade does not depend on the rubrics beside it). ``streamer`` (transformers'
+    put/end protocol, as ``generate`` drives it): ``put`` gets the first row's prompt, then after
+    each step that row's new tokens (its forced opening with the first ones), then ``end``."""
+    import xgrammar as xgr
+    from transformers import DynamicCache
+
+    from inference.score_head import base_causal_lm
+
+    device = next(model.parameters()).device
+    stops = set(stop_ids)
+    quote = list(encode('"'))
+    rows = [_Row(grammars, rubric, forced_opening(grammars, rubric, encode, decode),
+                 max(max_new_tokens, reserve_chars(rubric)), encode, decode, quote[0] if len(quote) == 1 else None)
+            for rubric in rubrics]
+    batch = len(rows)
+    bitmask = xgr.allocate_token_bitmask(batch, grammars.vocab_size)
+    config = base_causal_lm(model).config
+    window = _sliding_window(config.get_text_config() if hasattr(config, "get_text_config") else config)
+    # With sliding layers: every layer keeps its whole cache (the window is in the masks).
+    cache = DynamicCache() if window is not None else DynamicCache(config=config)
+    dtype = next(model.parameters()).dtype
+    token_bytes = grammars.token_bytes.to(device)
+    longest = int(grammars.token_bytes.max())
+    cache_kw = _cache_kwarg(model)
+    if streamer is not None:
+        streamer.put(torch.tensor(prompts[0]))
+
+    # The prefill: prompts and openings, left-padded.
+    chunks = [p + r.tokens for p, r in zip(prompts, rows)]
+    mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
+    first = True
+    while True:
+        width = max(len(c) for c in chunks)
+        ids = torch.full((batch, width), pad_id, dtype=torch.long)
+        step_mask = torch.zeros((batch, width), dtype=torch.long)
+        for k, c in enumerate(chunks):
+            if c:
+                ids[k, width - len(c):] = torch.tensor(c, dtype=torch.long)
+                step_mask[k, width - len(c):] = 1
+        mask = torch.cat([mask, step_mask.to(device)], dim=1)
+        positions = (mask.cumsum(-1) - 1)[:, -width:].masked_fill(mask[:, -width:] == 0, 1)
+        attention = mask if window is None else _step_masks(mask, width, window, dtype)
+        out = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{cache_kw: cache})
+        logits = out.logits[:, -1, :].float()
+        # Each live row masked to its grammar; finished and broken rows stay free.
+        xgr.reset_token_bitmask(bitmask)
         only: dict[int, int] = {}
-        for row, m in enumerate(self.matchers):
-            if self.broken[row] or m.is_terminated():
-                continue  # generate pads finished rows; a broken one writes freely and is repaired
-            m.fill_next_token_bitmask(self.bitmask, row)
-            if self.forced[row]:
-                only[row] = self.forced[row][0]
-            elif self.quote is not None and self.budget[row] <= self.reserve[row] and _in_string(self.texts[row]):
-                only[row] = self.quote  # out of room: close the string now
-        scores = scores.contiguous()  # the last position's logits are a strided view; the kernel needs rows
-        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
-        for row, token in only.items():
-            keep = scores[row, token].clone()
-            if not torch.isfinite(keep):  # not allowed here (e.g. a key being written): the grammar decides
-                if self.forced[row]:
-                    self.forced[row] = []
+        short: dict[int, int] = {}  # row -> room left in its open string, where a token may not fit
+        for k, row in enumerate(rows):
+            if row.done or row.broken:
                 continue
-            scores[row] = float("-inf")
-            scores[row, token] = keep
-        return scores
+            row.matcher.fill_next_token_bitmask(bitmask, k)
+            t = row.only()
+            if t is not None:
+                only[k] = t
+            elif (room := row.room()) is not None and room < longest:
+                short[k] = room
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(device), vocab_size=grammars.vocab_size)
+        for k, room in short.items():  # the string's bound: no token longer than its room (the quote fits)
+            logits[k, : token_bytes.shape[0]].masked_fill_(token_bytes > room, float("-inf"))
+        chosen = logits.argmax(-1).tolist()
+        if only:
+            keys = list(only)
+            allowed = torch.isfinite(logits[keys, [only[k] for k in keys]]).tolist()
+            for k, ok in zip(keys, allowed):
+                if ok:  # not allowed here (e.g. a key being written): the grammar decides
+                    chosen[k] = only[k]
+        chunks = []
+        for k, row in enumerate(rows):
+            before = len(row.tokens)
+            chunks.append([] if row.done else row.take(int(chosen[k]), stops))
+            if k == 0 and streamer is not None:
+                streamer.put(torch.tensor(row.tokens[0 if first else before:], dtype=torch.long))
+        first = False
+        if all(row.done for row in rows):
+            break
+    if streamer is not None:
+        streamer.end()
+    return [DecodedGrade(tokens=row.tokens, steps=row.steps) for row in rows]
 
 
 def _in_string(text: str) -> bool:

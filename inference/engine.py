@@ -13,8 +13,9 @@ always valid.
   generation stops at ``stop_token_ids``. Decoding is greedy with the KV cache; tokens stream to a
   callback. By default it is constrained to the rubric's grade schema (``inference.constrained``,
   xgrammar): the answer is a valid grade by construction, its forced opening is part of the
-  prompt, and repair is left for what the constraint cannot cover (xgrammar not installed,
-  ``constrained=False``). The answer goes through ``inference.repair.parse_grade``; if it holds no JSON at all,
+  prompt, its later forced spans go into the model with the token before them (jump-forward:
+  ``GradeResult.model_steps`` against ``new_tokens``), and repair is left for what the
+  constraint cannot cover (xgrammar not installed, ``constrained=False``). The answer goes through ``inference.repair.parse_grade``; if it holds no JSON at all,
   one guided retry forces the grade JSON's opening (as training writes it) up to the first score,
   makes that score start with the most likely digit, and lets the model write the rest; if that
   fails too, every question scores 0 and the grade says why.
@@ -85,6 +86,9 @@ class GradeResult:
     # where the time went, this grade's share of its batch: item unit {"encode_s", "model_s"};
     # submission unit {"prefill_s", "decode_s", "scoring_s"}
     timings: dict[str, float] | None = None
+    # submission unit: the model forward passes that wrote the answer (the prefill included); fewer
+    # than new_tokens where forced spans of the grade schema went in without a step of their own
+    model_steps: int = 0
 
     @property
     def needs_review(self) -> list[bool]:
@@ -112,6 +116,7 @@ class GradeResult:
             "raw_scores": self.raw_scores,
             "calibrated": self.calibrated,
             "timings": self.timings,
+            "model_steps": self.model_steps,
         }
 
 
@@ -237,7 +242,8 @@ def _torch_dtype(dtype, device):
 
 class _CallbackStreamer:
     """A transformers streamer (put/end) that decodes incrementally and hands new text to a
-    callback; generate() calls it synchronously, so no thread is needed."""
+    callback; generate() and inference.constrained.decode_grades call it synchronously, so no
+    thread is needed."""
 
     def __init__(self, tokenizer, on_token: Callable[[str], None], stop_ids: Iterable[int]) -> None:
         self.tokenizer = tokenizer
@@ -269,8 +275,9 @@ class _CallbackStreamer:
 
 
 class _StepClock:
-    """A streamer that only notes when generate() started (its first put() is the prompt) and
-    when the first new tokens came out (the second): the prefill, as against the decoding."""
+    """A streamer that only notes when decoding started (its first put() is the prompt, from
+    generate() or inference.constrained.decode_grades) and when the first new tokens came out
+    (the second): the prefill, as against the decoding."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -477,30 +484,31 @@ class GraderEngine:
         return self._grammars
 
     def _generate(self, batch_ids: list[list[int]], max_new_tokens: int, adapter: str | None,
-                  streamer=None, rubrics: list[Rubric] | None = None) -> list[list[int]]:
+                  streamer=None, rubrics: list[Rubric] | None = None,
+                  steps: list[int] | None = None) -> list[list[int]]:
         """Greedy decoding with the KV cache over left-padded prompts, with ``adapter`` (None: the
         base alone); new tokens per row, cut at the first stop token. With ``rubrics`` (one per
-        row), decoding is constrained to each rubric's grade (inference.constrained): the forced
-        opening joins the prompt, and is the start of the row's new tokens."""
+        row), decoding is constrained to each rubric's grade (inference.constrained.decode_grades:
+        the forced opening joins the prompt and is the start of the row's new tokens; later forced
+        spans go in with the token before them, one model step each). ``steps``, when given, gets
+        each row's number of model forward passes (the prefill included)."""
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import GenerationConfig
 
-        processors = None
-        openings: list[list[int]] = [[] for _ in batch_ids]
         grammars = self._grade_grammars() if rubrics else None
         if grammars is not None:
             from data.prompt_format import encode_answer_text
-            from inference.constrained import GradeLogitsProcessor, forced_opening, reserve_chars
+            from inference.constrained import decode_grades
 
-            # Below what the smallest grade of the rubric may take, any answer would be cut.
-            max_new_tokens = max([max_new_tokens] + [reserve_chars(r) for r in rubrics])
-            encode = functools.partial(encode_answer_text, self.tokenizer, self.format)
-            openings = [forced_opening(grammars, r, encode, self._decode) for r in rubrics]
-            batch_ids = [p + o for p, o in zip(batch_ids, openings)]
-            processors = LogitsProcessorList([GradeLogitsProcessor(grammars, rubrics, openings, max_new_tokens,
-                                                                   encode, self._decode)])
-            if isinstance(streamer, _CallbackStreamer):
-                streamer.ids = list(openings[0])  # the opening is part of the answer shown
+            # (Each row's budget is raised to what the smallest grade of its rubric takes.)
+            with self._using(adapter) as model, torch.inference_mode():
+                decoded = decode_grades(model, batch_ids, rubrics, grammars=grammars,
+                                        encode=functools.partial(encode_answer_text, self.tokenizer, self.format),
+                                        decode=self._decode, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids,
+                                        pad_id=self.pad_id, streamer=streamer)
+            if steps is not None:
+                steps.extend(d.steps for d in decoded)
+            return [d.tokens for d in decoded]
         width = max(len(x) for x in batch_ids)
         ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -513,12 +521,14 @@ class GraderEngine:
         )
         with self._using(adapter) as model, torch.inference_mode():
             out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 generation_config=gen_cfg, streamer=streamer, logits_processor=processors)
+                                 generation_config=gen_cfg, streamer=streamer)
         rows = []
         stops = set(self.stop_ids)
-        for opening, row in zip(openings, out[:, width:].tolist()):
+        for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            rows.append(opening + row[:cut])
+            rows.append(row[:cut])
+            if steps is not None:
+                steps.append(min(cut + 1, len(row)))  # one step per token, the stop token's included
         return rows
 
     def _decode(self, ids: list[int]) -> str:
@@ -653,9 +663,12 @@ class GraderEngine:
             t0 = time.perf_counter()
             prompt = self.encode(submission_md, rubric, max_new_tokens)
             streamer = _CallbackStreamer(self.tokenizer, on_token, self.stop_ids) if on_token else None
+            steps: list[int] = []
             new = self._generate([prompt], max_new_tokens, key, streamer=streamer,
-                                 rubrics=[rubric] if constrained else None)[0]
-            return self._finish(prompt, new, rubric, max_new_tokens, t0, key, scoring=scoring, retry=retry)
+                                 rubrics=[rubric] if constrained else None, steps=steps)[0]
+            result = self._finish(prompt, new, rubric, max_new_tokens, t0, key, scoring=scoring, retry=retry)
+            result.model_steps = steps[0]
+            return result
 
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                    scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
@@ -681,14 +694,16 @@ class GraderEngine:
             chunk = order[start : start + batch_size]
             with self._lock:  # per batch: a single grade from another thread may run between batches
                 clock = _StepClock()
+                steps: list[int] = []
                 news = self._generate([prompts[i] for i in chunk], max_new_tokens, key, streamer=clock,
-                                      rubrics=[items[i][2] for i in chunk] if constrained else None)
+                                      rubrics=[items[i][2] for i in chunk] if constrained else None, steps=steps)
                 share = (time.perf_counter() - clock.started) / len(chunk)
                 prefill = clock.prefill_s / len(chunk)
-                for i, new in zip(chunk, news):
+                for i, new, n_steps in zip(chunk, news, steps):
                     t_i = time.perf_counter()
                     results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i - share, key,
                                               scoring=scoring, retry=retry)  # charged its share of the batch
+                    results[i].model_steps = n_steps
                     results[i].timings = {"prefill_s": round(prefill, 4), "decode_s": round(share - prefill, 4),
                                           "scoring_s": round(time.perf_counter() - t_i, 4)}
             if on_batch:

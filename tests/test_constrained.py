@@ -122,3 +122,92 @@ def test_constrained_and_free_grading_of_a_tuned_adapter_agree(tiny_gpt_oss_dir:
     assert constrained.repairs == []
     assert [it.score for it in constrained.grade.items] == [it.score for it in free.grade.items] == [4, 2]
     assert constrained.grade.score == free.grade.score == 6
+
+
+def _forced_spans(rubric: Rubric, written: dict) -> list[str]:
+    """The spans of a grade of ``rubric`` that no model could choose otherwise: each item's close
+    and the next item's opening, and the total after the items (the sum of what was written)."""
+    from data.prompt_format import question_labels
+
+    def num(x: float) -> str:
+        return json.dumps(int(x) if float(x).is_integer() else x)
+
+    labels = question_labels(rubric)
+    spans = [f'"max_score":{num(q.max_score)}}},{{"question":{json.dumps(nxt)},"'
+             for q, nxt in zip(rubric.questions, labels[1:])]
+    total = sum(it["score"] for it in written["items"])
+    return spans + [f'],"score":{num(total)},"max_score":{num(rubric.max_score)},"feedback":"']
+
+
+def test_forced_spans_are_written_without_model_steps(tiny_gpt_oss_dir: Path) -> None:
+    """Jump-forward decoding: after the token the model chose, the schema's forced continuation
+    (an item's close and the next one's opening, the total) goes into the model in the same
+    step. Several rubrics in one batch, each row with chunks of its own width: every grade is
+    valid as written, has its forced spans verbatim, its strings within their bounds, and took
+    fewer model steps than it has tokens, by more than the forced opening in the prompt."""
+    from data.prompt_format import encode_answer_text
+    from inference.constrained import FEEDBACK_MAX_CHARS, JUSTIFICATION_MAX_CHARS, forced_opening
+
+    engine = get_engine(str(tiny_gpt_oss_dir), device="cpu")
+    items = []
+    for folder in sorted((REPO / "data" / "samples" / "graded").iterdir())[:4]:
+        sub = load_graded([sorted(folder.glob("*.json"))[0]]).submissions[0]
+        items.append((folder.name, render_submission_markdown(sub), sub.rubric()))
+    assert len({it[2].model_dump_json() for it in items}) == len(items) >= 3
+    results = engine.grade_many(items, unit="submission", max_new_tokens=600, batch_size=len(items),
+                                scoring="generated")
+    grammars = engine._grade_grammars()
+    encode = lambda text: encode_answer_text(engine.tokenizer, engine.format, text)  # noqa: E731
+    for (_, _, rubric), result in zip(items, results):
+        assert result.repairs == [] and not result.repaired, result.raw_text[:300]
+        written = json.loads(result.raw_text)
+        assert [it["score"] for it in written["items"]] == [it.score for it in result.grade.items]
+        for span in _forced_spans(rubric, written):
+            assert span in result.raw_text
+        assert all(len(it.get("justification", "")) <= JUSTIFICATION_MAX_CHARS for it in written["items"])
+        assert len(written["feedback"]) <= FEEDBACK_MAX_CHARS
+        opening = forced_opening(grammars, rubric, encode, engine._decode)
+        # Each item after the first starts inside a forced span: at least one step saved per item.
+        assert result.model_steps <= result.new_tokens - len(opening) - len(rubric.questions), \
+            (result.model_steps, result.new_tokens)
+    # A single grade streams the answer as it grows, forced spans included.
+    pieces: list[str] = []
+    one = engine.grade(items[0][1], items[0][2], unit="submission", max_new_tokens=200, scoring="generated",
+                       on_token=pieces.append)
+    assert one.repairs == [] and len(pieces) > 1 and "".join(pieces) == one.raw_text
+    assert one.model_steps < one.new_tokens
+
+
+def test_a_grade_is_the_same_alone_and_in_a_batch(tiny_gpt_oss_dir: Path) -> None:
+    """In a batch, rows feed chunks of different widths: each is padded inside its step, the
+    positions come from the attention mask, and the sliding-window layers (16 tokens here) take
+    their window over positions, so the pads inside the cache cost a row nothing: its grade does
+    not depend on its neighbours."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.model_zoo import tiny_gpt_oss_config
+    from inference.engine import GraderEngine
+
+    config = tiny_gpt_oss_config()
+    assert config.sliding_window == 16 and "sliding_attention" in config.layer_types
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)  # these weights take different paths on the answers below
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    engine = GraderEngine("tiny-gpt-oss, seed 2", model=model,
+                          tokenizer=AutoTokenizer.from_pretrained(str(tiny_gpt_oss_dir)))
+    answers = ["LIFO.", "FIFO.", "A pile.", "A line.", "Last in.", "First in.", "Stack.", "Queue.", "Plates."]
+    mds = [f"## Question 1: What is a stack?\n\n{a}\n\n## Question 2: What is a queue?\n\n{b}\n"
+           for a in answers for b in answers if a != b]
+    lengths = [len(engine.encode(md, RUBRIC, 200)) for md in mds]
+    common = max(set(lengths), key=lengths.count)
+    same = [md for md, n in zip(mds, lengths) if n == common][:4]
+    assert len(same) == 4
+    alone = [engine.grade(md, RUBRIC, unit="submission", max_new_tokens=200, scoring="generated") for md in same]
+    batched = engine.grade_many([(str(k), md, RUBRIC) for k, md in enumerate(same)], unit="submission",
+                                max_new_tokens=200, batch_size=len(same), scoring="generated")
+    assert [r.repairs for r in batched] == [[]] * len(same)
+    assert [r.raw_text for r in batched] == [r.raw_text for r in alone]
+    assert [r.model_steps for r in batched] == [r.model_steps for r in alone]
+    # The rows took different paths: some wrote a justification where others went on to the
+    # score, so their chunks differed in width and some were padded inside a step.
+    assert len({r.model_steps for r in alone}) > 1
