@@ -1,8 +1,9 @@
 """Grading speed: submissions per minute through the real grading path, by grading unit.
 
     python bench/grading_speed.py [--model embedded:gemma-3-270m] [--unit item,submission] [--n 14]
-                                  [--batch-sizes 8] [--max-new-tokens 64] [--also-unshared]
-                                  [--gpt-oss-20b-shaped] [--device cpu] [--out bench/results]
+                                  [--batch-sizes 8] [--max-new-tokens 64] [--also-unshared] [--constrained]
+                                  [--gpt-oss-20b-shaped] [--skip-model] [--device cpu]
+                                  [--out bench/results]
 
 - ``--unit item`` (the default since issue 13; justifications off): each question alone, one
   forward pass to its score position, the expected score from the distribution over 0..max
@@ -16,12 +17,19 @@
   split is prefill vs decode vs scoring (parse, repair, expected-score pass); the retry that
   follows an answer without JSON is off, so the figure is one generation per submission. Free
   decoding (the baseline); ``--constrained`` adds a row decoded under the grade schema (xgrammar;
-  its budget is raised to what the smallest grade of the rubric takes).
+  its budget is raised to what the smallest grade of the rubric takes) with jump-forward over its
+  forced spans: ``model_steps`` (forward passes, the prefill included) against ``new_tokens``
+  (tokens written) shows the steps saved. Justifications are on: the schema allows them, and a
+  model that writes them (a random one always does) writes them until their character bound or
+  the token budget closes them.
 
 Submissions are the sample Markdown files in data/samples/submissions (14, five rubrics), each
-with its rubric from data/samples/rubrics (file name prefix). --gpt-oss-20b-shaped adds a
-GPT-OSS-20b-shaped model with random bf16 weights (GPU only): its generated output is noise, so
-every answer runs to --max-new-tokens (a worst case for length).
+with its rubric from data/samples/rubrics (file name prefix); ``--n`` above 14 cycles through them
+(``--n 64``: a GPU batch of 64). --gpt-oss-20b-shaped adds a GPT-OSS-20b-shaped model with random
+bf16 weights (GPU only; eager attention: GPT-OSS refuses sdpa, and the constrained decoder's
+position-windowed masks are dense, which flex attention does not take): its free output is noise
+that runs to --max-new-tokens (a worst case for length); constrained, it writes justifications of
+noise until their bounds or the budget close them, then the grade.
 """
 from __future__ import annotations
 
@@ -62,7 +70,9 @@ def sample_items(n: int) -> list[tuple[str, str, object]]:
         if it[0] not in seen:
             seen.add(it[0])
             out.append(it)
-    return out[:n]
+    # More than the samples: cycle through them (each copy its own name).
+    return [(name if k < len(out) else f"{name}#{k // len(out)}", md, rubric)
+            for k, (name, md, rubric) in ((k, out[k % len(out)]) for k in range(n))]
 
 
 def model_tokens(engine: GraderEngine, items) -> int:
@@ -91,10 +101,12 @@ def _sync(engine: GraderEngine) -> None:
 
 def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens: int, shared_prefix: bool,
             constrained: bool = False) -> list[dict]:
-    """One timed run per batch size, after a warm-up on one submission (a prefix is never kept
-    from one call to the next, so the warm-up gives the timed run nothing)."""
-    engine.grade_many(items[:1], adapter=None, unit=unit, batch_size=1, max_new_tokens=8, retry=False,
-                      share_prefix=shared_prefix)  # warm-up
+    """One timed run per batch size, after a warm-up on one submission of each rubric (it also
+    compiles each rubric's grammar; a prefix is never kept from one call to the next, so the
+    warm-up gives the timed run nothing else)."""
+    firsts = list({id(it[2]): it for it in items}.values())
+    engine.grade_many(firsts, adapter=None, unit=unit, batch_size=len(firsts), max_new_tokens=8, retry=False,
+                      constrained=constrained, share_prefix=shared_prefix)  # warm-up
     rows = []
     for bs in batch_sizes:
         _sync(engine)
@@ -105,6 +117,7 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
         dt = time.perf_counter() - t0
         prompt = sum(r.prompt_tokens for r in res)
         new = sum(r.new_tokens for r in res)
+        steps = sum(r.model_steps for r in res)
         split = {k: round(sum((r.timings or {}).get(k, 0.0) for r in res), 2) for k in res[0].timings or {}}
         row = {
             "model": engine.base_model, "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
@@ -119,13 +132,35 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
                        prompt_tokens_per_s=round(prompt / dt, 1))
         else:
             row.update(constrained=constrained, max_new_tokens=max_new_tokens, new_tokens_per_s=round(new / dt, 1),
-                       prompt_tokens_per_s=round(prompt / split.get("prefill_s", dt), 1) if split.get("prefill_s") else None)
+                       prompt_tokens_per_s=round(prompt / split.get("prefill_s", dt), 1) if split.get("prefill_s") else None,
+                       model_steps=steps, tokens_per_step=round(new / max(steps, 1), 2),
+                       justifications=_justifications(res),
+                       note=("jump-forward: forced spans written in the step of the token before them; "
+                             "justifications allowed, written until their bound or the budget closes them")
+                       if constrained else "free decoding, no grammar")
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
+def _justifications(results) -> dict:
+    """How many items of the written grades have a justification, and their mean length."""
+    lengths = []
+    for r in results:
+        try:
+            items = json.loads(r.raw_text).get("items", [])
+        except ValueError:
+            continue
+        lengths += [len(it["justification"]) for it in items if isinstance(it, dict) and it.get("justification")]
+    total = sum(len(r.grade.items) for r in results)
+    return {"items_with": len(lengths), "items": total,
+            "mean_chars": round(sum(lengths) / len(lengths), 1) if lengths else 0}
+
+
 def gpt_oss_20b_shaped(device: str):
+    """A GPT-OSS-20b-shaped model with random bf16 weights and the real tokenizer, eager attention
+    (GPT-OSS refuses sdpa, its attention sinks; flex attention does not take the dense masks of
+    inference.constrained.decode_grades)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GptOssConfig
 
     from data.tokenizer_offline import build_gpt_oss_tokenizer
@@ -138,7 +173,7 @@ def gpt_oss_20b_shaped(device: str):
         eos_token_id=[200002, 199999, 200012],
     )
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
     tok = AutoTokenizer.from_pretrained(str(build_gpt_oss_tokenizer()))
     return GraderEngine("gpt-oss-20b-shaped (random bf16 weights)", model=model, tokenizer=tok)
 
@@ -148,7 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="embedded:gemma-3-270m")
     ap.add_argument("--device")
     ap.add_argument("--unit", default="item", help="item, submission, or both: item,submission")
-    ap.add_argument("--n", type=int, default=14, help="how many sample submissions (14: all of them)")
+    ap.add_argument("--n", type=int, default=14,
+                    help="how many submissions (14: all the samples; more cycles through them, e.g. 64 for a GPU batch)")
     ap.add_argument("--batch-sizes", default="8")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="submission unit only")
     ap.add_argument("--also-unshared", action="store_true",
@@ -190,15 +226,17 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name(0) if dev == "gpu" else f"cpu ({torch.get_num_threads()} threads)",
               "rows": rows}
     (out / f"grading_speed_{dev}.json").write_text(json.dumps(report, indent=1))
-    print("| model | device | unit | batch | submissions/min | tokens/s | time split (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | device | unit | batch | n | submissions/min | tokens/s | new tokens / model steps | "
+          "time split (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tps = r["prompt_tokens_per_s"] if r["unit"] == "item" else r["new_tokens_per_s"]
         split = ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in r["time_split_s"].items())
         unit = r["unit"] + ((", shared prefix" if r["shared_prefix"] else ", unshared") if r["unit"] == "item"
                             else ", constrained" if r["constrained"] else "")
-        print(f"| {r['model']} | {report['device']} | {unit} | {r['batch_size']} | {r['submissions_per_min']} | "
-              f"{tps} | {split} |")
+        steps = f"{r['new_tokens']} / {r['model_steps']}" if r["unit"] == "submission" else "-"
+        print(f"| {r['model']} | {report['device']} | {unit} | {r['batch_size']} | {r['n']} | "
+              f"{r['submissions_per_min']} | {tps} | {steps} | {split} |")
     return 0
 
 
