@@ -204,3 +204,20 @@ def test_packed_item_run_through_the_deepspeed_launcher(tmp_path, tiny_gpt_oss_d
     # more examples per step than per_device_batch_size x ranks x accumulation (2 x 2 x 2)
     assert train[-1]["samples"] > 3 * 8
     assert train[-1]["epoch"] > 1  # 22 examples, fewer rows: an epoch is under 3 steps
+
+
+def test_a_run_saved_before_packing_resumes_unpacked(tmp_path):
+    """Resuming a run whose config.json predates packing keeps its plan (and steps per epoch)."""
+    import json
+
+    from training.config import RunConfig, save_config
+    from training.launcher import resumed_config
+
+    old = tmp_path / "old.json"
+    data = json.loads(RunConfig(name="old").model_dump_json())
+    data.pop("pack_sequences")
+    old.write_text(json.dumps(data))
+    assert resumed_config(old).pack_sequences == "off"
+    new = tmp_path / "new.json"
+    save_config(RunConfig(name="new", pack_sequences="on"), new)
+    assert resumed_config(new).pack_sequences == "on"

@@ -252,6 +252,16 @@ def _launch_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def resumed_config(path: Path) -> RunConfig:
+    """A run's saved config, to resume it. A run saved before sequence packing existed has no
+    ``pack_sequences``: it resumes unpacked (what it was planned with), since packing would change
+    its steps per epoch, and so its schedule, halfway through."""
+    cfg = load_config(path)
+    if "pack_sequences" not in json.loads(Path(path).read_text(encoding="utf-8")):
+        cfg = cfg.model_copy(update={"pack_sequences": "off"})
+    return cfg
+
+
 def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait: bool = False) -> RunHandle:
     """Check `cfg` and the devices, prepare the run folder and start training; returns at once
     unless `wait`.
@@ -268,7 +278,7 @@ def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait
     if folder is not None:
         if not folder.exists():
             raise FileNotFoundError(f"no run {resume!r} in {paths.checkpoints_dir()} (no config.json)")
-        cfg = cfg or load_config(folder.config)
+        cfg = cfg or resumed_config(folder.config)
     elif cfg is None:
         raise ValueError("launch needs a RunConfig (or resume=RUN_ID)")
     problems = check_config(cfg)
