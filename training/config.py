@@ -632,7 +632,10 @@ def config_warnings(cfg: RunConfig) -> list[str]:
                 warnings.append(
                     f"max_steps={cfg.max_steps} stops the run after {cfg.max_steps / per_epoch:.2g} epochs of the "
                     f"{cfg.epochs:g} asked for (~{asked} steps of {examples}; ~{n} training {cfg.example_unit}s); "
-                    f"set max_steps=none for the full epochs={cfg.epochs:g}")
+                    f"set max_steps=none for the full epochs={cfg.epochs:g}"
+                    + ("" if cfg.pack_sequences == "off" else
+                       " (counted unpacked: packed rows hold several examples, so an epoch may take fewer "
+                       "steps; train.log's packing line gives the real count)"))
     if cfg.precision == "bf16" and not cfg.hostfile and gpu_count() == 0:
         warnings.append("precision=bf16 is not used on a CPU (training runs in fp32 there); set precision=auto")
     return warnings
