@@ -424,7 +424,9 @@ def test_compiled_layers_with_nf4_experts_match_eager_nf4(experts):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     applied = fast_path.apply(pm, RunConfig(compile_layers=True), force=True)
-    assert ("compile_layers" in applied) == CUDA
+    assert "compile_layers" not in applied  # apply leaves NF4 layers eager (no gain measured)
+    if CUDA:
+        assert fast_path.compile_layers(pm)
     for _ in range(2):
         l_new, g_new = loss_and_grads(pm, batch, project)
         assert abs(l_new - l32) <= max(2 * abs(l_eager - l32), LOSS_TOL * abs(l32)), (l32, l_eager, l_new)

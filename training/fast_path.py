@@ -24,9 +24,10 @@ Two entry points the training engine calls:
     (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths) unless
     ``quant_experts.DEQUANT_BACKEND = "bnb"``.
   - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
-    default); errors fall back to eager.  With NF4 experts the layer compiles around the NF4
-    grouped GEMMs, which stay eager (``torch.compiler.disable``: they read the routed row counts
-    on the host and call their own kernel), i.e. a few graph breaks per layer.  The biggest single
+    default) and the experts are bf16; errors fall back to eager.  ``compile_layers()`` can also
+    compile layers with NF4 experts around their NF4 grouped GEMMs, which stay eager
+    (``torch.compiler.disable``: they read the routed row counts on the host and call their own
+    kernel), but ``apply`` does not: measured on the H200 it gained nothing (BENCHMARKS.md).  The biggest single
     win measured on the H200 with bf16 experts (attention LoRA 9.4k -> 17k tokens/s, + expert
     LoRA 8.5k -> 14.2k; see BENCHMARKS.md).
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
@@ -49,6 +50,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from training import quant_experts
 from training.config import RunConfig
 
 # Models whose causal-LM head is a plain ``lm_head`` over ``model.model``'s last hidden state, with
@@ -99,9 +101,10 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
     if on_cuda and fused_ce_supported(model):
         applied.append("fused_ce")
     # Compiled: bf16 experts with attention LoRA and with expert LoRA (both checked on the H200
-    # against stock), and NF4 experts, whose grouped GEMMs run outside the graph (_nf4_gmm) and
-    # are checked against the eager NF4 path (tests/test_gpu_fast_path.py).
-    if on_cuda and mtype == "gpt_oss" and cfg.compile_layers:
+    # against stock).  NF4 experts stay eager: compiled around their eager grouped GEMMs (_nf4_gmm;
+    # compile_layers() still does it when called) the 120b shape ran no faster on the H200 (4,501
+    # vs 4,594 tokens/s at batch 4, 5,474 vs 5,484 at batch 8) and its first step took 32-37 s more.
+    if on_cuda and mtype == "gpt_oss" and cfg.compile_layers and not quant_experts.is_quantized(lm):
         if compile_layers(lm):
             applied.append("compile_layers")
     return applied
