@@ -21,7 +21,9 @@ always valid.
   fails too, every question scores 0 and the grade says why.
 - Scores are the model's expected score by default (``scoring="expected"``): with the grade JSON
   written as training writes it, one forward pass reads, at each question's score, the model's
-  probabilities for the values 0..max and takes their mean. On Mohler (bench/mohler_quality.py,
+  probabilities for the values 0..max and takes their mean (``grade_many`` reads a whole
+  batch's grades in a few right-padded passes, only the score positions through the LM head, with
+  the same results as one pass per grade). On Mohler (bench/mohler_quality.py,
   H200) the same adapter reached r 0.42 that way against 0.15 for the greedy digit.
   ``scoring="generated"`` keeps the digits the model wrote.
 - The engine does not write the store: callers record a grade with :func:`store_grade` (the
@@ -118,6 +120,18 @@ class GradeResult:
             "timings": self.timings,
             "model_steps": self.model_steps,
         }
+
+
+@dataclass
+class _Answer:
+    """A model's answer read as a grade, before its scores are re-read (``scoring="expected"``)."""
+
+    raw: str
+    new: list[int]
+    grade: Grade
+    repaired: bool
+    repairs: list[Repair]
+    retried: bool
 
 
 # --------------------------------------------------------------------------- adapter folders
@@ -566,8 +580,10 @@ class GraderEngine:
         new = self._generate([prompt + forced], max_new_tokens, adapter)[0]
         return opening + self._decode(new), new
 
-    def _finish(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int, t0: float,
-                adapter: str | None, scoring: str, retry: bool) -> GradeResult:
+    def _answer(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int,
+                adapter: str | None, retry: bool) -> _Answer:
+        """The model's answer read as a grade (repaired where needed), with the one guided retry
+        when it holds no JSON at all (see :meth:`_retry`)."""
         raw = self._decode(new)
         grade, repaired, repairs = parse_grade(raw, rubric)
         retried = False
@@ -586,14 +602,26 @@ class GraderEngine:
                 repairs = [Repair("no_json", "no JSON grade found in the model output (also after one retry with "
                                              "the JSON opening forced); every question scored 0")]
                 repaired = True
+        return _Answer(raw=raw, new=new, grade=grade, repaired=repaired, repairs=repairs, retried=retried)
+
+    def _result(self, prompt: list[int], answer: _Answer, probs: list[dict[str, float] | None] | None,
+                latency_s: float, adapter: str | None) -> GradeResult:
+        return GradeResult(grade=answer.grade, raw_text=answer.raw, repaired=answer.repaired, repairs=answer.repairs,
+                           latency_s=latency_s, base_model=self.base_model, adapter=adapter,
+                           prompt_tokens=len(prompt), new_tokens=len(answer.new), retried=answer.retried,
+                           scoring="expected" if probs and any(probs) else "generated", score_probs=probs)
+
+    def _finish(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int, t0: float,
+                adapter: str | None, scoring: str, retry: bool) -> GradeResult:
+        """One grade from the model's answer: parsed (and retried), then, with ``scoring="expected"``,
+        its scores read in one forward pass of its own."""
+        answer = self._answer(prompt, new, rubric, max_new_tokens, adapter, retry)
         probs = None
         if scoring == "expected":
-            grade, probs = self._expected_scores(prompt, grade, rubric, scores_read_from_output(repairs, rubric),
-                                                 adapter=adapter)
-        return GradeResult(grade=grade, raw_text=raw, repaired=repaired, repairs=repairs,
-                           latency_s=time.perf_counter() - t0, base_model=self.base_model, adapter=adapter,
-                           prompt_tokens=len(prompt), new_tokens=len(new), retried=retried,
-                           scoring="expected" if probs and any(probs) else "generated", score_probs=probs)
+            answer.grade, probs = self._expected_scores(prompt, answer.grade, rubric,
+                                                        scores_read_from_output(answer.repairs, rubric),
+                                                        adapter=adapter)
+        return self._result(prompt, answer, probs, time.perf_counter() - t0, adapter)
 
     def _value_ids(self, max_score: float) -> dict[int, int] | None:
         """{token id: value} for the whole-number scores 0..max_score when each is one token: the
@@ -609,35 +637,80 @@ class GraderEngine:
         docstring).
         Questions whose score was filled in by repair, whose values are not single tokens, or whose
         max is not a whole number keep their score."""
+        return self._expected_scores_many([(prompt, grade, rubric, read)], adapter=adapter)[0]
+
+    def _expected_scores_many(self, rows: list[tuple[list[int], Grade, Rubric, list[bool]]], *,
+                              adapter: str | Path | None, batch_size: int | None = None,
+                              ) -> list[tuple[Grade, list[dict[str, float] | None]]]:
+        """:meth:`_expected_scores` for several (prompt, grade, rubric, read) rows at once: each row
+        is its prompt and its grade as training writes it; rows sorted by length go through the
+        model together (right-padded, at most ``batch_size`` a pass and MAX_PADDING_SHARE of
+        padding, :func:`_padding_bounded_batches`), and only the hidden states at the score
+        positions go through the LM head. With right padding every real token keeps its position
+        and sees only the tokens before it, so a row reads what it would alone."""
         import torch
 
         from data.prompt_format import target_text
+        from inference.score_head import base_causal_lm
 
-        text = target_text(grade, rubric)
-        enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        token_at = {start: k for k, (start, end) in enumerate(offsets) if end > start}
-        starts = [m.end() for m in re.finditer(r'"score":', text)][: len(grade.items)]
-        wanted: dict[int, tuple[int, dict[int, int]]] = {}  # item -> (answer token index, value ids)
-        for i, (item, ch) in enumerate(zip(grade.items, starts)):
-            values = self._value_ids(item.max_score)
-            k = token_at.get(ch)
-            if i < len(read) and read[i] and values and k is not None and ids[k] in values:
-                wanted[i] = (k, values)
-        probs: list[dict[str, float] | None] = [None] * len(grade.items)
-        if not wanted:
-            return grade, probs
+        plans = []  # per row: (its tokens, prompt length, {item: (answer token index, value ids)})
+        for prompt, grade, rubric, read in rows:
+            text = target_text(grade, rubric)
+            enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                                 return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+            token_at = {start: k for k, (start, end) in enumerate(offsets) if end > start}
+            starts = [m.end() for m in re.finditer(r'"score":', text)][: len(grade.items)]
+            wanted: dict[int, tuple[int, dict[int, int]]] = {}
+            for i, (item, ch) in enumerate(zip(grade.items, starts)):
+                values = self._value_ids(item.max_score)
+                k = token_at.get(ch)
+                if i < len(read) and read[i] and values and k is not None and ids[k] in values:
+                    wanted[i] = (k, values)
+            plans.append((list(prompt) + ids, len(prompt), wanted))
+        out: list[tuple[Grade, list[dict[str, float] | None]]] = [
+            (grade, [None] * len(grade.items)) for _, grade, _, _ in rows]
+        todo = sorted((n for n, plan in enumerate(plans) if plan[2]), key=lambda n: len(plans[n][0]))
+        if not todo:
+            return out
+        step = max(1, batch_size or len(todo))
         with self._using(adapter) as model, torch.inference_mode():
-            out = model(input_ids=torch.tensor([prompt + ids], device=self.device), logits_to_keep=len(ids) + 1)
-        logits = out.logits[0]  # row k predicts answer token k
-        items = list(grade.items)
-        for i, (k, values) in wanted.items():
-            p = torch.softmax(logits[k, list(values)].float(), dim=-1).cpu()
-            vals = list(values.values())
-            ev = float(sum(float(pi) * v for pi, v in zip(p, vals)))
-            probs[i] = {str(v): round(float(pi), 4) for pi, v in zip(p, vals)}
-            items[i] = items[i].model_copy(update={"score": round(ev, 2)})
-        return grade.model_copy(update={"items": items, "score": round(sum(it.score for it in items), 2)}), probs
+            lm = base_causal_lm(model)
+            head = lm.get_output_embeddings()
+            cap = getattr(lm.config, "final_logit_softcapping", None)
+            for part in _padding_bounded_batches(todo, [len(plans[n][0]) for n in todo], step):
+                width = max(len(plans[n][0]) for n in part)
+                ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                where: list[tuple[int, int, int]] = []  # (row in rows, item, gathered row)
+                pick_row, pick_pos = [], []
+                for r, n in enumerate(part):
+                    tokens, n_prompt, wanted = plans[n]
+                    ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                    mask[r, : len(tokens)] = 1
+                    for i, (k, _) in wanted.items():  # the hidden state before answer token k predicts it
+                        where.append((n, i, len(pick_row)))
+                        pick_row.append(r)
+                        pick_pos.append(n_prompt + k - 1)
+                hidden = lm.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  use_cache=False).last_hidden_state
+                logits = head(hidden[torch.tensor(pick_row, device=self.device),
+                                     torch.tensor(pick_pos, device=self.device)])
+                if cap:  # as the model's own forward does (Gemma)
+                    logits = torch.tanh(logits / cap) * cap
+                logits = logits.float()
+                for n, i, g in where:
+                    values = plans[n][2][i][1]
+                    p = torch.softmax(logits[g, list(values)], dim=-1).cpu()
+                    vals = list(values.values())
+                    ev = float(sum(float(pi) * v for pi, v in zip(p, vals)))
+                    grade, probs = out[n]
+                    probs[i] = {str(v): round(float(pi), 4) for pi, v in zip(p, vals)}
+                    items = list(grade.items)
+                    items[i] = items[i].model_copy(update={"score": round(ev, 2)})
+                    out[n] = (grade.model_copy(update={"items": items}), probs)
+        return [(grade.model_copy(update={"score": round(sum(it.score for it in grade.items), 2)}), probs)
+                if any(p is not None for p in probs) else (grade, probs) for grade, probs in out]
 
     def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
               scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
@@ -699,13 +772,25 @@ class GraderEngine:
                                       rubrics=[items[i][2] for i in chunk] if constrained else None, steps=steps)
                 share = (time.perf_counter() - clock.started) / len(chunk)
                 prefill = clock.prefill_s / len(chunk)
-                for i, new, n_steps in zip(chunk, news, steps):
+                answers, own = [], []  # each answer parsed (and retried) on its own, timed alone
+                for i, new in zip(chunk, news):
                     t_i = time.perf_counter()
-                    results[i] = self._finish(prompts[i], new, items[i][2], max_new_tokens, t_i - share, key,
-                                              scoring=scoring, retry=retry)  # charged its share of the batch
+                    answers.append(self._answer(prompts[i], new, items[i][2], max_new_tokens, key, retry))
+                    own.append(time.perf_counter() - t_i)
+                scored: list = [(a.grade, None) for a in answers]
+                t_s = time.perf_counter()
+                if scoring == "expected":  # the expected scores of the whole batch in a few passes
+                    scored = self._expected_scores_many(
+                        [(prompts[i], a.grade, items[i][2], scores_read_from_output(a.repairs, items[i][2]))
+                         for i, a in zip(chunk, answers)], adapter=key, batch_size=batch_size)
+                scoring_share = (time.perf_counter() - t_s) / len(chunk)
+                for i, answer, (grade, probs), own_s, n_steps in zip(chunk, answers, scored, own, steps):
+                    answer.grade = grade
+                    scoring_s = own_s + scoring_share  # charged its share of the batch
+                    results[i] = self._result(prompts[i], answer, probs, share + scoring_s, key)
                     results[i].model_steps = n_steps
                     results[i].timings = {"prefill_s": round(prefill, 4), "decode_s": round(share - prefill, 4),
-                                          "scoring_s": round(time.perf_counter() - t_i, 4)}
+                                          "scoring_s": round(scoring_s, 4)}
             if on_batch:
                 on_batch([(i, results[i]) for i in chunk])
             if progress:

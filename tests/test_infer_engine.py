@@ -271,3 +271,51 @@ def test_grades_say_how_their_scores_were_made(engine: GraderEngine, adapters) -
         assert not any(exp.score_probs or [])
     with pytest.raises(ValueError, match="scoring must be one of"):
         engine.grade(MD, RUBRIC, adapter=adapters[0], max_new_tokens=4, scoring="mean")
+
+
+def test_expected_scores_of_a_batch_are_those_of_each_grade_alone(engine: GraderEngine, adapters) -> None:
+    """grade_many reads the expected scores of a whole batch in a few right-padded passes; each
+    grade gets the score distributions it gets graded alone (one pass of its own), whatever the
+    lengths of its neighbours, and a row with nothing to read (a retried answer whose scores were
+    filled in) is left as it is. Also for unconstrained answers that needed the guided retry."""
+    answers = ["LIFO.", "Last in, first out: a pile of plates where only the top one can be taken. " * 2,
+               "A stack.", "Push and pop at one end; " * 5]
+    mds = [f"## Question 1: What is a stack?\n\n{a}\n\n## Question 2: What is a queue?\n\nFIFO.\n" for a in answers]
+    lengths = [len(engine.encode(md, RUBRIC, 64)) for md in mds]
+    assert max(lengths) - min(lengths) > 16  # padding wider than the sliding window (16)
+    items = [(str(k), md, RUBRIC) for k, md in enumerate(mds)]
+    for constrained in (True, False):
+        kw = dict(adapter=adapters[0], unit="submission", max_new_tokens=64, constrained=constrained)
+        batched = engine.grade_many(items, batch_size=4, **kw)
+        alone = [engine.grade(md, RUBRIC, **kw) for md in mds]
+        assert [r.raw_text for r in batched] == [r.raw_text for r in alone]
+        if constrained:
+            assert all(r.scoring == "expected" for r in batched), [r.repairs for r in batched]
+        else:  # random weights write no JSON: the guided retry still runs, row by row
+            assert any(r.retried for r in batched)
+        for b, a in zip(batched, alone):
+            assert b.scoring == a.scoring
+            _same_reading((b.grade, b.score_probs), (a.grade, a.score_probs))
+            assert b.grade.score == pytest.approx(sum(it.score for it in b.grade.items), abs=1e-9)
+            assert set(b.timings) == {"prefill_s", "decode_s", "scoring_s"} and b.timings["scoring_s"] >= 0
+    # Rows of several lengths, one whose scores were all filled in by repair: in input order.
+    prompts = [engine.encode(md, RUBRIC, 64) for md in mds[:3]]
+    rows = [(prompts[0], _grade_as_written(RUBRIC, [4, 1]), RUBRIC, [True, True]),
+            (prompts[1], _grade_as_written(RUBRIC, [0, 0]), RUBRIC, [False, False]),
+            (prompts[2], _grade_as_written(RUBRIC, [2, 3]), RUBRIC, [False, True])]
+    many = engine._expected_scores_many(rows, adapter=adapters[0], batch_size=3)
+    assert many[1] == (rows[1][1], [None, None])
+    for got, (prompt, written, rubric, read) in zip(many, rows):
+        _same_reading(got, engine._expected_scores(prompt, written, rubric, read, adapter=adapters[0]))
+
+
+def _same_reading(got: tuple, want: tuple) -> None:
+    """Two (grade, score_probs) readings agree: the same questions read, the same probabilities
+    and scores (rounded to 4 and 2 decimals: equal up to a flip of the last digit)."""
+    (g1, p1), (g2, p2) = got, want
+    assert [p is None for p in p1 or []] == [p is None for p in p2 or []]
+    for a, b in zip(p1 or [], p2 or []):
+        if a is not None:
+            assert a.keys() == b.keys() and all(abs(a[v] - b[v]) <= 1.01e-4 for v in a), (a, b)
+    assert [it.score for it in g1.items] == pytest.approx([it.score for it in g2.items], abs=0.0101)
+    assert g1.score == pytest.approx(sum(it.score for it in g1.items), abs=1e-9)
