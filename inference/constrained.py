@@ -23,6 +23,10 @@ plus what a static schema cannot say:
   justification cost ~80 ms instead of ~0.06 ms (xgrammar 0.2.9, GPT-OSS vocabulary, this CPU):
   seconds per step for a batch of 64.
 
+The tokenizer's special and added tokens (GPT-OSS's ``<|reserved_...|>``, chat-template
+markers) are plain text to xgrammar, so its strings would take them; the decoder forbids them
+everywhere in the grade (:meth:`GradeGrammars.forbidden_ids`), the stop tokens aside.
+
 Forced spans are not sampled token by token (jump-forward decoding). The forced opening
 (``{"items":[{"question":"<label>","``) joins the prompt (:func:`forced_opening`). After every
 token the model chooses, the matcher's forced continuation (``find_jump_forward_string``: e.g.
@@ -125,7 +129,9 @@ class GradeGrammars:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
         self.vocab_size = vocab_size
+        self.stop_ids = list(stop_ids)
         self._compiled = functools.lru_cache(maxsize=64)(self._compile)
+        self._forbidden: torch.Tensor | None = None
 
     def _compile(self, schema_json: str):
         return self.compiler.compile_json_schema(schema_json, any_whitespace=False, separators=(",", ":"),
@@ -135,10 +141,33 @@ class GradeGrammars:
         """The grammar of ``rubric``'s grade with unbounded strings (see the module docstring)."""
         return self._compiled(_dumps(grade_json_schema(rubric, justification_chars=None, feedback_chars=None)))
 
+    def forbidden_ids(self, encode: Callable[[str], list[int]]) -> torch.Tensor:
+        """The tokens no grade may hold: the tokenizer's special tokens (``all_special_ids``) and
+        its added tokens that the answer encoding (``encode``) never writes for their own text
+        (special ones such as GPT-OSS's ``<|reserved_200204|>``), less the stop tokens (the
+        grammar allows those only where the grade may end). To xgrammar they are plain text, so
+        inside a string the grammar alone lets them in; training never put them in an answer
+        (special-token look-alikes are encoded as text). Non-special added tokens that the
+        answer encoding writes (e.g. a tokenizer's whitespace runs) stay allowed."""
+        if self._forbidden is None:
+            tok = self.tokenizer
+            ids = {int(i) for i in (getattr(tok, "all_special_ids", None) or [])}
+            for i, added in (getattr(tok, "added_tokens_decoder", None) or {}).items():
+                if getattr(added, "special", True) or list(encode(str(getattr(added, "content", added)))) != [int(i)]:
+                    ids.add(int(i))
+            ids -= set(self.stop_ids)
+            self._forbidden = torch.tensor(sorted(i for i in ids if 0 <= i < self.vocab_size), dtype=torch.long)
+        return self._forbidden
+
+    @functools.cached_property
+    def vocab_bytes(self) -> list[bytes]:
+        """Each token's bytes (a byte-level token may hold part of a UTF-8 character)."""
+        return list(self.info.decoded_vocab)
+
     @functools.cached_property
     def token_bytes(self) -> torch.Tensor:
-        """Each token's length in bytes (at least its length in characters)."""
-        return torch.tensor([len(b) for b in self.info.decoded_vocab] + [0] * (self.vocab_size - len(self.info.decoded_vocab)))
+        """Each token's length in bytes (at least the characters it adds to a text)."""
+        return torch.tensor([len(b) for b in self.vocab_bytes] + [0] * (self.vocab_size - len(self.vocab_bytes)))
 
 
 def forced_opening(grammars: GradeGrammars, rubric: "Rubric", encode, decode) -> list[int]:
@@ -221,6 +250,8 @@ class _Row:
             self.matcher.accept_token(t)
         self.tokens = list(opening)
         self.text = decode(opening)
+        self.vocab_bytes = grammars.vocab_bytes
+        self.data = b"".join(self._bytes(t) for t in opening)  # the text as bytes (characters may be split in text)
         self.budget = budget  # tokens it may still write (the opening is part of the prompt)
         self.reserve = reserve_chars(rubric)
         self.total: tuple[int, str] | None = None  # (where the items close, the forced text after them)
@@ -230,10 +261,14 @@ class _Row:
         self.done = False
         self.steps = 0
 
+    def _bytes(self, token: int) -> bytes:
+        return self.vocab_bytes[token] if token < len(self.vocab_bytes) else b""
+
     def _write(self, token: int) -> None:
         piece = self.decode([token])
         self.tokens.append(token)
         self.text += piece
+        self.data += self._bytes(token)
         self.bracket = self.bracket or "]" in piece
         self.budget -= 1
 
@@ -261,12 +296,19 @@ class _Row:
 
     def room(self) -> int | None:
         """Characters the open string may still take (None outside strings): its bound less what
-        it holds; 0 once only the reserve is left of the budget."""
+        it holds (a character still missing bytes counts as one); 0 once only the reserve is left
+        of the budget."""
         if not _in_string(self.text):
             return None
-        start = self.text.rfind('"') + 1
-        bound = FEEDBACK_MAX_CHARS if self.text.endswith('"feedback":"', 0, start) else JUSTIFICATION_MAX_CHARS
-        return 0 if self.budget <= self.reserve else bound - (len(self.text) - start)
+        start = self.data.rfind(b'"') + 1  # (no byte of a multi-byte UTF-8 character is a quote)
+        bound = FEEDBACK_MAX_CHARS if self.data.endswith(b'"feedback":"', 0, start) else JUSTIFICATION_MAX_CHARS
+        chars, _ = _utf8_chars(self.data[start:])
+        return 0 if self.budget <= self.reserve else bound - chars
+
+    def pending(self) -> int:
+        """Continuation bytes the text's last character still needs (a byte-level token can end
+        inside a character; the grammar then allows nothing else, not even a closing quote)."""
+        return _utf8_chars(self.data[-4:])[1]
 
     def only(self) -> int | None:
         """The one token this row must write next, where the grammar alone would allow more: the
@@ -278,7 +320,7 @@ class _Row:
             ids = list(self.encode(rest))
             return ids[0] if ids else None
         room = self.room()
-        if self.quote is not None and room is not None and room <= 0:
+        if self.quote is not None and room is not None and room <= 0 and not self.pending():
             return self.quote
         return None
 
@@ -376,6 +418,7 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
     cache = DynamicCache() if window is not None else DynamicCache(config=config)
     dtype = next(model.parameters()).dtype
     token_bytes = grammars.token_bytes.to(device)
+    forbidden = grammars.forbidden_ids(encode).to(device)
     longest = int(grammars.token_bytes.max())
     cache_kw = _cache_kwarg(model)
     if streamer is not None:
@@ -410,9 +453,11 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
             t = row.only()
             if t is not None:
                 only[k] = t
-            elif (room := row.room()) is not None and room < longest:
-                short[k] = room
+            elif (room := row.room()) is not None and room + (pending := row.pending()) < longest:
+                # a token's continuation bytes of a split character add no character
+                short[k] = max(room, 0) + pending
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(device), vocab_size=grammars.vocab_size)
+        logits[:, forbidden] = float("-inf")  # special tokens: plain text to the grammar, never in a grade
         for k, room in short.items():  # the string's bound: no token longer than its room (the quote fits)
             logits[k, : token_bytes.shape[0]].masked_fill_(token_bytes > room, float("-inf"))
         chosen = logits.argmax(-1).tolist()
@@ -434,6 +479,20 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
     if streamer is not None:
         streamer.end()
     return [DecodedGrade(tokens=row.tokens, steps=row.steps) for row in rows]
+
+
+def _utf8_chars(data: bytes) -> tuple[int, int]:
+    """The characters in UTF-8 ``data`` (a last one still missing bytes counted), and how many
+    continuation bytes that last character still needs (0 when it is complete)."""
+    chars = len(data) - sum(1 for b in data if 0x80 <= b < 0xC0)  # every byte but continuations
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:
+            return chars, 0
+        if b >= 0xC0:  # the last character's lead byte
+            size = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return chars, max(size - back, 0)
+    return chars, 0
 
 
 def _in_string(text: str) -> bool:

@@ -211,3 +211,59 @@ def test_a_grade_is_the_same_alone_and_in_a_batch(tiny_gpt_oss_dir: Path) -> Non
     # The rows took different paths: some wrote a justification where others went on to the
     # score, so their chunks differed in width and some were padded inside a step.
     assert len({r.model_steps for r in alone}) > 1
+
+
+def test_special_tokens_never_get_into_a_grade(tiny_gpt_oss_dir: Path) -> None:
+    """xgrammar takes GPT-OSS's reserved tokens (``<|reserved_200204|>``) for plain text, so a
+    string of the grammar lets them in. The decoder forbids the tokenizer's special and added
+    tokens everywhere (the stop tokens aside): with every logit of them pushed far above the
+    rest, the random model still writes none, and its grade is valid."""
+    import xgrammar as xgr
+
+    from data.prompt_format import encode_answer_text
+    from inference.constrained import forced_opening
+
+    engine = get_engine(str(tiny_gpt_oss_dir), device="cpu")
+    tok = engine.tokenizer
+    grammars = engine._grade_grammars()
+    encode = lambda text: encode_answer_text(tok, engine.format, text)  # noqa: E731
+    forbidden = set(grammars.forbidden_ids(encode).tolist())
+    reserved = tok.convert_tokens_to_ids("<|reserved_200204|>")
+    special = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
+    assert reserved in forbidden and special - set(engine.stop_ids) == forbidden
+    assert not forbidden & set(engine.stop_ids) and not forbidden & set(encode('{"items":[{"a b 0.5'))
+    # The grammar alone takes the reserved token inside a string.
+    matcher = xgr.GrammarMatcher(grammars.compiled(RUBRIC))
+    for t in forced_opening(grammars, RUBRIC, encode, engine._decode) + encode('justification":"'):
+        assert matcher.accept_token(t)
+    assert matcher.accept_token(reserved)
+
+    pushed = torch.tensor(sorted(special - set(engine.stop_ids)))
+    ids = engine.encode(MD, RUBRIC, 96)
+
+    def push(module, args, out):  # a logit bias: every forbidden token ahead of all others
+        out[..., pushed] += 1e4
+        return out
+
+    hook = engine.model.get_output_embeddings().register_forward_hook(push)
+    try:
+        assert int(engine.next_token_logits(ids).argmax()) in forbidden  # the model wants one
+        result = engine.grade(MD, RUBRIC, unit="submission", max_new_tokens=300, scoring="generated")
+    finally:
+        hook.remove()
+    assert result.repairs == []
+    written = json.loads(result.raw_text)
+    strings = [it.get("justification", "") for it in written["items"]] + [written["feedback"]]
+    assert any(strings) and "<|" not in result.raw_text  # text was written, none of them in it
+    assert not set(encode(result.raw_text)) & forbidden
+
+
+def test_string_bounds_count_characters_split_across_tokens() -> None:
+    """A byte-level token can end inside a UTF-8 character; the grammar then takes only its
+    continuation bytes (not the closing quote), so the decoder counts the open string in
+    characters, a split one once, and knows how many bytes it still needs."""
+    from inference.constrained import _utf8_chars
+
+    text = "ab€😀".encode()  # 1 + 1 + 3 + 4 bytes
+    assert [_utf8_chars(text[:n]) for n in range(len(text) + 1)] == [
+        (0, 0), (1, 0), (2, 0), (3, 2), (3, 1), (3, 0), (4, 3), (4, 2), (4, 1), (4, 0)]
