@@ -43,6 +43,12 @@ decoder therefore keeps every layer's whole cache and gives the model its own ma
 real tokens, and for sliding layers the window taken over positions (:func:`_step_masks`), so a
 row sees what it would alone. Those are dense additive masks, which eager and sdpa attention
 take; flex attention wants a BlockMask instead.
+
+Given ``value_ids``, the decoder also reads each item's score distribution from the logits it
+computes anyway: at the step whose logits predict the first token of an item's score (the text
+ends with ``"score":`` inside the items; the total is forced), the softmax (float32) of the raw
+logits, before any masking, at the value tokens 0..max of that item
+(:attr:`DecodedGrade.score_probs`). Expected scores then need no second pass over the prompt.
 """
 from __future__ import annotations
 
@@ -235,6 +241,11 @@ class DecodedGrade:
 
     tokens: list[int]
     steps: int
+    # per item: {score value: probability} read at its score position (raw logits, softmax over
+    # the values 0..max), None where not read (values not single tokens, the chosen first token
+    # not a value token); None for the whole row when the grammar refused a token or no
+    # ``value_ids`` was given
+    score_probs: list[dict[int, float] | None] | None = None
 
 
 class _Row:
@@ -260,6 +271,7 @@ class _Row:
         self.broken = False  # a token the grammar refused: the row writes freely, repair sees it
         self.done = False
         self.steps = 0
+        self.score_probs: list[dict[int, float] | None] = [None] * len(rubric.questions)
 
     def _bytes(self, token: int) -> bytes:
         return self.vocab_bytes[token] if token < len(self.vocab_bytes) else b""
@@ -304,6 +316,14 @@ class _Row:
         bound = FEEDBACK_MAX_CHARS if self.data.endswith(b'"feedback":"', 0, start) else JUSTIFICATION_MAX_CHARS
         chars, _ = _utf8_chars(self.data[start:])
         return 0 if self.budget <= self.reserve else bound - chars
+
+    def score_item(self) -> int | None:
+        """The item whose score the next token starts (the text ends with an item's
+        ``"score":``; strings hold no quotes, so each such key is one), None elsewhere."""
+        if self.done or self.broken or not self.text.endswith('"score":'):
+            return None
+        i = self.text.count('"score":') - 1
+        return i if i < len(self.rubric.questions) else None  # (the items' total comes after them)
 
     def pending(self) -> int:
         """Continuation bytes the text's last character still needs (a byte-level token can end
@@ -392,13 +412,17 @@ def _cache_kwarg(model) -> str:
 
 def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, grammars: GradeGrammars,
                   encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], max_new_tokens: int,
-                  stop_ids: list[int], pad_id: int, streamer=None) -> list[DecodedGrade]:
+                  stop_ids: list[int], pad_id: int, streamer=None,
+                  value_ids: Callable[[float], dict[int, int] | None] | None = None) -> list[DecodedGrade]:
     """Greedy decoding of one grade per prompt, each under its rubric's grammar, with jump-forward
     over forced spans (see the module docstring). Each row's budget after its forced opening is
     ``max_new_tokens``, raised to its own rubric's :func:`reserve_chars` where that is more (so a
     row's grade does not depend on the rubrics beside it). ``streamer`` (transformers'
     put/end protocol, as ``generate`` drives it): ``put`` gets the first row's prompt, then after
-    each step that row's new tokens (its forced opening with the first ones), then ``end``."""
+    each step that row's new tokens (its forced opening with the first ones), then ``end``.
+    ``value_ids`` (a max score -> {token id: value} for the values 0..max, None when some value
+    is not one token): read each item's score distribution as it is decoded (see the module
+    docstring)."""
     import xgrammar as xgr
     from transformers import DynamicCache
 
@@ -421,6 +445,7 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
     forbidden = grammars.forbidden_ids(encode).to(device)
     longest = int(grammars.token_bytes.max())
     cache_kw = _cache_kwarg(model)
+    values_of: dict[float, dict[int, int] | None] = {}
     if streamer is not None:
         streamer.put(torch.tensor(prompts[0]))
 
@@ -442,6 +467,19 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
         out = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{cache_kw: cache})
         logits = out.logits[:, -1, :].float()
+        # Score positions: the distribution over the item's values, from the raw logits.
+        reading: dict[int, tuple[int, dict[int, int], torch.Tensor]] = {}
+        if value_ids is not None:
+            for k, row in enumerate(rows):
+                i = row.score_item()
+                if i is None:
+                    continue
+                max_score = float(row.rubric.questions[i].max_score)
+                if max_score not in values_of:
+                    values_of[max_score] = value_ids(max_score)
+                values = values_of[max_score]
+                if values:
+                    reading[k] = (i, values, torch.softmax(logits[k, list(values)], dim=-1))
         # Each live row masked to its grammar; finished and broken rows stay free.
         xgr.reset_token_bitmask(bitmask)
         only: dict[int, int] = {}
@@ -467,6 +505,9 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
             for k, ok in zip(keys, allowed):
                 if ok:  # not allowed here (e.g. a key being written): the grammar decides
                     chosen[k] = only[k]
+        for k, (i, values, probs) in reading.items():  # kept where the score starts with a value token
+            if chosen[k] in values:
+                rows[k].score_probs[i] = {v: float(p) for v, p in zip(values.values(), probs.tolist())}
         chunks = []
         for k, row in enumerate(rows):
             before = len(row.tokens)
@@ -478,7 +519,8 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
             break
     if streamer is not None:
         streamer.end()
-    return [DecodedGrade(tokens=row.tokens, steps=row.steps) for row in rows]
+    return [DecodedGrade(tokens=row.tokens, steps=row.steps,
+                         score_probs=None if value_ids is None or row.broken else row.score_probs) for row in rows]
 
 
 def _utf8_chars(data: bytes) -> tuple[int, int]:

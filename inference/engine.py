@@ -23,7 +23,10 @@ always valid.
   written as training writes it, one forward pass reads, at each question's score, the model's
   probabilities for the values 0..max and takes their mean (``grade_many`` reads a whole
   batch's grades in a few right-padded passes, only the score positions through the LM head, with
-  the same results as one pass per grade). On Mohler (bench/mohler_quality.py,
+  the same results as one pass per grade). A grade decoded under its grammar needs no such pass:
+  the decoder keeps those probabilities from the logits of the step that starts each score
+  (inference.constrained, ``DecodedGrade.score_probs``); the pass is for free decoding, a retry,
+  or a score read there without them. On Mohler (bench/mohler_quality.py,
   H200) the same adapter reached r 0.42 that way against 0.15 for the greedy digit.
   ``scoring="generated"`` keeps the digits the model wrote.
 - The engine does not write the store: callers record a grade with :func:`store_grade` (the
@@ -499,13 +502,15 @@ class GraderEngine:
 
     def _generate(self, batch_ids: list[list[int]], max_new_tokens: int, adapter: str | None,
                   streamer=None, rubrics: list[Rubric] | None = None,
-                  steps: list[int] | None = None) -> list[list[int]]:
+                  steps: list[int] | None = None, score_probs: list | None = None) -> list[list[int]]:
         """Greedy decoding with the KV cache over left-padded prompts, with ``adapter`` (None: the
         base alone); new tokens per row, cut at the first stop token. With ``rubrics`` (one per
         row), decoding is constrained to each rubric's grade (inference.constrained.decode_grades:
         the forced opening joins the prompt and is the start of the row's new tokens; later forced
         spans go in with the token before them, one model step each). ``steps``, when given, gets
-        each row's number of model forward passes (the prefill included)."""
+        each row's number of model forward passes (the prefill included); ``score_probs``, when
+        given, each row's item score distributions read while decoding under the grammar
+        (:attr:`inference.constrained.DecodedGrade.score_probs`; None for a row decoded freely)."""
         import torch
         from transformers import GenerationConfig
 
@@ -519,9 +524,12 @@ class GraderEngine:
                 decoded = decode_grades(model, batch_ids, rubrics, grammars=grammars,
                                         encode=functools.partial(encode_answer_text, self.tokenizer, self.format),
                                         decode=self._decode, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids,
-                                        pad_id=self.pad_id, streamer=streamer)
+                                        pad_id=self.pad_id, streamer=streamer,
+                                        value_ids=self._value_ids if score_probs is not None else None)
             if steps is not None:
                 steps.extend(d.steps for d in decoded)
+            if score_probs is not None:
+                score_probs.extend(d.score_probs for d in decoded)
             return [d.tokens for d in decoded]
         width = max(len(x) for x in batch_ids)
         ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
@@ -536,6 +544,8 @@ class GraderEngine:
         with self._using(adapter) as model, torch.inference_mode():
             out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                  generation_config=gen_cfg, streamer=streamer)
+        if score_probs is not None:
+            score_probs.extend([None] * len(batch_ids))
         rows = []
         stops = set(self.stop_ids)
         for row in out[:, width:].tolist():
@@ -612,16 +622,46 @@ class GraderEngine:
                            scoring="expected" if probs and any(probs) else "generated", score_probs=probs)
 
     def _finish(self, prompt: list[int], new: list[int], rubric: Rubric, max_new_tokens: int, t0: float,
-                adapter: str | None, scoring: str, retry: bool) -> GradeResult:
+                adapter: str | None, scoring: str, retry: bool,
+                decoded_probs: list[dict[int, float] | None] | None = None) -> GradeResult:
         """One grade from the model's answer: parsed (and retried), then, with ``scoring="expected"``,
-        its scores read in one forward pass of its own."""
+        its scores from the distributions read while decoding (``decoded_probs``, see
+        :meth:`_expected_from_decoding`), else read in one forward pass of its own."""
         answer = self._answer(prompt, new, rubric, max_new_tokens, adapter, retry)
         probs = None
         if scoring == "expected":
-            answer.grade, probs = self._expected_scores(prompt, answer.grade, rubric,
-                                                        scores_read_from_output(answer.repairs, rubric),
-                                                        adapter=adapter)
+            read = scores_read_from_output(answer.repairs, rubric)
+            got = None if answer.retried else self._expected_from_decoding(answer.grade, read, decoded_probs)
+            if got is None:
+                got = self._expected_scores(prompt, answer.grade, rubric, read, adapter=adapter)
+            answer.grade, probs = got
         return self._result(prompt, answer, probs, time.perf_counter() - t0, adapter)
+
+    def _expected_from_decoding(self, grade: Grade, read: list[bool],
+                                decoded_probs: list[dict[int, float] | None] | None,
+                                ) -> tuple[Grade, list[dict[str, float] | None]] | None:
+        """:meth:`_expected_scores` from the score distributions read while the grade was decoded
+        under its grammar (inference.constrained.decode_grades: the same logits, at the same
+        positions, without a second pass over the prompt), rounded as there; None when some
+        question whose score was read from the output has no such distribution (then the pass
+        is needed)."""
+        if decoded_probs is None:
+            return None
+        probs: list[dict[str, float] | None] = [None] * len(grade.items)
+        items = list(grade.items)
+        for i, item in enumerate(grade.items):
+            if not (i < len(read) and read[i]) or not self._value_ids(item.max_score):
+                continue  # filled in by repair, or values not single tokens: its score is kept
+            dist = decoded_probs[i] if i < len(decoded_probs) else None
+            if dist is None:
+                return None
+            ev = float(sum(p * v for v, p in dist.items()))
+            probs[i] = {str(v): round(p, 4) for v, p in dist.items()}
+            items[i] = item.model_copy(update={"score": round(ev, 2)})
+        if not any(p is not None for p in probs):
+            return grade, probs
+        grade = grade.model_copy(update={"items": items})
+        return grade.model_copy(update={"score": round(sum(it.score for it in grade.items), 2)}), probs
 
     def _value_ids(self, max_score: float) -> dict[int, int] | None:
         """{token id: value} for the whole-number scores 0..max_score when each is one token: the
@@ -737,9 +777,11 @@ class GraderEngine:
             prompt = self.encode(submission_md, rubric, max_new_tokens)
             streamer = _CallbackStreamer(self.tokenizer, on_token, self.stop_ids) if on_token else None
             steps: list[int] = []
+            decoded_probs: list | None = [] if scoring == "expected" else None
             new = self._generate([prompt], max_new_tokens, key, streamer=streamer,
-                                 rubrics=[rubric] if constrained else None, steps=steps)[0]
-            result = self._finish(prompt, new, rubric, max_new_tokens, t0, key, scoring=scoring, retry=retry)
+                                 rubrics=[rubric] if constrained else None, steps=steps, score_probs=decoded_probs)[0]
+            result = self._finish(prompt, new, rubric, max_new_tokens, t0, key, scoring=scoring, retry=retry,
+                                  decoded_probs=decoded_probs[0] if decoded_probs else None)
             result.model_steps = steps[0]
             return result
 
@@ -768,8 +810,10 @@ class GraderEngine:
             with self._lock:  # per batch: a single grade from another thread may run between batches
                 clock = _StepClock()
                 steps: list[int] = []
+                decoded_probs: list = []
                 news = self._generate([prompts[i] for i in chunk], max_new_tokens, key, streamer=clock,
-                                      rubrics=[items[i][2] for i in chunk] if constrained else None, steps=steps)
+                                      rubrics=[items[i][2] for i in chunk] if constrained else None, steps=steps,
+                                      score_probs=decoded_probs if scoring == "expected" else None)
                 share = (time.perf_counter() - clock.started) / len(chunk)
                 prefill = clock.prefill_s / len(chunk)
                 answers, own = [], []  # each answer parsed (and retried) on its own, timed alone
@@ -778,15 +822,32 @@ class GraderEngine:
                     answers.append(self._answer(prompts[i], new, items[i][2], max_new_tokens, key, retry))
                     own.append(time.perf_counter() - t_i)
                 scored: list = [(a.grade, None) for a in answers]
-                t_s = time.perf_counter()
-                if scoring == "expected":  # the expected scores of the whole batch in a few passes
-                    scored = self._expected_scores_many(
-                        [(prompts[i], a.grade, items[i][2], scores_read_from_output(a.repairs, items[i][2]))
-                         for i, a in zip(chunk, answers)], adapter=key, batch_size=batch_size)
-                scoring_share = (time.perf_counter() - t_s) / len(chunk)
+                if scoring == "expected":
+                    # From the distributions read while decoding; the rest (free decoding, a
+                    # retry, a score not read) in a few passes together, each charged its share.
+                    again = []
+                    for r, (i, a) in enumerate(zip(chunk, answers)):
+                        t_r = time.perf_counter()
+                        read = scores_read_from_output(a.repairs, items[i][2])
+                        got = None if a.retried else self._expected_from_decoding(
+                            a.grade, read, decoded_probs[r] if r < len(decoded_probs) else None)
+                        if got is None:
+                            again.append((r, read))
+                        else:
+                            scored[r] = got
+                        own[r] += time.perf_counter() - t_r
+                    if again:
+                        t_s = time.perf_counter()
+                        passed = self._expected_scores_many(
+                            [(prompts[chunk[r]], answers[r].grade, items[chunk[r]][2], read) for r, read in again],
+                            adapter=key, batch_size=batch_size)
+                        pass_share = (time.perf_counter() - t_s) / len(again)
+                        for (r, _), got in zip(again, passed):
+                            scored[r] = got
+                            own[r] += pass_share
                 for i, answer, (grade, probs), own_s, n_steps in zip(chunk, answers, scored, own, steps):
                     answer.grade = grade
-                    scoring_s = own_s + scoring_share  # charged its share of the batch
+                    scoring_s = own_s  # its parsing, its scores, and its share of a scoring pass
                     results[i] = self._result(prompts[i], answer, probs, share + scoring_s, key)
                     results[i].model_steps = n_steps
                     results[i].timings = {"prefill_s": round(prefill, 4), "decode_s": round(share - prefill, 4),

@@ -267,3 +267,67 @@ def test_string_bounds_count_characters_split_across_tokens() -> None:
     text = "ab€😀".encode()  # 1 + 1 + 3 + 4 bytes
     assert [_utf8_chars(text[:n]) for n in range(len(text) + 1)] == [
         (0, 0), (1, 0), (2, 0), (3, 2), (3, 1), (3, 0), (4, 3), (4, 2), (4, 1), (4, 0)]
+
+
+def test_score_distributions_are_read_while_decoding(tiny_gpt_oss_dir: Path) -> None:
+    """With expected scores, the decoder keeps each item's score distribution from the logits of
+    the step that starts the score: what a forward pass over the prompt and exactly the tokens
+    it decoded gives there. The engine then runs no second pass over the prompt (the model
+    runs once per decoding step), and a grade reads the same in a batch as alone."""
+    import functools
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.model_zoo import tiny_gpt_oss_config
+    from data.prompt_format import encode_answer_text
+    from inference.constrained import decode_grades
+    from inference.engine import GraderEngine
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = AutoModelForCausalLM.from_config(tiny_gpt_oss_config(), dtype=torch.float32).eval()
+    engine = GraderEngine("tiny-gpt-oss, seed 2", model=model,
+                          tokenizer=AutoTokenizer.from_pretrained(str(tiny_gpt_oss_dir)))
+    prompt = engine.encode(MD, RUBRIC, 200)
+    with torch.inference_mode():
+        decoded = decode_grades(model, [prompt], [RUBRIC], grammars=engine._grade_grammars(),
+                                encode=functools.partial(encode_answer_text, engine.tokenizer, engine.format),
+                                decode=engine._decode, max_new_tokens=200, stop_ids=engine.stop_ids,
+                                pad_id=engine.pad_id, value_ids=engine._value_ids)[0]
+        logits = model(input_ids=torch.tensor([prompt + decoded.tokens])).logits[0].float()
+    assert decoded.score_probs is not None and all(p is not None for p in decoded.score_probs), decoded.score_probs
+    # Each item's score position: the decoded tokens up to its '"score":'.
+    ends = [j for j in range(1, len(decoded.tokens) + 1)
+            if engine._decode(decoded.tokens[:j]).endswith('"score":')][: len(RUBRIC.questions)]
+    assert len(ends) == len(RUBRIC.questions)
+    for q, j, got in zip(RUBRIC.questions, ends, decoded.score_probs):
+        values = engine._value_ids(q.max_score)
+        want = torch.softmax(logits[len(prompt) + j - 1, list(values)], dim=-1).tolist()
+        assert list(got) == list(range(int(q.max_score) + 1))
+        assert list(got.values()) == pytest.approx(want, abs=1e-4)
+        assert decoded.tokens[j] in values  # the score starts with a value token
+
+    calls: list[int] = []
+    hook = model.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        alone = engine.grade(MD, RUBRIC, unit="submission", max_new_tokens=200)
+    finally:
+        hook.remove()
+    assert alone.scoring == "expected" and len(calls) == alone.model_steps  # no second pass
+    for got, want in zip(alone.score_probs, decoded.score_probs):
+        assert got == {str(v): round(p, 4) for v, p in want.items()}
+    assert [it.score for it in alone.grade.items] == [
+        round(sum(v * p for v, p in want.items()), 2) for want in decoded.score_probs]
+
+    answers = ["LIFO.", "A pile.", "Last in, first out: plates. " * 3, "Stack."]
+    mds = [f"## Question 1: What is a stack?\n\n{a}\n\n## Question 2: What is a queue?\n\nFIFO.\n" for a in answers]
+    batched = engine.grade_many([(str(k), md, RUBRIC) for k, md in enumerate(mds)], unit="submission",
+                                max_new_tokens=200, batch_size=4)
+    for md, b in zip(mds, batched):
+        a = engine.grade(md, RUBRIC, unit="submission", max_new_tokens=200)
+        assert b.raw_text == a.raw_text and b.scoring == a.scoring == "expected"
+        for pb, pa in zip(b.score_probs, a.score_probs):
+            assert pb.keys() == pa.keys() and all(abs(pb[v] - pa[v]) <= 1.01e-4 for v in pb), (pb, pa)
+        assert [it.score for it in b.grade.items] == pytest.approx([it.score for it in a.grade.items], abs=0.0101)
+        assert b.grade.score == pytest.approx(sum(it.score for it in b.grade.items), abs=1e-9)
+        assert set(b.timings) == {"prefill_s", "decode_s", "scoring_s"} and b.timings["scoring_s"] >= 0
