@@ -61,20 +61,27 @@ def run_load(url: str, *, n: int, model: str, max_new_tokens: int, auth: tuple[s
         jobs.append(client.submit(*args(i), api_name="/grade"))
 
     # Watch how many run at once (the queue's concurrency limit) while waiting.
-    # A job's end time is when the watcher first sees it done (50 ms resolution).
-    max_processing, done = 0, threading.Event()
+    # A job's end time is when the watcher first sees it done (50 ms resolution). The client learns
+    # of a job's end a little after the server has started the next one, so one poll can see a
+    # finished job still "processing" beside its successor: a job counts as running at once with
+    # others only when two polls in a row (>= 50 ms) see them all processing. A server running more
+    # than --max-jobs would show it for a whole grade (seconds), not one poll.
+    max_processing, max_seen_once, done = 0, 0, threading.Event()
     finished: list[float | None] = [None] * n
 
     def watch():
-        nonlocal max_processing
+        nonlocal max_processing, max_seen_once
+        before: set[int] = set()
         while not done.is_set():
-            busy = 0
+            busy: set[int] = set()
             for k, j in enumerate(jobs):
                 if finished[k] is None and j.done():
                     finished[k] = time.perf_counter()
                 elif finished[k] is None and j.status().code == Status.PROCESSING:
-                    busy += 1
-            max_processing = max(max_processing, busy)
+                    busy.add(k)
+            max_seen_once = max(max_seen_once, len(busy))
+            max_processing = max(max_processing, len(busy & before))
+            before = busy
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -106,6 +113,7 @@ def run_load(url: str, *, n: int, model: str, max_new_tokens: int, auth: tuple[s
         "max_s": round(max(latencies), 2) if latencies else None,
         "mean_s": round(statistics.mean(latencies), 2) if latencies else None,
         "max_processing_at_once": max_processing,
+        "max_processing_in_one_poll": max_seen_once,
     }
 
 
