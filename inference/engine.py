@@ -647,21 +647,15 @@ class GraderEngine:
         is needed)."""
         if decoded_probs is None:
             return None
-        probs: list[dict[str, float] | None] = [None] * len(grade.items)
-        items = list(grade.items)
+        dists: dict[int, dict[int, float]] = {}
         for i, item in enumerate(grade.items):
             if not (i < len(read) and read[i]) or not self._value_ids(item.max_score):
                 continue  # filled in by repair, or values not single tokens: its score is kept
             dist = decoded_probs[i] if i < len(decoded_probs) else None
             if dist is None:
                 return None
-            ev = float(sum(p * v for v, p in dist.items()))
-            probs[i] = {str(v): round(p, 4) for v, p in dist.items()}
-            items[i] = item.model_copy(update={"score": round(ev, 2)})
-        if not any(p is not None for p in probs):
-            return grade, probs
-        grade = grade.model_copy(update={"items": items})
-        return grade.model_copy(update={"score": round(sum(it.score for it in grade.items), 2)}), probs
+            dists[i] = dist
+        return _with_expected_scores(grade, dists)
 
     def _value_ids(self, max_score: float) -> dict[int, int] | None:
         """{token id: value} for the whole-number scores 0..max_score when each is one token: the
@@ -708,11 +702,10 @@ class GraderEngine:
                 if i < len(read) and read[i] and values and k is not None and ids[k] in values:
                     wanted[i] = (k, values)
             plans.append((list(prompt) + ids, len(prompt), wanted))
-        out: list[tuple[Grade, list[dict[str, float] | None]]] = [
-            (grade, [None] * len(grade.items)) for _, grade, _, _ in rows]
+        dists: list[dict[int, dict[int, float]]] = [{} for _ in rows]  # per row: item -> {value: prob}
         todo = sorted((n for n, plan in enumerate(plans) if plan[2]), key=lambda n: len(plans[n][0]))
-        if not todo:
-            return out
+        if not todo:  # no score to read: no pass
+            return [_with_expected_scores(grade, {}) for _, grade, _, _ in rows]
         step = max(1, batch_size or len(todo))
         with self._using(adapter) as model, torch.inference_mode():
             lm = base_causal_lm(model)
@@ -741,16 +734,9 @@ class GraderEngine:
                 logits = logits.float()
                 for n, i, g in where:
                     values = plans[n][2][i][1]
-                    p = torch.softmax(logits[g, list(values)], dim=-1).cpu()
-                    vals = list(values.values())
-                    ev = float(sum(float(pi) * v for pi, v in zip(p, vals)))
-                    grade, probs = out[n]
-                    probs[i] = {str(v): round(float(pi), 4) for pi, v in zip(p, vals)}
-                    items = list(grade.items)
-                    items[i] = items[i].model_copy(update={"score": round(ev, 2)})
-                    out[n] = (grade.model_copy(update={"items": items}), probs)
-        return [(grade.model_copy(update={"score": round(sum(it.score for it in grade.items), 2)}), probs)
-                if any(p is not None for p in probs) else (grade, probs) for grade, probs in out]
+                    p = torch.softmax(logits[g, list(values)], dim=-1).cpu().tolist()
+                    dists[n][i] = dict(zip(values.values(), p))
+        return [_with_expected_scores(grade, d) for (_, grade, _, _), d in zip(rows, dists)]
 
     def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
               scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
@@ -1084,6 +1070,21 @@ class _AfterPrefix:
                           device=attention_mask.device)
         return self.lm.model(input_ids=input_ids, attention_mask=torch.cat([seen, attention_mask], dim=1),
                              cache=cache, use_cache=True)
+
+
+def _with_expected_scores(grade: Grade, dists: dict[int, dict[int, float]],
+                          ) -> tuple[Grade, list[dict[str, float] | None]]:
+    """``grade`` with item i's score replaced by the expected value of ``dists[i]`` ({value:
+    probability}, rounded to 2 decimals) and the total re-summed, and each item's probabilities
+    (rounded to 4; None for items not in ``dists``, whose scores are kept)."""
+    probs: list[dict[str, float] | None] = [None] * len(grade.items)
+    if not dists:
+        return grade, probs
+    items = list(grade.items)
+    for i, dist in dists.items():
+        probs[i] = {str(v): round(p, 4) for v, p in dist.items()}
+        items[i] = items[i].model_copy(update={"score": round(sum(p * v for v, p in dist.items()), 2)})
+    return grade.model_copy(update={"items": items, "score": round(sum(it.score for it in items), 2)}), probs
 
 
 def _check_scoring(scoring: str) -> None:
