@@ -16,23 +16,31 @@ def collate_scores(examples: list, pad_id: int, device: torch.device, width: int
     set, is the padded length), each row's score position, its value tokens (padded, with a
     mask) and, for training, its human distribution over them."""
     width = max([len(e.input_ids) for e in examples] + [width or 0])
-    n_val = max(len(e.value_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+    last = mask.sum(1) - 1
+    batch = dict(input_ids=ids, attention_mask=mask, score_pos=last, **score_values(examples))
+    return {k: t.to(device) for k, t in batch.items()}
+
+
+def score_values(examples: list) -> dict[str, torch.Tensor]:
+    """Per example (a row each): its value tokens (padded), their mask and, for training, its
+    human distribution over them (``values``, ``value_mask``, ``target``), on the CPU."""
+    n_val = max(len(e.value_ids) for e in examples)
     values = torch.zeros((len(examples), n_val), dtype=torch.long)
     value_mask = torch.zeros((len(examples), n_val), dtype=torch.bool)
     target = torch.zeros((len(examples), n_val), dtype=torch.float32)
     for row, e in enumerate(examples):
-        n, v = len(e.input_ids), len(e.value_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
+        v = len(e.value_ids)
         values[row, :v] = torch.tensor(e.value_ids)
         value_mask[row, :v] = True
         if e.target is not None:
             target[row, :v] = torch.tensor(e.target)
-    last = mask.sum(1) - 1
-    batch = dict(input_ids=ids, attention_mask=mask, score_pos=last, values=values, value_mask=value_mask, target=target)
-    return {k: t.to(device) for k, t in batch.items()}
+    return dict(values=values, value_mask=value_mask, target=target)
 
 
 def base_causal_lm(model: Any) -> Any:

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.config import RunConfig, load_config, save_config  # noqa: E402
-from inference.score_head import collate_scores, score_log_probs, soft_cross_entropy  # noqa: E402
+from inference.score_head import collate_scores, score_log_probs, score_values, soft_cross_entropy  # noqa: E402
 
 from data.run_folder import FINAL, RUN_CONFIG, RunFolder  # noqa: E402
 
@@ -254,18 +254,7 @@ def collate_packed(model: Any, examples: list, rows: list[list[int]], width: int
     if not items:
         batch["labels"] = labels.to(device)
         return batch
-    n_val = max(len(e.value_ids) for e in members)
-    values = torch.zeros((len(members), n_val), dtype=torch.long)
-    value_mask = torch.zeros((len(members), n_val), dtype=torch.bool)
-    target = torch.zeros((len(members), n_val), dtype=torch.float32)
-    for k, e in enumerate(members):
-        v = len(e.value_ids)
-        values[k, :v] = torch.tensor(e.value_ids)
-        value_mask[k, :v] = True
-        if e.target is not None:
-            target[k, :v] = torch.tensor(e.target)
-    batch.update(score_row=torch.tensor(score_row), score_pos=torch.tensor(score_pos), values=values,
-                 value_mask=value_mask, target=target)
+    batch.update(score_row=torch.tensor(score_row), score_pos=torch.tensor(score_pos), **score_values(members))
     return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in batch.items()}
 
 
@@ -281,13 +270,10 @@ def packed_loss_sum(model: Any, batch: dict, items: bool, fused: bool = True) ->
     if items:
         logp = score_log_probs(model, batch)
         return -(batch["target"] * logp).sum(), int(logp.shape[0])
-    from training.fast_path import compute_loss, fused_ce_supported
+    from training.fast_path import compute_loss
 
-    if fused and fused_ce_supported(model):  # compute_loss's plain path would drop position_ids
-        mean, n = compute_loss(model, batch, fused=True)
-        return mean * n, n
-    n = int((batch["labels"][:, 1:] != -100).sum())
-    return model(**batch).loss * n, n
+    mean, n = compute_loss(model, batch, fused=fused)  # fused where the model allows it
+    return mean * n, n
 
 
 def peak_mem_gib(device: torch.device) -> float:
