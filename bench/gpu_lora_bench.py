@@ -36,6 +36,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: E402  (configure() resets its cache per row)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -145,6 +146,9 @@ def configure(pm, impl: str, recompute):
     rc = str(recompute)
     compile_on = rc.endswith("+compile")
     rc = rc.removesuffix("+compile")
+    # Every row starts from an empty dynamo cache, as a training process does (no compiled code
+    # or guards left by earlier rows; first_step_s then counts the row's own compilation).
+    torch._dynamo.reset()
     if impl != "stock":
         applied = fast_path.apply(pm, RunConfig(compile_layers=compile_on))
     fast_path.compile_layers(pm, enable=compile_on)

@@ -192,11 +192,17 @@ def main(argv=None) -> int:
                          "before issue 14)")
     ap.add_argument("--constrained", action="store_true",
                     help="submission unit: also a row with decoding constrained to the grade schema (xgrammar)")
+    ap.add_argument("--decoding", default=None,
+                    help="submission unit: free, constrained, or both (free,constrained; what --constrained "
+                         "means); constrained alone skips the baseline row when it is already recorded")
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     units = [u.strip() for u in args.unit.split(",")]
+    decodings = [d.strip() for d in (args.decoding or ("free,constrained" if args.constrained else "free")).split(",")]
+    if not decodings or any(d not in ("free", "constrained") for d in decodings):
+        ap.error(f"--decoding takes free, constrained or free,constrained, not {args.decoding!r}")
     if any(u not in UNITS for u in units):
         ap.error(f"--unit takes {', '.join(UNITS)} (comma-separated), not {args.unit!r}")
     items = sample_items(args.n)
@@ -215,8 +221,8 @@ def main(argv=None) -> int:
                     for shared in [False, True] if args.also_unshared else [True]:
                         rows += measure(engine, items, unit, sizes, args.max_new_tokens, shared)
                 else:
-                    for constrained in [False, True] if args.constrained else [False]:
-                        rows += measure(engine, items, unit, sizes, args.max_new_tokens, True, constrained)
+                    for decoding in decodings:
+                        rows += measure(engine, items, unit, sizes, args.max_new_tokens, True, decoding == "constrained")
         del engine
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
