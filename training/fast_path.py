@@ -481,12 +481,36 @@ def _expert_linear(experts, name: str, x, offs, counts, ids_sorted, lora: dict):
     return y
 
 
-@torch.compiler.disable
+@torch.library.custom_op("grader::dense_factor", mutates_args=())
+def _dense_factor_op(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+@_dense_factor_op.register_fake
+def _(t, dtype):
+    return torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
+def _dense_factor_setup(ctx, inputs, output):
+    ctx.in_dtype = inputs[0].dtype
+
+
+def _dense_factor_backward(ctx, grad):
+    return grad.to(ctx.in_dtype), None
+
+
+_dense_factor_op.register_autograd(_dense_factor_backward, setup_context=_dense_factor_setup)
+
+
 def _dense_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A LoRA factor copied to a dense (E, K, N) tensor, outside any compiled graph: inside a
-    compiled layer inductor dropped this copy and handed grouped_mm the permuted view of PEFT's
-    lora_B, which grouped_mm rejects ("Invalid strides/sizes", 20b bench on the H200)."""
-    return t.to(dtype).contiguous()
+    """A LoRA factor copied to a new dense (E, K, N) tensor for grouped_mm.  A custom op, opaque to
+    inductor: inside a compiled layer inductor dropped a plain ``.contiguous()`` copy and handed
+    grouped_mm the permuted view of PEFT's lora_B, which grouped_mm rejects ("Invalid
+    strides/sizes", 20b bench on the H200).  Not ``torch.compiler.disable``: since transformers
+    5.24 checkpoints a layer's ``forward`` inside the compiled call, a graph break there ran the
+    whole recomputed layer eager (20b attention + expert LoRA: 8.3k tokens/s compiled, as
+    uncompiled; the dynamo log names this break inside ``torch.utils.checkpoint``)."""
+    return _dense_factor_op(t, dtype)
 
 
 def moe_forward(experts_module, hidden_states, router_indices, routing_weights):
