@@ -182,16 +182,21 @@ def test_compiled_layers_with_fused_expert_lora_match_stock():
     fast_path.compile_layers(pm, enable=False)
 
 
-def test_expert_lora_gemms_compile_whole_inside_activation_checkpointing():
+@pytest.mark.parametrize("storage", ["dense", "nf4"])
+def test_expert_gemms_compile_whole_inside_activation_checkpointing(storage):
     """transformers 5.24 recomputes a layer (torch.utils.checkpoint) inside its compiled call, so one
-    graph break in the expert LoRA path runs the whole layer eager: the dense copy of PEFT's factors
-    was ``torch.compiler.disable`` and the 20b attention + expert LoRA row ran compiled at 8.3k
-    tokens/s, as uncompiled (H200; the dynamo log named that break). ``fullgraph=True`` fails on any
-    break; outputs and gradients equal the eager path's. (CPU-safe: the looped GEMM fallback.)"""
+    graph break in the experts' GEMMs runs the whole layer eager: the dense copy of PEFT's factors
+    and the NF4 grouped GEMM were ``torch.compiler.disable``, and the 20b attention + expert LoRA
+    row ran compiled at 8.3k tokens/s, as uncompiled (H200; the dynamo log named that break).
+    ``fullgraph=True`` fails on any break; outputs and gradients equal the eager path's (NF4: the
+    eager path keeps nothing across recompute here, so the same GEMMs run). CPU-safe: the looped
+    GEMM fallback and bitsandbytes' CPU dequantization."""
     import torch.utils.checkpoint as ck
 
     cpu = torch.device("cpu")
     pm = lora(tiny_gpt_oss(device=cpu, dtype=torch.float32), experts=True, r=8)
+    if storage == "nf4":
+        qe.quantize_experts_nf4(pm, chunk_elems=64 * 64)  # two chunks per weight
     mlp = next(fast_path._gpt_oss_mlps(fast_path.base_causal_lm(pm)))
     experts, wrappers = fast_path._unwrap_experts(mlp.experts)
     counts = [2, 1, 0, 3]

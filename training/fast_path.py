@@ -24,12 +24,14 @@ Two entry points the training engine calls:
     (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths) unless
     ``quant_experts.DEQUANT_BACKEND = "bnb"``.
   - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
-    default) and the experts are bf16; errors fall back to eager.  ``compile_layers()`` can also
-    compile layers with NF4 experts around their NF4 grouped GEMMs, which stay eager
-    (``torch.compiler.disable``: they read the routed row counts on the host and call their own
-    kernel), but ``apply`` does not: measured on the H200 it gained nothing (BENCHMARKS.md).  The biggest single
-    win measured on the H200 with bf16 experts (attention LoRA 9.4k -> 17k tokens/s, + expert
-    LoRA 8.5k -> 14.2k; see BENCHMARKS.md).
+    default) and the experts are bf16; errors fall back to eager.  ``compile_layers()`` also
+    compiles layers with NF4 experts, their NF4 grouped GEMM one opaque custom op in the graph (it
+    reads the routed row counts on the host and calls its own kernel), but ``apply`` does not yet:
+    measured on the H200 it gained nothing while that GEMM was a graph break, which (inside the
+    layer's activation checkpointing, transformers 5.24) ran the whole layer eager; not measured
+    since.  The biggest single win measured on the H200 with bf16 experts (attention LoRA 9.4k ->
+    17.5k tokens/s; + expert LoRA 8.5k -> 14.2k on transformers 5.17, 8.3k on 5.24 until the same
+    kind of graph break was removed; see BENCHMARKS.md).
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
     positions that carry labels are projected at all.
@@ -458,11 +460,98 @@ def _counts(bounds: list[int], e0: int, e1: int) -> list[int]:
 
 
 @torch.compiler.disable
-def _nf4_gmm(x, store, offs, dtype):
-    """The NF4 grouped GEMM runs outside any compiled graph (a graph break inside a compiled
-    decoder layer): it reads row counts on the host and calls the dequantization kernel, which is
-    compiled on its own (training.quant_experts.DEQUANT_BACKEND)."""
+def _nf4_gmm_eager(x, store, offs, dtype):
     return _FrozenNF4GMM.apply(x, store, offs, dtype)
+
+
+# Inside a compiled layer the NF4 grouped GEMM is one custom op, opaque to dynamo and inductor (it
+# reads the routed row counts on the host and calls its own dequantization kernel): a graph break
+# there (torch.compiler.disable) sits inside the layer's activation checkpointing since
+# transformers 5.24 and runs the whole layer eager.  The store goes in as its buffers (graph inputs,
+# the same for every layer of a shape, so one compiled graph serves them all) plus its chunk layout
+# as ints.  Per chunk: q, code, absmax, then offset, s2absmax, s2code when nested.
+_NF4_META = ("e0", "e1", "nested", "blocksize", "blocksize2", "numel")
+
+
+class _StoreView:
+    """An NF4Store rebuilt from the custom op's arguments: its dequantization methods run on it."""
+
+    chunk_ranges = quant_experts.NF4Store.chunk_ranges
+    dequantize_chunk = quant_experts.NF4Store.dequantize_chunk
+    _dequantize_chunk_bnb = quant_experts.NF4Store._dequantize_chunk_bnb
+    _state = quant_experts.NF4Store._state
+
+    def __init__(self, bufs, meta, shape):
+        self.shape = tuple(shape)
+        self.meta, it = [], iter(bufs)
+        for c in range(len(meta) // len(_NF4_META)):
+            m = dict(zip(_NF4_META, meta[c * len(_NF4_META):(c + 1) * len(_NF4_META)]))
+            m["nested"], m["quant_type"] = bool(m["nested"]), "nf4"
+            m["blocksize2"] = m["blocksize2"] if m["nested"] else None
+            names = ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if m["nested"] else ())
+            for n in names:
+                setattr(self, f"{n}{c}", next(it))
+            self.meta.append(m)
+
+
+def _store_args(store):
+    bufs, meta = [], []
+    for c, m in enumerate(store.meta):
+        if m["quant_type"] != "nf4":
+            return None
+        names = ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if m["nested"] else ())
+        bufs += [getattr(store, f"{n}{c}") for n in names]
+        meta += [int(m[k] or 0) for k in _NF4_META]
+    return bufs, meta, list(store.shape)
+
+
+@torch.library.custom_op("grader::nf4_gmm", mutates_args=())
+def _nf4_gmm_op(x: torch.Tensor, offs: torch.Tensor, bufs: list[torch.Tensor], meta: list[int],
+                shape: list[int], dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """x @ W_e (transposed: x @ W_e^T, the backward's GEMM) chunk by chunk, as _FrozenNF4GMM."""
+    store = _StoreView(bufs, meta, shape)
+    bounds = [0] + [int(v) for v in offs.tolist()]
+    y = x.new_empty((x.shape[0], shape[-2] if transposed else shape[-1]))  # chunks cover every row
+    for ci, (e0, e1) in enumerate(store.chunk_ranges()):
+        r0, r1 = bounds[e0], bounds[e1]
+        if r1 == r0:
+            continue
+        w = store.dequantize_chunk(ci, dtype)
+        y[r0:r1] = gmm(x[r0:r1].contiguous(), w.transpose(-2, -1) if transposed else w, offs[e0:e1] - r0,
+                       _counts(bounds, e0, e1))
+        del w
+    return y
+
+
+@_nf4_gmm_op.register_fake
+def _(x, offs, bufs, meta, shape, dtype, transposed):
+    return x.new_empty((x.shape[0], shape[-2] if transposed else shape[-1]))
+
+
+def _nf4_gmm_setup(ctx, inputs, output):
+    x, offs, bufs, meta, shape, dtype, transposed = inputs
+    ctx.save_for_backward(offs, *bufs)
+    ctx.meta, ctx.shape, ctx.dtype, ctx.transposed = meta, shape, dtype, transposed
+
+
+def _nf4_gmm_backward(ctx, dy):
+    offs, *bufs = ctx.saved_tensors
+    dx = _nf4_gmm_op(dy.contiguous(), offs, bufs, ctx.meta, ctx.shape, ctx.dtype, not ctx.transposed)
+    return dx, None, [None] * len(bufs), None, None, None, None
+
+
+_nf4_gmm_op.register_autograd(_nf4_gmm_backward, setup_context=_nf4_gmm_setup)
+
+
+def _nf4_gmm(x, store, offs, dtype):
+    """The NF4 grouped GEMM: eager, _FrozenNF4GMM (it keeps a recomputed layer's dequantized weight
+    for that layer's backward, see NF4_KEEP_MAX_BYTES); inside a compiled layer, the custom op
+    (dequantizes again in backward: nothing is kept across the graph)."""
+    if torch.compiler.is_compiling():
+        args = _store_args(store)
+        if args is not None:
+            return _nf4_gmm_op(x, offs, *args, dtype, False)
+    return _nf4_gmm_eager(x, store, offs, dtype)
 
 
 def _expert_linear(experts, name: str, x, offs, counts, ids_sorted, lora: dict):
