@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Device calls, scripted beforehand (one H200, 30 min a session; calls back to back, the machine
-# goes back after ~30 s idle). cwd = repo root.
-#   bash bench/h200_next.sh grading  # carry .whl/a: the 20b-shaped grading row, profiled
-#   bash bench/h200_next.sh tests    # carry .whl/b: GPU tests of the packed and fast paths
-#   bash bench/h200_next.sh train    # 20b bf16 bench rows (same-run stock row)
-#   bash bench/h200_next.sh again    # carry .whl/c: packing tests timed, the fused expert LoRA tests
-#   bash bench/h200_next.sh rows     # carry .whl/d: 20b expert-LoRA rows (fresh dynamo cache per
-#                                    #   row), the 20b-shaped grading row without the profiler
+# goes back after ~30 s idle; it can be taken back mid-call: call again). cwd = repo root.
+#   bash bench/h200_next.sh grading   # carry .whl/a: the 20b-shaped grading row (#14), profiled
+#   bash bench/h200_next.sh tests     # carry .whl/c: GPU tests of the packed, compiled and NF4 paths
+#   bash bench/h200_next.sh train20   # 20b bf16 rows: expert LoRA compiled since its graph break went
+#   bash bench/h200_next.sh train120  # 120b NF4 rows, eager vs compiled (the NF4 GEMM a custom op now)
 # Wheels (BENCHMARKS.md, device notes; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
-# bitsandbytes 0.50.2, deepspeed 0.19.8, hjson. Carried wheels are stashed in /root/stash (kept
-# while the machine is warm) and installed again each call.
+# bitsandbytes 0.50.2, deepspeed 0.19.8, hjson; .whl/c = .whl/b without deepspeed and hjson, plus
+# transformers, pydantic, sqlite-utils and openai-harmony (what the GPU tests and benches need);
+# .whl/d = xgrammar, apache-tvm-ffi, quicktok-v1 (with c: grading). Carried wheels are stashed in
+# /root/stash (kept while the machine is warm) and installed again each call.
 set -u -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+case "${1:-}" in grading|tests|train20|train120) ;; *) echo "usage: $0 grading|tests|train20|train120"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stash
 for d in .whl/a .whl/b .whl/c .whl/d; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
 python3 -m pip install -q --no-deps --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -v -i warning | tail -3
@@ -23,12 +24,12 @@ nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 case "${1:-}" in
 tests)
   # Packed and compiled paths' loss and gradients against the reference (issue 15 item 5), verbose
-  # so a cut run still says which test it was in.
-  timeout 230 python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_gpu_packing.py 2>&1 \
-    | tee "$OUT/test_gpu_packing.log" | grep -E "PASS|FAIL|ERROR|passed|failed|Error" | tail -12
+  # so a cut run still says which test it was in, with each test's time.
+  timeout 280 python3 -m pytest -v --tb=short --durations=0 -p no:cacheprovider tests/test_gpu_packing.py 2>&1 \
+    | tee "$OUT/test_gpu_packing.log" | grep -E "PASS|FAIL|ERROR|passed|failed|Error|^[0-9.]+s " | tail -20
   echo "## $(date -u +%T) packing done"
   timeout 260 python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_gpu_fast_path.py 2>&1 \
-    | tee "$OUT/test_gpu_fast_path.log" | grep -E "PASS|FAIL|ERROR|passed|failed|Error|assert" | tail -40
+    | tee "$OUT/test_gpu_fast_path.log" | grep -E "PASS|FAIL|ERROR|passed|failed|^E " | tail -40
   echo "## $(date -u +%T) fast path done"
   ;;
 grading)
@@ -41,31 +42,22 @@ grading)
     > "$OUT/grading_20b_profile.txt" 2>&1; head -c 5000 "$OUT/grading_20b_profile.txt" | tail -c 3500
   echo "## $(date -u +%T) grading done"
   ;;
-train)
-  # 20b bf16 toward 24k tokens/s at <= 44 GiB (issue 15), same-run stock row.
-  timeout 240 python3 bench/gpu_lora_bench.py --name h200_round2 --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
-    --loras attention,attention+experts --impls stock,project --stock-batches 4 --batches 4,8 \
-    --recompute full+compile --compile-batches 4,8 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 200 \
-    2>&1 | tee "$OUT/bench_20b.log" | grep -E "^ROW|Error" | cut -c1-400
+train20)
+  # 20b bf16 toward 24k tokens/s at <= 44 GiB (attention) and 18k (attention + experts), same-run
+  # stock row; the expert rows ran eager inside their compiled layers until 9dc229f (8.3k).
+  timeout 280 python3 bench/gpu_lora_bench.py --name h200_round2b --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
+    --loras attention+experts,attention --impls stock,project --stock-batches 4 --batches 4,8 \
+    --recompute full+compile --compile-batches 4,8 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 240 \
+    2>&1 | tee "$OUT/bench_20b.log" | grep -E "^ROW|Error" | cut -c1-420
   echo "## $(date -u +%T) bench done"
   ;;
-again)
-  timeout 330 python3 -m pytest -v --tb=short --durations=0 -p no:cacheprovider tests/test_gpu_packing.py 2>&1 \
-    | tee "$OUT/test_gpu_packing.log" | grep -E "PASS|FAIL|ERROR|passed|failed|Error|^[0-9.]+s " | tail -30
-  echo "## $(date -u +%T) packing done"
-  timeout 120 python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_gpu_fast_path.py -k fused_expert 2>&1 \
-    | tee "$OUT/test_gpu_fused.log" | grep -E "PASS|FAIL|ERROR|passed|failed|Error|assert" | tail -12
-  echo "## $(date -u +%T) fused done"
-  ;;
-rows)
-  timeout 200 python3 bench/gpu_lora_bench.py --name h200_round2_reset --out "$OUT/h200_20b_experts.json" --shapes 20b \
-    --seqs 2048 --loras attention+experts --impls project --batches 4,8 --recompute full+compile \
-    --compile-batches 4,8 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 170 2>&1 | tee "$OUT/bench_20b_experts.log" \
-    | grep -E "^ROW|Error" | cut -c1-420
+train120)
+  # 120b NF4 experts within 65 GiB (>= 8k tokens/s wanted): compiled layers with the NF4 GEMM as a
+  # custom op (93aa8ff) against eager, batch 4 and 6.
+  timeout 330 python3 bench/gpu_lora_bench.py --name h200_nf4b --out "$OUT/h200_120b.json" --shapes 120b --seqs 2048 \
+    --loras attention --impls project --batches 4,6 --recompute full+compile,full --compile-batches 4,6 \
+    --mem-limit-gib 65 --steps 4 --warmup 2 --budget-s 290 2>&1 | tee "$OUT/bench_120b.log" | grep -E "^ROW|Error" | cut -c1-420
   echo "## $(date -u +%T) bench done"
-  timeout 150 python3 bench/grading_speed.py --gpt-oss-20b-shaped --skip-model --unit submission --decoding constrained \
-    --n 64 --batch-sizes 64 --max-new-tokens 256 --out "$OUT" 2>&1 | tee "$OUT/grading_20b.log" | tail -3
-  echo "## $(date -u +%T) grading done"
   ;;
-*) echo "usage: $0 grading|tests|train|again|rows"; exit 2;;
+*) echo "usage: $0 grading|tests|train20|train120"; exit 2;;
 esac
