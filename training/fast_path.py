@@ -469,8 +469,12 @@ def _nf4_gmm_eager(x, store, offs, dtype):
 # there (torch.compiler.disable) sits inside the layer's activation checkpointing since
 # transformers 5.24 and runs the whole layer eager.  The store goes in as its buffers (graph inputs,
 # the same for every layer of a shape, so one compiled graph serves them all) plus its chunk layout
-# as ints.  Per chunk: q, code, absmax, then offset, s2absmax, s2code when nested.
+# as ints (_NF4_META per chunk).
 _NF4_META = ("e0", "e1", "nested", "blocksize", "blocksize2", "numel")
+
+
+def _chunk_buffers(nested: bool) -> tuple[str, ...]:
+    return ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if nested else ())
 
 
 class _StoreView:
@@ -488,8 +492,7 @@ class _StoreView:
             m = dict(zip(_NF4_META, meta[c * len(_NF4_META):(c + 1) * len(_NF4_META)]))
             m["nested"], m["quant_type"] = bool(m["nested"]), "nf4"
             m["blocksize2"] = m["blocksize2"] if m["nested"] else None
-            names = ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if m["nested"] else ())
-            for n in names:
+            for n in _chunk_buffers(m["nested"]):
                 setattr(self, f"{n}{c}", next(it))
             self.meta.append(m)
 
@@ -499,8 +502,7 @@ def _store_args(store):
     for c, m in enumerate(store.meta):
         if m["quant_type"] != "nf4":
             return None
-        names = ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if m["nested"] else ())
-        bufs += [getattr(store, f"{n}{c}") for n in names]
+        bufs += [getattr(store, f"{n}{c}") for n in _chunk_buffers(m["nested"])]
         meta += [int(m[k] or 0) for k in _NF4_META]
     return bufs, meta, list(store.shape)
 
