@@ -702,7 +702,10 @@ def _rubric_from_graded(name: str, prefix: str, rec: dict) -> Rubric:
     # The total matters only to items without a max_score of their own (they share what it leaves).
     maxes = [it.get("max_score") if isinstance(it, dict) else None for it in items] if isinstance(items, list) else []
     if maxes and all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in maxes):
-        shape["max_score"] = sum(maxes)
+        try:  # a 400-digit JSON integer next to a float overflows the sum: validation names the field
+            shape["max_score"] = sum(maxes)
+        except OverflowError:
+            shape["max_score"] = 0
     elif "max_score" in rec:
         shape["max_score"] = rec["max_score"]
     try:
