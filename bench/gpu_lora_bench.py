@@ -36,7 +36,7 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch._dynamo  # noqa: E402  (configure() resets its cache per row)
+import torch._dynamo  # configure() resets its cache per row
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -409,54 +409,57 @@ def _in_backward() -> bool:
 NF4_KEEP_MAX_BYTES = int(1.1 * 2**30)
 
 
+def _row_bounds(offs: torch.Tensor) -> list[int]:
+    return [0] + [int(v) for v in offs.tolist()]  # host row boundaries: one sync per GEMM
+
+
+def _counts(bounds: list[int], e0: int, e1: int) -> list[int]:
+    return [bounds[e + 1] - bounds[e] for e in range(e0, e1)]
+
+
+def _nf4_chunked_gmm(x, store, offs, bounds, dtype, *, transposed=False, kept=None, keep=False):
+    """x @ W_e (W_e^T when ``transposed``) with W dequantized from NF4 one packed chunk of experts
+    at a time; chunks no row was routed to are not dequantized at all.  A chunk's weight comes from
+    ``kept`` when given (emptied as used), else is dequantized and dropped after its GEMM unless
+    ``keep``.  Returns (output, the per-chunk weights kept or None)."""
+    y = x.new_empty((x.shape[0], store.shape[-2] if transposed else store.shape[-1]))  # chunks cover every row
+    out_kept = [] if keep else None
+    for ci, (e0, e1) in enumerate(store.chunk_ranges()):
+        r0, r1 = bounds[e0], bounds[e1]
+        w = None
+        if r1 > r0:
+            w = kept[ci] if kept is not None else store.dequantize_chunk(ci, dtype)
+            if kept is not None:
+                kept[ci] = None
+            y[r0:r1] = gmm(x[r0:r1], w.transpose(-2, -1) if transposed else w, offs[e0:e1] - r0,
+                           _counts(bounds, e0, e1))
+        if keep:
+            out_kept.append(w)
+        del w
+    return y, out_kept
+
+
 class _FrozenNF4GMM(torch.autograd.Function):
     """x @ W_e with W dequantized from NF4 one packed chunk of experts at a time (the store's
     chunks: <= 2**28 weights, 512 MiB in bf16), forward and backward, so at most one chunk's bf16
-    copy exists (plus the kept weight, see NF4_KEEP_MAX_BYTES); chunks with no routed rows are
-    not dequantized at all."""
+    copy exists (plus the kept weight, see NF4_KEEP_MAX_BYTES)."""
 
     @staticmethod
     def forward(ctx, x, store, offs, dtype):
-        bounds = [0] + [int(v) for v in offs.tolist()]  # host row boundaries: one sync per GEMM
+        bounds = _row_bounds(offs)
         keep = (_in_backward() and NF4_KEEP_MAX_BYTES > 0
                 and store.logical_numel * torch.empty((), dtype=dtype).element_size() <= NF4_KEEP_MAX_BYTES)
-        y = x.new_empty((x.shape[0], store.shape[-1]))
-        kept = []
-        for ci, (e0, e1) in enumerate(store.chunk_ranges()):
-            r0, r1 = bounds[e0], bounds[e1]
-            if r1 == r0:
-                kept.append(None)
-                continue
-            w = store.dequantize_chunk(ci, dtype)
-            y[r0:r1] = gmm(x[r0:r1], w, offs[e0:e1] - r0, _counts(bounds, e0, e1))
-            kept.append(w if keep else None)
-            del w
+        y, ctx.kept = _nf4_chunked_gmm(x, store, offs, bounds, dtype, keep=keep)
         ctx.store, ctx.dtype, ctx.bounds = store, dtype, bounds
-        ctx.kept = kept if keep else None
         ctx.save_for_backward(offs)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (offs,) = ctx.saved_tensors
-        bounds, kept = ctx.bounds, ctx.kept
-        ctx.kept = None
-        dy = dy.contiguous()
-        dx = dy.new_empty((dy.shape[0], ctx.store.shape[-2]))
-        for ci, (e0, e1) in enumerate(ctx.store.chunk_ranges()):
-            r0, r1 = bounds[e0], bounds[e1]
-            if r1 == r0:
-                continue
-            w = kept[ci] if kept is not None else ctx.store.dequantize_chunk(ci, ctx.dtype)
-            if kept is not None:
-                kept[ci] = None
-            dx[r0:r1] = gmm(dy[r0:r1], w.transpose(-2, -1), offs[e0:e1] - r0, _counts(bounds, e0, e1))
-            del w
+        kept, ctx.kept = ctx.kept, None
+        dx, _ = _nf4_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.bounds, ctx.dtype, transposed=True, kept=kept)
         return dx, None, None, None
-
-
-def _counts(bounds: list[int], e0: int, e1: int) -> list[int]:
-    return [bounds[e + 1] - bounds[e] for e in range(e0, e1)]
 
 
 @torch.compiler.disable
@@ -510,19 +513,9 @@ def _store_args(store):
 @torch.library.custom_op("grader::nf4_gmm", mutates_args=())
 def _nf4_gmm_op(x: torch.Tensor, offs: torch.Tensor, bufs: list[torch.Tensor], meta: list[int],
                 shape: list[int], dtype: torch.dtype, transposed: bool) -> torch.Tensor:
-    """x @ W_e (transposed: x @ W_e^T, the backward's GEMM) chunk by chunk, as _FrozenNF4GMM."""
+    """x @ W_e (transposed: x @ W_e^T, the backward's GEMM), chunk by chunk as _FrozenNF4GMM."""
     store = _StoreView(bufs, meta, shape)
-    bounds = [0] + [int(v) for v in offs.tolist()]
-    y = x.new_empty((x.shape[0], shape[-2] if transposed else shape[-1]))  # chunks cover every row
-    for ci, (e0, e1) in enumerate(store.chunk_ranges()):
-        r0, r1 = bounds[e0], bounds[e1]
-        if r1 == r0:
-            continue
-        w = store.dequantize_chunk(ci, dtype)
-        y[r0:r1] = gmm(x[r0:r1].contiguous(), w.transpose(-2, -1) if transposed else w, offs[e0:e1] - r0,
-                       _counts(bounds, e0, e1))
-        del w
-    return y
+    return _nf4_chunked_gmm(x.contiguous(), store, offs, _row_bounds(offs), dtype, transposed=transposed)[0]
 
 
 @_nf4_gmm_op.register_fake
@@ -573,11 +566,18 @@ def _expert_linear(experts, name: str, x, offs, counts, ids_sorted, lora: dict):
 
 
 @torch.library.custom_op("grader::dense_factor", mutates_args=())
-def _dense_factor_op(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dense_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A LoRA factor copied to a new dense (E, K, N) tensor for grouped_mm.  A custom op, opaque to
+    inductor: inside a compiled layer inductor dropped a plain ``.contiguous()`` copy and handed
+    grouped_mm the permuted view of PEFT's lora_B, which grouped_mm rejects ("Invalid
+    strides/sizes", 20b bench on the H200).  Not ``torch.compiler.disable``: since transformers
+    5.24 checkpoints a layer's ``forward`` inside the compiled call, a graph break there ran the
+    whole recomputed layer eager (20b attention + expert LoRA: 8.3k tokens/s compiled, as
+    uncompiled; the dynamo log names this break inside ``torch.utils.checkpoint``)."""
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
-@_dense_factor_op.register_fake
+@_dense_factor.register_fake
 def _(t, dtype):
     return torch.empty(t.shape, dtype=dtype, device=t.device)
 
@@ -590,18 +590,7 @@ def _dense_factor_backward(ctx, grad):
     return grad.to(ctx.in_dtype), None
 
 
-_dense_factor_op.register_autograd(_dense_factor_backward, setup_context=_dense_factor_setup)
-
-
-def _dense_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A LoRA factor copied to a new dense (E, K, N) tensor for grouped_mm.  A custom op, opaque to
-    inductor: inside a compiled layer inductor dropped a plain ``.contiguous()`` copy and handed
-    grouped_mm the permuted view of PEFT's lora_B, which grouped_mm rejects ("Invalid
-    strides/sizes", 20b bench on the H200).  Not ``torch.compiler.disable``: since transformers
-    5.24 checkpoints a layer's ``forward`` inside the compiled call, a graph break there ran the
-    whole recomputed layer eager (20b attention + expert LoRA: 8.3k tokens/s compiled, as
-    uncompiled; the dynamo log names this break inside ``torch.utils.checkpoint``)."""
-    return _dense_factor_op(t, dtype)
+_dense_factor.register_autograd(_dense_factor_backward, setup_context=_dense_factor_setup)
 
 
 def moe_forward(experts_module, hidden_states, router_indices, routing_weights):
