@@ -21,6 +21,9 @@ dense bf16 datasheet; ~790 measured).  Every row carries the first-step loss on 
     python bench/gpu_lora_bench.py --shapes 120b --loras attention --impls project --batches 4,8,2 \
         --recompute full+compile,full --compile-batches 4,8,2 --mem-limit-gib 65
 Rows go to bench/results/<name>.json (appended/replaced by key), a table is printed at the end.
+``--profile-dir D``: after each timed row one more step runs under torch.profiler; the row gets the
+GPU time by kernel family (GEMMs, flex attention, inductor's fused kernels, copies) and its top
+kernels, and D/<row>.txt the whole table.
 """
 from __future__ import annotations
 
@@ -174,6 +177,61 @@ def cuda_ok(params):
     return all(p.device.type == "cuda" for p in params)
 
 
+# Kernel families of a profiled step (name substrings, first match wins).
+# Inductor names its template kernels triton_tem_*: in these graphs that is flex attention.
+KERNEL_FAMILIES = (("flex_attention", ("flex_attention", "flex_decoding", "triton_tem")),
+                   ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "grouped_mm", "sm90_", "cublas", "wgmma")),
+                   ("inductor_fused", ("triton_",)),
+                   ("nf4_dequant", ("dequant", "kDequantize")),
+                   ("copy_cat_index", ("copy", "cat", "index", "gather", "scatter", "elementwise", "reduce")))
+
+
+def profile_step(pm, impl, batch, out_path: Path, top: int = 40) -> dict:
+    """One more step under torch.profiler: where the GPU time goes, by kernel family and the top
+    kernels (on a CPU run: the CPU ops); the full table is written to ``out_path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = batch["input_ids"].device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    sync()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        loss = pm(**batch).loss if impl == "stock" else fast_path.compute_loss(pm, batch)[0]
+        loss.backward()
+        sync()
+    wall = time.perf_counter() - t
+    for p in params:
+        p.grad = None
+    kernels = []
+    for ev in prof.key_averages():
+        if cuda:
+            on_device = "CUDA" in str(getattr(ev, "device_type", ""))
+            ms = (getattr(ev, "self_device_time_total", None) or ev.self_cuda_time_total) / 1e3 if on_device else 0
+        else:
+            ms = ev.self_cpu_time_total / 1e3
+        if ms:
+            kernels.append((ev.key, ms, ev.count))
+    kernels.sort(key=lambda k: -k[1])
+    fam: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        low = name.lower()
+        f = next((f for f, keys in KERNEL_FAMILIES if any(k.lower() in low for k in keys)), "other")
+        fam[f] = fam.get(f, 0.0) + ms
+    busy = sum(fam.values())
+    with open(out_path, "w") as fh:
+        fh.write(f"wall {wall*1e3:.1f} ms (forward + backward, profiled), {'GPU kernels' if cuda else 'CPU ops'} "
+                 f"{busy:.1f} ms\n")
+        for f, ms in sorted(fam.items(), key=lambda kv: -kv[1]):
+            fh.write(f"  {f:16} {ms:9.1f} ms {100*ms/max(busy, 1e-9):5.1f}%\n")
+        fh.write("\n".join(f"{ms:9.2f} ms {n:6d}x  {name[:160]}" for name, ms, n in kernels[:top]) + "\n\n")
+        fh.write(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                           row_limit=60))
+    return {"wall_ms": round(wall * 1e3, 1), "busy_ms": round(busy, 1),
+            "families_ms": {f: round(ms, 1) for f, ms in sorted(fam.items(), key=lambda kv: -kv[1])},
+            "top": [[name[:120], round(ms, 2), n] for name, ms, n in kernels[:12]]}
+
+
 def time_config(pm, impl, batch, steps, warmup, init_state):
     load_lora_state(pm, init_state)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -231,6 +289,9 @@ def main(argv=None):
                     help="a recomputed layer keeps a dequantized expert tensor up to this size for its backward "
                          "(training.fast_path.NF4_KEEP_MAX_BYTES; default 1.1; 0 never)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile-dir", default=None,
+                    help="after each timed row, profile one more step (torch.profiler): kernel families and the "
+                         "top kernels in the row, the full table to <dir>/<row>.txt")
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args(argv)
 
@@ -311,6 +372,14 @@ def main(argv=None):
                                            step_s=round(med, 4), first_step_s=round(times[0], 2), applied=applied,
                                            flops_per_token=mult * act, active_params=act,
                                            losses=[round(x, 4) for x in losses])
+                                if a.profile_dir:
+                                    pdir = Path(a.profile_dir)
+                                    pdir.mkdir(parents=True, exist_ok=True)
+                                    tag = f"{shape}_{lora}_{impl}_{rc}_bs{bs}".replace("+", "_")
+                                    try:  # a profiler failure must not lose the row's timing
+                                        row["profile"] = profile_step(pm, impl, batch, pdir / f"{tag}.txt")
+                                    except Exception as e:
+                                        row["profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
                             except torch.OutOfMemoryError as e:
                                 row.update(tokens_per_s=None, peak_gib=None, mfu=None, error="OOM: " + str(e)[:200])
                             except Exception as e:  # record and go on: one broken variant must not lose the run

@@ -23,14 +23,15 @@ nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 
 case "${1:-}" in
 tests)
-  # Packed and compiled paths' loss and gradients against the reference (issue 15 item 5), verbose
-  # so a cut run still says which test it was in, with each test's time.
-  timeout 280 python3 -m pytest -v --tb=short --durations=0 -p no:cacheprovider tests/test_gpu_packing.py 2>&1 \
+  # The custom ops first (compiled expert LoRA and compiled NF4 GEMMs against stock / eager, on the
+  # GPU), then packed and compiled paths' loss and gradients against the reference (issue 15 item
+  # 5), verbose so a cut run still says which test it was in, with each test's time.
+  timeout ${FAST_S:-200} python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_gpu_fast_path.py \
+    -k "compile or nf4 or fused" 2>&1 | tee "$OUT/test_gpu_fast_path.log" | grep -E "PASS|FAIL|ERROR|passed|failed|^E " | tail -40
+  echo "## $(date -u +%T) fast path done"
+  timeout ${PACK_S:-300} python3 -m pytest -v --tb=short --durations=0 -p no:cacheprovider tests/test_gpu_packing.py 2>&1 \
     | tee "$OUT/test_gpu_packing.log" | grep -E "PASS|FAIL|ERROR|passed|failed|Error|^[0-9.]+s " | tail -20
   echo "## $(date -u +%T) packing done"
-  timeout 260 python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_gpu_fast_path.py 2>&1 \
-    | tee "$OUT/test_gpu_fast_path.log" | grep -E "PASS|FAIL|ERROR|passed|failed|^E " | tail -40
-  echo "## $(date -u +%T) fast path done"
   ;;
 grading)
   # GPT-OSS-20b-shaped whole grades, constrained, 64 at once (issue 14: >= 400/min), under cProfile
@@ -45,18 +46,21 @@ grading)
 train20)
   # 20b bf16 toward 24k tokens/s at <= 44 GiB (attention) and 18k (attention + experts), same-run
   # stock row; the expert rows ran eager inside their compiled layers until 9dc229f (8.3k).
-  timeout 280 python3 bench/gpu_lora_bench.py --name h200_round2b --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
+  timeout 330 python3 bench/gpu_lora_bench.py --name h200_round2b --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
     --loras attention+experts,attention --impls stock,project --stock-batches 4 --batches 4,8 \
-    --recompute full+compile --compile-batches 4,8 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 240 \
+    --recompute full+compile --compile-batches 4,8 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 280 \
+    --profile-dir "$OUT/profiles" \
     2>&1 | tee "$OUT/bench_20b.log" | grep -E "^ROW|Error" | cut -c1-420
+  head -12 "$OUT"/profiles/*.txt 2>/dev/null | cut -c1-200
   echo "## $(date -u +%T) bench done"
   ;;
 train120)
   # 120b NF4 experts within 65 GiB (>= 8k tokens/s wanted): compiled layers with the NF4 GEMM as a
   # custom op (93aa8ff) against eager, batch 4 and 6.
-  timeout 330 python3 bench/gpu_lora_bench.py --name h200_nf4b --out "$OUT/h200_120b.json" --shapes 120b --seqs 2048 \
+  timeout 360 python3 bench/gpu_lora_bench.py --name h200_nf4b --out "$OUT/h200_120b.json" --shapes 120b --seqs 2048 \
     --loras attention --impls project --batches 4,6 --recompute full+compile,full --compile-batches 4,6 \
-    --mem-limit-gib 65 --steps 4 --warmup 2 --budget-s 290 2>&1 | tee "$OUT/bench_120b.log" | grep -E "^ROW|Error" | cut -c1-420
+    --mem-limit-gib 65 --steps 4 --warmup 2 --budget-s 310 --profile-dir "$OUT/profiles" 2>&1 | tee "$OUT/bench_120b.log" | grep -E "^ROW|Error" | cut -c1-420
+  head -12 "$OUT"/profiles/*.txt 2>/dev/null | cut -c1-200
   echo "## $(date -u +%T) bench done"
   ;;
 *) echo "usage: $0 grading|tests|train20|train120"; exit 2;;
