@@ -5,9 +5,11 @@ Needs CUDA (skipped elsewhere; tests/test_packing.py proves packed == unpacked o
 fp32 to 1e-5). In bf16 the packed and the unpacked runs round differently (other matmul shapes,
 other flex blocks, positions in other columns), so neither equals the other bit for bit. Each is
 judged against one fp32 CPU reference of the unpacked batches with the same weights: packing
-passes when its error is within twice the unpacked bf16 run's own error (or within the bf16
-floor below). A mask that lets examples see each other, or positions that do not restart, moves
-the loss by far more (checked: the same rows with a plain causal mask).
+passes when it is no further from it than the unpacked bf16 run (tests/bf16_judge.py: the loss
+within 2x, all LoRA gradients together within 2x, each tensor within 3x, or within the bf16
+floors below). A mask that lets examples see each other moves the gradients by far more
+(checked: the same rows with a plain causal mask; on the CPU in fp32 that moves all LoRA
+gradients together by 79-104% while the loss of the submission unit moves by only 1e-3).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from data.prompt_format import EncodedExample, ScoreExample
+from tests.bf16_judge import assert_grads_no_further, assert_loss_no_further, whole_rel
 from inference.score_head import collate_scores, score_log_probs, soft_cross_entropy
 from training import fast_path
 from training.config import RunConfig
@@ -103,10 +106,6 @@ def grads(model):
             if "lora_" in n and p.grad is not None}
 
 
-def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
 # Eager layers for every unit and LoRA target; compiled layers once, on the product's default unit
 # with the most code inside the compiled layer (expert LoRA). A compiled case recompiles for each
 # mask variant it builds (unpacked, packed, leaky; the dynamo log shows create_block_mask and
@@ -149,12 +148,8 @@ def test_packed_rows_match_unpacked_on_the_fast_path(unit, experts, compiled):
         model.zero_grad()
         l_packed = packed(model, exs, unit, rows)
         g_packed = grads(model)
-        r = ref
-        assert abs(l_packed - r) <= max(2 * abs(l_unpacked - r), LOSS_FLOOR * abs(r)), (r, l_unpacked, l_packed)
-        assert g_packed.keys() == g_unpacked.keys() == g_ref.keys() and g_ref
-        for k in g_ref:
-            err_u = rel(g_unpacked[k], g_ref[k])
-            assert rel(g_packed[k], g_ref[k]) <= max(2 * err_u, GRAD_FLOOR), (k, err_u, rel(g_packed[k], g_ref[k]))
+        assert_loss_no_further(ref, l_unpacked, l_packed, LOSS_FLOOR)
+        assert_grads_no_further(g_ref, g_unpacked, g_packed, GRAD_FLOOR, whole=2.0)
     if compiled:  # compiled graphs ran (errors would have fallen back to eager silently)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
@@ -162,8 +157,9 @@ def test_packed_rows_match_unpacked_on_the_fast_path(unit, experts, compiled):
         fast_path.compile_layers(model, enable=False)
         return  # the leaky control needs no compiled layers (and would compile them once more)
     model.zero_grad()
-    l_leaky = packed(model, exs, unit, rows, leaky=True)
-    assert abs(l_leaky - ref) > 5 * abs(l_packed - ref), (ref, l_packed, l_leaky)
+    packed(model, exs, unit, rows, leaky=True)
+    leak, err = whole_rel(grads(model), g_ref), whole_rel(g_packed, g_ref)
+    assert leak > max(3 * err, 0.3), (leak, err)  # the test sees a leaking mask
 
 
 def test_compiled_layers_do_not_recompile_for_each_new_packing():
