@@ -24,14 +24,13 @@ Two entry points the training engine calls:
     (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths) unless
     ``quant_experts.DEQUANT_BACKEND = "bnb"``.
   - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
-    default) and the experts are bf16; errors fall back to eager.  ``compile_layers()`` also
-    compiles layers with NF4 experts, their NF4 grouped GEMM one opaque custom op in the graph (it
-    reads the routed row counts on the host and calls its own kernel), but ``apply`` does not yet:
-    measured on the H200 it gained nothing while that GEMM was a graph break, which (inside the
-    layer's activation checkpointing, transformers 5.24) ran the whole layer eager; not measured
-    since.  The biggest single win measured on the H200 with bf16 experts (attention LoRA 9.4k ->
-    17.5k tokens/s; + expert LoRA 8.5k -> 14.2k on transformers 5.17, 8.3k on 5.24 until the same
-    kind of graph break was removed; see BENCHMARKS.md).
+    default); errors fall back to eager.  With NF4 experts the NF4 grouped GEMM is one opaque custom
+    op in the layer's graph (it reads the routed row counts on the host and calls its own kernels).
+    The biggest single win measured on the H200: bf16 experts, attention LoRA 9.4k -> 17.0-17.5k
+    tokens/s, + expert LoRA 8.3k -> 15.2k; 120b shape with NF4 experts 4.3k -> 7.0k (batch 4) and
+    4.8k -> 8.3k (batch 6, 64.4 GiB).  Each had first run eager inside its "compiled" layers while
+    a graph break sat inside the layer's activation checkpointing (transformers 5.24); see
+    BENCHMARKS.md.
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
     positions that carry labels are projected at all.
@@ -102,11 +101,9 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
             applied.append("fused_expert_lora")
     if on_cuda and fused_ce_supported(model):
         applied.append("fused_ce")
-    # Compiled: bf16 experts with attention LoRA and with expert LoRA (both checked on the H200
-    # against stock).  NF4 experts stay eager: compiled around their eager grouped GEMMs (_nf4_gmm;
-    # compile_layers() still does it when called) the 120b shape ran no faster on the H200 (4,501
-    # vs 4,594 tokens/s at batch 4, 5,474 vs 5,484 at batch 8) and its first step took 32-37 s more.
-    if on_cuda and mtype == "gpt_oss" and cfg.compile_layers and not quant_experts.is_quantized(lm):
+    # Compiled: bf16 and NF4 experts, attention and expert LoRA (H200: 1.6-1.8x eager; the first
+    # step compiles for 20-40 s).
+    if on_cuda and mtype == "gpt_oss" and cfg.compile_layers:
         if compile_layers(lm):
             applied.append("compile_layers")
     return applied
@@ -124,8 +121,8 @@ def compile_layers(model: torch.nn.Module, enable: bool = True) -> bool:
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True
-        # room for one entry per layer (120b: 36; frames that guard on the layer's modules, e.g.
-        # the resumed parts around the eager NF4 GEMMs, may compile per layer) and a few shapes
+        # room for one entry per layer (120b: 36; frames that guard on the layer's modules may
+        # compile per layer) and a few shapes
         for name, least in (("cache_size_limit", 128), ("accumulated_cache_size_limit", 1024)):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), least))
@@ -603,13 +600,13 @@ def moe_forward(experts_module, hidden_states, router_indices, routing_weights):
     flat = router_indices.reshape(-1)
     ids_sorted, perm = torch.sort(flat)
     x = hidden_states[perm // k]
-    if hidden_states.device.type == "cuda":
-        cnt = torch.histc(ids_sorted.int(), bins=E, min=0, max=E - 1)
+    if _gmm_ok(x, x.new_empty((1, 16, 16))):  # grouped GEMMs: offsets stay on the device, no sync
+        # histc, not bincount: a fixed output shape, so compiled layers keep it in their graph
+        # (histc has no integer kernel on the CPU)
+        cnt = torch.histc(ids_sorted.int() if ids_sorted.is_cuda else ids_sorted.float(), bins=E, min=0, max=E - 1)
         offs = torch.cumsum(cnt, 0, dtype=torch.int32)
         counts = None
-        if not _gmm_ok(x, x.new_empty((1, 16, 16))):
-            counts = cnt.long().tolist()
-    else:
+    else:  # a matmul per expert: the host needs the counts
         cnt = torch.bincount(ids_sorted, minlength=E)
         counts = cnt.tolist()
         offs = torch.cumsum(cnt, 0).to(torch.int32)
