@@ -111,6 +111,31 @@ def test_compute_loss_equals_model_loss_and_counts_label_tokens():
     loss0.backward()
 
 
+def test_compiled_loss_chunk_equals_the_eager_one_for_any_row_count():
+    """The fused loss's per-chunk maths as CUDA runs it (compiled by inductor, rows dynamic: the last
+    chunk and packed label counts vary) against the eager in-place form: the same loss sum and the
+    same gradient w.r.t. the logits, with and without the gradient; one compiled graph per flag
+    serves every row count (no recompiling as the label count changes from batch to batch)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fused = torch.compile(fast_path._ce_chunk_fusable, dynamic=True)
+    g = torch.Generator().manual_seed(5)
+    for rows in (7, 64, 33, 50):
+        logits = (torch.randn(rows, 300, generator=g) * 3).to(DTYPE)
+        tc = torch.randint(0, 300, (rows,), generator=g)
+        for need in (True, False):
+            l_ref, g_ref = fast_path._ce_chunk_eager(logits.clone(), tc, need)
+            l_new, g_new = fused(logits, tc, need)
+            assert abs(float(l_new) - float(l_ref)) <= 1e-5 * abs(float(l_ref))
+            assert (g_new is None) == (not need)
+            if need:
+                assert g_new.dtype == logits.dtype
+                torch.testing.assert_close(g_new.float(), g_ref.float(), atol=1e-6, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # with and without the gradient
+
+
 def test_fast_path_loss_and_lora_grads_match_stock_attention_lora():
     pm = lora(tiny_gpt_oss(), experts=False)
     batch = batch_for(pm.config.vocab_size)
@@ -544,3 +569,16 @@ def test_compute_loss_passes_position_ids_on_both_paths():
     else:  # fp32: agreement ~1e-7, ten times tighter than what the positions change (~5e-5)
         assert abs(want - without) > 2e-5
         assert abs(plain - want) <= 2e-6 and abs(fused - want) <= 2e-6, (want, plain, fused, without)
+
+
+@pytest.mark.skipif(not CUDA, reason="TF32 is a CUDA setting")
+def test_tf32_for_the_lora_matmuls_only_on_a_half_precision_base():
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert "tf32_lora" not in fast_path.apply(tiny_gpt_oss(dtype=torch.float32))
+        assert not torch.backends.cuda.matmul.allow_tf32  # an fp32 run keeps fp32 matmuls
+        assert "tf32_lora" in fast_path.apply(tiny_gpt_oss())
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -31,6 +31,7 @@ Two entry points the training engine calls:
     4.8k -> 8.3k (batch 6, 64.4 GiB).  Each had first run eager inside its "compiled" layers while
     a graph break sat inside the layer's activation checkpointing (transformers 5.24); see
     BENCHMARKS.md.
+  - ``tf32_lora``: TF32 tensor cores for the fp32 LoRA matmuls when the base model is bf16/fp16.
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
     positions that carry labels are projected at all.
@@ -74,6 +75,12 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _half_precision_base(lm: torch.nn.Module) -> bool:
+    emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    return w is not None and w.dtype in (torch.bfloat16, torch.float16)
+
+
 def _model_type(model: torch.nn.Module) -> str | None:
     cfg = getattr(base_causal_lm(model), "config", None)
     return getattr(cfg, "model_type", None)
@@ -101,6 +108,14 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
             applied.append("fused_expert_lora")
     if on_cuda and fused_ce_supported(model):
         applied.append("fused_ce")
+    if on_cuda and _half_precision_base(lm):
+        # The LoRA factors train in fp32, so PEFT runs their matmuls in fp32, which without TF32
+        # are SIMT kernels: 8% of the GPU time of a 20b-shape step (H200 profile, BENCHMARKS.md).
+        # Their inputs are bf16 activations (exact in TF32); TF32 rounds the factors to 10 bits,
+        # finer than the bf16 base path's own rounding.  Only when the base weights are half
+        # precision: an fp32 run keeps fp32 matmuls.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        applied.append("tf32_lora")
     # Compiled: bf16 and NF4 experts, attention and expert LoRA (H200: 1.6-1.8x eager; the first
     # step compiles for 20-40 s).
     if on_cuda and mtype == "gpt_oss" and cfg.compile_layers:
@@ -163,20 +178,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             hc = h[s : s + chunk]
             tc = target[s : s + chunk]
-            logits = (hc @ weight.t()).float()  # same rounding as lm_head then .float() in the stock loss
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, tc[:, None]).squeeze(1)
-            total += (lse - picked).sum()
-            if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # in place: softmax
-                probs[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
-                g = probs.to(h.dtype)
+            loss, g = _ce_chunk(hc @ weight.t(), tc, need_h or need_w)
+            total += loss
+            if g is not None:
                 if need_h:
                     grad_h[s : s + chunk] = g @ weight
                 if need_w:
                     grad_w += (g.t() @ hc).float()
-                del g, probs
-            del logits
+                del g
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.need = (need_h, need_w)
         ctx.wdtype = weight.dtype
@@ -195,6 +204,57 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = saved.pop(0)
             gw = (t * grad_out).to(ctx.wdtype)
         return gh, gw, None, None
+
+
+def _ce_chunk_eager(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
+    """(sum of CE over the chunk's rows, d(sum)/d(logits) in the logits' dtype or None), from bf16
+    logits computed in fp32 (the stock loss's rounding: lm_head, then .float()); in place, so one
+    fp32 copy of the chunk exists."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, tc[:, None]).squeeze(1)).sum()
+    if not need_grad:
+        return loss, None
+    probs = x.sub_(lse[:, None]).exp_()  # softmax
+    probs[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+    return loss, probs.to(logits.dtype)
+
+
+def _ce_chunk_fusable(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
+    """The same maths written for inductor: one reduction pass and one pointwise pass over the bf16
+    logits, no fp32 copy of the chunk (eager, the comparison below would be a (rows x vocab) mask)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = (lse - x.gather(1, tc[:, None]).squeeze(1)).sum()
+    if not need_grad:
+        return loss, None
+    hit = torch.arange(x.shape[1], device=x.device)[None, :] == tc[:, None]
+    return loss, ((x - lse[:, None]).exp() - hit.to(x.dtype)).to(logits.dtype)
+
+
+_CE_COMPILED: dict = {}
+
+
+def _ce_chunk(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
+    """One chunk of the fused loss: compiled on CUDA (H200, 20b shape: the eager elementwise passes
+    over fp32 logits were ~4% of a step), eager elsewhere or if compiling fails."""
+    if not logits.is_cuda or _CE_COMPILED.get("failed"):
+        return _ce_chunk_eager(logits, tc, need_grad)
+    import torch._dynamo
+
+    fn = _CE_COMPILED.get("fn")
+    if fn is None:  # rows vary (the last chunk, packed label counts): one dynamic graph
+        fn = _CE_COMPILED["fn"] = torch.compile(_ce_chunk_fusable, dynamic=True)
+    try:  # errors must reach us (compile_layers turns suppress_errors on): eager, the fusable
+        # form would build a (rows x vocab) mask
+        with torch._dynamo.config.patch(suppress_errors=False):
+            return fn(logits, tc, need_grad)
+    except Exception as e:
+        import warnings
+
+        warnings.warn(f"compiled loss chunk failed ({type(e).__name__}: {e}); using the eager one")
+        _CE_COMPILED["failed"] = True
+        return _ce_chunk_eager(logits, tc, need_grad)
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
