@@ -232,6 +232,74 @@ def profile_step(pm, impl, batch, out_path: Path, top: int = 40) -> dict:
             "top": [[name[:120], round(ms, 2), n] for name, ms, n in kernels[:12]]}
 
 
+def _alloc_label(ev: dict) -> str:
+    """Where an allocation came from: the compiled graph's node when recorded, else the innermost
+    frames outside torch itself."""
+    ctx = ev.get("compile_context") or ""
+    frames = [f for f in ev.get("frames", []) if "/torch/" not in f.get("filename", "")]
+    where = " < ".join(f"{f.get('name')} {Path(f.get('filename', '?')).name}:{f.get('line')}" for f in frames[:2])
+    return (f"[{ctx}] " if ctx and ctx != "N/A" else "") + (where or "torch internals")
+
+
+def peak_live_allocations(trace: list[dict], top: int = 25) -> dict:
+    """Replay a CUDA allocator trace (alloc / free events): the largest total of live allocations and
+    what made it up, grouped by where each was allocated."""
+    def replay(events):
+        live, total, peak, peak_i = {}, 0, 0, -1
+        for i, ev in enumerate(events):
+            act = ev.get("action")
+            if act == "alloc":
+                live[ev["addr"]] = ev
+                total += ev["size"]
+            elif act in ("free_requested", "free_completed") and ev.get("addr") in live:
+                total -= live.pop(ev["addr"])["size"]
+            if total > peak:
+                peak, peak_i = total, i
+        return live, peak, peak_i
+
+    _, peak, peak_i = replay(trace)
+    live, _, _ = replay(trace[: peak_i + 1])
+    groups: dict[str, list[int]] = {}
+    for ev in live.values():
+        g = groups.setdefault(_alloc_label(ev), [0, 0])
+        g[0] += ev["size"]
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_gib": round(peak / 2**30, 3), "events": len(trace), "peak_at_event": peak_i,
+            "top": [[label[:300], round(b / 2**20, 1), n] for label, (b, n) in ranked]}
+
+
+def memory_peak_step(pm, impl, batch, out_path: Path) -> dict:
+    """One more step with the CUDA allocator's history on: at the step's peak, which allocations were
+    live (beyond what the step started with), by where they were made; written to ``out_path``."""
+    from torch.cuda import memory as cm
+    import inspect
+
+    kw = {"stacks": "python", "max_entries": 2_000_000}
+    if "compile_context" in inspect.signature(cm._record_memory_history).parameters:
+        kw["compile_context"] = True
+    params = [p for p in pm.parameters() if p.requires_grad]
+    torch.cuda.synchronize()
+    cm._record_memory_history(**kw)
+    try:
+        loss = pm(**batch).loss if impl == "stock" else fast_path.compute_loss(pm, batch)[0]
+        loss.backward()
+        torch.cuda.synchronize()
+        snap = cm._snapshot()
+    finally:
+        cm._record_memory_history(enabled=None)
+    for p in params:
+        p.grad = None
+    trace = [ev for dev in snap.get("device_traces", []) for ev in dev]
+    res = peak_live_allocations(trace)
+    with open(out_path, "w") as fh:
+        fh.write(f"peak of the step's own allocations {res['peak_gib']} GiB at event {res['peak_at_event']} "
+                 f"of {res['events']}\n")
+        fh.write("\n".join(f"{mib:9.1f} MiB {n:5d}x  {label}" for label, mib, n in res["top"]) + "\n")
+    res["top"] = res["top"][:10]
+    return res
+
+
 def time_config(pm, impl, batch, steps, warmup, init_state):
     load_lora_state(pm, init_state)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -289,6 +357,9 @@ def main(argv=None):
                     help="a recomputed layer keeps a dequantized expert tensor up to this size for its backward "
                          "(training.fast_path.NF4_KEEP_MAX_BYTES; default 1.1; 0 never)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--memory-peak", action="store_true",
+                    help="with --profile-dir on CUDA: one more step with the allocator's history on; what was live "
+                         "at the step's peak, by where it was allocated, to <dir>/<row>.mem.txt")
     ap.add_argument("--profile-dir", default=None,
                     help="after each timed row, profile one more step (torch.profiler): kernel families and the "
                          "top kernels in the row, the full table to <dir>/<row>.txt")
@@ -380,6 +451,11 @@ def main(argv=None):
                                         row["profile"] = profile_step(pm, impl, batch, pdir / f"{tag}.txt")
                                     except Exception as e:
                                         row["profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                                    if a.memory_peak and device.type == "cuda":
+                                        try:
+                                            row["memory_peak"] = memory_peak_step(pm, impl, batch, pdir / f"{tag}.mem.txt")
+                                        except Exception as e:
+                                            row["memory_peak"] = {"error": f"{type(e).__name__}: {e}"[:300]}
                             except torch.OutOfMemoryError as e:
                                 row.update(tokens_per_s=None, peak_gib=None, mfu=None, error="OOM: " + str(e)[:200])
                             except Exception as e:  # record and go on: one broken variant must not lose the run

@@ -5,18 +5,20 @@
 #   bash bench/h200_next.sh tests     # carry .whl/c: GPU tests of the packed, compiled and NF4 paths
 #   bash bench/h200_next.sh train20   # 20b bf16 rows: expert LoRA compiled since its graph break went
 #   bash bench/h200_next.sh train120  # 120b NF4 rows, eager vs compiled (the NF4 GEMM a custom op now)
+#   bash bench/h200_next.sh launcher20 # carry .whl/e: the h200-20b preset through the launcher, 24-layer twin
 # Wheels (BENCHMARKS.md, device notes; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
 # bitsandbytes 0.50.2, deepspeed 0.19.8, hjson; .whl/c = .whl/b without deepspeed and hjson, plus
 # transformers, pydantic, sqlite-utils and openai-harmony (what the GPU tests and benches need);
-# .whl/d = xgrammar, apache-tvm-ffi, quicktok-v1 (with c: grading). Carried wheels are stashed in
+# .whl/d = xgrammar, apache-tvm-ffi, quicktok-v1 (with c: grading); .whl/e = .whl/c without
+# bitsandbytes, plus deepspeed, hjson and quicktok-v1 (the launcher with a bf16 model, 25 MiB). Carried wheels are stashed in
 # /root/stash (kept while the machine is warm) and installed again each call.
 set -u -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-case "${1:-}" in grading|tests|train20|train120) ;; *) echo "usage: $0 grading|tests|train20|train120"; exit 2;; esac
+case "${1:-}" in grading|tests|train20|train120|launcher20) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stash
-for d in .whl/a .whl/b .whl/c .whl/d; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
+for d in .whl/a .whl/b .whl/c .whl/d .whl/e; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
 python3 -m pip install -q --no-deps --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -v -i warning | tail -3
 echo "## $(date -u +%T) installed: $(ls /root/stash | wc -l) wheels"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
@@ -49,7 +51,7 @@ train20)
   timeout 330 python3 bench/gpu_lora_bench.py --name h200_round2b --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
     --loras attention+experts,attention --impls stock,project --stock-batches 4 --batches 4,8 \
     --recompute full+compile --compile-batches 4,8 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 280 \
-    --profile-dir "$OUT/profiles" \
+    --profile-dir "$OUT/profiles" --memory-peak \
     2>&1 | tee "$OUT/bench_20b.log" | grep -E "^ROW|Error" | cut -c1-420
   head -12 "$OUT"/profiles/*.txt 2>/dev/null | cut -c1-200
   echo "## $(date -u +%T) bench done"
@@ -63,5 +65,17 @@ train120)
   head -12 "$OUT"/profiles/*.txt 2>/dev/null | cut -c1-200
   echo "## $(date -u +%T) bench done"
   ;;
-*) echo "usage: $0 grading|tests|train20|train120"; exit 2;;
+launcher20)
+  # What users run (#15 item 4, >= 20,000 real tokens/s): the h200-20b preset through the real
+  # deepspeed launcher on the full 24-layer 20b-layout twin (13.8 GB MXFP4, written here, ~27 s).
+  timeout 60 python3 bench/launcher_twin.py --shape 20b --out /root/twin24 2>&1 | tail -1
+  echo "## $(date -u +%T) twin"
+  export GRADER_CHECKPOINTS=/root/ckpt
+  timeout 300 python3 -m training run --preset h200-20b --set model=/root/twin24 --set max_steps=8 \
+    --set save_every_steps=8 --set eval_fraction=0 > "$OUT/launcher20.log" 2>&1; echo "rc=$?"
+  grep -E "loaded in|fast path|packing|step [0-9]+/|Error|error" "$OUT/launcher20.log" | cut -c1-300 | tail -16
+  f=$(ls -t /root/ckpt/*/train.log 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUT/launcher20_train.log"
+  echo "## $(date -u +%T) launcher done"
+  ;;
+*) echo "usage: $0 grading|tests|train20|train120|launcher20"; exit 2;;
 esac
