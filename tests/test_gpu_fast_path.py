@@ -473,6 +473,20 @@ def test_swiglu_in_row_chunks_equals_whole(monkeypatch):
     torch.testing.assert_close(outs[1][1], outs[0][1])
 
 
+def eager_run_then_fresh_dynamo(pm, batch):
+    """The project path with eager layers and full recomputation: (loss, grads); then an empty
+    dynamo cache and counters, for the compiled run that follows."""
+    import torch._dynamo
+
+    fast_path.apply(pm, RunConfig(compile_layers=False), force=True)
+    fast_path.set_recompute(pm, "full")
+    pm.train()
+    run = loss_and_grads(pm, batch, project)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return run
+
+
 @pytest.mark.parametrize("experts", [False, True], ids=["attention_lora", "expert_lora"])
 def test_compiled_layers_with_nf4_experts_match_eager_nf4(experts):
     """On a GPU apply() compiles the decoder layers with the NF4 grouped GEMM as a custom op inside.
@@ -499,12 +513,7 @@ def test_compiled_layers_with_nf4_experts_match_eager_nf4(experts):
                 p.copy_(own[n].float().cpu())
     l32, g32 = loss_and_grads(ref, batch_for(ref.config.vocab_size, device=torch.device("cpu")), stock)
     batch = batch_for(pm.config.vocab_size)
-    fast_path.apply(pm, RunConfig(compile_layers=False), force=True)
-    fast_path.set_recompute(pm, "full")
-    pm.train()
-    l_eager, g_eager = loss_and_grads(pm, batch, project)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    l_eager, g_eager = eager_run_then_fresh_dynamo(pm, batch)
     applied = fast_path.apply(pm, RunConfig(compile_layers=True), force=True)
     assert ("compile_layers" in applied) == CUDA
     for _ in range(2):
@@ -534,12 +543,7 @@ def test_compiled_nf4_layers_equal_eager_on_the_grouped_gemm_path(monkeypatch):
     nf4, _ = _nf4_and_dense_twin()
     pm = lora(nf4, experts=False, r=8)
     batch = batch_for(pm.config.vocab_size)
-    fast_path.apply(pm, RunConfig(compile_layers=False), force=True)
-    fast_path.set_recompute(pm, "full")
-    pm.train()
-    l_eager, g_eager = loss_and_grads(pm, batch, project)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    l_eager, g_eager = eager_run_then_fresh_dynamo(pm, batch)
     assert fast_path.compile_layers(pm)
     try:
         l_new, g_new = loss_and_grads(pm, batch, project)
