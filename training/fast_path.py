@@ -108,6 +108,7 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
             applied.append("fused_expert_lora")
     if on_cuda and fused_ce_supported(model):
         applied.append("fused_ce")
+        _CE_COMPILED["enabled"] = bool(cfg.compile_layers)  # compile_layers=false: nothing compiles
     if on_cuda and _half_precision_base(lm):
         # The LoRA factors train in fp32, so PEFT runs their matmuls in fp32, which without TF32
         # are SIMT kernels: 8% of the GPU time of a 20b-shape step (H200 profile, BENCHMARKS.md).
@@ -237,8 +238,9 @@ _CE_COMPILED: dict = {}
 
 def _ce_chunk(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
     """One chunk of the fused loss: compiled on CUDA (H200, 20b shape: the eager elementwise passes
-    over fp32 logits were ~4% of a step), eager elsewhere or if compiling fails."""
-    if not logits.is_cuda or _CE_COMPILED.get("failed"):
+    over fp32 logits were ~4% of a step), eager elsewhere, with ``compile_layers`` off, or if
+    compiling fails."""
+    if not logits.is_cuda or _CE_COMPILED.get("failed") or not _CE_COMPILED.get("enabled", True):
         return _ce_chunk_eager(logits, tc, need_grad)
     import torch._dynamo
 
