@@ -34,7 +34,8 @@ Two entry points the training engine calls:
   - ``tf32_lora``: TF32 tensor cores for the fp32 LoRA matmuls when the base model is bf16/fp16.
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
-    positions that carry labels are projected at all.
+    positions that carry labels are projected at all; with ``compile_layers`` each chunk's softmax
+    and gradient are one compiled kernel pair (no fp32 copy of the chunk).
 
 * ``compute_loss(model, batch) -> (mean loss over label tokens, n_label_tokens)``: the same value
   as ``model(**batch).loss`` (causal shift, ``-100`` ignored, mean over label tokens).  On CUDA it
