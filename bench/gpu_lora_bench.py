@@ -177,6 +177,11 @@ def cuda_ok(params):
     return all(p.device.type == "cuda" for p in params)
 
 
+def step_loss(pm, impl, batch):
+    """The row's loss: stock as shipped (model(..., labels=...).loss), or the project's fused loss."""
+    return pm(**batch).loss if impl == "stock" else fast_path.compute_loss(pm, batch)[0]
+
+
 # Kernel families of a profiled step (name substrings, first match wins).
 # Inductor names its template kernels triton_tem_*: in these graphs that is flex attention.
 KERNEL_FAMILIES = (("flex_attention", ("flex_attention", "flex_decoding", "triton_tem")),
@@ -197,7 +202,7 @@ def profile_step(pm, impl, batch, out_path: Path, top: int = 40) -> dict:
     sync()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        loss = pm(**batch).loss if impl == "stock" else fast_path.compute_loss(pm, batch)[0]
+        loss = step_loss(pm, impl, batch)
         loss.backward()
         sync()
     wall = time.perf_counter() - t
@@ -282,7 +287,7 @@ def memory_peak_step(pm, impl, batch, out_path: Path) -> dict:
     torch.cuda.synchronize()
     cm._record_memory_history(**kw)
     try:
-        loss = pm(**batch).loss if impl == "stock" else fast_path.compute_loss(pm, batch)[0]
+        loss = step_loss(pm, impl, batch)
         loss.backward()
         torch.cuda.synchronize()
         snap = cm._snapshot()
@@ -317,10 +322,7 @@ def time_config(pm, impl, batch, steps, warmup, init_state):
     for i in range(warmup + steps):
         sync()
         t = time.perf_counter()
-        if impl == "stock":
-            loss = pm(**batch).loss
-        else:
-            loss, _ = fast_path.compute_loss(pm, batch)
+        loss = step_loss(pm, impl, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

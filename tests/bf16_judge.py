@@ -16,7 +16,9 @@ import torch
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / (b.float().norm() + 1e-12))
+    """Relative (Frobenius) error of a against b, on the CPU in fp32 (a may sit on the GPU)."""
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).norm() / (b.norm() + 1e-12))
 
 
 def whole_rel(g: dict, ref: dict) -> float:
@@ -33,8 +35,8 @@ def assert_loss_no_further(l32: float, l_trusted: float, l_new: float, floor: fl
 def assert_grads_no_further(g32: dict, g_trusted: dict, g_new: dict, floor: float, *, whole: float = 1.5,
                             each: float = 3.0) -> None:
     assert g_new.keys() == g_trusted.keys() == g32.keys() and g32
-    trusted = whole_rel(g_trusted, g32)
-    assert whole_rel(g_new, g32) <= max(whole * trusted, floor), ("all LoRA grads", trusted, whole_rel(g_new, g32))
+    trusted, new = whole_rel(g_trusted, g32), whole_rel(g_new, g32)
+    assert new <= max(whole * trusted, floor), ("all LoRA grads", trusted, new)
     for k in g32:
-        err = rel(g_trusted[k].cpu(), g32[k])
-        assert rel(g_new[k].cpu(), g32[k]) <= max(each * err, floor), (k, err, rel(g_new[k].cpu(), g32[k]))
+        err, err_new = rel(g_trusted[k], g32[k]), rel(g_new[k], g32[k])
+        assert err_new <= max(each * err, floor), (k, err, err_new)

@@ -208,13 +208,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
+def _ce_sum(logits: torch.Tensor, tc: torch.Tensor):
+    """(fp32 logits, their logsumexp per row, the chunk's summed CE)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    return x, lse, (lse - x.gather(1, tc[:, None]).squeeze(1)).sum()
+
+
 def _ce_chunk_eager(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
     """(sum of CE over the chunk's rows, d(sum)/d(logits) in the logits' dtype or None), from bf16
     logits computed in fp32 (the stock loss's rounding: lm_head, then .float()); in place, so one
     fp32 copy of the chunk exists."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, tc[:, None]).squeeze(1)).sum()
+    x, lse, loss = _ce_sum(logits, tc)
     if not need_grad:
         return loss, None
     probs = x.sub_(lse[:, None]).exp_()  # softmax
@@ -225,9 +230,7 @@ def _ce_chunk_eager(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
 def _ce_chunk_fusable(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
     """The same maths written for inductor: one reduction pass and one pointwise pass over the bf16
     logits, no fp32 copy of the chunk (eager, the comparison below would be a (rows x vocab) mask)."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    loss = (lse - x.gather(1, tc[:, None]).squeeze(1)).sum()
+    x, lse, loss = _ce_sum(logits, tc)
     if not need_grad:
         return loss, None
     hit = torch.arange(x.shape[1], device=x.device)[None, :] == tc[:, None]
@@ -363,13 +366,18 @@ def _lora_factors(wrappers) -> dict:
     return out
 
 
+def _gmm_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """grouped_mm's layout rule: the rows of x and both matrix dims of w in 16-byte multiples."""
+    es = x.element_size()
+    return all((d * es) % 16 == 0 for d in (x.shape[-1], w.shape[-1], w.shape[-2]))
+
+
 def _gmm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type != "cuda" or not hasattr(F, "grouped_mm"):
         return False
     if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
         return False
-    es = x.element_size()
-    return (x.shape[-1] * es) % 16 == 0 and (w.shape[-1] * es) % 16 == 0 and (w.shape[-2] * es) % 16 == 0
+    return _gmm_aligned(x, w)
 
 
 def gmm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
