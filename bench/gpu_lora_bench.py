@@ -93,8 +93,8 @@ def build_random(cfg, device, dtype=torch.bfloat16, quant: str = "bf16", seed: i
             model = GptOssForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    if quant == "nf4":
-        qe.quantize_experts_nf4(model, compute_dtype=dtype, device=device, random_std=std, seed=seed)
+    if quant in qe.STORE_KINDS:  # nf4, mxfp4
+        qe.quantize_experts(model, quant, compute_dtype=dtype, device=device, random_std=std, seed=seed)
     qe._materialize_meta_buffers(model, cfg, torch.device(device))
     for name, mod in model.named_modules():
         if any(p.device.type == "meta" for p in mod.parameters(recurse=False)):
@@ -162,14 +162,14 @@ def configure(pm, impl: str, recompute):
 
 
 def weights_split(model) -> dict:
-    """GiB of weights held: experts (NF4 packed or bf16 3-D stacks) and everything else."""
+    """GiB of weights held: experts (packed NF4/MXFP4 or bf16 3-D stacks) and everything else."""
     rep = qe.memory_report(model)
     dense_experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                         if n.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") and p.dim() == 3)
     g = 2**30
     return {"weights_gib": round(rep["total_bytes"] / g, 2),
             "experts_gib": round((rep["expert_bytes"] + dense_experts) / g, 2),
-            "experts_format": "nf4" if rep["expert_bytes"] else "bf16",
+            "experts_format": rep["expert_format"] or "bf16",
             "rest_gib": round((rep["other_bytes"] - dense_experts) / g, 2)}
 
 
@@ -357,7 +357,7 @@ def main(argv=None):
                     help="NF4 dequantization on CUDA (training.quant_experts.DEQUANT_BACKEND; default torch)")
     ap.add_argument("--nf4-keep-gib", type=float, default=None,
                     help="a recomputed layer keeps a dequantized expert tensor up to this size for its backward "
-                         "(training.fast_path.NF4_KEEP_MAX_BYTES; default 1.1; 0 never)")
+                         "(training.fast_path.PACKED_KEEP_MAX_BYTES; default 1.1; 0 never)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--memory-peak", action="store_true",
                     help="with --profile-dir on CUDA: one more step with the allocator's history on; what was live "
@@ -372,7 +372,7 @@ def main(argv=None):
     if a.nf4_dequant:
         qe.DEQUANT_BACKEND = a.nf4_dequant
     if a.nf4_keep_gib is not None:
-        fast_path.NF4_KEEP_MAX_BYTES = int(a.nf4_keep_gib * 2**30)
+        fast_path.PACKED_KEEP_MAX_BYTES = int(a.nf4_keep_gib * 2**30)
     device = torch.device(a.device)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -399,8 +399,8 @@ def main(argv=None):
         build_s = time.time() - t0
         rep = qe.memory_report(model)
         split = weights_split(model)
-        variant = (f"dequant={qe.DEQUANT_BACKEND},keep={fast_path.NF4_KEEP_MAX_BYTES / 2**30:g}GiB"
-                   if quant == "nf4" else None)
+        variant = (f"dequant={qe.DEQUANT_BACKEND},keep={fast_path.PACKED_KEEP_MAX_BYTES / 2**30:g}GiB"
+                   if quant in qe.STORE_KINDS else None)
         over: dict = {}  # (lora, impl, recompute, seq) -> smallest batch that went over --mem-limit-gib
         print(f"weights: {split}", flush=True)
         print(f"== {shape} ({cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts) {quant}: built in {build_s:.1f}s, "
@@ -414,7 +414,7 @@ def main(argv=None):
                 for bs in [int(b) for b in a.batches.split(",")]:
                     batch = make_batch(bs, seq, cfg.vocab_size, device)
                     for impl in a.impls.split(","):
-                        if impl == "stock" and (quant == "nf4" or str(bs) not in a.stock_batches.split(",")):
+                        if impl == "stock" and (quant != "bf16" or str(bs) not in a.stock_batches.split(",")):
                             continue
                         modes = ["full"] if impl == "stock" else [
                             m for m in a.recompute.split(",") if not m.endswith("+compile") or str(bs) in a.compile_batches.split(",")]

@@ -6,6 +6,7 @@
 #   bash bench/h200_next.sh train20   # 20b bf16 rows: expert LoRA compiled since its graph break went
 #   bash bench/h200_next.sh train120  # 120b NF4 rows, eager vs compiled (the NF4 GEMM a custom op now)
 #   bash bench/h200_next.sh launcher20 # carry .whl/e: the h200-20b preset through the launcher, 24-layer twin
+#   bash bench/h200_next.sh train20mx # carry .whl/c: 20b with MXFP4 experts (the checkpoint's format), less recompute
 # Wheels (BENCHMARKS.md, device notes; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
@@ -16,7 +17,7 @@
 # /root/stash (kept while the machine is warm) and installed again each call.
 set -u -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-case "${1:-}" in grading|tests|train20|train120|launcher20) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20"; exit 2;; esac
+case "${1:-}" in grading|tests|train20|train120|launcher20|train20mx) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stash
 for d in .whl/a .whl/b .whl/c .whl/d .whl/e; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
 python3 -m pip install -q --no-deps --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -v -i warning | tail -3
@@ -64,6 +65,22 @@ train120)
     --mem-limit-gib 65 --steps 4 --warmup 2 --budget-s 310 --profile-dir "$OUT/profiles" 2>&1 | tee "$OUT/bench_120b.log" | grep -E "^ROW|Error" | cut -c1-420
   head -12 "$OUT"/profiles/*.txt 2>/dev/null | cut -c1-200
   echo "## $(date -u +%T) bench done"
+  ;;
+train20mx)
+  # 20b toward 24k tokens/s at <= 44 GiB. bf16 experts hold 35.6 of the 39 GiB of weights, so
+  # every layer is recomputed (6 x active params a token); experts in MXFP4, the checkpoint's own
+  # format (8.9 GiB), leave room to keep activations (4 x when nothing is recomputed). First the
+  # bf16 rows with TF32 LoRA matmuls and the compiled loss chunk (unmeasured), same-run stock row.
+  timeout 200 python3 bench/gpu_lora_bench.py --name h200_round2c --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
+    --loras attention,attention+experts --impls stock,project --stock-batches 4 --batches 4 \
+    --recompute full+compile --compile-batches 4 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 170 \
+    2>&1 | tee "$OUT/bench_20b.log" | grep -E "^ROW|Error|^weights" | cut -c1-420
+  echo "## $(date -u +%T) bf16 done"
+  timeout ${MX_S:-330} python3 bench/gpu_lora_bench.py --name h200_round2c --out "$OUT/h200_20b_mx.json" --shapes 20b --seqs 2048 \
+    --quant mxfp4 --loras attention,attention+experts --impls project --batches ${MX_B:-4,8} \
+    --recompute ${MX_RC:-none+compile,12+compile} --compile-batches ${MX_B:-4,8} --mem-limit-gib 44 --steps 4 --warmup 2 \
+    --budget-s ${MX_BUDGET:-290} 2>&1 | tee "$OUT/bench_20b_mx.log" | grep -E "^ROW|Error|^weights|SKIP" | cut -c1-420
+  echo "## $(date -u +%T) mxfp4 done"
   ;;
 launcher20)
   # What users run (#15 item 4, >= 20,000 real tokens/s): the h200-20b preset through the real

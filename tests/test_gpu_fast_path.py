@@ -216,7 +216,7 @@ def test_expert_gemms_compile_whole_inside_activation_checkpointing(storage):
     cpu = torch.device("cpu")
     pm = lora(tiny_gpt_oss(device=cpu, dtype=torch.float32), experts=True, r=8)
     if storage == "nf4":
-        qe.quantize_experts_nf4(pm, chunk_elems=64 * 64)  # two chunks per weight
+        qe.quantize_experts(pm, "nf4", chunk_elems=64 * 64)  # two chunks per weight
     mlp = next(fast_path._gpt_oss_mlps(fast_path.base_causal_lm(pm)))
     experts, wrappers = fast_path._unwrap_experts(mlp.experts)
     counts = [2, 1, 0, 3]
@@ -267,20 +267,20 @@ def test_nf4_experts_are_really_quantized_and_close_to_full_precision():
         logits_ref = model(**batch).logits.float()
     before = qe.bytes_per_param(model)
 
-    rep = qe.quantize_experts_nf4(model)
+    rep = qe.quantize_experts(model, "nf4")
 
     # no 3-D expert weight is left as a parameter; packed uint8 storage instead
     assert not any(p.dim() == 3 for p in model.parameters())
     for m in model.modules():
         if type(m).__name__.endswith("GptOssExperts"):
-            assert m.gate_up_proj_nf4.q0.dtype == torch.uint8
-            assert m.down_proj_nf4.q0.dtype == torch.uint8
+            assert m.gate_up_proj_packed.q0.dtype == torch.uint8
+            assert m.down_proj_packed.q0.dtype == torch.uint8
     assert rep["quantized_tensors"] == 2 * model.config.num_hidden_layers
     assert 0.5 < rep["expert_bytes_per_param"] < 0.6  # 4 bits + double-quantized scales
     assert rep["bytes_per_param"] == pytest.approx(qe.bytes_per_param(model))
     assert rep["bytes_per_param"] < before
     # NF4 error on Gaussian weights ~0.09 relative; the MoE output (two GEMMs) stays near it
-    assert rel(ex.gate_up_proj_nf4.dequantize(torch.float32), w_ref) < 0.12
+    assert rel(ex.gate_up_proj_packed.dequantize(torch.float32), w_ref) < 0.12
     y = fast_path.moe_forward(ex, x, idx, wts).float()
     assert rel(y, y_ref) < 0.2
     with torch.no_grad():
@@ -303,7 +303,7 @@ def _train(pm, batch, steps=8, lr=1e-2):
 
 def test_nf4_experts_with_attention_lora_train():
     model = tiny_gpt_oss()
-    qe.quantize_experts_nf4(model)
+    qe.quantize_experts(model, "nf4")
     pm = lora(model, experts=False)
     batch = batch_for(pm.config.vocab_size)
     losses = _train(pm, batch)
@@ -317,11 +317,11 @@ def test_nf4_experts_with_expert_lora_train_and_save(order, tmp_path):
 
     model = tiny_gpt_oss()
     if order == "quantize_then_lora":
-        qe.quantize_experts_nf4(model)
+        qe.quantize_experts(model, "nf4")
         pm = lora(model, experts=True, target_parameters=GPT_OSS_EXPERT_PARAMETERS)
     else:
         pm = lora(model, experts=True)
-        qe.quantize_experts_nf4(pm)
+        qe.quantize_experts(pm, "nf4")
     batch = batch_for(pm.config.vocab_size)
     losses = _train(pm, batch)
     assert losses[-1] < losses[0] - 0.05, losses
@@ -367,7 +367,7 @@ def test_set_recompute_modes():
 
 def test_expert_lora_layout_is_the_same_whether_experts_were_quantized_first():
     a = tiny_gpt_oss()
-    qe.quantize_experts_nf4(a)
+    qe.quantize_experts(a, "nf4")
     pa = lora(a, experts=True, target_parameters=GPT_OSS_EXPERT_PARAMETERS)
     pb = lora(tiny_gpt_oss(), experts=True)
     ka = sorted(n for n, p in pa.named_parameters() if p.requires_grad)
@@ -396,23 +396,51 @@ def test_nf4_dequantization_in_torch_is_bitsandbytes_bit_for_bit():
         assert qe.DEQUANT_BACKEND == "torch" and "fn" in qe._COMPILED
 
 
-def _nf4_and_dense_twin(chunk_elems: int = 64 * 128, **kw):
-    """(NF4 model packed in several chunks per weight, a plain model whose experts are exactly those
-    NF4 weights dequantized): the dense reference for the chunked path."""
+def _packed_and_dense_twin(fmt: str = "nf4", chunk_elems: int = 64 * 128, **kw):
+    """(model with experts packed as ``fmt`` in several chunks per weight, a plain model whose
+    experts are exactly those packed weights dequantized): the dense reference for the chunked path."""
     dense = tiny_gpt_oss(**kw)
-    nf4 = copy.deepcopy(dense)
-    qe.quantize_experts_nf4(nf4, chunk_elems=chunk_elems)
+    packed = copy.deepcopy(dense)
+    qe.quantize_experts(packed, fmt, chunk_elems=chunk_elems)
     with torch.no_grad():
-        for (_, a), (_, b) in zip(qe._iter_experts(dense), qe._iter_experts(nf4)):
+        for (_, a), (_, b) in zip(qe._iter_experts(dense), qe._iter_experts(packed)):
             for name in ("gate_up_proj", "down_proj"):
-                getattr(a, name).copy_(getattr(b, name + "_nf4").dequantize(DTYPE))
-    return nf4, dense
+                getattr(a, name).copy_(getattr(b, name + "_packed").dequantize(DTYPE))
+    return packed, dense
 
 
-def test_chunked_nf4_experts_match_the_dense_reference_outputs_and_grads():
-    nf4, dense = _nf4_and_dense_twin()
+def test_mxfp4_packing_round_trips_and_both_dequantizations_agree():
+    """MXFP4 (GPT-OSS's checkpoint format): values that came from MXFP4 pack back to themselves,
+    so an MXFP4 checkpoint dequantized on load and packed again is the checkpoint; the
+    index-arithmetic dequantization (compiled on CUDA) equals the LUT one bit for bit, including
+    negative values, zeros and the extreme scales; arbitrary weights land within MXFP4's rounding."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 64, 96, generator=g) * torch.logspace(-6, 1, 96)  # (E, in, out), wide ranges
+    store = qe.quantize_tensor_mxfp4(w, tuple(w.shape), device=DEVICE, chunk_elems=64 * 96 * 2)
+    assert len(store.chunk_ranges()) == 2 and store.nbytes() == 3 * 96 * (64 // 2 + 64 // 32)
+    back = store.dequantize(torch.float32)
+    assert rel(back.cpu(), w) < 0.15
+    for i, (e0, e1) in enumerate(store.chunk_ranges()):
+        b, sc = getattr(store, f"blocks{i}"), getattr(store, f"scales{i}")
+        lut = qe.dequantize_mxfp4(b, sc, torch.float32)
+        assert torch.equal(qe.mxfp4_dequant_torch(b, sc, lut.numel(), torch.float32), lut.reshape(-1))
+        assert torch.equal(store.dequantize_chunk(i, torch.float32), lut.transpose(1, 2))  # (e, in, out)
+        assert torch.equal(qe.mxfp4_dequant_torch(b, sc, lut.numel(), torch.bfloat16).float(), lut.reshape(-1))
+    again = qe.quantize_tensor_mxfp4(back, tuple(w.shape), device=DEVICE)
+    assert torch.equal(again.dequantize(torch.float32), back)
+    # every nibble and the scale extremes
+    blocks = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    for e in (0, 1, 120, 127, 134, 254):
+        scales = torch.full((1, 16), e, dtype=torch.uint8)
+        lut = qe.dequantize_mxfp4(blocks, scales, torch.float32)
+        assert torch.equal(qe.mxfp4_dequant_torch(blocks, scales, lut.numel(), torch.float32), lut.reshape(-1))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "mxfp4"])
+def test_chunked_packed_experts_match_the_dense_reference_outputs_and_grads(fmt):
+    nf4, dense = _packed_and_dense_twin(fmt)
     ex, ex_ref = nf4.model.layers[0].mlp.experts, dense.model.layers[0].mlp.experts
-    assert len(ex.gate_up_proj_nf4.chunk_ranges()) == 4 and len(ex.down_proj_nf4.chunk_ranges()) == 2
+    assert len(ex.gate_up_proj_packed.chunk_ranges()) == 4 and len(ex.down_proj_packed.chunk_ranges()) == 2
     H = nf4.config.hidden_size
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(60, H, generator=g).to(DEVICE, DTYPE)
@@ -431,13 +459,14 @@ def test_chunked_nf4_experts_match_the_dense_reference_outputs_and_grads():
         assert rel(b, a) < tol
 
 
-@pytest.mark.parametrize("keep", [0, 1 << 40], ids=["dequantize_again", "keep_for_backward"])
-def test_chunked_nf4_model_with_recompute_matches_dense_reference(keep, monkeypatch):
-    """Whole model, full recomputation, expert and attention LoRA: the chunked NF4 path's loss and
-    every LoRA gradient equal the dense model's (same weights), whether a recomputed layer keeps
-    its dequantized experts for backward or dequantizes them again."""
-    monkeypatch.setattr(fast_path, "NF4_KEEP_MAX_BYTES", keep)
-    nf4, dense = _nf4_and_dense_twin()
+@pytest.mark.parametrize("fmt,keep", [("nf4", 0), ("nf4", 1 << 40), ("mxfp4", 0)],
+                         ids=["nf4_dequantize_again", "nf4_keep_for_backward", "mxfp4"])
+def test_chunked_packed_model_with_recompute_matches_dense_reference(fmt, keep, monkeypatch):
+    """Whole model, full recomputation, expert and attention LoRA: the chunked packed path's loss
+    and every LoRA gradient equal the dense model's (same weights), whether a recomputed layer
+    keeps its dequantized experts for backward or dequantizes them again."""
+    monkeypatch.setattr(fast_path, "PACKED_KEEP_MAX_BYTES", keep)
+    nf4, dense = _packed_and_dense_twin(fmt)
     pm = lora(nf4, experts=True, target_parameters=GPT_OSS_EXPERT_PARAMETERS)
     ref = lora(dense, experts=True)
     with torch.no_grad():
@@ -495,7 +524,7 @@ def test_compiled_layers_with_nf4_experts_match_eager_nf4(experts):
     up to ~30%, see test_compiled_layers_with_fused_expert_lora_match_stock), two steps (the second
     runs cached code).  On the CPU nothing compiles and the same numbers come out (the compiled
     graph itself is checked on the CPU in fp32 by
-    test_compiled_nf4_layers_equal_eager_on_the_grouped_gemm_path).
+    test_compiled_packed_layers_equal_eager_on_the_grouped_gemm_path).
     Every token goes to every expert here (top-k = all 4): with top-2, a few of the 80 tokens' 2nd
     and 3rd router logits lie within 1% of a logit s.d. of each other, so bf16 rounding can send a
     token to another expert, a jump in the gradients that differs from path to path (the H200 run
@@ -503,12 +532,12 @@ def test_compiled_layers_with_nf4_experts_match_eager_nf4(experts):
     to 6e-7).  Not yet run on the GPU in this form."""
     import torch._dynamo
 
-    nf4, _ = _nf4_and_dense_twin(top_k=4)
+    nf4, _ = _packed_and_dense_twin(top_k=4)
     ref32 = tiny_gpt_oss(device=torch.device("cpu"), dtype=torch.float32, top_k=4)
     with torch.no_grad():
         for (_, a), (_, b) in zip(qe._iter_experts(ref32), qe._iter_experts(nf4)):
             for name in ("gate_up_proj", "down_proj"):
-                getattr(a, name).copy_(getattr(b, name + "_nf4").dequantize(DTYPE).float().cpu())
+                getattr(a, name).copy_(getattr(b, name + "_packed").dequantize(DTYPE).float().cpu())
     pm = lora(nf4, experts=experts, target_parameters=GPT_OSS_EXPERT_PARAMETERS if experts else None, r=8)
     ref = lora(ref32, experts=experts, r=8)
     with torch.no_grad():
@@ -530,11 +559,12 @@ def test_compiled_layers_with_nf4_experts_match_eager_nf4(experts):
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU check of the GPU code path; on a GPU the bf16 test above runs it")
-def test_compiled_nf4_layers_equal_eager_on_the_grouped_gemm_path(monkeypatch):
+@pytest.mark.parametrize("fmt", ["nf4", "mxfp4"])
+def test_compiled_packed_layers_equal_eager_on_the_grouped_gemm_path(fmt, monkeypatch):
     """What apply() compiles on a GPU, checked in fp32 on the CPU: the grouped-GEMM expert path
-    (grouped_mm runs on the CPU in fp32; only the device and dtype guard is lifted) with NF4
-    experts and attention LoRA, each layer compiled by inductor with the NF4 GEMM as the custom
-    op, under full recomputation: one graph for both layers, no graph break, the same loss and
+    (grouped_mm runs on the CPU in fp32; only the device and dtype guard is lifted) with NF4 or
+    MXFP4 experts and attention LoRA, each layer compiled by inductor with the packed GEMM as the
+    custom op, under full recomputation: one graph for both layers, no graph break, the same loss and
     LoRA grads as eager (bf16 on the GPU rounds differently; that comparison is the test above).
     Expert LoRA adds plain grouped_mm calls, which torch traces for bf16 only: that graph is
     test_expert_gemms_compile_whole_inside_activation_checkpointing's."""
@@ -542,7 +572,7 @@ def test_compiled_nf4_layers_equal_eager_on_the_grouped_gemm_path(monkeypatch):
 
     # fast_path._gmm_ok without its CUDA/bf16 guard: the same alignment rule, any device and float dtype
     monkeypatch.setattr(fast_path, "_gmm_ok", lambda x, w: x.dtype == w.dtype and fast_path._gmm_aligned(x, w))
-    nf4, _ = _nf4_and_dense_twin()
+    nf4, _ = _packed_and_dense_twin(fmt)
     pm = lora(nf4, experts=False, r=8)
     batch = batch_for(pm.config.vocab_size)
     l_eager, g_eager = eager_run_then_fresh_dynamo(pm, batch)

@@ -173,8 +173,8 @@ def test_nf4_really_quantizes_gpt_oss_and_trains(tiny_gpt_oss_dir):
     assert "Linear4bit" in kinds  # bitsandbytes took the attention projections
     assert is_quantized(model)  # and the 3-D expert weights are packed too
     report = models.quantization_report(model)
-    assert report["linear_4bit_layers"] == 8 and report["nf4_expert_params"] > 0
-    assert report["quantized_params"] >= report["nf4_expert_params"]
+    assert report["linear_4bit_layers"] == 8 and report["packed_expert_params"] > 0
+    assert report["quantized_params"] >= report["packed_expert_params"]
 
     model = models.apply_lora(model, cfg, model_type)
     trainable = [p for p in model.parameters() if p.requires_grad]

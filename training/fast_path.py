@@ -15,16 +15,16 @@ Two entry points the training engine calls:
     ``mlp.experts.gate_up_proj``/``down_proj`` (``target_parameters``) we read PEFT's own A/B
     factors and add ``(x @ A_e) @ B_e * scale`` with two more grouped GEMMs instead of
     materialising ``W + B A`` for every expert on every forward (what PEFT does).  Adapters stay
-    PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  NF4 experts
-    (``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
+    PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  Packed experts (NF4 or
+    the checkpoint's MXFP4, ``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
     function one packed chunk of experts at a time (<= 512 MiB in bf16, chunks nobody was routed
     to skipped), forward and backward, so a layer's bf16 experts never exist whole (120b shape:
     ~6 GB per layer); a recomputed layer keeps them for its backward only when that fits
-    ``NF4_KEEP_MAX_BYTES``.  On CUDA the dequantization is a compiled torch kernel
-    (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths) unless
-    ``quant_experts.DEQUANT_BACKEND = "bnb"``.
+    ``PACKED_KEEP_MAX_BYTES``.  On CUDA the dequantization is a compiled torch kernel
+    (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths, unless
+    ``quant_experts.DEQUANT_BACKEND = "bnb"``; ``mxfp4_dequant_torch``).
   - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
-    default); errors fall back to eager.  With NF4 experts the NF4 grouped GEMM is one opaque custom
+    default); errors fall back to eager.  With packed experts their grouped GEMM is one opaque custom
     op in the layer's graph (it reads the routed row counts on the host and calls its own kernels).
     The biggest single win measured on the H200: bf16 experts, attention LoRA 9.4k -> 17.0-17.5k
     tokens/s, + expert LoRA 8.3k -> 15.2k; 120b shape with NF4 experts 4.3k -> 7.0k (batch 4) and
@@ -118,7 +118,7 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
         # precision: an fp32 run keeps fp32 matmuls.
         torch.backends.cuda.matmul.allow_tf32 = True
         applied.append("tf32_lora")
-    # Compiled: bf16 and NF4 experts, attention and expert LoRA (H200: 1.6-1.8x eager; the first
+    # Compiled: bf16 and packed experts, attention and expert LoRA (H200: 1.6-1.8x eager; the first
     # step compiles for 20-40 s).
     if on_cuda and mtype == "gpt_oss" and cfg.compile_layers:
         if compile_layers(lm):
@@ -325,7 +325,7 @@ def compute_loss(model: torch.nn.Module, batch: dict, *, fused: bool | None = No
 
 
 # --------------------------------------------------------------------------------------------
-# GPT-OSS experts: grouped GEMMs, fused expert LoRA, NF4 weights
+# GPT-OSS experts: grouped GEMMs, fused expert LoRA, packed (NF4/MXFP4) weights
 # --------------------------------------------------------------------------------------------
 def _gpt_oss_mlps(lm: torch.nn.Module):
     for m in lm.modules():
@@ -474,7 +474,7 @@ def _in_backward() -> bool:
 # tensor (all experts, compute dtype) is at most this many bytes.  20b shape: gate_up 1.06 GB (kept
 # at 1.1 GiB), down 0.53 GB; 120b shape: gate_up 4.25 GB, down 2.1 GB (never kept: one layer's
 # experts in bf16 would be ~6 GB on top of a 59 GiB model).  0: never keep.
-NF4_KEEP_MAX_BYTES = int(1.1 * 2**30)
+PACKED_KEEP_MAX_BYTES = int(1.1 * 2**30)
 
 
 def _row_bounds(offs: torch.Tensor) -> list[int]:
@@ -485,11 +485,11 @@ def _counts(bounds: list[int], e0: int, e1: int) -> list[int]:
     return [bounds[e + 1] - bounds[e] for e in range(e0, e1)]
 
 
-def _nf4_chunked_gmm(x, store, offs, bounds, dtype, *, transposed=False, kept=None, keep=False):
-    """x @ W_e (W_e^T when ``transposed``) with W dequantized from NF4 one packed chunk of experts
-    at a time; chunks no row was routed to are not dequantized at all.  A chunk's weight comes from
-    ``kept`` when given (emptied as used), else is dequantized and dropped after its GEMM unless
-    ``keep``.  Returns (output, the per-chunk weights kept or None)."""
+def _packed_chunked_gmm(x, store, offs, bounds, dtype, *, transposed=False, kept=None, keep=False):
+    """x @ W_e (W_e^T when ``transposed``) with W dequantized from its packed store (NF4 or MXFP4)
+    one chunk of experts at a time; chunks no row was routed to are not dequantized at all.  A
+    chunk's weight comes from ``kept`` when given (emptied as used), else is dequantized and dropped
+    after its GEMM unless ``keep``.  Returns (output, the per-chunk weights kept or None)."""
     y = x.new_empty((x.shape[0], store.shape[-2] if transposed else store.shape[-1]))  # chunks cover every row
     out_kept = [] if keep else None
     for ci, (e0, e1) in enumerate(store.chunk_ranges()):
@@ -507,17 +507,17 @@ def _nf4_chunked_gmm(x, store, offs, bounds, dtype, *, transposed=False, kept=No
     return y, out_kept
 
 
-class _FrozenNF4GMM(torch.autograd.Function):
-    """x @ W_e with W dequantized from NF4 one packed chunk of experts at a time (the store's
+class _FrozenPackedGMM(torch.autograd.Function):
+    """x @ W_e with W dequantized from its packed store one chunk of experts at a time (the store's
     chunks: <= 2**28 weights, 512 MiB in bf16), forward and backward, so at most one chunk's bf16
-    copy exists (plus the kept weight, see NF4_KEEP_MAX_BYTES)."""
+    copy exists (plus the kept weight, see PACKED_KEEP_MAX_BYTES)."""
 
     @staticmethod
     def forward(ctx, x, store, offs, dtype):
         bounds = _row_bounds(offs)
-        keep = (_in_backward() and NF4_KEEP_MAX_BYTES > 0
-                and store.logical_numel * torch.empty((), dtype=dtype).element_size() <= NF4_KEEP_MAX_BYTES)
-        y, ctx.kept = _nf4_chunked_gmm(x, store, offs, bounds, dtype, keep=keep)
+        keep = (_in_backward() and PACKED_KEEP_MAX_BYTES > 0
+                and store.logical_numel * torch.empty((), dtype=dtype).element_size() <= PACKED_KEEP_MAX_BYTES)
+        y, ctx.kept = _packed_chunked_gmm(x, store, offs, bounds, dtype, keep=keep)
         ctx.store, ctx.dtype, ctx.bounds = store, dtype, bounds
         ctx.save_for_backward(offs)
         return y
@@ -526,101 +526,100 @@ class _FrozenNF4GMM(torch.autograd.Function):
     def backward(ctx, dy):
         (offs,) = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
-        dx, _ = _nf4_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.bounds, ctx.dtype, transposed=True, kept=kept)
+        dx, _ = _packed_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.bounds, ctx.dtype, transposed=True, kept=kept)
         return dx, None, None, None
 
 
 @torch.compiler.disable
-def _nf4_gmm_eager(x, store, offs, dtype):
-    return _FrozenNF4GMM.apply(x, store, offs, dtype)
+def _packed_gmm_eager(x, store, offs, dtype):
+    return _FrozenPackedGMM.apply(x, store, offs, dtype)
 
 
-# Inside a compiled layer the NF4 grouped GEMM is one custom op, opaque to dynamo and inductor (it
-# reads the routed row counts on the host and calls its own dequantization kernel): a graph break
-# there (torch.compiler.disable) sits inside the layer's activation checkpointing since
-# transformers 5.24 and runs the whole layer eager.  The store goes in as its buffers (graph inputs,
-# the same for every layer of a shape, so one compiled graph serves them all) plus its chunk layout
-# as ints (_NF4_META per chunk).
-_NF4_META = ("e0", "e1", "nested", "blocksize", "blocksize2", "numel")
-
-
-def _chunk_buffers(nested: bool) -> tuple[str, ...]:
-    return ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if nested else ())
+# Inside a compiled layer the packed grouped GEMM is one custom op, opaque to dynamo and inductor
+# (it reads the routed row counts on the host and calls its own dequantization kernel): a graph
+# break there (torch.compiler.disable) sits inside the layer's activation checkpointing since
+# transformers 5.24 and runs the whole layer eager.  The store goes in as its buffers (graph
+# inputs, the same for every layer of a shape, so one compiled graph serves them all) plus its
+# format and chunk layout as ints: [format index, then the format's META ints per chunk].
+_KINDS = tuple(quant_experts.STORE_KINDS)
 
 
 class _StoreView:
-    """An NF4Store rebuilt from the custom op's arguments: its dequantization methods run on it."""
+    """A packed store rebuilt from the custom op's arguments: its class's dequantization methods
+    run on it (they read only ``shape``, ``meta`` and the chunk buffers)."""
 
-    chunk_ranges = quant_experts.NF4Store.chunk_ranges
-    dequantize_chunk = quant_experts.NF4Store.dequantize_chunk
-    _dequantize_chunk_bnb = quant_experts.NF4Store._dequantize_chunk_bnb
-    _state = quant_experts.NF4Store._state
-
-    def __init__(self, bufs, meta, shape):
-        self.shape = tuple(shape)
+    def __init__(self, cls, bufs, meta, shape):
+        self.cls, self.shape = cls, tuple(shape)
         self.meta, it = [], iter(bufs)
-        for c in range(len(meta) // len(_NF4_META)):
-            m = dict(zip(_NF4_META, meta[c * len(_NF4_META):(c + 1) * len(_NF4_META)]))
-            m["nested"], m["quant_type"] = bool(m["nested"]), "nf4"
-            m["blocksize2"] = m["blocksize2"] if m["nested"] else None
-            for n in _chunk_buffers(m["nested"]):
+        per = len(cls.META)
+        for c in range(len(meta) // per):
+            m = dict(zip(cls.META, meta[c * per:(c + 1) * per]))
+            if cls.KIND == "nf4":
+                m["nested"] = bool(m["nested"])
+                m["blocksize2"] = m["blocksize2"] if m["nested"] else None
+            m["quant_type"] = cls.KIND
+            for n in cls.chunk_buffers(m):
                 setattr(self, f"{n}{c}", next(it))
             self.meta.append(m)
 
+    def __getattr__(self, name):  # chunk_ranges, dequantize_chunk, ... bound to this view
+        fn = getattr(self.__dict__["cls"], name)
+        return types.MethodType(fn, self)
+
 
 def _store_args(store):
-    bufs, meta = [], []
+    bufs, meta = [], [_KINDS.index(store.KIND)]
     for c, m in enumerate(store.meta):
-        if m["quant_type"] != "nf4":
+        if m["quant_type"] != store.KIND:  # e.g. an fp4 (not nf4) bitsandbytes chunk
             return None
-        bufs += [getattr(store, f"{n}{c}") for n in _chunk_buffers(m["nested"])]
-        meta += [int(m[k] or 0) for k in _NF4_META]
+        bufs += [getattr(store, f"{n}{c}") for n in store.chunk_buffers(m)]
+        meta += [int(m[k] or 0) for k in store.META]
     return bufs, meta, list(store.shape)
 
 
-@torch.library.custom_op("grader::nf4_gmm", mutates_args=())
-def _nf4_gmm_op(x: torch.Tensor, offs: torch.Tensor, bufs: list[torch.Tensor], meta: list[int],
-                shape: list[int], dtype: torch.dtype, transposed: bool) -> torch.Tensor:
-    """x @ W_e (transposed: x @ W_e^T, the backward's GEMM), chunk by chunk as _FrozenNF4GMM."""
-    store = _StoreView(bufs, meta, shape)
-    return _nf4_chunked_gmm(x.contiguous(), store, offs, _row_bounds(offs), dtype, transposed=transposed)[0]
+@torch.library.custom_op("grader::packed_gmm", mutates_args=())
+def _packed_gmm_op(x: torch.Tensor, offs: torch.Tensor, bufs: list[torch.Tensor], meta: list[int],
+                   shape: list[int], dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """x @ W_e (transposed: x @ W_e^T, the backward's GEMM), chunk by chunk as _FrozenPackedGMM."""
+    store = _StoreView(quant_experts.STORE_KINDS[_KINDS[meta[0]]], bufs, meta[1:], shape)
+    return _packed_chunked_gmm(x.contiguous(), store, offs, _row_bounds(offs), dtype, transposed=transposed)[0]
 
 
-@_nf4_gmm_op.register_fake
+@_packed_gmm_op.register_fake
 def _(x, offs, bufs, meta, shape, dtype, transposed):
     return x.new_empty((x.shape[0], shape[-2] if transposed else shape[-1]))
 
 
-def _nf4_gmm_setup(ctx, inputs, output):
+def _packed_gmm_setup(ctx, inputs, output):
     x, offs, bufs, meta, shape, dtype, transposed = inputs
     ctx.save_for_backward(offs, *bufs)
     ctx.meta, ctx.shape, ctx.dtype, ctx.transposed = meta, shape, dtype, transposed
 
 
-def _nf4_gmm_backward(ctx, dy):
+def _packed_gmm_backward(ctx, dy):
     offs, *bufs = ctx.saved_tensors
-    dx = _nf4_gmm_op(dy.contiguous(), offs, bufs, ctx.meta, ctx.shape, ctx.dtype, not ctx.transposed)
+    dx = _packed_gmm_op(dy.contiguous(), offs, bufs, ctx.meta, ctx.shape, ctx.dtype, not ctx.transposed)
     return dx, None, [None] * len(bufs), None, None, None, None
 
 
-_nf4_gmm_op.register_autograd(_nf4_gmm_backward, setup_context=_nf4_gmm_setup)
+_packed_gmm_op.register_autograd(_packed_gmm_backward, setup_context=_packed_gmm_setup)
 
 
-def _nf4_gmm(x, store, offs, dtype):
-    """The NF4 grouped GEMM: eager, _FrozenNF4GMM (it keeps a recomputed layer's dequantized weight
-    for that layer's backward, see NF4_KEEP_MAX_BYTES); inside a compiled layer, the custom op
-    (dequantizes again in backward: nothing is kept across the graph)."""
+def _packed_gmm(x, store, offs, dtype):
+    """The packed grouped GEMM: eager, _FrozenPackedGMM (it keeps a recomputed layer's dequantized
+    weight for that layer's backward, see PACKED_KEEP_MAX_BYTES); inside a compiled layer, the
+    custom op (dequantizes again in backward: nothing is kept across the graph)."""
     if torch.compiler.is_compiling():
         args = _store_args(store)
         if args is not None:
-            return _nf4_gmm_op(x, offs, *args, dtype, False)
-    return _nf4_gmm_eager(x, store, offs, dtype)
+            return _packed_gmm_op(x, offs, *args, dtype, False)
+    return _packed_gmm_eager(x, store, offs, dtype)
 
 
 def _expert_linear(experts, name: str, x, offs, counts, ids_sorted, lora: dict):
-    store = getattr(experts, name + "_nf4", None)
+    store = getattr(experts, name + "_packed", None)
     if store is not None:
-        y = _nf4_gmm(x, store, offs, x.dtype)
+        y = _packed_gmm(x, store, offs, x.dtype)
     else:
         y = gmm(x, getattr(experts, name), offs, counts)
     bias = getattr(experts, name + "_bias", None)
@@ -663,7 +662,7 @@ _dense_factor.register_autograd(_dense_factor_backward, setup_context=_dense_fac
 
 def moe_forward(experts_module, hidden_states, router_indices, routing_weights):
     """Project experts forward: same maths as transformers' grouped_mm experts, plus fused LoRA
-    and NF4.  hidden_states (T, H), router_indices/routing_weights (T, k) -> (T, H)."""
+    and packed experts.  hidden_states (T, H), router_indices/routing_weights (T, k) -> (T, H)."""
     experts, wrappers = _unwrap_experts(experts_module)
     lora = _lora_factors(wrappers)
     T, k = router_indices.shape

@@ -7,8 +7,11 @@ One function per step, called top to bottom by `training.train_entry`:
 - On CPU everything is fp32 (bf16 matmuls are ~60x slower there).
 - `quantization="nf4"`: bitsandbytes 4-bit NF4 with double quantization for every nn.Linear;
   GPT-OSS expert weights are 3-D parameters bitsandbytes does not touch, so they go through
-  `training.quant_experts.quantize_experts_nf4`.
-- GPT-OSS checkpoints shipped in MXFP4 are dequantized on load (`Mxfp4Config(dequantize=True)`).
+  `training.quant_experts.quantize_experts`.
+- `quantization="mxfp4"` (GPT-OSS): the expert weights stay in MXFP4, the format GPT-OSS ships them
+  in (from an MXFP4 checkpoint exactly its weights, ~4x less memory than bf16); everything else at
+  the compute dtype.
+- Otherwise GPT-OSS checkpoints shipped in MXFP4 are dequantized on load (`Mxfp4Config(dequantize=True)`).
 """
 from __future__ import annotations
 
@@ -89,9 +92,10 @@ def load_model_and_tokenizer(cfg: RunConfig, device: torch.device) -> tuple[Any,
         if device.type == "cuda":
             kwargs["device_map"] = {"": device.index or 0}
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-        if model_type == "gpt_oss" and cfg.quantization == "nf4":
-            # bitsandbytes took the nn.Linear layers; the 3-D expert weights are ours to pack.
-            quant_experts.quantize_experts_nf4(model, compute_dtype=dtype)
+        if model_type == "gpt_oss" and cfg.quantization in ("nf4", "mxfp4"):
+            # bitsandbytes took the nn.Linear layers (nf4); the 3-D expert weights are ours to pack
+            # (MXFP4 checkpoint -> dequantized -> MXFP4 again gives back the same values).
+            quant_experts.quantize_experts(model, cfg.quantization, compute_dtype=dtype)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -151,15 +155,17 @@ def quantization_report(model) -> dict:
             quantized_params += numel
         total_params += numel
         total_bytes += nbytes
-    nf4_expert_params = 0
+    packed_expert_params = 0
+    formats = set()
     for mod in model.modules():  # training.quant_experts' packed expert weights
-        if type(mod).__name__ == "NF4Store":
+        if isinstance(mod, quant_experts.PackedStore):
+            formats.add(mod.KIND)
             for b in mod.buffers():
                 seen.add(id(b))
             total_bytes += mod.nbytes()
             total_params += mod.logical_numel
             quantized_params += mod.logical_numel
-            nf4_expert_params += mod.logical_numel
+            packed_expert_params += mod.logical_numel
     for name, b in model.named_buffers():
         if id(b) in seen:
             continue
@@ -170,7 +176,8 @@ def quantization_report(model) -> dict:
         bytes=total_bytes,
         bytes_per_param=round(total_bytes / max(total_params, 1), 3),
         quantized_params=quantized_params,
-        nf4_expert_params=nf4_expert_params,
+        packed_expert_params=packed_expert_params,
+        packed_expert_format="+".join(sorted(formats)) or None,
         linear_4bit_layers=n_linear4bit,
     )
 

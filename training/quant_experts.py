@@ -1,22 +1,31 @@
-"""4-bit (bitsandbytes NF4, double quant) storage for GPT-OSS's 3-D expert weights.
+"""4-bit storage for GPT-OSS's 3-D expert weights: bitsandbytes NF4 or the checkpoint's own MXFP4.
 
 bitsandbytes replaces only ``nn.Linear``; GPT-OSS keeps its experts as 3-D ``nn.Parameter``s
 (``mlp.experts.gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H)), which are >95 % of the
-weights.  ``quantize_experts_nf4`` packs each of them with ``bitsandbytes.functional.quantize_4bit``
-(NF4, blocksize 64, double-quantized absmax: ~0.516 bytes per weight), in groups of experts, and
-deletes the bf16 parameter.  The forward pass (``training.fast_path.moe_forward``) dequantizes
-one chunk of a layer's experts at a time right before that chunk's grouped GEMM, and again in
-backward, so at most one chunk's bf16 copy (<= 512 MiB) exists at a time.  On CUDA the
-dequantization is ``nf4_dequant_torch`` compiled into one kernel (bitsandbytes' own maths; its
-kernel is the fallback, ``DEQUANT_BACKEND``).  The packed weights are frozen buffers, so optimizers,
-DeepSpeed ZeRO-0/2 and PEFT never see them as trainable; ``.to(device)`` moves them.  LoRA on the
-experts (PEFT ``target_parameters``) works with NF4 experts in either order (before or after
-``quantize_experts_nf4``): the adapter factors are read from PEFT and fused into the grouped GEMMs.
+weights.  ``quantize_experts(model, fmt)`` swaps each of them for a frozen ``PackedStore`` held in
+groups of whole experts (``<name>_packed`` on the experts module):
 
-Not supported: ZeRO-3 partitioning of NF4 experts, merging expert LoRA into NF4 weights.
+* ``"nf4"`` (``NF4Store``): ``bitsandbytes.functional.quantize_4bit``, NF4, blocksize 64,
+  double-quantized absmax (~0.516 bytes per weight); lossy.  Dequantized on CUDA by
+  ``nf4_dequant_torch`` compiled into one kernel (bitsandbytes' own maths; its kernel is the
+  fallback, ``DEQUANT_BACKEND``).
+* ``"mxfp4"`` (``MXFP4Store``): OpenAI's MXFP4, the format GPT-OSS checkpoints ship their experts
+  in (e2m1 values, a power-of-two scale per 32, ~0.531 bytes per weight).  Loaded from an MXFP4
+  checkpoint it keeps the blocks as read, so training sees exactly the checkpoint's weights (what
+  stock transformers dequantizes to bf16 at 4x the memory); from other weights it rounds them
+  (``quantize_mxfp4``).  Dequantized on CUDA by ``mxfp4_dequant_torch``, compiled.
+
+The forward pass (``training.fast_path.moe_forward``) dequantizes one chunk of a layer's experts at
+a time right before that chunk's grouped GEMM, and again in backward, so at most one chunk's bf16
+copy (<= 512 MiB) exists at a time.  The packed weights are frozen buffers, so optimizers,
+DeepSpeed ZeRO-0/2 and PEFT never see them as trainable; ``.to(device)`` moves them.  LoRA on the
+experts (PEFT ``target_parameters``) works with packed experts in either order (before or after
+``quantize_experts``): the adapter factors are read from PEFT and fused into the grouped GEMMs.
+
+Not supported: ZeRO-3 partitioning of packed experts, merging expert LoRA into packed weights.
 
 Also here: ``load_gpt_oss_nf4`` / ``load_gpt_oss`` build a GPT-OSS model from a local checkpoint
-folder (bf16 or MXFP4 ``*_blocks``/``*_scales`` safetensors) straight onto a device, quantizing
+folder (bf16 or MXFP4 ``*_blocks``/``*_scales`` safetensors) straight onto a device, packing
 experts layer by layer so a 120B never needs its 234 GB bf16 form in memory.
 """
 from __future__ import annotations
@@ -100,17 +109,58 @@ def _dequant_compiled(store: "NF4Store", i: int, dtype: torch.dtype) -> torch.Te
         return None
 
 
-class NF4Store(nn.Module):
-    """A 3-D weight held as NF4 chunks (groups of whole experts); ``dequantize(dtype)`` rebuilds it."""
+class PackedStore(nn.Module):
+    """A frozen 3-D expert weight (E, in, out) held packed, in chunks of whole experts; a subclass
+    says how a chunk is stored (``KIND``, per-chunk ``META`` ints and buffer names) and dequantized
+    (``dequantize_chunk``).  ``dequantize(dtype)`` rebuilds the whole weight."""
+
+    KIND = ""
+    META: tuple[str, ...] = ()
 
     def __init__(self, shape: tuple[int, ...]):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
-        self.meta: list[dict] = []  # per chunk: expert range, blocksizes, numel
+        self.meta: list[dict] = []  # per chunk: expert range, numel, the format's own fields
+
+    @staticmethod
+    def chunk_buffers(m: dict) -> tuple[str, ...]:
+        raise NotImplementedError
 
     @property
     def logical_numel(self) -> int:
         return math.prod(self.shape)
+
+    def chunk_ranges(self) -> list[tuple[int, int]]:
+        """(first expert, end expert) of each packed chunk, in order; together they cover every expert."""
+        return [(m["e0"], m["e1"]) for m in self.meta]
+
+    def dequantize_chunk(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole (E, ...) weight in ``dtype`` (default bf16)."""
+        dtype = dtype or torch.bfloat16
+        out = torch.empty(self.shape, dtype=dtype, device=next(self.buffers()).device)
+        for i, (e0, e1) in enumerate(self.chunk_ranges()):
+            out[e0:e1] = self.dequantize_chunk(i, dtype)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, {self.KIND}, {len(self.meta)} chunk(s)"
+
+
+class NF4Store(PackedStore):
+    """NF4 chunks (bitsandbytes' double-quantized format)."""
+
+    KIND = "nf4"
+    META = ("e0", "e1", "nested", "blocksize", "blocksize2", "numel")
+
+    @staticmethod
+    def chunk_buffers(m: dict) -> tuple[str, ...]:
+        return ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if m["nested"] else ())
 
     def add_chunk(self, e0: int, e1: int, packed: torch.Tensor, state) -> None:
         i = len(self.meta)
@@ -149,10 +199,6 @@ class NF4Store(nn.Module):
             code=code, blocksize=m["blocksize"], quant_type=m["quant_type"], dtype=dtype,
         )
 
-    def chunk_ranges(self) -> list[tuple[int, int]]:
-        """(first expert, end expert) of each packed chunk, in order; together they cover every expert."""
-        return [(m["e0"], m["e1"]) for m in self.meta]
-
     def dequantize_chunk(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Chunk ``i``'s experts as a dense (e1 - e0, ...) tensor of ``dtype`` (default bf16)."""
         dtype = dtype or torch.bfloat16
@@ -188,31 +234,173 @@ class NF4Store(nn.Module):
             getattr(self, f"s2absmax{i}"), getattr(self, f"s2code{i}"), getattr(self, f"offset{i}"),
             m["blocksize"], m["blocksize2"], m["numel"], dtype or torch.bfloat16)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The whole (E, ...) weight in ``dtype`` (default bf16)."""
-        dtype = dtype or torch.bfloat16
-        q0 = getattr(self, "q0")
-        out = torch.empty(self.shape, dtype=dtype, device=q0.device)
-        for i, (e0, e1) in enumerate(self.chunk_ranges()):
-            out[e0:e1] = self.dequantize_chunk(i, dtype)
-        return out
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def extra_repr(self) -> str:
         return f"shape={self.shape}, nf4 double-quant, {len(self.meta)} chunk(s)"
 
 
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
+                     rows_per_chunk: int = 1 << 24) -> torch.Tensor:
+    """OpenAI's MXFP4 layout: blocks (..., G, 16) uint8 (two e2m1 nibbles, low first), scales
+    (..., G) uint8 exponents with bias 127 -> (..., G*32).  Same maths as transformers', in row
+    chunks so the index tensors stay small."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    *prefix, G, B = blocks.shape
+    rows = math.prod(prefix) * G
+    blk = blocks.reshape(rows, B)
+    exp = (scales.to(torch.int32) - 127).reshape(rows, 1)
+    out = torch.empty(rows, 2 * B, dtype=dtype, device=blocks.device)
+    for r0 in range(0, rows, rows_per_chunk):
+        r1 = min(rows, r0 + rows_per_chunk)
+        sub = out[r0:r1]
+        sub[:, 0::2] = lut[(blk[r0:r1] & 0x0F).to(torch.int32)]
+        sub[:, 1::2] = lut[(blk[r0:r1] >> 4).to(torch.int32)]
+        torch.ldexp(sub, exp[r0:r1], out=sub)
+    return out.view(*prefix, G * B * 2)
+
+
+def mxfp4_dequant_torch(blocks: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_mxfp4``'s maths as index arithmetic over the output elements, flat (no
+    intermediate the size of the weight: inductor makes it one pointwise kernel).  Element i:
+    nibble = low half of byte i//2 for even i, high half for odd i (e2m1: sign, 2 exponent bits,
+    1 mantissa bit), times 2**(scales[i//32] - 127).  Every value is exact in bf16."""
+    i = torch.arange(numel, device=blocks.device)
+    byte = blocks.reshape(-1)[i // 2].to(torch.int32)
+    nib = torch.where(i % 2 == 0, byte & 15, byte >> 4)
+    e = (nib >> 1) & 3
+    m = (nib & 1).to(torch.float32)
+    mag = torch.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * torch.exp2((e - 1).to(torch.float32)))
+    val = torch.where(nib >= 8, -mag, mag)
+    return (val * torch.exp2((scales.reshape(-1)[i // 32].to(torch.int32) - 127).to(torch.float32))).to(dtype)
+
+
+def _mxfp4_compiled(blocks: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``mxfp4_dequant_torch`` compiled (CUDA); None if compiling fails (the eager LUT path then)."""
+    if _COMPILED.get("mxfp4_failed"):
+        return None
+    import torch._dynamo
+
+    fn = _COMPILED.get("mxfp4")
+    if fn is None:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        fn = _COMPILED["mxfp4"] = torch.compile(mxfp4_dequant_torch, dynamic=False)
+    try:
+        with torch._dynamo.config.patch(suppress_errors=False):
+            return fn(blocks, scales, numel, dtype)
+    except Exception as e:
+        import warnings
+
+        warnings.warn(f"compiled MXFP4 dequantization failed ({type(e).__name__}: {e}); using the eager one")
+        _COMPILED["mxfp4_failed"] = True
+        return None
+
+
+_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between the e2m1 magnitudes 0 .. 6
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., K) weights, K a multiple of 32 -> OpenAI's MXFP4 (blocks (..., K/32, 16) uint8,
+    scales (..., K/32) uint8), the OCP MX rule: per 32 weights a power-of-two scale
+    2**(floor(log2(amax)) - 2), each weight rounded to the nearest e2m1 value (saturating at 6).
+    Lossy for arbitrary weights; values that came from MXFP4 come back bit for bit."""
+    *prefix, K = w.shape
+    if K % 32:
+        raise ValueError(f"MXFP4 packs 32 weights per scale: the last dimension ({K}) is not a multiple of 32")
+    x = w.detach().float().contiguous().reshape(*prefix, K // 32, 32)
+    amax = x.abs().amax(-1, keepdim=True)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - 2, torch.full_like(amax, -127))
+    exp = exp.clamp(-127, 127)
+    mag = (x.abs() * torch.exp2(-exp)).clamp(max=6.0)
+    nib = torch.bucketize(mag, torch.tensor(_FP4_MIDPOINTS, device=x.device)).to(torch.uint8)
+    nib = nib | ((x < 0) & (nib > 0)).to(torch.uint8) << 3
+    blocks = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    return blocks.contiguous(), (exp.squeeze(-1) + 127).to(torch.uint8)
+
+
+class MXFP4Store(PackedStore):
+    """OpenAI's MXFP4 chunks, the format GPT-OSS checkpoints ship their experts in (4.25 bits per
+    weight): kept as read, so an MXFP4 checkpoint trains on exactly its own weights at a quarter of
+    bf16's memory.  Buffers hold the checkpoint's orientation, (e, out, in/32, 16) blocks and
+    (e, out, in/32) scales; a chunk dequantizes to (e, out, in) and is handed out as its (e, in,
+    out) transposed view (the grouped GEMM takes either layout, no copy)."""
+
+    KIND = "mxfp4"
+    META = ("e0", "e1", "numel")
+
+    @staticmethod
+    def chunk_buffers(m: dict) -> tuple[str, ...]:
+        return ("blocks", "scales")
+
+    def add_chunk(self, e0: int, e1: int, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+        i = len(self.meta)
+        if tuple(blocks.shape) != (e1 - e0, self.shape[2], self.shape[1] // 32, 16):
+            raise ValueError(f"MXFP4 blocks of experts {e0}:{e1} have shape {tuple(blocks.shape)}, expected "
+                             f"{(e1 - e0, self.shape[2], self.shape[1] // 32, 16)}")
+        self.register_buffer(f"blocks{i}", blocks.contiguous(), persistent=False)
+        self.register_buffer(f"scales{i}", scales.contiguous(), persistent=False)
+        self.meta.append({"e0": e0, "e1": e1, "numel": (e1 - e0) * self.shape[1] * self.shape[2],
+                          "quant_type": "mxfp4"})
+
+    def dequantize_chunk(self, i: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Chunk ``i``'s experts as a (e1 - e0, in, out) view of ``dtype`` (default bf16)."""
+        dtype = dtype or torch.bfloat16
+        m = self.meta[i]
+        blocks, scales = getattr(self, f"blocks{i}"), getattr(self, f"scales{i}")
+        w = _mxfp4_compiled(blocks, scales, m["numel"], dtype) if blocks.is_cuda else None
+        if w is None:
+            w = dequantize_mxfp4(blocks, scales, dtype)
+        return w.view(m["e1"] - m["e0"], self.shape[2], self.shape[1]).transpose(1, 2)
+
+
+def mxfp4_store(blocks: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...], *,
+                chunk_elems: int | None = None) -> MXFP4Store:
+    """An MXFP4Store of a (E, in, out) weight from its checkpoint tensors (E, out, in/32, 16) and
+    (E, out, in/32), split into chunks of whole experts (``chunk_elems``: as quantize_tensor_nf4)."""
+    E = shape[0]
+    step = max(1, min(E, (chunk_elems or _CHUNK_ELEMS) // math.prod(shape[1:])))
+    store = MXFP4Store(shape)
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        store.add_chunk(e0, e1, blocks[e0:e1], scales[e0:e1])
+    return store
+
+
+def quantize_tensor_mxfp4(w: torch.Tensor | None, shape: tuple[int, ...], *, device: torch.device,
+                          random_std: float | None = None, generator: torch.Generator | None = None,
+                          chunk_elems: int | None = None) -> MXFP4Store:
+    """A (E, in, out) weight packed into an MXFP4Store (``quantize_mxfp4`` per expert chunk); ``w``
+    None or on meta with ``random_std``: N(0, std) weights drawn chunk by chunk (random-weights bench)."""
+    E = shape[0]
+    step = max(1, min(E, (chunk_elems or _CHUNK_ELEMS) // math.prod(shape[1:])))
+    store = MXFP4Store(shape)
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        if w is None or w.device.type == "meta":
+            if random_std is None:
+                raise ValueError("expert weight is on the meta device: give random_std to fill it")
+            chunk = torch.randn((e1 - e0, *shape[1:]), device=device, generator=generator).mul_(random_std)
+        else:
+            chunk = w.detach()[e0:e1].to(device)
+        blocks, scales = quantize_mxfp4(chunk.transpose(1, 2))
+        store.add_chunk(e0, e1, blocks, scales)
+        del chunk
+    return store
+
+
+STORE_KINDS: dict[str, type[PackedStore]] = {c.KIND: c for c in (NF4Store, MXFP4Store)}
+
+
 def _placeholder(self, name: str) -> torch.Tensor:
-    store: NF4Store = getattr(self, name + "_nf4")
-    ref = store.q0
-    dtype = getattr(self, "_nf4_compute_dtype", torch.bfloat16)
+    store: PackedStore = getattr(self, name + "_packed")
+    ref = next(store.buffers())
+    dtype = getattr(self, "_packed_compute_dtype", torch.bfloat16)
     # zero-stride view: shape/device/dtype for PEFT's ParamWrapper, no memory
     return torch.empty((), dtype=dtype, device=ref.device).expand(store.shape)
 
 
-def _nf4_named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+def _packed_named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
     """PEFT finds ``target_parameters`` by calling ``module.named_parameters(recurse=False)`` on
     each module.  For that direct, non-recursive call the packed experts answer with zero-memory
     placeholders in the original order (gate_up_proj, its bias, down_proj, its bias), so LoRA can
@@ -238,20 +426,29 @@ def _nf4_named_parameters(self, prefix: str = "", recurse: bool = True, remove_d
             yield prefix + name, p
 
 
-_NF4_CLASSES: dict[type, type] = {}
+_PACKED_CLASSES: dict[type, type] = {}
 
 
-def _nf4_class(cls: type) -> type:
-    if cls not in _NF4_CLASSES:
-        _NF4_CLASSES[cls] = type(
-            "NF4" + cls.__name__, (cls,),
+def _packed_class(cls: type) -> type:
+    if cls not in _PACKED_CLASSES:
+        _PACKED_CLASSES[cls] = type(
+            "Packed" + cls.__name__, (cls,),
             {
                 **{w: property(lambda self, w=w: _placeholder(self, w)) for w in GPT_OSS_EXPERT_WEIGHTS},
-                "_is_nf4_experts": True,
-                "named_parameters": _nf4_named_parameters,
+                "_is_packed_experts": True,
+                "named_parameters": _packed_named_parameters,
             },
         )
-    return _NF4_CLASSES[cls]
+    return _PACKED_CLASSES[cls]
+
+
+def _pack_experts(ex: nn.Module, stores: dict, compute_dtype: torch.dtype) -> None:
+    """Swap a GPT-OSS experts module's 3-D weights for packed stores (``<name>_packed``)."""
+    for pname, store in stores.items():
+        ex._parameters.pop(pname, None)
+        setattr(ex, pname + "_packed", store)
+    ex._packed_compute_dtype = compute_dtype
+    ex.__class__ = _packed_class(type(ex))
 
 
 def _iter_experts(model: nn.Module):
@@ -293,20 +490,23 @@ def _default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = None, *,
-                         device: torch.device | str | None = None, random_std: float | None = None,
-                         seed: int = 0, chunk_elems: int | None = None) -> dict:
-    """Replace every GPT-OSS experts' ``gate_up_proj``/``down_proj`` with frozen NF4 storage and
-    route the MLPs through ``training.fast_path.moe_forward``.  Works on a plain or PEFT-wrapped
-    model, before or after LoRA.  ``compute_dtype``: the dtype experts are dequantized to (default
-    the weights' dtype; bf16 on CUDA for meta weights, fp32 on CPU).  ``chunk_elems``: see
-    ``quantize_tensor_nf4``.  Returns the memory report."""
+def quantize_experts(model: nn.Module, fmt: str = "nf4", compute_dtype: torch.dtype | None = None, *,
+                     device: torch.device | str | None = None, random_std: float | None = None,
+                     seed: int = 0, chunk_elems: int | None = None) -> dict:
+    """Replace every GPT-OSS experts' ``gate_up_proj``/``down_proj`` with frozen packed storage,
+    ``fmt`` "nf4" (``NF4Store``) or "mxfp4" (``MXFP4Store``), and route the MLPs through
+    ``training.fast_path.moe_forward``.  Works on a plain or PEFT-wrapped model, before or after
+    LoRA.  ``compute_dtype``: the dtype experts are dequantized to (default the weights' dtype;
+    bf16 on CUDA for meta weights, fp32 on CPU).  ``chunk_elems``: see ``quantize_tensor_nf4``.
+    Returns the memory report."""
     from training import fast_path  # here, not at the top: fast_path imports this module
 
+    if fmt not in STORE_KINDS:
+        raise ValueError(f"expert format {fmt!r}: choose one of {sorted(STORE_KINDS)}")
     n = 0
     gen = None
     for _name, ex in _iter_experts(model):
-        if getattr(ex, "_is_nf4_experts", False):
+        if getattr(ex, "_is_packed_experts", False):
             continue
         ref = ex._parameters.get("gate_up_proj")
         dev = torch.device(device) if device is not None else (
@@ -320,13 +520,13 @@ def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = N
         stores = {}
         for pname in GPT_OSS_EXPERT_WEIGHTS:
             p = ex._parameters[pname]
-            stores[pname] = quantize_tensor_nf4(p, tuple(p.shape), device=dev, compute_dtype=cdt,
-                                                random_std=random_std, generator=gen, chunk_elems=chunk_elems)
-        for pname in GPT_OSS_EXPERT_WEIGHTS:
-            del ex._parameters[pname]
-            setattr(ex, pname + "_nf4", stores[pname])
-        ex._nf4_compute_dtype = cdt
-        ex.__class__ = _nf4_class(type(ex))
+            if fmt == "nf4":
+                stores[pname] = quantize_tensor_nf4(p, tuple(p.shape), device=dev, compute_dtype=cdt,
+                                                    random_std=random_std, generator=gen, chunk_elems=chunk_elems)
+            else:
+                stores[pname] = quantize_tensor_mxfp4(p, tuple(p.shape), device=dev, random_std=random_std,
+                                                      generator=gen, chunk_elems=chunk_elems)
+        _pack_experts(ex, stores, cdt)
         n += 2
     if n:
         fast_path.install_moe_forward(model)
@@ -337,13 +537,13 @@ def quantize_experts_nf4(model: nn.Module, compute_dtype: torch.dtype | None = N
     return rep
 
 
-def _nf4_stores(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, NF4Store)]
+def packed_stores(model: nn.Module) -> list[PackedStore]:
+    return [m for m in model.modules() if isinstance(m, PackedStore)]
 
 
 def memory_report(model: nn.Module) -> dict:
-    """Bytes held by the model's weights, split into NF4 experts and the rest."""
-    stores = _nf4_stores(model)
+    """Bytes held by the model's weights, split into packed (NF4/MXFP4) experts and the rest."""
+    stores = packed_stores(model)
     store_ids = {id(b) for s in stores for b in s.buffers()}
     expert_bytes = sum(s.nbytes() for s in stores)
     expert_params = sum(s.logical_numel for s in stores)
@@ -368,6 +568,7 @@ def memory_report(model: nn.Module) -> dict:
     total_bytes = expert_bytes + other_bytes
     return {
         "bytes_per_param": total_bytes / max(1, total_params),
+        "expert_format": "+".join(sorted({s.KIND for s in stores})) or None,
         "expert_bytes": expert_bytes,
         "expert_params": expert_params,
         "expert_bytes_per_param": expert_bytes / expert_params if expert_params else None,
@@ -380,52 +581,24 @@ def memory_report(model: nn.Module) -> dict:
 
 
 def bytes_per_param(model: nn.Module) -> float:
-    """Bytes of weights held per logical parameter (NF4 experts count their unpacked size)."""
+    """Bytes of weights held per logical parameter (packed experts count their unpacked size)."""
     return memory_report(model)["bytes_per_param"]
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(getattr(m, "_is_nf4_experts", False) for m in model.modules())
+    return any(getattr(m, "_is_packed_experts", False) for m in model.modules())
 
 
 # --------------------------------------------------------------------------------------------
 # Loading GPT-OSS checkpoints (bf16 or MXFP4) straight to a device, experts layer by layer
 # --------------------------------------------------------------------------------------------
-FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
-                     rows_per_chunk: int = 1 << 24) -> torch.Tensor:
-    """OpenAI's MXFP4 layout: blocks (..., G, 16) uint8 (two e2m1 nibbles, low first), scales
-    (..., G) uint8 exponents with bias 127 -> (..., G*32).  Same maths as transformers', in row
-    chunks so the index tensors stay small."""
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    *prefix, G, B = blocks.shape
-    rows = math.prod(prefix) * G
-    blk = blocks.reshape(rows, B)
-    exp = (scales.to(torch.int32) - 127).reshape(rows, 1)
-    out = torch.empty(rows, 2 * B, dtype=dtype, device=blocks.device)
-    for r0 in range(0, rows, rows_per_chunk):
-        r1 = min(rows, r0 + rows_per_chunk)
-        sub = out[r0:r1]
-        sub[:, 0::2] = lut[(blk[r0:r1] & 0x0F).to(torch.int32)]
-        sub[:, 1::2] = lut[(blk[r0:r1] >> 4).to(torch.int32)]
-        torch.ldexp(sub, exp[r0:r1], out=sub)
-    return out.view(*prefix, G * B * 2)
-
-
-def _mxfp4_expert_weight(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
-    # checkpoint stores (E, out, G, 16) for the transposed weight; the model wants (E, in, out)
-    w = dequantize_mxfp4(blocks, scales, dtype)  # (E, out, in)
-    return w.transpose(1, 2).contiguous()
-
-
 def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  quantization: str = "none", attn_implementation: str | None = None) -> tuple[nn.Module, dict]:
     """Build a ``GptOssForCausalLM`` from a local folder straight onto ``device``: meta init, then
     tensors read with safetensors (mmap) and placed; MXFP4 expert blocks are dequantized on the
-    device; with ``quantization="nf4"`` each expert tensor is packed right after it is read, so
-    peak memory is the final model plus one expert tensor.  Returns (model, timings)."""
+    device; with ``quantization="nf4"`` or ``"mxfp4"`` each expert tensor is packed right after it
+    is read (an MXFP4 checkpoint's blocks are kept as they are), so peak memory is the final model
+    plus one expert tensor.  Returns (model, timings)."""
     import time
 
     from safetensors import safe_open
@@ -484,26 +657,33 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     # experts first (the big ones), one tensor at a time
     for prefix, ex in experts_by_prefix.items():
         cdt = dtype
+        stores = {}
         for pname in GPT_OSS_EXPERT_WEIGHTS:
             full = f"{prefix}.{pname}"
+            shape = tuple(ex._parameters[pname].shape)
             if full + "_blocks" in name_to_file:
-                w = _mxfp4_expert_weight(get(full + "_blocks").to(device), get(full + "_scales").to(device), cdt)
+                blocks, scales = get(full + "_blocks").to(device), get(full + "_scales").to(device)
                 loaded.update({full + "_blocks", full + "_scales"})
+                if quantization == "mxfp4":  # kept as read: the checkpoint's own weights
+                    stores[pname] = mxfp4_store(blocks.reshape(shape[0], shape[2], -1, 16),
+                                                scales.reshape(shape[0], shape[2], -1), shape)
+                    continue
+                w = dequantize_mxfp4(blocks, scales, cdt).transpose(1, 2).contiguous()  # (E, out, in) -> (E, in, out)
+                del blocks, scales
             elif full in name_to_file:
                 w = get(full).to(device=device, dtype=cdt)
                 loaded.add(full)
             else:
                 raise KeyError(f"{path}: no tensor for {full} (nor {full}_blocks)")
             if quantization == "nf4":
-                store = quantize_tensor_nf4(w, tuple(w.shape), device=device, compute_dtype=cdt)
-                del ex._parameters[pname]
-                setattr(ex, pname + "_nf4", store)
+                stores[pname] = quantize_tensor_nf4(w, shape, device=device, compute_dtype=cdt)
+            elif quantization == "mxfp4":
+                stores[pname] = quantize_tensor_mxfp4(w, shape, device=device)
             else:
                 ex._parameters[pname] = nn.Parameter(w, requires_grad=False)
             del w
-        if quantization == "nf4":
-            ex._nf4_compute_dtype = cdt
-            ex.__class__ = _nf4_class(type(ex))
+        if stores:
+            _pack_experts(ex, stores, cdt)
     # everything else
     for name, p in params.items():
         pre, _, pname = name.rpartition(".")
@@ -528,7 +708,7 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     pool.shutdown(wait=True, cancel_futures=True)
     pending.clear()
     handles.clear()
-    if quantization == "nf4":
+    if quantization in STORE_KINDS:
         from training import fast_path  # (fast_path imports this module)
 
         fast_path.install_moe_forward(model)
