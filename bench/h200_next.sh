@@ -69,18 +69,27 @@ train120)
 train20mx)
   # 20b toward 24k tokens/s at <= 44 GiB. bf16 experts hold 35.6 of the 39 GiB of weights, so
   # every layer is recomputed (6 x active params a token); experts in MXFP4, the checkpoint's own
-  # format (8.9 GiB), leave room to keep activations (4 x when nothing is recomputed). First the
-  # bf16 rows with TF32 LoRA matmuls and the compiled loss chunk (unmeasured), same-run stock row.
+  # format (8.9 GiB), leave room to keep activations (4 x when nothing is recomputed). The bf16
+  # rows (TF32 LoRA matmuls, compiled loss chunk; same-run stock row) unless MX_ONLY=1; then MXFP4
+  # rows, one bench call per line of MX_ROWS ("loras batches recompute"; a row's first step
+  # compiles for ~90 s without recomputation).
+  if [ -z "${MX_ONLY:-}" ]; then
   timeout 200 python3 bench/gpu_lora_bench.py --name h200_round2c --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
     --loras attention,attention+experts --impls stock,project --stock-batches 4 --batches 4 \
     --recompute full+compile --compile-batches 4 --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 170 \
     2>&1 | tee "$OUT/bench_20b.log" | grep -E "^ROW|Error|^weights" | cut -c1-420
   echo "## $(date -u +%T) bf16 done"
-  timeout ${MX_S:-330} python3 bench/gpu_lora_bench.py --name h200_round2c --out "$OUT/h200_20b_mx.json" --shapes 20b --seqs 2048 \
-    --quant mxfp4 --loras attention,attention+experts --impls project --batches ${MX_B:-4,8} \
-    --recompute ${MX_RC:-none+compile,12+compile} --compile-batches ${MX_B:-4,8} --mem-limit-gib 44 --steps 4 --warmup 2 \
-    --budget-s ${MX_BUDGET:-290} 2>&1 | tee "$OUT/bench_20b_mx.log" | grep -E "^ROW|Error|^weights|SKIP" | cut -c1-420
-  echo "## $(date -u +%T) mxfp4 done"
+  fi
+  n=0
+  while read -r loras batches rc; do
+    [ -z "$loras" ] && continue
+    n=$((n+1))
+    timeout ${MX_S:-330} python3 bench/gpu_lora_bench.py --name h200_round2c --out "$OUT/h200_20b_mx$n.json" --shapes 20b \
+      --seqs 2048 --quant mxfp4 --loras $loras --impls project --batches $batches --recompute $rc --compile-batches $batches \
+      --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s ${MX_BUDGET:-290} 2>&1 | tee "$OUT/bench_20b_mx$n.log" \
+      | grep -E "^ROW|Error|^weights|SKIP" | cut -c1-420 | sed -E 's/"(gpu|gpus|shape|layers|seq|date|weights_gib|experts_gib|experts_format|rest_gib|variant)": [^,]*, //g'
+    echo "## $(date -u +%T) mxfp4 $loras $batches $rc done"
+  done <<< "${MX_ROWS:-attention 4,8 none+compile,12+compile}"
   ;;
 launcher20)
   # What users run (#15 item 4, >= 20,000 real tokens/s): the h200-20b preset through the real
@@ -88,11 +97,11 @@ launcher20)
   timeout 60 python3 bench/launcher_twin.py --shape 20b --out /root/twin24 2>&1 | tail -1
   echo "## $(date -u +%T) twin"
   export GRADER_CHECKPOINTS=/root/ckpt
-  # the preset as shipped (micro-batch 4 x accumulation 4), then the same 16 rows a step as 8 x 2
-  # (the bench: batch 8 ran 5% faster than 4, 17,902 vs 17,008)
-  for mb in "4 4" "8 2"; do
-    set -- $mb; tag="mb$1"
-    timeout 240 python3 -m training run --preset h200-20b --set model=/root/twin24 --set max_steps=8 \
+  # the preset as shipped (MXFP4 experts, no recomputation, micro-batch 8 x accumulation 2);
+  # LAUNCH_MB=8x2,4x4 tries other splits of the same 16 rows a step
+  for mb in $(echo "${LAUNCH_MB:-8x2}" | tr ',' ' '); do
+    set -- ${mb/x/ }; tag="mb$1"
+    timeout ${LAUNCH_S:-330} python3 -m training run --preset h200-20b --set model=/root/twin24 --set max_steps=8 \
       --set save_every_steps=8 --set eval_fraction=0 --set per_device_batch_size=$1 \
       --set gradient_accumulation_steps=$2 > "$OUT/launcher20_$tag.log" 2>&1; echo "## $tag rc=$?"
     grep -E "loaded in|fast path|packing|step [0-9]+/|Error|error" "$OUT/launcher20_$tag.log" | cut -c1-300 | tail -14

@@ -486,20 +486,29 @@ def test_chunked_packed_model_with_recompute_matches_dense_reference(fmt, keep, 
     assert_same(l_ref, g_ref, l_new, g_new)
 
 
-def test_swiglu_in_row_chunks_equals_whole(monkeypatch):
+def test_swiglu_in_row_chunks_equals_whole_and_autograd(monkeypatch):
+    """The SwiGLU-with-clamp function, with and without the routing-weight scale it folds in:
+    chunked equals whole, and its hand-written backward equals autograd through the plain maths
+    (stock's order: the scale applied after)."""
     g = torch.Generator().manual_seed(5)
     gu0 = (torch.randn(37, 2 * 24, generator=g) * 5).to(DEVICE, DTYPE)  # some values past the clamp
     dy = torch.randn(37, 24, generator=g).to(DEVICE, DTYPE)
-    outs = []
-    for chunk in (1 << 30, 100):  # whole, then 4 rows at a time
-        monkeypatch.setattr(fast_path, "SWIGLU_CHUNK_ELEMS", chunk)
-        gu = gu0.clone().requires_grad_()
-        y = fast_path._SwiGLUClamp.apply(gu, 1.702, 7.0)
-        (dgu,) = torch.autograd.grad(y, gu, dy)
-        outs.append((y, dgu))
-    # same maths per element; only vectorised vs scalar tails of the elementwise kernels may differ
-    torch.testing.assert_close(outs[1][0], outs[0][0])
-    torch.testing.assert_close(outs[1][1], outs[0][1])
+    w0 = torch.rand(37, 1, generator=g).to(DEVICE, DTYPE)
+    for scaled in (False, True):
+        outs = []
+        for chunk in (1 << 30, 100):  # whole, then 4 rows at a time
+            monkeypatch.setattr(fast_path, "SWIGLU_CHUNK_ELEMS", chunk)
+            gu, w = gu0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fast_path._SwiGLUClamp.apply(gu, 1.702, 7.0, w if scaled else None)
+            outs.append((y, *torch.autograd.grad(y, (gu, w) if scaled else (gu,), dy)))
+        # same maths per element; only vectorised vs scalar tails of the elementwise kernels may differ
+        for a, b in zip(outs[1], outs[0]):
+            torch.testing.assert_close(a, b)
+        gu, w = gu0.float().clone().requires_grad_(), w0.float().clone().requires_grad_()
+        y = fast_path._swiglu_rows(gu, 1.702, 7.0) * (w if scaled else 1.0)
+        ref = (y, *torch.autograd.grad(y, (gu, w) if scaled else (gu,), dy.float()))
+        for a, b in zip(outs[0], ref):
+            assert rel(a.float(), b) < (1e-2 if CUDA else 1e-6)
 
 
 def eager_run_then_fresh_dynamo(pm, batch):

@@ -1,5 +1,5 @@
 """The project's GPT-OSS loader reads an MXFP4 checkpoint (the published layout) exactly as
-transformers does, and can pack the experts to NF4 while loading."""
+transformers does, can pack the experts to NF4 while loading, or keep them in MXFP4 as read."""
 from __future__ import annotations
 
 import sys
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def test_twin_checkpoint_loads_like_transformers_and_as_nf4(tmp_path):
+def test_twin_checkpoint_loads_like_transformers_as_nf4_and_as_mxfp4(tmp_path):
     from make_twin_checkpoint import write_twin
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, Mxfp4Config
@@ -44,3 +44,17 @@ def test_twin_checkpoint_loads_like_transformers_and_as_nf4(tmp_path):
     with torch.no_grad():
         a, b = nf4(ids).logits, ref(ids).logits
     assert float((a - b).norm() / b.norm()) < 0.3
+
+    # MXFP4 kept: the checkpoint's own blocks and scales, so the same logits as transformers'
+    # dequantized bf16/fp32 model at a quarter of the expert memory
+    mx, timing = qe.load_gpt_oss(twin, device="cpu", dtype=torch.float32, quantization="mxfp4",
+                                 attn_implementation="eager")
+    assert timing["n_unused"] == 0 and qe.memory_report(mx)["expert_format"] == "mxfp4"
+    ex = mx.model.layers[0].mlp.experts
+    with safe_open(str(next(twin.glob("*.safetensors"))), framework="pt") as f:
+        ck = f.get_tensor("model.layers.0.mlp.experts.gate_up_proj_blocks")
+    store = ex.gate_up_proj_packed
+    assert torch.equal(torch.cat([getattr(store, f"blocks{i}") for i in range(len(store.meta))]).reshape(ck.shape), ck)
+    assert torch.equal(store.dequantize(torch.float32), theirs["model.layers.0.mlp.experts.gate_up_proj"].float())
+    with torch.no_grad():
+        torch.testing.assert_close(mx(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)

@@ -190,3 +190,44 @@ def test_nf4_really_quantizes_gpt_oss_and_trains(tiny_gpt_oss_dir):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_mxfp4_keeps_gpt_oss_experts_packed_and_trains(tmp_path, tiny_gpt_oss_dir):
+    """quantization=mxfp4: GPT-OSS experts held in MXFP4 (no bitsandbytes layers), LoRA trains; the
+    memory estimate counts the experts at 4.25 bits and the fast path's activations (the h200-20b
+    preset's batch of 8 without recomputation fits one H200); other models are refused."""
+    from training import models
+    from training.quant_experts import MXFP4Store
+
+    cfg = preset("smoke").model_copy(update={"model": str(tiny_gpt_oss_dir), "quantization": "mxfp4",
+                                             "lora_experts": True, "lora_dropout": 0.0})
+    assert check_config(cfg) == []
+    torch.manual_seed(0)
+    model, tok, model_type, _ = models.load_model_and_tokenizer(cfg, torch.device("cpu"))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" not in kinds and "MXFP4Store" in kinds
+    report = models.quantization_report(model)
+    assert report["packed_expert_format"] == "mxfp4" and report["packed_expert_params"] > 0
+    stores = [m for m in model.modules() if isinstance(m, MXFP4Store)]
+    assert 0.5 < sum(s.nbytes() for s in stores) / sum(s.logical_numel for s in stores) < 0.54
+    model = models.apply_lora(model, cfg, model_type)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert any("experts" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.tensor([tok.encode("The grade is 4 out of 5 because the answer names both reactants.")])
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+    m20 = gpt_oss_shell(tmp_path / "gpt-oss-20b", num_hidden_layers=24, num_local_experts=32)
+    h200 = preset("h200-20b").model_copy(update={"model": str(m20), "datasets": [GRADED]})
+    est, bf16 = estimate_memory(h200), estimate_memory(h200.model_copy(update={"quantization": "none"}))
+    assert 11 < est.weights_gib < 15 and 36 < bf16.weights_gib < 42
+    assert 45 < est.total_gib < 75 and est.fits  # measured on the H200: 61.2 GiB (bench, BENCHMARKS.md)
+    msg = refused(cfg.model_copy(update={"model": "embedded:gemma-3-270m", "lora_experts": False}))
+    assert "quantization=mxfp4 keeps GPT-OSS's expert weights in MXFP4" in msg and "gemma3_text" in msg
