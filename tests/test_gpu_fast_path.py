@@ -525,46 +525,92 @@ def eager_run_then_fresh_dynamo(pm, batch):
     return run
 
 
-@pytest.mark.parametrize("experts", [False, True], ids=["attention_lora", "expert_lora"])
-def test_compiled_layers_with_nf4_experts_match_eager_nf4(experts):
-    """On a GPU apply() compiles the decoder layers with the NF4 grouped GEMM as a custom op inside.
-    Reference: the same NF4 weights dequantized into an fp32 CPU model; the compiled bf16 path must
-    be no further from it than the eager bf16 NF4 path is (bf16 alone moves tiny-model LoRA grads by
-    up to ~30%, see test_compiled_layers_with_fused_expert_lora_match_stock), two steps (the second
-    runs cached code).  On the CPU nothing compiles and the same numbers come out (the compiled
-    graph itself is checked on the CPU in fp32 by
-    test_compiled_packed_layers_equal_eager_on_the_grouped_gemm_path).
-    Every token goes to every expert here (top-k = all 4): with top-2, a few of the 80 tokens' 2nd
-    and 3rd router logits lie within 1% of a logit s.d. of each other, so bf16 rounding can send a
-    token to another expert, a jump in the gradients that differs from path to path (the H200 run
-    with top-2: compiled 37.5% from fp32 against eager's 17.8%; in fp32 on the CPU the two agree
-    to 6e-7).  Not yet run on the GPU in this form."""
+def _fp32_twin_of(model, top_k: int):
+    """An fp32 CPU copy of a (possibly packed) tiny model: packed experts dequantized."""
+    ref32 = tiny_gpt_oss(device=torch.device("cpu"), dtype=torch.float32, top_k=top_k)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(qe._iter_experts(ref32), qe._iter_experts(model)):
+            for name in ("gate_up_proj", "down_proj"):
+                src = getattr(b, name + "_packed").dequantize(DTYPE) if hasattr(b, name + "_packed") else getattr(b, name)
+                getattr(a, name).copy_(src.float().cpu())
+    return ref32
+
+
+def _same_lora(dst, src):
+    with torch.no_grad():
+        own = dict(src.named_parameters())
+        for n, p in dst.named_parameters():
+            if p.requires_grad:
+                p.copy_(own[n].to(p))
+
+
+def _compiled_run(pm, batch, steps: int = 2):
+    """(loss, grads) of the project path with compiled layers, after ``steps`` steps (the second
+    runs the cached code); checks that graphs compiled on a GPU; leaves the layers uncompiled."""
     import torch._dynamo
 
-    nf4, _ = _packed_and_dense_twin(top_k=4)
-    ref32 = tiny_gpt_oss(device=torch.device("cpu"), dtype=torch.float32, top_k=4)
-    with torch.no_grad():
-        for (_, a), (_, b) in zip(qe._iter_experts(ref32), qe._iter_experts(nf4)):
-            for name in ("gate_up_proj", "down_proj"):
-                getattr(a, name).copy_(getattr(b, name + "_packed").dequantize(DTYPE).float().cpu())
-    pm = lora(nf4, experts=experts, target_parameters=GPT_OSS_EXPERT_PARAMETERS if experts else None, r=8)
-    ref = lora(ref32, experts=experts, r=8)
-    with torch.no_grad():
-        own = dict(pm.named_parameters())
-        for n, p in ref.named_parameters():
-            if p.requires_grad:
-                p.copy_(own[n].float().cpu())
-    l32, g32 = loss_and_grads(ref, batch_for(ref.config.vocab_size, device=torch.device("cpu")), stock)
-    batch = batch_for(pm.config.vocab_size)
-    l_eager, g_eager = eager_run_then_fresh_dynamo(pm, batch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     applied = fast_path.apply(pm, RunConfig(compile_layers=True), force=True)
     assert ("compile_layers" in applied) == CUDA
-    for _ in range(2):
-        l_new, g_new = loss_and_grads(pm, batch, project)
-        assert_no_further_than_stock((l32, g32), (l_eager, g_eager), (l_new, g_new))  # eager NF4 as "stock"
+    runs = [loss_and_grads(pm, batch, project) for _ in range(steps)]
     if CUDA:  # compiled graphs ran (errors would have fallen back to eager silently)
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     fast_path.compile_layers(pm, enable=False)
+    torch._dynamo.reset()
+    return runs
+
+
+@pytest.mark.parametrize("fmt,experts", [("nf4", False), ("nf4", True), ("mxfp4", False)],
+                         ids=["nf4_attention_lora", "nf4_expert_lora", "mxfp4_attention_lora"])
+def test_compiled_layers_with_packed_experts_match_compiled_dense_experts(fmt, experts):
+    """On a GPU apply() compiles the decoder layers with the packed grouped GEMM as a custom op
+    inside.  Reference: the same layers compiled with bf16 experts holding exactly the packed
+    weights dequantized, so the only difference is the custom op (judged against fp32 on the CPU).
+    Every token goes to every expert (top-k = all 4): with top-2 a few tokens' 2nd and 3rd router
+    logits lie within 1% of a logit s.d., and bf16 can route them differently per path.
+    (Compiled against eager layers, bf16 experts or packed alike, is the next test's question.)
+    On the CPU nothing compiles and the same numbers come out."""
+    packed, dense = _packed_and_dense_twin(fmt, top_k=4)
+    ref32 = _fp32_twin_of(packed, top_k=4)
+    tp = GPT_OSS_EXPERT_PARAMETERS if experts else None
+    pm = lora(packed, experts=experts, target_parameters=tp, r=8)
+    pd = lora(dense, experts=experts, r=8)
+    ref = lora(ref32, experts=experts, r=8)
+    _same_lora(pd, pm)
+    _same_lora(ref, pm)
+    l32, g32 = loss_and_grads(ref, batch_for(ref.config.vocab_size, device=torch.device("cpu")), stock)
+    batch = batch_for(pm.config.vocab_size)
+    for m in (pd, pm):
+        fast_path.set_recompute(m, "full")
+        m.train()
+    dense_runs = _compiled_run(pd, batch)
+    for dense_run, packed_run in zip(dense_runs, _compiled_run(pm, batch)):
+        assert_no_further_than_stock((l32, g32), dense_run, packed_run)
+
+
+def test_compiled_layers_are_no_further_from_fp32_than_eager_layers():
+    """Compiled decoder layers in bf16 must be no further from fp32 than the same layers run
+    eager.  Every expert routed (top-4 of 4), attention LoRA.  OPEN on the H200 (2026-12-02):
+    compiled loss 6.95399 and LoRA grads 25.4% from fp32, eager 6.94896 and 9.7% (stock bf16 9.8%),
+    the same with bf16, NF4 or MXFP4 experts and with TF32 on or off, so neither the packed GEMM
+    nor TF32 is the cause; on the CPU (eager attention, fp32 or bf16) compiled is as close as eager,
+    which points at the GPU-only part, flex attention with GPT-OSS's sinks traced into the layer's
+    graph.  With top-2 routing stock bf16 is itself ~30% away and the gap hides (the test above
+    against stock passes)."""
+    model = tiny_gpt_oss(top_k=4)
+    ref32 = tiny_gpt_oss(device=torch.device("cpu"), dtype=torch.float32, top_k=4)
+    with torch.no_grad():  # the bf16 model's values
+        for (_, p), (_, q) in zip(ref32.named_parameters(), model.named_parameters()):
+            p.copy_(q.float().cpu())
+    pm = lora(model, experts=False, r=8)
+    ref = lora(ref32, experts=False, r=8)
+    _same_lora(ref, pm)
+    l32, g32 = loss_and_grads(ref, batch_for(ref.config.vocab_size, device=torch.device("cpu")), stock)
+    batch = batch_for(pm.config.vocab_size)
+    eager = eager_run_then_fresh_dynamo(pm, batch)
+    for run in _compiled_run(pm, batch):
+        assert_no_further_than_stock((l32, g32), eager, run)
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU check of the GPU code path; on a GPU the bf16 test above runs it")
