@@ -673,3 +673,40 @@ def test_tf32_for_the_lora_matmuls_only_on_a_half_precision_base():
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_experts_keep_only_their_gate_up_output_for_backward(compiled, monkeypatch):
+    """What a layer that is not recomputed holds for its experts' backward: the gate/up GEMM's
+    output (routed rows x 2I) and row-sized indices and weights, nothing of (routed rows x hidden):
+    not the gathered input, not the down projection's output (the routing weight scales its input
+    instead), not the gathered down bias (each was 4 x hidden values a token a layer, the 20b
+    shape's biggest share after gate/up).  Counted through autograd's saved-tensor hooks, eager and
+    compiled (the compiled graph's partitioner picks its own set; CPU, fp32, grouped GEMMs)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(fast_path, "_gmm_ok", lambda x, w: x.dtype == w.dtype and fast_path._gmm_aligned(x, w))
+    cpu = torch.device("cpu")
+    model = tiny_gpt_oss(device=cpu, dtype=torch.float32, top_k=2)
+    qe.quantize_experts(model, "mxfp4")
+    mlp = next(fast_path._gpt_oss_mlps(model))
+    T, H, k = 48, model.config.hidden_size, 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, T, H, generator=g, requires_grad=True)
+    fn = torch.compile(mlp.forward) if compiled else mlp.forward
+    torch._dynamo.reset()
+    saved = {}
+
+    def pack(t):
+        if t.is_floating_point() and t.dim() >= 2 and t.shape[0] == T * k:
+            saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = fn(x)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    big = [s for s in saved.values() if s[-1] > 1]
+    # one storage of (rows, 2I): gate/up (the compiled graph may keep it as its gate and up halves)
+    assert len(big) == 1 and big[0][-1] in (2 * model.config.intermediate_size, model.config.intermediate_size), saved
+    torch._dynamo.reset()
