@@ -161,6 +161,19 @@ def test_a_preset_this_machine_or_model_cannot_run_is_refused_with_what_to_chang
     assert "quantization=int8 leaves GPT-OSS's expert weights" in msg and "quantization=nf4" in msg
 
 
+def assert_loss_falls(model, tok, trainable, steps: int = 6) -> None:
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.tensor([tok.encode("The grade is 4 out of 5 because the answer names both reactants.")])
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
 def test_nf4_really_quantizes_gpt_oss_and_trains(tiny_gpt_oss_dir):
     from training import models
     from training.quant_experts import is_quantized
@@ -180,16 +193,7 @@ def test_nf4_really_quantizes_gpt_oss_and_trains(tiny_gpt_oss_dir):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert any("experts" in n for n, p in model.named_parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.tensor([tok.encode("The grade is 4 out of 5 because the answer names both reactants.")])
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_loss_falls(model, tok, trainable)
 
 
 def test_mxfp4_keeps_gpt_oss_experts_packed_and_trains(tmp_path, tiny_gpt_oss_dir):
@@ -213,16 +217,7 @@ def test_mxfp4_keeps_gpt_oss_experts_packed_and_trains(tmp_path, tiny_gpt_oss_di
     model = models.apply_lora(model, cfg, model_type)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert any("experts" in n for n, p in model.named_parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.tensor([tok.encode("The grade is 4 out of 5 because the answer names both reactants.")])
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_loss_falls(model, tok, trainable)
 
     m20 = gpt_oss_shell(tmp_path / "gpt-oss-20b", num_hidden_layers=24, num_local_experts=32)
     h200 = preset("h200-20b").model_copy(update={"model": str(m20), "datasets": [GRADED]})

@@ -109,6 +109,27 @@ def _dequant_compiled(store: "NF4Store", i: int, dtype: torch.dtype) -> torch.Te
         return None
 
 
+def _expert_ranges(shape: tuple[int, ...], chunk_elems: int | None = None) -> list[tuple[int, int]]:
+    """(first, end) expert of each chunk: whole experts, at most ``chunk_elems`` weights (default
+    2**28, 512 MiB in bf16) per chunk, at least one expert."""
+    E = shape[0]
+    step = max(1, min(E, (chunk_elems or _CHUNK_ELEMS) // math.prod(shape[1:])))
+    return [(e0, min(E, e0 + step)) for e0 in range(0, E, step)]
+
+
+def _expert_chunks(w, shape, device, random_std=None, generator=None, chunk_elems=None):
+    """(e0, e1, the chunk's weights on ``device``) per chunk of a (E, ...) weight; ``w`` None or on
+    meta: N(0, random_std) fp32 weights drawn chunk by chunk (the random-weights bench)."""
+    for e0, e1 in _expert_ranges(shape, chunk_elems):
+        if w is None or w.device.type == "meta":
+            if random_std is None:
+                raise ValueError("expert weight is on the meta device: give random_std to fill it")
+            yield e0, e1, torch.randn((e1 - e0, *shape[1:]), device=device, dtype=torch.float32,
+                                      generator=generator).mul_(random_std)
+        else:
+            yield e0, e1, w.detach()[e0:e1].to(device)
+
+
 class PackedStore(nn.Module):
     """A frozen 3-D expert weight (E, in, out) held packed, in chunks of whole experts; a subclass
     says how a chunk is stored (``KIND``, per-chunk ``META`` ints and buffer names) and dequantized
@@ -358,11 +379,8 @@ def mxfp4_store(blocks: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ..
                 chunk_elems: int | None = None) -> MXFP4Store:
     """An MXFP4Store of a (E, in, out) weight from its checkpoint tensors (E, out, in/32, 16) and
     (E, out, in/32), split into chunks of whole experts (``chunk_elems``: as quantize_tensor_nf4)."""
-    E = shape[0]
-    step = max(1, min(E, (chunk_elems or _CHUNK_ELEMS) // math.prod(shape[1:])))
     store = MXFP4Store(shape)
-    for e0 in range(0, E, step):
-        e1 = min(E, e0 + step)
+    for e0, e1 in _expert_ranges(shape, chunk_elems):
         store.add_chunk(e0, e1, blocks[e0:e1], scales[e0:e1])
     return store
 
@@ -372,17 +390,8 @@ def quantize_tensor_mxfp4(w: torch.Tensor | None, shape: tuple[int, ...], *, dev
                           chunk_elems: int | None = None) -> MXFP4Store:
     """A (E, in, out) weight packed into an MXFP4Store (``quantize_mxfp4`` per expert chunk); ``w``
     None or on meta with ``random_std``: N(0, std) weights drawn chunk by chunk (random-weights bench)."""
-    E = shape[0]
-    step = max(1, min(E, (chunk_elems or _CHUNK_ELEMS) // math.prod(shape[1:])))
     store = MXFP4Store(shape)
-    for e0 in range(0, E, step):
-        e1 = min(E, e0 + step)
-        if w is None or w.device.type == "meta":
-            if random_std is None:
-                raise ValueError("expert weight is on the meta device: give random_std to fill it")
-            chunk = torch.randn((e1 - e0, *shape[1:]), device=device, generator=generator).mul_(random_std)
-        else:
-            chunk = w.detach()[e0:e1].to(device)
+    for e0, e1, chunk in _expert_chunks(w, shape, device, random_std, generator, chunk_elems):
         blocks, scales = quantize_mxfp4(chunk.transpose(1, 2))
         store.add_chunk(e0, e1, blocks, scales)
         del chunk
@@ -465,19 +474,9 @@ def quantize_tensor_nf4(w: torch.Tensor | None, shape: tuple[int, ...], *, devic
     ``chunk_elems``: at most this many weights per chunk (default 2**28: 512 MiB in bf16), which is
     also the unit the expert GEMMs dequantize at a time."""
     bnbf = _bnb_functional()
-    E = shape[0]
-    per = math.prod(shape[1:])
-    step = max(1, min(E, (chunk_elems or _CHUNK_ELEMS) // per))
     store = NF4Store(shape)
-    for e0 in range(0, E, step):
-        e1 = min(E, e0 + step)
-        if w is None or w.device.type == "meta":
-            if random_std is None:
-                raise ValueError("expert weight is on the meta device: give random_std to fill it")
-            chunk = torch.randn((e1 - e0) * per, device=device, dtype=torch.float32, generator=generator)
-            chunk = chunk.mul_(random_std).to(compute_dtype)
-        else:
-            chunk = w.detach()[e0:e1].to(device=device, dtype=compute_dtype).reshape(-1)
+    for e0, e1, chunk in _expert_chunks(w, shape, device, random_std, generator, chunk_elems):
+        chunk = chunk.to(compute_dtype).reshape(-1)
         packed, state = bnbf.quantize_4bit(
             chunk, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
         )
