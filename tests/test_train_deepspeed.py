@@ -137,3 +137,39 @@ def test_stop_then_resume_carries_on_the_step_count_and_the_loss_curve(finished_
     ref = {r["step"]: r["loss"] for r in train_rows(finished_run["run_dir"])}
     for r in rows:
         assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-3, abs=1e-3), (r["step"], stopped_at)
+
+
+def test_mxfp4_run_trains_on_the_checkpoints_own_experts(tmp_path):
+    """quantization=mxfp4 without recomputation (the h200-20b preset's settings) through the real
+    launcher on an MXFP4 checkpoint (the published GPT-OSS layout, tiny, the real tokenizer): the
+    experts stay packed as read, the loss falls, and the saved adapter on stock transformers' model
+    (MXFP4 dequantized on load) gives the trainer's own logits, so what was trained is the
+    checkpoint's model, not a re-quantized copy."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    twin = tmp_path / "twin"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "launcher_twin.py"), "--shape", "tiny-vocab",
+                           "--out", str(twin), "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((twin / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    env = dict(os.environ, GRADER_CHECKPOINTS=str(tmp_path / "checkpoints"), GRADER_DB=str(tmp_path / "studio.db"))
+    cfg_file = tmp_path / "cfg.json"
+    save_config(small_config(name="mxfp4-test", model=str(twin), quantization="mxfp4", gradient_checkpointing=False,
+                             max_steps=6, save_every_steps=6), cfg_file)
+    proc = subprocess.run([sys.executable, "-m", "training", "run", "--config", str(cfg_file)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    log = (run_dir / "train.log").read_text()
+    assert "'packed_expert_format': 'mxfp4'" in log
+    rows = train_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert (rows[-1]["loss"] + rows[-2]["loss"]) / 2 < (rows[0]["loss"] + rows[1]["loss"]) / 2 - 0.05
+
+    base = AutoModelForCausalLM.from_pretrained(str(twin), dtype=torch.float32, attn_implementation="eager",
+                                                quantization_config=Mxfp4Config(dequantize=True))
+    model = PeftModel.from_pretrained(base, str(run_dir / "final")).eval()
+    ref = torch.load(run_dir / "debug" / "reference.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ref["input_ids"]).logits, ref["logits"], atol=1e-4, rtol=1e-4)
