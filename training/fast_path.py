@@ -572,11 +572,7 @@ class _StoreView:
         self.meta, it = [], iter(bufs)
         per = len(cls.META)
         for c in range(len(meta) // per):
-            m = dict(zip(cls.META, meta[c * per:(c + 1) * per]))
-            if cls.KIND == "nf4":
-                m["nested"] = bool(m["nested"])
-                m["blocksize2"] = m["blocksize2"] if m["nested"] else None
-            m["quant_type"] = cls.KIND
+            m = cls.meta_from_ints(meta[c * per:(c + 1) * per])
             for n in cls.chunk_buffers(m):
                 setattr(self, f"{n}{c}", next(it))
             self.meta.append(m)
@@ -592,7 +588,7 @@ def _store_args(store):
         if m["quant_type"] != store.KIND:  # e.g. an fp4 (not nf4) bitsandbytes chunk
             return None
         bufs += [getattr(store, f"{n}{c}") for n in store.chunk_buffers(m)]
-        meta += [int(m[k] or 0) for k in store.META]
+        meta += store.meta_to_ints(m)
     return bufs, meta, list(store.shape)
 
 

@@ -82,6 +82,30 @@ def nf4_dequant_torch(q: torch.Tensor, absmax_q: torch.Tensor, code_i32: torch.T
 _COMPILED: dict = {}
 
 
+def _run_compiled(name: str, fn, *args, fallback: str):
+    """``fn(*args)`` through ``torch.compile`` (static shapes, compiled once per name); None if
+    compiling fails, with a warning naming ``fallback``, and None from then on.  Compiled because
+    eagerly these index-arithmetic kernels would materialise int64 indices the size of the chunk
+    (2 GiB at 2**28 weights)."""
+    if _COMPILED.get(name + "_failed"):
+        return None
+    import torch._dynamo
+
+    compiled = _COMPILED.get(name)
+    if compiled is None:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        compiled = _COMPILED[name] = torch.compile(fn, dynamic=False)
+    try:  # errors must reach us (compile_layers turns suppress_errors on)
+        with torch._dynamo.config.patch(suppress_errors=False):
+            return compiled(*args)
+    except Exception as e:  # no inductor/triton here
+        import warnings
+
+        warnings.warn(f"compiled {name} dequantization failed ({type(e).__name__}: {e}); using {fallback}")
+        _COMPILED[name + "_failed"] = True
+        return None
+
+
 def _dequant_compiled(store: "NF4Store", i: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Chunk i through the compiled ``nf4_dequant_torch``; None (and bitsandbytes from then on)
     if compiling fails."""
@@ -89,24 +113,13 @@ def _dequant_compiled(store: "NF4Store", i: int, dtype: torch.dtype) -> torch.Te
     m = store.meta[i]
     if not m["nested"] or m["quant_type"] != "nf4":
         return None
-    import torch._dynamo
-
-    fn = _COMPILED.get("fn")
-    if fn is None:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        fn = _COMPILED["fn"] = torch.compile(nf4_dequant_torch, dynamic=False)
-    try:  # errors must reach us (compile_layers turns suppress_errors on): eagerly this would
-        # materialise int64 indices the size of the chunk (2 GiB at 2**28 weights)
-        with torch._dynamo.config.patch(suppress_errors=False):
-            return fn(getattr(store, f"q{i}"), getattr(store, f"absmax{i}"), getattr(store, f"code{i}"),
-                      getattr(store, f"s2absmax{i}"), getattr(store, f"s2code{i}"), getattr(store, f"offset{i}"),
-                      m["blocksize"], m["blocksize2"], m["numel"], dtype)
-    except Exception as e:  # no inductor/triton here: bitsandbytes' kernel is always there
-        import warnings
-
-        warnings.warn(f"compiled NF4 dequantization failed ({type(e).__name__}: {e}); using bitsandbytes'")
+    w = _run_compiled("nf4", nf4_dequant_torch, getattr(store, f"q{i}"), getattr(store, f"absmax{i}"),
+                      getattr(store, f"code{i}"), getattr(store, f"s2absmax{i}"), getattr(store, f"s2code{i}"),
+                      getattr(store, f"offset{i}"), m["blocksize"], m["blocksize2"], m["numel"], dtype,
+                      fallback="bitsandbytes' kernel")
+    if w is None:  # bitsandbytes' kernel is always there
         DEQUANT_BACKEND = "bnb"
-        return None
+    return w
 
 
 def _expert_ranges(shape: tuple[int, ...], chunk_elems: int | None = None) -> list[tuple[int, int]]:
@@ -147,6 +160,15 @@ class PackedStore(nn.Module):
     def chunk_buffers(m: dict) -> tuple[str, ...]:
         raise NotImplementedError
 
+    @classmethod
+    def meta_to_ints(cls, m: dict) -> list[int]:
+        """A chunk's layout as ints (what the compiled layers' custom op takes), ``META`` order."""
+        return [int(m[k] or 0) for k in cls.META]
+
+    @classmethod
+    def meta_from_ints(cls, values: list[int]) -> dict:
+        return {**dict(zip(cls.META, values)), "quant_type": cls.KIND}
+
     @property
     def logical_numel(self) -> int:
         return math.prod(self.shape)
@@ -182,6 +204,13 @@ class NF4Store(PackedStore):
     @staticmethod
     def chunk_buffers(m: dict) -> tuple[str, ...]:
         return ("q", "code", "absmax") + (("offset", "s2absmax", "s2code") if m["nested"] else ())
+
+    @classmethod
+    def meta_from_ints(cls, values: list[int]) -> dict:
+        m = super().meta_from_ints(values)
+        m["nested"] = bool(m["nested"])
+        m["blocksize2"] = m["blocksize2"] if m["nested"] else None
+        return m
 
     def add_chunk(self, e0: int, e1: int, packed: torch.Tensor, state) -> None:
         i = len(self.meta)
@@ -297,27 +326,6 @@ def mxfp4_dequant_torch(blocks: torch.Tensor, scales: torch.Tensor, numel: int, 
     return (val * torch.exp2((scales.reshape(-1)[i // 32].to(torch.int32) - 127).to(torch.float32))).to(dtype)
 
 
-def _mxfp4_compiled(blocks: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """``mxfp4_dequant_torch`` compiled (CUDA); None if compiling fails (the eager LUT path then)."""
-    if _COMPILED.get("mxfp4_failed"):
-        return None
-    import torch._dynamo
-
-    fn = _COMPILED.get("mxfp4")
-    if fn is None:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        fn = _COMPILED["mxfp4"] = torch.compile(mxfp4_dequant_torch, dynamic=False)
-    try:
-        with torch._dynamo.config.patch(suppress_errors=False):
-            return fn(blocks, scales, numel, dtype)
-    except Exception as e:
-        import warnings
-
-        warnings.warn(f"compiled MXFP4 dequantization failed ({type(e).__name__}: {e}); using the eager one")
-        _COMPILED["mxfp4_failed"] = True
-        return None
-
-
 _FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between the e2m1 magnitudes 0 .. 6
 
 
@@ -369,7 +377,8 @@ class MXFP4Store(PackedStore):
         dtype = dtype or torch.bfloat16
         m = self.meta[i]
         blocks, scales = getattr(self, f"blocks{i}"), getattr(self, f"scales{i}")
-        w = _mxfp4_compiled(blocks, scales, m["numel"], dtype) if blocks.is_cuda else None
+        w = (_run_compiled("mxfp4", mxfp4_dequant_torch, blocks, scales, m["numel"], dtype,
+                           fallback="the eager LUT path") if blocks.is_cuda else None)
         if w is None:
             w = dequantize_mxfp4(blocks, scales, dtype)
         return w.view(m["e1"] - m["e0"], self.shape[2], self.shape[1]).transpose(1, 2)
