@@ -144,11 +144,35 @@ def compile_layers(model: torch.nn.Module, enable: bool = True) -> bool:
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), least))
     for layer in layers:
-        if enable:
+        layer.__dict__.pop("forward", None)
+        layer._compiled_call_impl = None
+        if not enable:
+            continue
+        inner = getattr(type(layer).forward, "__wrapped__", None)  # transformers' checkpointing wrapper
+        if inner is None:
             layer.compile()
         else:
-            layer._compiled_call_impl = None
+            layer.forward = _checkpoint_around(layer, torch.compile(types.MethodType(inner, layer)))
     return True
+
+
+def _checkpoint_around(layer: torch.nn.Module, compiled):
+    """A recomputed layer's call: torch.utils.checkpoint in eager around the compiled forward.
+    transformers 5 checkpoints inside ``forward``, so compiling the layer traces the checkpoint into
+    the graph; with flex attention (GPT-OSS's sinks) and the experts in that graph, the H200 (torch
+    2.11, bf16) got the loss off by 0.01 and the LoRA grads 26% from fp32, eager 1.7%
+    (tests/test_gpu_fast_path.py).  As here, or without recomputation, compiled is as close as eager."""
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(*args, **kwargs):
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            # what transformers' wrapper does: the recompute must not write a KV cache twice
+            kwargs = {k: (None if k in ("past_key_values", "cache", "layer_past") else False if k == "use_cache" else v)
+                      for k, v in kwargs.items()}
+            return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
+        return compiled(*args, **kwargs)
+
+    return forward
 
 
 def _set_attn(lm: torch.nn.Module, impl: str) -> bool:
