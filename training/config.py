@@ -387,10 +387,10 @@ _INT8_BYTES = 1.0 + 4 / 64  # int8 + per-row/col scales, roughly
 _MXFP4_BYTES = (4 + 8 / 32) / 8  # e2m1 + one 8-bit scale per 32 weights
 # GPT-OSS on the GPU fast path (flex attention, grouped-GEMM experts, compiled layers, chunked
 # loss): activations kept by one layer that is not recomputed, bytes per token per hidden unit at
-# bf16 (20b shape, H200: 5.95 GiB per 2,048-token sample over 24 layers = 44 x 2880 bytes a token a
-# layer; no s^2 attention matrix, no full logits). Measured before the experts stopped keeping the
-# gathered down bias (~18% less, not measured on the GPU yet), so this errs high.
-_FAST_GPT_OSS_LAYER = 44
+# bf16 (20b shape, MXFP4 experts, H200 2026-12-03: activations 30.2 GiB at batch 6, 40.0 at batch 8,
+# 4.9 GiB per 2,048-token sample over 24 layers = 37 x 2880 bytes a token a layer; no s^2 attention
+# matrix, no full logits; 44 before the experts stopped keeping the gathered down bias).
+_FAST_GPT_OSS_LAYER = 37
 
 
 def gpu_count() -> int:
