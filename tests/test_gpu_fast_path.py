@@ -204,10 +204,12 @@ def test_compiled_layers_with_fused_expert_lora_match_stock():
 
 @pytest.mark.parametrize("storage", ["dense", "nf4"])
 def test_expert_gemms_compile_whole_inside_activation_checkpointing(storage):
-    """transformers 5.24 recomputes a layer (torch.utils.checkpoint) inside its compiled call, so one
-    graph break in the experts' GEMMs runs the whole layer eager: the dense copy of PEFT's factors
-    and the NF4 grouped GEMM were ``torch.compiler.disable``, and the 20b attention + expert LoRA
-    row ran compiled at 8.3k tokens/s, as uncompiled (H200; the dynamo log named that break).
+    """The experts' GEMMs compile without a graph break, inside torch.utils.checkpoint too.  When
+    compiled layers traced transformers 5's checkpoint into their graph (before round 2d), one break
+    in the experts ran the whole layer eager: the dense copy of PEFT's factors and the NF4 grouped
+    GEMM were ``torch.compiler.disable``, and the 20b attention + expert LoRA row ran at 8.3k
+    tokens/s, as uncompiled (H200).  The checkpoint is now eager around the compiled forward, where
+    a break would only split the graph; this keeps the GEMMs whole either way.
     ``fullgraph=True`` fails on any break; outputs and gradients equal the eager path's (NF4: the
     eager path keeps nothing across recompute here, so the same GEMMs run). CPU-safe: the looped
     GEMM fallback and bitsandbytes' CPU dequantization."""

@@ -129,7 +129,7 @@ PRESETS: dict[str, RunConfig] = {
     ),
     # gpt-oss-20b on one H200: experts kept in the checkpoint's MXFP4 (12.8 GiB of weights instead
     # of 39 in bf16, the same values), which leaves room to keep every layer's activations instead
-    # of recomputing them (a third fewer FLOPs a step; ~52-61 GiB at 8 x 2,048 tokens).
+    # of recomputing them (a third fewer FLOPs a step; 53 GiB at 8 x 2,048 tokens, H200).
     "h200-20b": RunConfig(
         name="h200-20b",
         model="openai/gpt-oss-20b",
