@@ -7,19 +7,22 @@
 #   bash bench/h200_next.sh train120  # 120b NF4 rows, eager vs compiled (the NF4 GEMM a custom op now)
 #   bash bench/h200_next.sh launcher20 # carry .whl/e: the h200-20b preset through the launcher, 24-layer twin
 #   bash bench/h200_next.sh train20mx # carry .whl/c: 20b with MXFP4 experts (the checkpoint's format), less recompute
-# Wheels (BENCHMARKS.md, device notes; a call carries 64 MiB at most): .whl/a = transformers 5.24,
+#   bash bench/h200_next.sh launcher120 # carry .whl/f: the h200-120b preset through the launcher, reduced 120b twin
+# Wheels (made by bench/device_wheels.sh; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
 # bitsandbytes 0.50.2, deepspeed 0.19.8, hjson; .whl/c = .whl/b without deepspeed and hjson, plus
 # transformers, pydantic, sqlite-utils and openai-harmony (what the GPU tests and benches need);
 # .whl/d = xgrammar, apache-tvm-ffi, quicktok-v1 (with c: grading); .whl/e = .whl/c without
-# bitsandbytes, plus deepspeed, hjson and quicktok-v1 (the launcher with a bf16 model, 25 MiB). Carried wheels are stashed in
+# bitsandbytes, plus deepspeed, hjson and quicktok-v1 (the launcher with a bf16 model, 25 MiB); .whl/f =
+# .whl/e plus bitsandbytes repacked with only its CUDA 13 and CPU libraries (28 MiB; the full wheel
+# would take the carry past 64 MiB). Carried wheels are stashed in
 # /root/stash (kept while the machine is warm) and installed again each call.
 set -u -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-case "${1:-}" in grading|tests|train20|train120|launcher20|train20mx) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx"; exit 2;; esac
+case "${1:-}" in grading|tests|train20|train120|launcher20|train20mx|launcher120) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stash
-for d in .whl/a .whl/b .whl/c .whl/d .whl/e; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
+for d in .whl/a .whl/b .whl/c .whl/d .whl/e .whl/f; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
 python3 -m pip install -q --no-deps --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -v -i warning | tail -3
 echo "## $(date -u +%T) installed: $(ls /root/stash | wc -l) wheels"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
@@ -109,5 +112,18 @@ launcher20)
   done
   echo "## $(date -u +%T) launcher done"
   ;;
-*) echo "usage: $0 grading|tests|train20|train120|launcher20"; exit 2;;
+launcher120)
+  # #15 item 4, the 120b: the h200-120b preset (NF4 experts packed while loading, recomputation,
+  # 6 x 2 rows a step) through the real launcher on a reduced-layer 120b-layout twin (the device
+  # disk is 64 GiB; 6 layers = 12.8 GB MXFP4), projected to 36 layers by the layer count.
+  timeout 120 python3 bench/launcher_twin.py --shape 120b --layers ${TWIN_LAYERS:-6} --out /root/twin120 2>&1 | tail -1
+  echo "## $(date -u +%T) twin"
+  export GRADER_CHECKPOINTS=/root/ckpt
+  timeout ${LAUNCH_S:-330} python3 -m training run --preset h200-120b --set model=/root/twin120 --set max_steps=8 \
+    --set save_every_steps=8 --set eval_fraction=0 > "$OUT/launcher120.log" 2>&1; echo "## rc=$?"
+  grep -E "loaded in|memory held|fast path|packing|step [0-9]+/|Error|error" "$OUT/launcher120.log" | cut -c1-300 | tail -14
+  f=$(ls -t /root/ckpt/*/train.log 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUT/launcher120_train.log"
+  echo "## $(date -u +%T) launcher done"
+  ;;
+*) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;;
 esac

@@ -38,7 +38,7 @@ def refused(cfg: RunConfig) -> str:
 
 
 def test_presets_are_valid_and_the_cpu_ones_launchable():
-    assert set(PRESETS) == {"seed-2xh200-120b", "h200-20b", "cpu-default", "smoke"}
+    assert set(PRESETS) == {"seed-2xh200-120b", "h200-20b", "h200-120b", "cpu-default", "smoke"}
     seed = PRESETS["seed-2xh200-120b"]
     assert (seed.lora_r, seed.lora_alpha, seed.per_device_batch_size, seed.gradient_accumulation_steps) == (8, 32, 3, 4)
     assert (seed.learning_rate, seed.epochs, seed.quantization, seed.zero_stage, seed.num_gpus) == (2e-4, 3.0, "nf4", 2, 2)
@@ -109,6 +109,14 @@ def test_each_bad_configuration_is_refused_with_what_to_change(tmp_path, tiny_gp
         assert check_config(seed_ok) == []
     if config.gpu_count() < 2:
         assert [p for p in check_config(seed_ok) if not p.startswith("num_gpus=2 but this machine has")] == []
+    # One H200 for the 120b: NF4 experts, recomputation, 6 x 2,048 tokens (measured 64.05 GiB).
+    one = preset("h200-120b").model_copy(update={"model": str(m120), "datasets": [GRADED]})
+    est = estimate_memory(one)
+    assert est.world_size == 1 and 60 < est.total_gib < 68 and est.fits
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "gpu_count", lambda: 1)
+        mp.setattr(config, "gpu_memory_gib", lambda: 140.0)
+        assert check_config(one) == []
 
 
 def test_cli_refuses_before_launch_and_prints_why(capsys):

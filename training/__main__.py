@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("run", help="start (or resume) a training run")
     src = r.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="seed-2xh200-120b | h200-20b | cpu-default | smoke "
-                     "(default: the one for this machine's GPUs, cpu-default without one)")
+    from training.config import PRESETS
+
+    src.add_argument("--preset", help=" | ".join(PRESETS) + " (default: the one for this machine's GPUs, "
+                     "cpu-default without one)")
     src.add_argument("--config", help="a RunConfig JSON file")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
     r.add_argument("--resume", metavar="RUN", help="continue RUN from its last complete checkpoint")
