@@ -148,12 +148,20 @@ def compile_layers(model: torch.nn.Module, enable: bool = True) -> bool:
         layer._compiled_call_impl = None
         if not enable:
             continue
-        inner = getattr(type(layer).forward, "__wrapped__", None)  # transformers' checkpointing wrapper
+        inner = _checkpointing_wrapped(type(layer).forward)
         if inner is None:
             layer.compile()
         else:
             layer.forward = _checkpoint_around(layer, torch.compile(types.MethodType(inner, layer)))
     return True
+
+
+def _checkpointing_wrapped(forward):
+    """The forward that transformers' GradientCheckpointingLayer wraps (functools.wraps), or None."""
+    code = getattr(forward, "__code__", None)
+    if code is not None and code.co_name == "forward_with_checkpointing":
+        return getattr(forward, "__wrapped__", None)
+    return None
 
 
 def _checkpoint_around(layer: torch.nn.Module, compiled):
