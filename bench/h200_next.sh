@@ -75,7 +75,7 @@ train20mx)
   # format (8.9 GiB), leave room to keep activations (4 x when nothing is recomputed). The bf16
   # rows (TF32 LoRA matmuls, compiled loss chunk; same-run stock row) unless MX_ONLY=1; then MXFP4
   # rows, one bench call per line of MX_ROWS ("loras batches recompute"; a row's first step
-  # compiles for ~90 s without recomputation).
+  # compiles for ~90 s without recomputation); MX_PROFILE=1: each row's GPU time by kernel family.
   if [ -z "${MX_ONLY:-}" ]; then
   timeout 200 python3 bench/gpu_lora_bench.py --name h200_round2c --out "$OUT/h200_20b.json" --shapes 20b --seqs 2048 \
     --loras attention,attention+experts --impls stock,project --stock-batches 4 --batches 4 \
@@ -89,8 +89,10 @@ train20mx)
     n=$((n+1))
     timeout ${MX_S:-330} python3 bench/gpu_lora_bench.py --name h200_round2c --out "$OUT/h200_20b_mx$n.json" --shapes 20b \
       --seqs 2048 --quant mxfp4 --loras $loras --impls project --batches $batches --recompute $rc --compile-batches $batches \
-      --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s ${MX_BUDGET:-290} 2>&1 | tee "$OUT/bench_20b_mx$n.log" \
+      --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s ${MX_BUDGET:-290} ${MX_PROFILE:+--profile-dir "$OUT/profiles"} \
+      2>&1 | tee "$OUT/bench_20b_mx$n.log" \
       | grep -E "^ROW|Error|^weights|SKIP" | cut -c1-420 | sed -E 's/"(gpu|gpus|shape|layers|seq|date|weights_gib|experts_gib|experts_format|rest_gib|variant)": [^,]*, //g'
+    [ -n "${MX_PROFILE:-}" ] && head -14 "$OUT"/profiles/*.txt 2>/dev/null | cut -c1-200
     echo "## $(date -u +%T) mxfp4 $loras $batches $rc done"
   done <<< "${MX_ROWS:-attention 4,8 none+compile,12+compile}"
   ;;
