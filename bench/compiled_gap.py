@@ -20,27 +20,21 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.bf16_judge import rel, whole_rel  # noqa: E402
-from tests.test_gpu_fast_path import (_same_lora, batch_for, lora, loss_and_grads, project,  # noqa: E402
-                                      stock, tiny_gpt_oss)
+from tests.test_gpu_fast_path import (_same_lora, batch_for, fp32_copy_of, lora, loss_and_grads,  # noqa: E402
+                                      project, stock, tiny_gpt_oss)
 from training import fast_path  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
-def copy_weights(dst, src):
-    with torch.no_grad():
-        for (_, p), (_, q) in zip(dst.named_parameters(), src.named_parameters()):
-            p.copy_(q.to(p))
-
-
 def main(names: list[str]) -> None:
     model = tiny_gpt_oss(top_k=4)
-    ref32 = tiny_gpt_oss(device=CPU, dtype=torch.float32, top_k=4)
-    copy_weights(ref32, model)
+    ref32 = fp32_copy_of(model, top_k=4)
     pm, ref = lora(model, experts=False, r=8), lora(ref32, experts=False, r=8)
     _same_lora(ref, pm)
     batch = batch_for(pm.config.vocab_size)
@@ -50,8 +44,6 @@ def main(names: list[str]) -> None:
     def row(name, *, compile_="product", attn="flex_attention", recompute="full"):
         if names and name not in names:
             return
-        import torch._dynamo
-
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         fast_path.compile_layers(pm, enable=False)

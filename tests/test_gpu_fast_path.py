@@ -538,6 +538,15 @@ def _fp32_twin_of(model, top_k: int):
     return ref32
 
 
+def fp32_copy_of(model, top_k: int):
+    """An fp32 CPU twin of an unpacked, not yet LoRA-wrapped tiny model: every parameter its value."""
+    ref32 = tiny_gpt_oss(device=torch.device("cpu"), dtype=torch.float32, top_k=top_k)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(ref32.named_parameters(), model.named_parameters()):
+            p.copy_(q.float().cpu())
+    return ref32
+
+
 def _same_lora(dst, src):
     with torch.no_grad():
         own = dict(src.named_parameters())
@@ -597,15 +606,13 @@ def test_compiled_layers_are_no_further_from_fp32_than_eager_layers(recompute):
     eager, with every layer recomputed and with none.  Every expert routed (top-4 of 4), attention
     LoRA.  Found on the H200 (torch 2.11): a whole layer compiled as one graph under recomputation
     was off by 0.01 in the loss and 26% in the LoRA grads (eager 1.7%), with bf16, NF4 or MXFP4
-    experts, padded or not; without recomputation as close as eager (1.8%).  transformers 5 checkpoints inside the layer's forward, so
-    compiling the layer traced torch.utils.checkpoint into the graph; fast_path now compiles the
-    forward inside and checkpoints around it in eager.  With top-2 routing stock bf16 is itself
-    ~30% away and the gap would hide."""
+    experts, padded or not; without recomputation as close as eager (1.8%).  transformers 5
+    checkpoints inside the layer's forward, so compiling the layer traced torch.utils.checkpoint
+    into the graph; fast_path now compiles the forward inside and checkpoints around it in eager
+    (bench/compiled_gap.py shows both).  With top-2 routing stock bf16 is itself ~30% away and the
+    gap would hide."""
     model = tiny_gpt_oss(top_k=4)
-    ref32 = tiny_gpt_oss(device=torch.device("cpu"), dtype=torch.float32, top_k=4)
-    with torch.no_grad():  # the bf16 model's values
-        for (_, p), (_, q) in zip(ref32.named_parameters(), model.named_parameters()):
-            p.copy_(q.float().cpu())
+    ref32 = fp32_copy_of(model, top_k=4)  # the bf16 model's values
     pm = lora(model, experts=False, r=8)
     ref = lora(ref32, experts=False, r=8)
     _same_lora(ref, pm)

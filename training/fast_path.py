@@ -166,17 +166,19 @@ def _checkpointing_wrapped(forward):
 
 def _checkpoint_around(layer: torch.nn.Module, compiled):
     """A recomputed layer's call: torch.utils.checkpoint in eager around the compiled forward.
-    transformers 5 checkpoints inside ``forward``, so compiling the layer traces the checkpoint into
-    the graph; with flex attention (GPT-OSS's sinks) and the experts in that graph, the H200 (torch
-    2.11, bf16) got the loss off by 0.01 and the LoRA grads 26% from fp32, eager 1.7%
-    (tests/test_gpu_fast_path.py).  As here, or without recomputation, compiled is as close as eager."""
+    transformers 5 checkpoints inside ``forward``, so compiling the layer traced the checkpoint into
+    the graph, which put the LoRA grads far from fp32 on the H200
+    (test_compiled_layers_are_no_further_from_fp32_than_eager_layers, BENCHMARKS.md round 2d)."""
     from torch.utils.checkpoint import checkpoint
 
     def forward(*args, **kwargs):
         if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-            # what transformers' wrapper does: the recompute must not write a KV cache twice
-            kwargs = {k: (None if k in ("past_key_values", "cache", "layer_past") else False if k == "use_cache" else v)
-                      for k, v in kwargs.items()}
+            # as transformers' wrapper does: the recompute must not write a KV cache twice
+            for key in ("past_key_values", "cache", "layer_past"):
+                if key in kwargs:
+                    kwargs[key] = None
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
             return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
         return compiled(*args, **kwargs)
 
