@@ -107,26 +107,28 @@ class RunConfig(BaseModel):
     debug: bool = False
 
 
+# The user's seed recipe: gpt-oss-120b, 4-bit, ZeRO-2 on two H200s.
+_SEED_120B = RunConfig(
+    name="seed-2xh200-120b",
+    model="openai/gpt-oss-120b",
+    datasets=[str(paths.samples_dir() / "graded")],
+    max_length=2048,
+    lora_r=8,
+    lora_alpha=32,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    quantization="nf4",
+    precision="bf16",
+    zero_stage=2,
+    num_gpus=2,
+    per_device_batch_size=3,
+    gradient_accumulation_steps=4,
+    learning_rate=2e-4,
+    epochs=3.0,
+    gpu_memory_gib=140.0,
+)
+
 PRESETS: dict[str, RunConfig] = {
-    # The user's seed recipe: gpt-oss-120b, 4-bit, ZeRO-2 on two H200s.
-    "seed-2xh200-120b": RunConfig(
-        name="seed-2xh200-120b",
-        model="openai/gpt-oss-120b",
-        datasets=[str(paths.samples_dir() / "graded")],
-        max_length=2048,
-        lora_r=8,
-        lora_alpha=32,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        quantization="nf4",
-        precision="bf16",
-        zero_stage=2,
-        num_gpus=2,
-        per_device_batch_size=3,
-        gradient_accumulation_steps=4,
-        learning_rate=2e-4,
-        epochs=3.0,
-        gpu_memory_gib=140.0,
-    ),
+    "seed-2xh200-120b": _SEED_120B,
     # gpt-oss-20b on one H200: experts kept in the checkpoint's MXFP4 (12.8 GiB of weights instead
     # of 39 in bf16, the same values), which leaves room to keep every layer's activations instead
     # of recomputing them (a third fewer FLOPs a step; 53 GiB at 8 x 2,048 tokens, H200).
@@ -146,24 +148,11 @@ PRESETS: dict[str, RunConfig] = {
         epochs=3.0,
         gpu_memory_gib=140.0,
     ),
-    # gpt-oss-120b on one H200: experts packed to NF4 while loading (55 GiB; attention, embeddings
+    # The seed recipe on one H200: experts packed to NF4 while loading (55 GiB; attention, embeddings
     # and head stay bf16, 4 GiB), every layer recomputed; the bench's 36-layer rows at these settings
     # ran 8,431 tokens/s at 64.05 GiB (6 x 2,048 tokens, BENCHMARKS.md round 2d).
-    "h200-120b": RunConfig(
-        name="h200-120b",
-        model="openai/gpt-oss-120b",
-        datasets=[str(paths.samples_dir() / "graded")],
-        max_length=2048,
-        quantization="nf4",
-        precision="bf16",
-        zero_stage=2,
-        num_gpus=1,
-        per_device_batch_size=6,
-        gradient_accumulation_steps=2,
-        learning_rate=2e-4,
-        epochs=3.0,
-        gpu_memory_gib=140.0,
-    ),
+    "h200-120b": _SEED_120B.model_copy(deep=True, update=dict(name="h200-120b", num_gpus=1, per_device_batch_size=6,
+                                                              gradient_accumulation_steps=2)),
     # No GPU: the embedded Gemma 3 270M in fp32, sized to finish a first run in minutes on 2 cores.
     "cpu-default": RunConfig(
         name="cpu-default",
