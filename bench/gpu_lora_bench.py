@@ -399,8 +399,10 @@ def main(argv=None):
         build_s = time.time() - t0
         rep = qe.memory_report(model)
         split = weights_split(model)
-        variant = (f"dequant={qe.DEQUANT_BACKEND},keep={fast_path.PACKED_KEEP_MAX_BYTES / 2**30:g}GiB"
-                   if quant in qe.STORE_KINDS else None)
+        def variant():  # read per row: a dequantization kernel that fails falls back for good
+            backend = qe.MXFP4_BACKEND if quant == "mxfp4" else qe.DEQUANT_BACKEND
+            return (f"dequant={backend},keep={fast_path.PACKED_KEEP_MAX_BYTES / 2**30:g}GiB"
+                    if quant in qe.STORE_KINDS else None)
         over: dict = {}  # (lora, impl, recompute, seq) -> smallest batch that went over --mem-limit-gib
         print(f"weights: {split}", flush=True)
         print(f"== {shape} ({cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts) {quant}: built in {build_s:.1f}s, "
@@ -428,8 +430,6 @@ def main(argv=None):
                                 continue
                             row = dict(gpu=gpu, gpus=1, shape=shape, layers=cfg.num_hidden_layers, seq=seq, batch=bs,
                                        lora=lora, impl=impl, quant=quant, recompute=rc, date=date, **split)
-                            if variant:
-                                row["variant"] = variant
                             try:
                                 applied = configure(pm, impl, rc)
                                 n_layers = cfg.num_hidden_layers
@@ -439,6 +439,8 @@ def main(argv=None):
                                 times, losses, peak, held = time_config(pm, impl, batch, a.steps, a.warmup, init)
                                 med = statistics.median(times[a.warmup:])
                                 tps = bs * seq / med
+                                if variant():  # after the row ran: the kernel it really used
+                                    row["variant"] = variant()
                                 row.update(tokens_per_s=round(tps, 1), peak_gib=round(peak, 2),
                                            held_gib=round(held, 2), act_gib=round(peak - held, 2),
                                            mfu=round(tps * mult * act / PEAK_FLOPS, 4), loss=round(losses[0], 5),

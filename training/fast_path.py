@@ -538,14 +538,24 @@ def _counts(bounds: list[int], e0: int, e1: int) -> list[int]:
     return [bounds[e + 1] - bounds[e] for e in range(e0, e1)]
 
 
-def _packed_chunked_gmm(x, store, offs, bounds, dtype, *, transposed=False, kept=None, keep=False):
+def _packed_chunked_gmm(x, store, offs, dtype, *, transposed=False, kept=None, keep=False):
     """x @ W_e (W_e^T when ``transposed``) with W dequantized from its packed store (NF4 or MXFP4)
-    one chunk of experts at a time; chunks no row was routed to are not dequantized at all.  A
-    chunk's weight comes from ``kept`` when given (emptied as used), else is dequantized and dropped
-    after its GEMM unless ``keep``.  Returns (output, the per-chunk weights kept or None)."""
+    one chunk of experts at a time.  A one-chunk store on the grouped-GEMM path is one GEMM over all
+    rows with the offsets on the device; otherwise the host reads the row ranges (one sync) and
+    chunks no row was routed to are not dequantized at all.  A chunk's weight comes from ``kept``
+    when given (emptied as used), else is dequantized and dropped after its GEMM unless ``keep``.
+    Returns (output, the per-chunk weights kept or None)."""
+    ranges = store.chunk_ranges()
+    if len(ranges) == 1:
+        w = kept[0] if kept is not None else store.dequantize_chunk(0, dtype)
+        wt = w.transpose(-2, -1) if transposed else w
+        if _gmm_ok(x, wt):  # no host sync: the GPU never waits for the CPU here
+            return gmm(x, wt, offs), ([w] if keep else None)
+        kept = [w]
+    bounds = _row_bounds(offs)
     y = x.new_empty((x.shape[0], store.shape[-2] if transposed else store.shape[-1]))  # chunks cover every row
     out_kept = [] if keep else None
-    for ci, (e0, e1) in enumerate(store.chunk_ranges()):
+    for ci, (e0, e1) in enumerate(ranges):
         r0, r1 = bounds[e0], bounds[e1]
         w = None
         if r1 > r0:
@@ -561,17 +571,17 @@ def _packed_chunked_gmm(x, store, offs, bounds, dtype, *, transposed=False, kept
 
 
 class _FrozenPackedGMM(torch.autograd.Function):
-    """x @ W_e with W dequantized from its packed store one chunk of experts at a time (the store's
-    chunks: <= 2**28 weights, 512 MiB in bf16), forward and backward, so at most one chunk's bf16
-    copy exists (plus the kept weight, see PACKED_KEEP_MAX_BYTES)."""
+    """x @ W_e with W dequantized from its packed store one chunk of experts at a time (NF4 chunks:
+    <= 2**28 weights, 512 MiB in bf16; MXFP4: quant_experts.MXFP4_CHUNK_ELEMS), forward and
+    backward, so at most one chunk's bf16 copy exists (plus the kept weight, see
+    PACKED_KEEP_MAX_BYTES)."""
 
     @staticmethod
     def forward(ctx, x, store, offs, dtype):
-        bounds = _row_bounds(offs)
         keep = (_in_backward() and PACKED_KEEP_MAX_BYTES > 0
                 and store.logical_numel * torch.empty((), dtype=dtype).element_size() <= PACKED_KEEP_MAX_BYTES)
-        y, ctx.kept = _packed_chunked_gmm(x, store, offs, bounds, dtype, keep=keep)
-        ctx.store, ctx.dtype, ctx.bounds = store, dtype, bounds
+        y, ctx.kept = _packed_chunked_gmm(x, store, offs, dtype, keep=keep)
+        ctx.store, ctx.dtype = store, dtype
         ctx.save_for_backward(offs)
         return y
 
@@ -579,7 +589,7 @@ class _FrozenPackedGMM(torch.autograd.Function):
     def backward(ctx, dy):
         (offs,) = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
-        dx, _ = _packed_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.bounds, ctx.dtype, transposed=True, kept=kept)
+        dx, _ = _packed_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.dtype, transposed=True, kept=kept)
         return dx, None, None, None
 
 
@@ -631,7 +641,7 @@ def _packed_gmm_op(x: torch.Tensor, offs: torch.Tensor, bufs: list[torch.Tensor]
                    shape: list[int], dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     """x @ W_e (transposed: x @ W_e^T, the backward's GEMM), chunk by chunk as _FrozenPackedGMM."""
     store = _StoreView(quant_experts.STORE_KINDS[_KINDS[meta[0]]], bufs, meta[1:], shape)
-    return _packed_chunked_gmm(x.contiguous(), store, offs, _row_bounds(offs), dtype, transposed=transposed)[0]
+    return _packed_chunked_gmm(x.contiguous(), store, offs, dtype, transposed=transposed)[0]
 
 
 @_packed_gmm_op.register_fake
