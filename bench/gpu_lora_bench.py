@@ -355,6 +355,8 @@ def main(argv=None):
                     help="mark rows within/over this peak; skip larger batches of a config once one went over")
     ap.add_argument("--nf4-dequant", default=None, choices=["torch", "bnb"],
                     help="NF4 dequantization on CUDA (training.quant_experts.DEQUANT_BACKEND; default torch)")
+    ap.add_argument("--mxfp4-dequant", default=None, choices=["torch", "triton"],
+                    help="MXFP4 dequantization on CUDA (training.quant_experts.MXFP4_BACKEND; default torch)")
     ap.add_argument("--nf4-keep-gib", type=float, default=None,
                     help="a recomputed layer keeps a dequantized expert tensor up to this size for its backward "
                          "(training.fast_path.PACKED_KEEP_MAX_BYTES; default 1.1; 0 never)")
@@ -371,6 +373,8 @@ def main(argv=None):
     t_start = time.time()
     if a.nf4_dequant:
         qe.DEQUANT_BACKEND = a.nf4_dequant
+    if a.mxfp4_dequant:
+        qe.MXFP4_BACKEND = a.mxfp4_dequant
     if a.nf4_keep_gib is not None:
         fast_path.PACKED_KEEP_MAX_BYTES = int(a.nf4_keep_gib * 2**30)
     device = torch.device(a.device)

@@ -470,7 +470,8 @@ def test_triton_mxfp4_dequantization_equals_the_reference_bit_for_bit():
     from pathlib import Path
 
     pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
     if not CUDA:
         env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
@@ -482,7 +483,7 @@ def test_one_chunk_packed_experts_never_wait_for_the_host(monkeypatch):
     is one grouped GEMM whose offsets stay on the device, forward and backward, eager and in
     compiled layers: no host read of the routed row counts, which stalled the GPU once per expert
     GEMM (96 times a 20b step).  Checked by making that read fail; the experts equal the dense
-    reference and the compiled model's loss and grads equal the eager model's."""
+    reference, and the compiled model's loss and grads equal the eager model's (fp32, CPU)."""
     import torch._dynamo
 
     if not CUDA:  # CPU grouped GEMMs in fp32 (the product keeps the looped fallback on the CPU)
@@ -522,7 +523,9 @@ def test_one_chunk_packed_experts_never_wait_for_the_host(monkeypatch):
     finally:
         fast_path.compile_layers(pm, enable=False)
         torch._dynamo.reset()
-    assert_same(*eager, *compiled)
+    assert set(compiled[1]) == set(eager[1]) and abs(compiled[0] - eager[0]) <= LOSS_TOL * abs(eager[0])
+    if not CUDA:  # fp32: the same numbers; bf16 on the GPU is judged against fp32 by
+        assert_same(*eager, *compiled)  # test_compiled_layers_with_packed_experts_match_compiled_dense_experts
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "mxfp4"])
