@@ -355,8 +355,6 @@ def main(argv=None):
                     help="mark rows within/over this peak; skip larger batches of a config once one went over")
     ap.add_argument("--nf4-dequant", default=None, choices=["torch", "bnb"],
                     help="NF4 dequantization on CUDA (training.quant_experts.DEQUANT_BACKEND; default torch)")
-    ap.add_argument("--mxfp4-dequant", default=None, choices=["torch", "triton"],
-                    help="MXFP4 dequantization on CUDA (training.quant_experts.MXFP4_BACKEND; default torch)")
     ap.add_argument("--nf4-keep-gib", type=float, default=None,
                     help="a recomputed layer keeps a dequantized expert tensor up to this size for its backward "
                          "(training.fast_path.PACKED_KEEP_MAX_BYTES; default 1.1; 0 never)")
@@ -373,8 +371,6 @@ def main(argv=None):
     t_start = time.time()
     if a.nf4_dequant:
         qe.DEQUANT_BACKEND = a.nf4_dequant
-    if a.mxfp4_dequant:
-        qe.MXFP4_BACKEND = a.mxfp4_dequant
     if a.nf4_keep_gib is not None:
         fast_path.PACKED_KEEP_MAX_BYTES = int(a.nf4_keep_gib * 2**30)
     device = torch.device(a.device)
@@ -404,8 +400,7 @@ def main(argv=None):
         rep = qe.memory_report(model)
         split = weights_split(model)
         def variant():  # read per row: a dequantization kernel that fails falls back for good
-            backend = qe.MXFP4_BACKEND if quant == "mxfp4" else qe.DEQUANT_BACKEND
-            return (f"dequant={backend},keep={fast_path.PACKED_KEEP_MAX_BYTES / 2**30:g}GiB"
+            return (f"dequant={qe.DEQUANT_BACKEND},keep={fast_path.PACKED_KEEP_MAX_BYTES / 2**30:g}GiB"
                     if quant in qe.STORE_KINDS else None)
         over: dict = {}  # (lora, impl, recompute, seq) -> smallest batch that went over --mem-limit-gib
         print(f"weights: {split}", flush=True)

@@ -8,7 +8,6 @@
 #   bash bench/h200_next.sh launcher20 # carry .whl/e: the h200-20b preset through the launcher, 24-layer twin
 #   bash bench/h200_next.sh train20mx # carry .whl/c: 20b with MXFP4 experts (the checkpoint's format), less recompute
 #   bash bench/h200_next.sh launcher120 # carry .whl/f: the h200-120b preset through the launcher, reduced 120b twin
-#   bash bench/h200_next.sh dequant   # carry .whl/c: MXFP4 dequantization kernels timed, then the 20b batch-6 row with the faster
 # Wheels (made by bench/device_wheels.sh; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
@@ -21,7 +20,7 @@
 # /root/stash (kept while the machine is warm) and installed again each call.
 set -u -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-case "${1:-}" in grading|tests|train20|train120|launcher20|train20mx|launcher120|dequant) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120|dequant"; exit 2;; esac
+case "${1:-}" in grading|tests|train20|train120|launcher20|train20mx|launcher120) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stash
 for d in .whl/a .whl/b .whl/c .whl/d .whl/e .whl/f; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
 python3 -m pip install -q --no-deps --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -v -i warning | tail -3
@@ -128,19 +127,5 @@ launcher120)
   f=$(ls -t /root/ckpt/*/train.log 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUT/launcher120_train.log"
   echo "## $(date -u +%T) launcher done"
   ;;
-dequant)
-  # #15 item 2 (20b attention LoRA >= 24,000 tokens/s at <= 44 GiB): the MXFP4 dequantization
-  # kernels timed on one 20b gate_up weight (bench/mxfp4_dequant_speed.py), then the MXFP4
-  # no-recomputation row at batch MX_BATCHES (default 6) with the faster kernel, profiled if MX_PROFILE=1
-  timeout 150 python3 bench/mxfp4_dequant_speed.py 2>&1 | tee "$OUT/mxfp4_dequant_speed.log" | grep -E "kernel|BEST|Error"
-  best=$(awk '/^BEST/{print $2}' "$OUT/mxfp4_dequant_speed.log"); best=${best:-torch}
-  timeout ${MX_S:-220} python3 bench/gpu_lora_bench.py --name h200_round2e --out "$OUT/h200_20b_mx.json" --shapes 20b \
-    --seqs 2048 --quant mxfp4 --loras attention --impls project --batches ${MX_BATCHES:-6} --recompute none+compile \
-    --compile-batches ${MX_BATCHES:-6} --mem-limit-gib 44 --steps 4 --warmup 2 --budget-s 170 --mxfp4-dequant "$best" \
-    ${MX_PROFILE:+--profile-dir "$OUT/profiles"} 2>&1 | tee "$OUT/bench_20b_mx.log" \
-    | grep -E "^ROW|Error|SKIP" | cut -c1-420 | sed -E 's/"(gpu|gpus|shape|layers|seq|date|weights_gib|experts_gib|experts_format|rest_gib)": [^,]*, //g'
-  [ -n "${MX_PROFILE:-}" ] && head -14 "$OUT"/profiles/*.txt 2>/dev/null | cut -c1-200
-  echo "## $(date -u +%T) dequant row done"
-  ;;
-*) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120|dequant"; exit 2;;
+*) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;;
 esac

@@ -431,51 +431,25 @@ def test_mxfp4_packing_round_trips_and_both_dequantizations_agree():
         assert torch.equal(qe.mxfp4_dequant_torch(b, sc, lut.numel(), torch.bfloat16).float(), lut.reshape(-1))
     again = qe.quantize_tensor_mxfp4(back, tuple(w.shape), device=DEVICE)
     assert torch.equal(again.dequantize(torch.float32), back)
+    # any byte at typical scales, on the device in fp32 and bf16 (load_gpt_oss dequantizes an MXFP4
+    # checkpoint to bf16 on the GPU with the LUT path; training uses the compiled kernel), against
+    # the CPU in fp32: every value is exact in bf16.  (H200, 2026-12-03: a timing script found the
+    # compiled bf16 kernel's output unequal to the LUT path's on random bytes; not yet localised.)
+    rb = torch.randint(0, 256, (4, 64, 9, 16), dtype=torch.uint8, generator=g)
+    rs = torch.randint(110, 135, (4, 64, 9), dtype=torch.uint8, generator=g)
+    cpu32 = qe.dequantize_mxfp4(rb, rs, torch.float32).reshape(-1)
+    rstore = qe.mxfp4_store(rb.to(DEVICE), rs.to(DEVICE), (4, 9 * 32, 64))
+    for dt in (torch.float32, torch.bfloat16):
+        b, sc = rb.to(DEVICE), rs.to(DEVICE)
+        assert torch.equal(qe.dequantize_mxfp4(b, sc, dt).reshape(-1).float().cpu(), cpu32), ("LUT", dt)
+        assert torch.equal(qe.mxfp4_dequant_torch(b, sc, cpu32.numel(), dt).float().cpu(), cpu32), ("eager", dt)
+        assert torch.equal(rstore.dequantize_chunk(0, dt).transpose(1, 2).reshape(-1).float().cpu(), cpu32), dt
     # every nibble and the scale extremes
     blocks = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
     for e in (0, 1, 120, 127, 134, 254):
         scales = torch.full((1, 16), e, dtype=torch.uint8)
         lut = qe.dequantize_mxfp4(blocks, scales, torch.float32)
         assert torch.equal(qe.mxfp4_dequant_torch(blocks, scales, lut.numel(), torch.float32), lut.reshape(-1))
-
-
-_TRITON_CHECK = """
-import torch
-from training import quant_experts as qe
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-g = torch.Generator().manual_seed(0)
-w = torch.randn(3, 64, 96, generator=g) * torch.logspace(-6, 1, 96)
-blocks, scales = qe.quantize_mxfp4(w)
-cases = [(blocks, scales)]
-every_byte = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
-for e in (2, 120, 127, 134, 254):  # scales >= 2: the interpreter rounds bf16 subnormals its own way
-    cases.append((every_byte, torch.full((1, 16), e, dtype=torch.uint8)))
-for b, sc in cases:
-    b, sc = b.to(dev), sc.to(dev)
-    for dt in (torch.float32, torch.bfloat16):
-        ref = qe.dequantize_mxfp4(b, sc, dt).reshape(-1)
-        got = qe.mxfp4_dequant_triton(b, sc, ref.numel(), dt)
-        assert got.dtype == dt and torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), (dt, sc.flatten()[0])
-print("ok", dev)
-"""
-
-
-def test_triton_mxfp4_dequantization_equals_the_reference_bit_for_bit():
-    """The Triton kernel the MXFP4 experts dequantize with on CUDA gives the LUT path's values bit
-    for bit (fp32 and bf16; every nibble, scales across the range, odd sizes).  On the CPU it runs
-    under Triton's interpreter, in a child process (the interpreter is chosen at import)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                     os.environ.get("PYTHONPATH")]))}
-    if not CUDA:
-        env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
 def test_one_chunk_packed_experts_never_wait_for_the_host(monkeypatch):

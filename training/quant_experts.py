@@ -13,8 +13,7 @@ groups of whole experts (``<name>_packed`` on the experts module):
   in (e2m1 values, a power-of-two scale per 32, ~0.531 bytes per weight).  Loaded from an MXFP4
   checkpoint it keeps the blocks as read, so training sees exactly the checkpoint's weights (what
   stock transformers dequantizes to bf16 at 4x the memory); from other weights it rounds them
-  (``quantize_mxfp4``).  Dequantized on CUDA by ``mxfp4_dequant_torch`` compiled (or a Triton
-  kernel, ``mxfp4_dequant_triton``: ``MXFP4_BACKEND``).
+  (``quantize_mxfp4``).  Dequantized on CUDA by ``mxfp4_dequant_torch``, compiled.
 
 The forward pass (``training.fast_path.moe_forward``) dequantizes one chunk of a layer's experts at
 a time right before that chunk's grouped GEMM, and again in backward, so at most one chunk's bf16
@@ -332,42 +331,6 @@ def mxfp4_dequant_torch(blocks: torch.Tensor, scales: torch.Tensor, numel: int, 
     return (val * torch.exp2((scales.reshape(-1)[i // 32].to(torch.int32) - 127).to(torch.float32))).to(dtype)
 
 
-# How MXFP4 chunks are dequantized on CUDA: "torch" = ``mxfp4_dequant_torch`` compiled by inductor
-# (per output element it gathers its byte and scale: 2.6 TB/s on the H200, 36.7 ms of a 20b
-# batch-6 step); "triton" = ``mxfp4_dequant_triton`` (one pass over the bytes; falls back to
-# "torch" if it fails).  Its first version, which wrote both values of a byte through a register
-# interleave, ran at 1.7 TB/s (56 ms of the same step); bench/mxfp4_dequant_speed.py times both.
-MXFP4_BACKEND = "torch"
-def mxfp4_dequant_triton(blocks: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """``mxfp4_dequant_torch``'s result (bit for bit: the same fp32 products, rounded once) from a
-    Triton kernel that reads each byte once and writes its two values side by side."""
-    from training import mxfp4_triton  # noqa: WPS433 (triton is imported on first use only)
-
-    kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
-    if out is None:
-        out = torch.empty(numel, dtype=dtype, device=blocks.device)
-    n_bytes, block = numel // 2, 1024
-    mxfp4_triton.dequant_kernel[((n_bytes + block - 1) // block,)](
-        blocks, scales, out.view(torch.int32) if kind else out, n_bytes, BLOCK=block, OUT=kind)
-    return out
-
-
-def _mxfp4_dequant_cuda(blocks: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype):
-    """MXFP4_BACKEND's kernel; the compiled torch one from then on if Triton fails (a warning);
-    None if neither runs."""
-    global MXFP4_BACKEND
-    if MXFP4_BACKEND == "triton":
-        try:
-            return mxfp4_dequant_triton(blocks, scales, numel, dtype)
-        except Exception as e:  # no usable Triton for this GPU
-            import warnings
-
-            warnings.warn(f"Triton MXFP4 dequantization failed ({type(e).__name__}: {e}); using the compiled torch kernel")
-            MXFP4_BACKEND = "torch"
-    return _run_compiled("mxfp4", mxfp4_dequant_torch, blocks, scales, numel, dtype, fallback="the eager LUT path")
-
-
 _FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between the e2m1 magnitudes 0 .. 6
 
 
@@ -419,7 +382,8 @@ class MXFP4Store(PackedStore):
         dtype = dtype or torch.bfloat16
         m = self.meta[i]
         blocks, scales = getattr(self, f"blocks{i}"), getattr(self, f"scales{i}")
-        w = _mxfp4_dequant_cuda(blocks, scales, m["numel"], dtype) if blocks.is_cuda else None
+        w = (_run_compiled("mxfp4", mxfp4_dequant_torch, blocks, scales, m["numel"], dtype,
+                           fallback="the eager LUT path") if blocks.is_cuda else None)
         if w is None:
             w = dequantize_mxfp4(blocks, scales, dtype)
         return w.view(m["e1"] - m["e0"], self.shape[2], self.shape[1]).transpose(1, 2)
