@@ -17,9 +17,11 @@ Two entry points the training engine calls:
     materialising ``W + B A`` for every expert on every forward (what PEFT does).  Adapters stay
     PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  Packed experts (NF4 or
     the checkpoint's MXFP4, ``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
-    function one packed chunk of experts at a time (<= 512 MiB in bf16, chunks nobody was routed
-    to skipped), forward and backward, so a layer's bf16 experts never exist whole (120b shape:
-    ~6 GB per layer); a recomputed layer keeps them for its backward only when that fits
+    function one packed chunk of experts at a time (NF4 <= 512 MiB in bf16, MXFP4 <= 1.1 GiB;
+    chunks nobody was routed to skipped), forward and backward, so a 120b layer's bf16 experts
+    (~6 GB) never exist whole; a one-chunk weight (the 20b's in MXFP4) is one grouped GEMM with
+    the routed offsets on the device, no host sync (20b, batch 6: 23,289 -> 24,421 tokens/s).
+    A recomputed layer keeps its dequantized experts for its backward only when they fit
     ``PACKED_KEEP_MAX_BYTES``.  On CUDA the dequantization is a compiled torch kernel
     (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths, unless
     ``quant_experts.DEQUANT_BACKEND = "bnb"``; ``mxfp4_dequant_torch``).

@@ -17,7 +17,8 @@ groups of whole experts (``<name>_packed`` on the experts module):
 
 The forward pass (``training.fast_path.moe_forward``) dequantizes one chunk of a layer's experts at
 a time right before that chunk's grouped GEMM, and again in backward, so at most one chunk's bf16
-copy (<= 512 MiB) exists at a time.  The packed weights are frozen buffers, so optimizers,
+copy exists at a time (NF4: <= 512 MiB; MXFP4: <= 1.1 GiB, so the 20b shape's weights are one
+chunk each, one GEMM with no host sync).  The packed weights are frozen buffers, so optimizers,
 DeepSpeed ZeRO-0/2 and PEFT never see them as trainable; ``.to(device)`` moves them.  LoRA on the
 experts (PEFT ``target_parameters``) works with packed experts in either order (before or after
 ``quantize_experts``): the adapter factors are read from PEFT and fused into the grouped GEMMs.
