@@ -452,6 +452,17 @@ def test_mxfp4_packing_round_trips_and_both_dequantizations_agree():
         assert torch.equal(qe.mxfp4_dequant_torch(blocks, scales, lut.numel(), torch.float32), lut.reshape(-1))
 
 
+def _experts_outputs_and_grads(experts, *, rows: int, routed: int) -> list[torch.Tensor]:
+    """moe_forward of one experts module on fixed random rows, each routed to 2 of the first
+    ``routed`` experts: its output and the grads of its input and routing weights, in fp32."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, experts.hidden_size, generator=g).to(DEVICE, DTYPE).requires_grad_()
+    idx = torch.randint(0, routed, (rows, 2), generator=g).to(DEVICE)
+    wts = torch.softmax(torch.randn(rows, 2, generator=g), -1).to(DEVICE, DTYPE).requires_grad_()
+    y = fast_path.moe_forward(experts, x, idx, wts)
+    return [y.float(), *(t.float() for t in torch.autograd.grad(y.float().square().sum(), (x, wts)))]
+
+
 def test_one_chunk_packed_experts_never_wait_for_the_host(monkeypatch):
     """An MXFP4 weight small enough to be one chunk (the 20b shape's, quant_experts.MXFP4_CHUNK_ELEMS)
     is one grouped GEMM whose offsets stay on the device, forward and backward, eager and in
@@ -465,25 +476,13 @@ def test_one_chunk_packed_experts_never_wait_for_the_host(monkeypatch):
     packed, dense = _packed_and_dense_twin("mxfp4", chunk_elems=None)
     ex, ex_ref = packed.model.layers[0].mlp.experts, dense.model.layers[0].mlp.experts
     assert len(ex.gate_up_proj_packed.chunk_ranges()) == 1 and len(ex.down_proj_packed.chunk_ranges()) == 1
-    H = packed.config.hidden_size
-    g = torch.Generator().manual_seed(3)
-    x0 = torch.randn(64, H, generator=g).to(DEVICE, DTYPE)
-    idx = torch.randint(0, 4, (64, 2), generator=g).to(DEVICE)
-    w0 = torch.softmax(torch.randn(64, 2, generator=g), -1).to(DEVICE, DTYPE)
-
-    def experts(e):
-        x = x0.clone().requires_grad_()
-        wts = w0.clone().requires_grad_()
-        y = fast_path.moe_forward(e, x, idx, wts)
-        return [y.float(), *(t.float() for t in torch.autograd.grad(y.float().square().sum(), (x, wts)))]
-
-    ref = experts(ex_ref)
+    ref = _experts_outputs_and_grads(ex_ref, rows=64, routed=4)
 
     def no_host_read(offs):
         raise AssertionError("host read of the routed row counts")
 
     monkeypatch.setattr(fast_path, "_row_bounds", no_host_read)
-    for a, b in zip(ref, experts(ex)):
+    for a, b in zip(ref, _experts_outputs_and_grads(ex, rows=64, routed=4)):
         assert rel(b, a) < (2e-2 if CUDA else 1e-5)
     pm = lora(packed, experts=False)
     fast_path.set_recompute(pm, "none")
@@ -507,22 +506,9 @@ def test_chunked_packed_experts_match_the_dense_reference_outputs_and_grads(fmt)
     nf4, dense = _packed_and_dense_twin(fmt)
     ex, ex_ref = nf4.model.layers[0].mlp.experts, dense.model.layers[0].mlp.experts
     assert len(ex.gate_up_proj_packed.chunk_ranges()) == 4 and len(ex.down_proj_packed.chunk_ranges()) == 2
-    H = nf4.config.hidden_size
-    g = torch.Generator().manual_seed(3)
-    x0 = torch.randn(60, H, generator=g).to(DEVICE, DTYPE)
     # experts 0..2 only: the last gate_up chunk gets no rows (skipped, its rows' grads still right)
-    idx = torch.randint(0, 3, (60, 2), generator=g).to(DEVICE)
-    w0 = torch.softmax(torch.randn(60, 2, generator=g), -1).to(DEVICE, DTYPE)
-    outs = []
-    for e in (ex_ref, ex):
-        x = x0.clone().requires_grad_()
-        wts = w0.clone().requires_grad_()
-        y = fast_path.moe_forward(e, x, idx, wts)
-        gx, gw = torch.autograd.grad(y.float().square().sum(), (x, wts))
-        outs.append((y.float(), gx.float(), gw.float()))
-    tol = 2e-2 if CUDA else 1e-5
-    for a, b in zip(*outs):
-        assert rel(b, a) < tol
+    for a, b in zip(_experts_outputs_and_grads(ex_ref, rows=60, routed=3), _experts_outputs_and_grads(ex, rows=60, routed=3)):
+        assert rel(b, a) < (2e-2 if CUDA else 1e-5)
 
 
 @pytest.mark.parametrize("fmt,keep", [("nf4", 0), ("nf4", 1 << 40), ("mxfp4", 0)],
