@@ -438,8 +438,8 @@ def main(argv=None):
                                 times, losses, peak, held = time_config(pm, impl, batch, a.steps, a.warmup, init)
                                 med = statistics.median(times[a.warmup:])
                                 tps = bs * seq / med
-                                if variant():  # after the row ran: the kernel it really used
-                                    row["variant"] = variant()
+                                if v := variant():  # after the row ran: the kernel it really used
+                                    row["variant"] = v
                                 row.update(tokens_per_s=round(tps, 1), peak_gib=round(peak, 2),
                                            held_gib=round(held, 2), act_gib=round(peak - held, 2),
                                            mfu=round(tps * mult * act / PEAK_FLOPS, 4), loss=round(losses[0], 5),

@@ -540,13 +540,14 @@ def _counts(bounds: list[int], e0: int, e1: int) -> list[int]:
     return [bounds[e + 1] - bounds[e] for e in range(e0, e1)]
 
 
-def _packed_chunked_gmm(x, store, offs, dtype, *, transposed=False, kept=None, keep=False):
+def _packed_chunked_gmm(x, store, offs, dtype, *, transposed=False, kept=None, keep=False, bounds=None):
     """x @ W_e (W_e^T when ``transposed``) with W dequantized from its packed store (NF4 or MXFP4)
     one chunk of experts at a time.  A one-chunk store on the grouped-GEMM path is one GEMM over all
     rows with the offsets on the device; otherwise the host reads the row ranges (one sync) and
     chunks no row was routed to are not dequantized at all.  A chunk's weight comes from ``kept``
     when given (emptied as used), else is dequantized and dropped after its GEMM unless ``keep``.
-    Returns (output, the per-chunk weights kept or None)."""
+    ``bounds``: the host row boundaries if already read.  Returns (output, the per-chunk weights
+    kept or None)."""
     ranges = store.chunk_ranges()
     if len(ranges) == 1:
         w = kept[0] if kept is not None else store.dequantize_chunk(0, dtype)
@@ -554,7 +555,8 @@ def _packed_chunked_gmm(x, store, offs, dtype, *, transposed=False, kept=None, k
         if _gmm_ok(x, wt):  # no host sync: the GPU never waits for the CPU here
             return gmm(x, wt, offs), ([w] if keep else None)
         kept = [w]
-    bounds = _row_bounds(offs)
+    if bounds is None:
+        bounds = _row_bounds(offs)
     y = x.new_empty((x.shape[0], store.shape[-2] if transposed else store.shape[-1]))  # chunks cover every row
     out_kept = [] if keep else None
     for ci, (e0, e1) in enumerate(ranges):
@@ -582,8 +584,10 @@ class _FrozenPackedGMM(torch.autograd.Function):
     def forward(ctx, x, store, offs, dtype):
         keep = (_in_backward() and PACKED_KEEP_MAX_BYTES > 0
                 and store.logical_numel * torch.empty((), dtype=dtype).element_size() <= PACKED_KEEP_MAX_BYTES)
-        y, ctx.kept = _packed_chunked_gmm(x, store, offs, dtype, keep=keep)
-        ctx.store, ctx.dtype = store, dtype
+        # a chunked store's row boundaries: read on the host once, for forward and backward
+        bounds = None if len(store.chunk_ranges()) == 1 else _row_bounds(offs)
+        y, ctx.kept = _packed_chunked_gmm(x, store, offs, dtype, keep=keep, bounds=bounds)
+        ctx.store, ctx.dtype, ctx.bounds = store, dtype, bounds
         ctx.save_for_backward(offs)
         return y
 
@@ -591,7 +595,8 @@ class _FrozenPackedGMM(torch.autograd.Function):
     def backward(ctx, dy):
         (offs,) = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
-        dx, _ = _packed_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.dtype, transposed=True, kept=kept)
+        dx, _ = _packed_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.dtype, transposed=True, kept=kept,
+                                    bounds=ctx.bounds)
         return dx, None, None, None
 
 
