@@ -7,7 +7,7 @@
 #   bash bench/h200_next.sh train120  # 120b NF4 rows, eager vs compiled (the NF4 GEMM a custom op now)
 #   bash bench/h200_next.sh launcher20 # carry .whl/e: the h200-20b preset through the launcher, 24-layer twin
 #   bash bench/h200_next.sh train20mx # carry .whl/c: 20b with MXFP4 experts (the checkpoint's format), less recompute
-#   bash bench/h200_next.sh launcher120 # carry .whl/f: the h200-120b preset through the launcher, reduced 120b twin
+#   bash bench/h200_next.sh launcher120 # carry .whl/f: the h200-120b preset through the launcher, reduced 120b twin (TWIN_LAYERS, default 6)
 # Wheels (made by bench/device_wheels.sh; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
@@ -119,13 +119,15 @@ launcher120)
   # #15 item 4, the 120b: the h200-120b preset (NF4 experts packed while loading, recomputation,
   # 6 x 2 rows a step) through the real launcher on a reduced-layer 120b-layout twin (the device
   # disk is 64 GiB; 6 layers = 12.8 GB MXFP4), projected to 36 layers by the layer count.
-  timeout 120 python3 bench/launcher_twin.py --shape 120b --layers ${TWIN_LAYERS:-6} --out /root/twin120 2>&1 | tail -1
+  timeout ${TWIN_S:-120} python3 bench/launcher_twin.py --shape 120b --layers ${TWIN_LAYERS:-6} --out /root/twin120 2>&1 | tail -1
   echo "## $(date -u +%T) twin"
   export GRADER_CHECKPOINTS=/root/ckpt
   timeout ${LAUNCH_S:-330} python3 -m training run --preset h200-120b --set model=/root/twin120 --set max_steps=8 \
     --set save_every_steps=8 --set eval_fraction=0 > "$OUT/launcher120.log" 2>&1; echo "## rc=$?"
   grep -E "loaded in|memory held|fast path|packing|step [0-9]+/|Error|error" "$OUT/launcher120.log" | cut -c1-300 | tail -14
   f=$(ls -t /root/ckpt/*/train.log 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUT/launcher120_train.log"
+  # each step's peak GPU memory is in metrics.jsonl (peak_mem_gib), not in train.log
+  [ -n "$f" ] && cp "$(dirname "$f")/metrics.jsonl" "$OUT/launcher120_metrics.jsonl" && grep -o '"peak_mem_gib": [0-9.]*' "$OUT/launcher120_metrics.jsonl" | tail -2
   echo "## $(date -u +%T) launcher done"
   ;;
 *) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;;
