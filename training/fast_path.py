@@ -547,13 +547,13 @@ def _packed_chunked_gmm(x, store, offs, dtype, *, transposed=False, kept=None, k
     chunks no row was routed to are not dequantized at all.  A chunk's weight comes from ``kept``
     when given (emptied as used), else is dequantized and dropped after its GEMM unless ``keep``.
     ``bounds``: the host row boundaries if already read.  Returns (output, the per-chunk weights
-    kept or None)."""
+    kept or None, the row boundaries it read or was given: None when it needed none)."""
     ranges = store.chunk_ranges()
     if len(ranges) == 1:
         w = kept[0] if kept is not None else store.dequantize_chunk(0, dtype)
         wt = w.transpose(-2, -1) if transposed else w
         if _gmm_ok(x, wt):  # no host sync: the GPU never waits for the CPU here
-            return gmm(x, wt, offs), ([w] if keep else None)
+            return gmm(x, wt, offs), ([w] if keep else None), None
         kept = [w]
     if bounds is None:
         bounds = _row_bounds(offs)
@@ -571,7 +571,7 @@ def _packed_chunked_gmm(x, store, offs, dtype, *, transposed=False, kept=None, k
         if keep:
             out_kept.append(w)
         del w
-    return y, out_kept
+    return y, out_kept, bounds
 
 
 class _FrozenPackedGMM(torch.autograd.Function):
@@ -584,10 +584,9 @@ class _FrozenPackedGMM(torch.autograd.Function):
     def forward(ctx, x, store, offs, dtype):
         keep = (_in_backward() and PACKED_KEEP_MAX_BYTES > 0
                 and store.logical_numel * torch.empty((), dtype=dtype).element_size() <= PACKED_KEEP_MAX_BYTES)
-        # a chunked store's row boundaries: read on the host once, for forward and backward
-        bounds = None if len(store.chunk_ranges()) == 1 else _row_bounds(offs)
-        y, ctx.kept = _packed_chunked_gmm(x, store, offs, dtype, keep=keep, bounds=bounds)
-        ctx.store, ctx.dtype, ctx.bounds = store, dtype, bounds
+        # the row boundaries, if forward read them on the host, serve backward too (one sync)
+        y, ctx.kept, ctx.bounds = _packed_chunked_gmm(x, store, offs, dtype, keep=keep)
+        ctx.store, ctx.dtype = store, dtype
         ctx.save_for_backward(offs)
         return y
 
@@ -595,8 +594,8 @@ class _FrozenPackedGMM(torch.autograd.Function):
     def backward(ctx, dy):
         (offs,) = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
-        dx, _ = _packed_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.dtype, transposed=True, kept=kept,
-                                    bounds=ctx.bounds)
+        dx, _, _ = _packed_chunked_gmm(dy.contiguous(), ctx.store, offs, ctx.dtype, transposed=True, kept=kept,
+                                       bounds=ctx.bounds)
         return dx, None, None, None
 
 
