@@ -131,19 +131,19 @@ def test_default_cpu_model_is_gemma_and_loads_offline() -> None:
     assert natural_loss < 5.0 and shuffled_loss > natural_loss + 3.0
 
 
-
 def test_the_gemma_conversion_parses_its_gguf_once(tmp_path: Path) -> None:
     """transformers reads the GGUF three times (tokenizer, config, weights), each a fresh
     ``from gguf import GGUFReader``; during the conversion they share one parse of a file (the
     first start took 93 s here, 54 s with it), and outside it every reader is new again."""
     import gguf
+    import numpy as np
 
     from data.model_zoo import _gguf_parsed_once
 
     path = tmp_path / "small.gguf"
     writer = gguf.GGUFWriter(str(path), "gemma3")
     writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
-    writer.add_tensor("w", __import__("numpy").arange(8, dtype="float32"))
+    writer.add_tensor("w", np.arange(8, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
