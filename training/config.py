@@ -153,6 +153,23 @@ PRESETS: dict[str, RunConfig] = {
     # ran 8,431 tokens/s at 64.05 GiB (6 x 2,048 tokens, BENCHMARKS.md round 2d).
     "h200-120b": _SEED_120B.model_copy(deep=True, update=dict(name="h200-120b", num_gpus=1, per_device_batch_size=6,
                                                               gradient_accumulation_steps=2)),
+    # The grading recipe measured on real short-answer data (BENCHMARKS.md, "Grading quality"):
+    # the embedded Gemma 3 270M on one GPU, LoRA on every projection, one question per example.
+    "embedded-grader": RunConfig(
+        name="embedded-grader",
+        datasets=[str(paths.samples_dir() / "graded")],
+        max_length=1024,
+        lora_r=16,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        num_gpus=1,
+        per_device_batch_size=16,
+        gradient_accumulation_steps=1,
+        warmup_ratio=0.05,
+        epochs=5.0,
+        gradient_checkpointing=False,
+        save_every_steps=100000,
+    ),
     # No GPU: the embedded Gemma 3 270M in fp32, sized to finish a first run in minutes on 2 cores.
     "cpu-default": RunConfig(
         name="cpu-default",
