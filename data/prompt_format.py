@@ -36,8 +36,9 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
+from data.anchors import anchor_prompt_text
 from data.rubric import Grade, GradedSubmission, GradeItem, Rubric
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -112,9 +113,15 @@ def response_example(rubric: Rubric) -> str:
     )
 
 
-def instructions(rubric: Rubric) -> str:
+Anchors = Sequence[tuple[str, float]]  # (answer, teacher's score) of the one question, least similar first
+
+
+def instructions(rubric: Rubric, anchors: Anchors = ()) -> str:
     """The grader's instructions: the rubric (labels, questions, max scores, reference answers
-    when present) and the exact JSON to answer with."""
+    when present) and the exact JSON to answer with. ``anchors`` (a one-question rubric only):
+    answers to that question the teacher graded, listed under it (``data.anchors``)."""
+    if anchors and len(rubric.questions) != 1:
+        raise ValueError("anchors go with a one-question rubric (item-level prompts)")
     lines = [
         "You grade a student's submission against the rubric below. The submission is the user "
         "message, one Markdown section per question.",
@@ -126,6 +133,10 @@ def instructions(rubric: Rubric) -> str:
         lines += ["", f"## Question {lab} (max {_fmt_num(q.max_score)} points)", q.question.strip()]
         if q.reference_answer and q.reference_answer.strip():
             lines.append(f"Reference answer: {q.reference_answer.strip()}")
+        if anchors:
+            lines += ["", "Answers to this question that the teacher graded (the most similar to the student's last):"]
+            lines += [f"- {_fmt_num(score)} of {_fmt_num(q.max_score)}: {anchor_prompt_text(answer)}"
+                      for answer, score in anchors]
     lines += [
         "",
         "# Answer",
@@ -208,7 +219,7 @@ def harmony_encoding() -> "HarmonyEncoding":
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
-def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = None) -> list[Any]:
+def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = None, anchors: Anchors = ()) -> list[Any]:
     """The harmony conversation: system, developer (instructions), user (submission) and, for
     training, the assistant's final-channel grade. No date in the system message: the prompt
     must not change from one day to the next."""
@@ -216,7 +227,7 @@ def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = No
 
     msgs = [
         Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.LOW)),
-        Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions(rubric))),
+        Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions(rubric, anchors))),
         Message.from_role_and_content(Role.USER, submission_md),
     ]
     if target is not None:
@@ -224,12 +235,12 @@ def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = No
     return msgs
 
 
-def _harmony_prompt(rubric: Rubric, submission_md: str) -> list[int]:
+def _harmony_prompt(rubric: Rubric, submission_md: str, anchors: Anchors = ()) -> list[int]:
     from openai_harmony import Conversation, Role
 
     enc = harmony_encoding()
     ids = enc.render_conversation_for_completion(
-        Conversation.from_messages(harmony_messages(rubric, submission_md)), Role.ASSISTANT
+        Conversation.from_messages(harmony_messages(rubric, submission_md, anchors=anchors)), Role.ASSISTANT
     )
     # Force the final channel: the grader answers directly, without an analysis message.
     return list(ids) + [HARMONY_CHANNEL] + enc.encode("final", allowed_special=set()) + [HARMONY_MESSAGE]
@@ -291,27 +302,27 @@ def _chat_skeleton(tokenizer: Any) -> tuple[list[tuple[str, str]], bool]:
     return pieces, has_system
 
 
-def _chat_prompt(tokenizer: Any, rubric: Rubric, submission_md: str) -> list[int]:
+def _chat_prompt(tokenizer: Any, rubric: Rubric, submission_md: str, anchors: Anchors = ()) -> list[int]:
     pieces, _ = _chat_skeleton(tokenizer)
     ids: list[int] = []
     for kind, text in pieces:
         if kind == "template":
             ids += _encode_template(tokenizer, text)
         elif kind == "system":
-            ids += _encode_text(tokenizer, instructions(rubric))
+            ids += _encode_text(tokenizer, instructions(rubric, anchors))
         else:
             ids += _encode_text(tokenizer, submission_md)
     return ids
 
 
-def plain_prompt_text(rubric: Rubric, submission_md: str) -> str:
+def plain_prompt_text(rubric: Rubric, submission_md: str, anchors: Anchors = ()) -> str:
     """The plain template (models without a chat template), as text."""
-    return instructions(rubric) + PLAIN_SUBMISSION_HEADER + submission_md.strip() + PLAIN_ANSWER_HEADER
+    return instructions(rubric, anchors) + PLAIN_SUBMISSION_HEADER + submission_md.strip() + PLAIN_ANSWER_HEADER
 
 
-def _plain_prompt(tokenizer: Any, rubric: Rubric, submission_md: str) -> list[int]:
+def _plain_prompt(tokenizer: Any, rubric: Rubric, submission_md: str, anchors: Anchors = ()) -> list[int]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + _encode_text(tokenizer, plain_prompt_text(rubric, submission_md))
+    return bos + _encode_text(tokenizer, plain_prompt_text(rubric, submission_md, anchors))
 
 
 @functools.lru_cache(maxsize=16)
@@ -370,12 +381,12 @@ def _check_format(tokenizer: Any, fmt: Format) -> None:
         raise ValueError("format chat_template: this tokenizer has no chat template; use plain")
 
 
-def _render_prompt(tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str) -> list[int]:
+def _render_prompt(tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str, anchors: Anchors = ()) -> list[int]:
     if fmt == "harmony":
-        return _harmony_prompt(rubric, submission_md)
+        return _harmony_prompt(rubric, submission_md, anchors)
     if fmt == "chat_template":
-        return _chat_prompt(tokenizer, rubric, submission_md)
-    return _plain_prompt(tokenizer, rubric, submission_md)
+        return _chat_prompt(tokenizer, rubric, submission_md, anchors)
+    return _plain_prompt(tokenizer, rubric, submission_md, anchors)
 
 
 def _cut_submission(submission_md: str, keep_chars: int) -> str:
@@ -383,7 +394,8 @@ def _cut_submission(submission_md: str, keep_chars: int) -> str:
 
 
 def encode_prompt_checked(
-    tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str, max_prompt_tokens: int | None = None
+    tokenizer: Any, fmt: Format, rubric: Rubric, submission_md: str, max_prompt_tokens: int | None = None,
+    anchors: Anchors = (),
 ) -> tuple[list[int], bool]:
     """:func:`encode_prompt` that also says whether the submission was cut.
 
@@ -392,10 +404,10 @@ def encode_prompt_checked(
     never cut: when even an empty submission does not fit, PromptTooLongError.
     """
     _check_format(tokenizer, fmt)
-    ids = _render_prompt(tokenizer, fmt, rubric, submission_md)
+    ids = _render_prompt(tokenizer, fmt, rubric, submission_md, anchors)
     if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
         return ids, False
-    shortest = _render_prompt(tokenizer, fmt, rubric, _cut_submission(submission_md, 0))
+    shortest = _render_prompt(tokenizer, fmt, rubric, _cut_submission(submission_md, 0), anchors)
     if len(shortest) > max_prompt_tokens:
         raise PromptTooLongError(
             f"the instructions alone take {len(shortest)} tokens, more than the {max_prompt_tokens} allowed "
@@ -404,7 +416,7 @@ def encode_prompt_checked(
     lo, hi, best = 0, len(submission_md) - 1, shortest  # lo chars always fit; hi+1 never checked yet
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        cand = _render_prompt(tokenizer, fmt, rubric, _cut_submission(submission_md, mid))
+        cand = _render_prompt(tokenizer, fmt, rubric, _cut_submission(submission_md, mid), anchors)
         if len(cand) <= max_prompt_tokens:
             lo, best = mid, cand
         else:
@@ -532,6 +544,7 @@ class ScoreExample:
     target: list[float] | None = None
     human_score: float | None = None
     truncated: bool = False
+    n_anchors: int = 0  # teacher-graded answers of the question in the prompt (data.anchors)
 
 
 def question_rubric(rubric: Rubric, k: int) -> Rubric:
@@ -586,10 +599,13 @@ def soft_score_target(scores: list[float], max_score: float) -> list[float]:
 
 
 def encode_score_prompt(
-    tokenizer: Any, fmt: Format, rubric: Rubric, k: int, answer: str, max_prompt_tokens: int | None = None
+    tokenizer: Any, fmt: Format, rubric: Rubric, k: int, answer: str, max_prompt_tokens: int | None = None,
+    anchors: Anchors = (),
 ) -> ScoreExample:
     """Question ``k`` of ``rubric`` with the student's ``answer``: the prompt plus the grade JSON
-    up to the score (see the section comment). Over-long answers are cut like submissions."""
+    up to the score (see the section comment). ``anchors``: teacher-graded answers of the question
+    shown with it, least similar first; when the prompt is too long they give way (least similar
+    first) before the student's answer is cut. Over-long answers are cut like submissions."""
     from data.markdown import render_question_markdown
 
     one = question_rubric(rubric, k)
@@ -599,37 +615,67 @@ def encode_score_prompt(
     if budget is not None and budget <= 0:
         raise PromptTooLongError(f"max_length {max_prompt_tokens} leaves no room for the question's prompt")
     md = render_question_markdown(label, q.question, answer)
-    prompt, truncated = encode_prompt_checked(tokenizer, fmt, one, md, budget)
+    anchors = list(anchors)
+    while True:
+        try:
+            prompt, truncated = encode_prompt_checked(tokenizer, fmt, one, md, budget, anchors)
+        except PromptTooLongError:
+            if not anchors:
+                raise
+            anchors = anchors[1:]
+            continue
+        if not (truncated and anchors):
+            break
+        anchors = anchors[1:]
     return ScoreExample(input_ids=prompt + prefix, value_ids=score_value_ids(tokenizer, fmt, q.max_score),
-                        max_score=q.max_score, truncated=truncated)
+                        max_score=q.max_score, truncated=truncated, n_anchors=len(anchors))
 
 
 def build_score_examples(
-    submissions: list[GradedSubmission], tokenizer: Any, fmt: Format, max_length: int
+    submissions: list[GradedSubmission], tokenizer: Any, fmt: Format, max_length: int, *,
+    anchors: int = 0, seed: int = 0,
 ) -> tuple[list[ScoreExample], int]:
     """Every scored question of every graded submission as a training example (item-level):
     (examples, number whose answer was cut). The target is the human distribution over 0..max,
     from the item's ``grader_scores`` when it has them, else its ``score``. Questions whose values
-    are not single tokens, or whose prompt cannot fit, are left out (logged)."""
+    are not single tokens, or whose prompt cannot fit, are left out (logged).
+
+    ``anchors`` > 0: each prompt shows up to that many other answers of the same question with
+    their human scores, as grading with teacher anchors does (``data.anchors.training_anchors``
+    draws them, seeded by ``seed``), so the model learns to use them; some prompts get none, so
+    it still grades questions nobody has anchored."""
+    from data.anchors import question_key, training_anchors
+
+    flat = [(sub, k, item) for sub in submissions for k, item in enumerate(sub.rubric_alignment)]
+    shown: list[list[tuple[str, float]]] = [[] for _ in flat]
+    if anchors > 0:
+        groups: dict[str, list[int]] = {}
+        for n, (sub, k, item) in enumerate(flat):
+            if item.answer.strip():
+                groups.setdefault(question_key(item.question, sub.item_max_scores()[k]), []).append(n)
+        picks = training_anchors([[flat[n][2].answer for n in members] for members in groups.values()], anchors, seed)
+        for members, chosen in zip(groups.values(), picks):
+            for n, idx in zip(members, chosen):
+                shown[n] = [(flat[members[j]][2].answer, flat[members[j]][2].score) for j in idx]
     examples: list[ScoreExample] = []
     n_cut = n_dropped = 0
-    for sub in submissions:
-        rubric = sub.rubric()
-        for k, item in enumerate(sub.rubric_alignment):
-            try:
-                ex = encode_score_prompt(tokenizer, fmt, rubric, k, item.answer, max_length - 1)
-            except PromptTooLongError as e:
-                n_dropped += 1
-                log.warning("skipped question %s of %s: %s", k + 1, sub.submission_id or "a submission", e)
-                continue
-            if ex.value_ids is None:
-                n_dropped += 1
-                continue
-            graders = item.grader_scores or [item.score]
-            ex.target = soft_score_target(graders, ex.max_score)
-            ex.human_score = float(item.score)
-            examples.append(ex)
-            n_cut += ex.truncated
+    rubrics: dict[int, Rubric] = {}
+    for n, (sub, k, item) in enumerate(flat):
+        rubric = rubrics.setdefault(id(sub), sub.rubric())
+        try:
+            ex = encode_score_prompt(tokenizer, fmt, rubric, k, item.answer, max_length - 1, shown[n])
+        except PromptTooLongError as e:
+            n_dropped += 1
+            log.warning("skipped question %s of %s: %s", k + 1, sub.submission_id or "a submission", e)
+            continue
+        if ex.value_ids is None:
+            n_dropped += 1
+            continue
+        graders = item.grader_scores or [item.score]
+        ex.target = soft_score_target(graders, ex.max_score)
+        ex.human_score = float(item.score)
+        examples.append(ex)
+        n_cut += ex.truncated
     if n_dropped:
         log.warning("%d questions left out of item-level training (prompt too long, or scores that "
                     "are not single tokens for this tokenizer)", n_dropped)
