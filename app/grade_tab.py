@@ -44,7 +44,7 @@ def default_adapter(choices: list[tuple[str, str]]) -> str:
 def base_of(adapter: str | None) -> str | None:
     if not adapter:
         return None
-    from inference.engine import base_model_of_adapter
+    from inference.adapters import base_model_of_adapter
 
     try:
         return base_model_of_adapter(adapter)
@@ -101,7 +101,8 @@ def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_
 
     Every grade is recorded in the store (the Runs/grades history). The cached engine is shared by
     all sessions: each grade names its adapter, and the engine switches and grades under its lock."""
-    from inference.engine import get_engine, store_grade
+    from inference.engine import get_engine
+    from inference.results import store_grade
 
     q: queue.Queue = queue.Queue()
     box: dict[str, Any] = {}
@@ -251,7 +252,8 @@ def build(settings: Settings) -> dict[str, Any]:
 
     def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens):
         from data.markdown import read_markdown
-        from inference.engine import get_engine, store_grade
+        from inference.engine import get_engine
+        from inference.results import store_grade
         from inference.grades_csv import write_grades_csv
 
         if not files:

@@ -91,7 +91,7 @@ def delete_run(run_id: str | None) -> str:
 
 
 def export_adapter(adapter_path: str | None) -> str:
-    from inference.engine import export_merged
+    from inference.adapters import export_merged
 
     if not adapter_path:
         return "Pick a checkpoint."

@@ -42,7 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import inference.engine as engine_mod  # noqa: E402  (before torch: it sets the CPU threads' wait policy)
+import inference.engine  # noqa: E402,F401  (before torch: it sets the CPU threads' wait policy)
+from inference import item_grading  # noqa: E402
 from data.loading import load_rubric  # noqa: E402
 from data.markdown import normalize_submission, read_markdown  # noqa: E402
 from inference.engine import GraderEngine  # noqa: E402
@@ -86,7 +87,7 @@ def model_tokens(engine: GraderEngine, items) -> int:
                 for k, a in enumerate(split_sections(md, rubric) or [md.strip()] * len(rubric.questions))]
                for _, md, rubric in items]
     keys = [rubric.model_dump_json() for _, _, rubric in items]
-    prefixes = engine_mod._shared_prefixes(encoded, keys)
+    prefixes = item_grading._shared_prefixes(encoded, keys)
     total = sum(len(ex.input_ids) for exs in encoded for ex in exs)
     for (key, k), n in prefixes.items():
         users = sum(1 for exs, kk in zip(encoded, keys) if kk == key and k < len(exs) and exs[k].value_ids)

@@ -22,11 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-from inference.engine import SCORINGS
+from inference.generation import SCORINGS
 
 
 def _engine(args):
-    from inference.engine import get_engine, resolve_base
+    from inference.engine import get_engine
+    from inference.adapters import resolve_base
 
     base = resolve_base(args.base, args.adapter)
     with _libraries_to_stderr():
@@ -48,7 +49,7 @@ def _submission(path: Path, rubric) -> str:
 
 def cmd_grade(args) -> int:
     from data.loading import load_rubric
-    from inference.engine import store_grade
+    from inference.results import store_grade
 
     rubric = load_rubric(args.rubric)
     engine = _engine(args)
@@ -73,7 +74,8 @@ def cmd_batch(args) -> int:
     from tqdm import tqdm
 
     from data.loading import load_rubric
-    from inference.engine import check_adapter_dir, resolve_base, store_grade
+    from inference.adapters import check_adapter_dir, resolve_base
+    from inference.results import store_grade
     from inference.grades_csv import BatchOutput, OutputMismatchError, content_sha256
 
     rubric = load_rubric(args.rubric)
@@ -162,7 +164,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from inference.engine import export_merged
+    from inference.adapters import export_merged
 
     out = export_merged(args.adapter, args.out, base_model=args.base, trust_remote_code=args.trust_remote_code)
     print(f"merged model -> {out}")
@@ -276,7 +278,7 @@ def adapter_of(value: str | None) -> str | None:
     """--adapter as given, or for a run folder (config.json, no adapter_config.json) the run's
     default adapter, said on stderr (stdout carries only the result)."""
     from data.run_folder import ADAPTER_CONFIG, RunFolder
-    from inference.engine import AdapterError
+    from inference.adapters import AdapterError
 
     if value is None:
         return None
@@ -294,7 +296,7 @@ def adapter_of(value: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from inference.engine import AdapterError
+    from inference.adapters import AdapterError
     from data.loading import DataError
     from data.model_zoo import ModelNotFoundError
 

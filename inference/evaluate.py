@@ -12,7 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from inference.engine import GradeResult, get_engine, resolve_base
+from inference.results import GradeResult
+from inference.engine import get_engine
+from inference.adapters import resolve_base
 from inference.metrics import compute_metrics, format_table, infer_step
 from data.rubric import GradedSubmission
 
@@ -144,7 +146,8 @@ def evaluate(
 
     from data.loading import DataError, load_graded
     from data.markdown import render_submission_markdown
-    from inference.engine import grading_unit, store_grade
+    from inference.adapters import grading_unit
+    from inference.results import store_grade
 
     report = load_graded(data)
     if not report.ok:

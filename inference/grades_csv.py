@@ -24,7 +24,7 @@ from inference.repair import Repair, repair_messages
 
 if TYPE_CHECKING:  # the engine imports torch lazily; writing a CSV should not need it
     from data.rubric import Rubric
-    from inference.engine import GradeResult
+    from inference.results import GradeResult
 
 GRADES_CSV_COLUMNS = ("file", "question", "score", "max_score", "confidence", "needs_review", "justification",
                       "total", "max_total", "feedback", "repaired", "repairs", "scoring", "base_model", "adapter")

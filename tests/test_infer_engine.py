@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.engine import AdapterError, GraderEngine, export_merged, get_engine, store_grade
+from inference.adapters import AdapterError, export_merged
+from inference.engine import GraderEngine, get_engine
+from inference.results import store_grade
 from inference.grades_csv import GRADES_CSV_COLUMNS
 from inference.repair import NOTE_KINDS
 from data.loading import load_rubric

@@ -223,7 +223,8 @@ def test_the_cli_stores_the_dataset_and_shows_agreement_and_what_a_run_trained_o
 
 
 def test_store_grade_keeps_the_markdown_and_the_confidence_of_a_real_grade(tiny_gpt_oss_dir: Path) -> None:
-    from inference.engine import get_engine, store_grade
+    from inference.engine import get_engine
+    from inference.results import store_grade
 
     engine = get_engine(str(tiny_gpt_oss_dir), device="cpu")
     result = engine.grade(md(7), RUBRIC, adapter=None)  # the base alone grades by item: a confidence each

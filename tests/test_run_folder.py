@@ -160,7 +160,7 @@ def test_the_ui_side_imports_without_torch():
 
 def test_the_grading_cli_takes_a_run_folder_as_its_default_adapter(tmp_path, capsys):
     from inference.__main__ import adapter_of
-    from inference.engine import AdapterError
+    from inference.adapters import AdapterError
 
     run = new_run(tmp_path)
     with pytest.raises(AdapterError, match="no complete checkpoint yet"):

@@ -161,7 +161,7 @@ def test_pickle_only_adapter_is_refused_and_never_unpickled(studio, client, tmp_
     assert "safetensors" in str(err.value), err.value
     assert not marker.exists()
     # The engine itself (CLI path) refuses it too, before any weights are read.
-    from inference.engine import check_adapter_dir
+    from inference.adapters import check_adapter_dir
 
     with pytest.raises(Exception, match="pickle"):
         check_adapter_dir(folder)

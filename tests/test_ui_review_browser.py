@@ -29,7 +29,8 @@ def grade_samples(db: Path) -> list[int]:
     """Grade the sample submissions with the tiny GPT-OSS base and store them (with their text)."""
     from data.loading import load_rubric
     from data.markdown import read_markdown
-    from inference.engine import get_engine, store_grade
+    from inference.engine import get_engine
+    from inference.results import store_grade
 
     rubric = load_rubric(RUBRIC)
     engine = get_engine("embedded:tiny-gpt-oss", device="cpu")
