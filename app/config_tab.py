@@ -19,8 +19,8 @@ from data import paths
 
 # Layout only (which accordion a field sits in); widgets and values come from the model itself.
 GROUPS = {
-    "Run": ["name", "model", "datasets", "validation_datasets", "eval_fraction", "split_seed",
-            "example_unit", "max_length"],
+    "Run": ["name", "model", "datasets", "validation_datasets", "eval_fraction", "eval_split", "split_seed",
+            "example_unit", "train_anchors", "review_target_qwk", "max_length"],
     "Schedule": ["epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
                  "learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio", "save_every_steps",
                  "eval_every_steps", "seed"],

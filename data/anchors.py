@@ -30,6 +30,15 @@ ANCHOR_CHARS = 400
 NEIGHBOUR_POWER = 3
 
 
+def neighbour_score(scores: Sequence[float], similarity: Sequence[float]) -> float | None:
+    """The anchors' scores weighted by similarity ** NEIGHBOUR_POWER: what the nearest graded
+    answers suggest this answer earns (None without anchors)."""
+    if not len(scores):
+        return None
+    w = (np.asarray(similarity, float) + 1e-3) ** NEIGHBOUR_POWER
+    return float(w @ np.asarray(scores, float) / w.sum())
+
+
 def _norm(text: str) -> str:
     text = unicodedata.normalize("NFKC", str(text)).casefold()
     return " ".join(re.sub(r"[^\w]+", " ", text).split())
@@ -72,11 +81,8 @@ class AnchorChoice:
 
     @property
     def neighbour_score(self) -> float | None:
-        """The anchors' scores weighted by similarity ** NEIGHBOUR_POWER (None without anchors)."""
-        if not self.anchors:
-            return None
-        w = (np.asarray(self.similarity, float) + 1e-3) ** NEIGHBOUR_POWER
-        return float(w @ np.asarray([a.score for a in self.anchors], float) / w.sum())
+        """The score the anchors suggest (:func:`neighbour_score`)."""
+        return neighbour_score([a.score for a in self.anchors], self.similarity)
 
     def for_prompt(self) -> list[tuple[str, float]]:
         """(answer, score) pairs as the prompt shows them."""
@@ -199,9 +205,10 @@ def bank_from(rows: Iterable[tuple[str, float, str, float, str]]) -> AnchorBank:
 NO_ANCHOR_SHARE = 0.25
 
 
-def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[list[int]]]:
+def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[list[tuple[int, float]]]]:
     """For each answer of each question (``groups``: the answers of one question), the other
-    answers of that question its training prompt shows as anchors, least similar first.
+    answers of that question its training prompt shows as anchors, least similar first, as
+    (index in the group, similarity) pairs.
 
     Like grading: a teacher has graded some answers of the question (a pool of 1 to 2k others,
     drawn at random; none for NO_ANCHOR_SHARE of the prompts) and the prompt shows the k most
@@ -209,7 +216,7 @@ def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[li
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     rng = random.Random(seed)
-    out: list[list[list[int]]] = []
+    out: list[list[list[tuple[int, float]]]] = []
     for answers in groups:
         n = len(answers)
         if n < 2 or k <= 0:
@@ -217,7 +224,7 @@ def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[li
             continue
         m = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True).fit_transform(answers)
         sims = (m @ m.T).toarray()
-        picks: list[list[int]] = []
+        picks: list[list[tuple[int, float]]] = []
         for i in range(n):
             if rng.random() < NO_ANCHOR_SHARE:
                 picks.append([])
@@ -225,6 +232,6 @@ def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[li
             others = [j for j in range(n) if j != i]
             pool = rng.sample(others, min(len(others), rng.randint(1, 2 * k)))
             top = sorted(pool, key=lambda j: -sims[i, j])[:k]
-            picks.append(sorted(top, key=lambda j: sims[i, j]))
+            picks.append([(j, round(float(sims[i, j]), 4)) for j in sorted(top, key=lambda j: sims[i, j])])
         out.append(picks)
     return out

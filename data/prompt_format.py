@@ -545,6 +545,7 @@ class ScoreExample:
     human_score: float | None = None
     truncated: bool = False
     n_anchors: int = 0  # teacher-graded answers of the question in the prompt (data.anchors)
+    neighbour_score: float | None = None  # the score those anchors suggest (data.anchors.neighbour_score)
 
 
 def question_rubric(rubric: Rubric, k: int) -> Rubric:
@@ -644,10 +645,11 @@ def build_score_examples(
     their human scores, as grading with teacher anchors does (``data.anchors.training_anchors``
     draws them, seeded by ``seed``), so the model learns to use them; some prompts get none, so
     it still grades questions nobody has anchored."""
-    from data.anchors import question_key, training_anchors
+    from data.anchors import neighbour_score, question_key, training_anchors
 
     flat = [(sub, k, item) for sub in submissions for k, item in enumerate(sub.rubric_alignment)]
     shown: list[list[tuple[str, float]]] = [[] for _ in flat]
+    suggested: list[float | None] = [None] * len(flat)
     if anchors > 0:
         groups: dict[str, list[int]] = {}
         for n, (sub, k, item) in enumerate(flat):
@@ -655,8 +657,9 @@ def build_score_examples(
                 groups.setdefault(question_key(item.question, sub.item_max_scores()[k]), []).append(n)
         picks = training_anchors([[flat[n][2].answer for n in members] for members in groups.values()], anchors, seed)
         for members, chosen in zip(groups.values(), picks):
-            for n, idx in zip(members, chosen):
-                shown[n] = [(flat[members[j]][2].answer, flat[members[j]][2].score) for j in idx]
+            for n, pairs in zip(members, chosen):
+                shown[n] = [(flat[members[j]][2].answer, flat[members[j]][2].score) for j, _ in pairs]
+                suggested[n] = neighbour_score([score for _, score in shown[n]], [sim for _, sim in pairs])
     examples: list[ScoreExample] = []
     n_cut = n_dropped = 0
     rubrics: dict[int, Rubric] = {}
@@ -674,6 +677,7 @@ def build_score_examples(
         graders = item.grader_scores or [item.score]
         ex.target = soft_score_target(graders, ex.max_score)
         ex.human_score = float(item.score)
+        ex.neighbour_score = suggested[n]
         examples.append(ex)
         n_cut += ex.truncated
     if n_dropped:

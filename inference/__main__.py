@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 from inference.generation import SCORINGS
+from inference.selective import DEFAULT_TARGET_QWK
+
+CALIBRATE = {"auto": None, "on": True, "off": False}
 
 
 def _engine(args):
@@ -58,7 +61,7 @@ def cmd_grade(args) -> int:
         path = Path(f)
         md = _submission(path, rubric)
         on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
-        r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, calibrate=args.calibrate, max_new_tokens=args.max_new_tokens,
+        r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, calibrate=CALIBRATE[args.calibrate], max_new_tokens=args.max_new_tokens,
                          on_token=on_token)
         store_grade(r, rubric, path.name, submission_md=md)
         if args.stream:
@@ -113,7 +116,7 @@ def cmd_batch(args) -> int:
 
         batch_size = args.batch_size or engine.default_batch_size()
         with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
-            results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, calibrate=args.calibrate,
+            results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, calibrate=CALIBRATE[args.calibrate],
                                         batch_size=batch_size, max_new_tokens=args.max_new_tokens,
                                         progress=bar.update, on_batch=write)
     n_rep = sum(r.repaired for r in results)
@@ -135,11 +138,17 @@ def cmd_evaluate(args) -> int:
             bar = bars[predictor] = tqdm(desc=predictor, total=total, unit="sub", file=sys.stderr)
         bar.update(done - bar.n)
 
+    adapter = [args.adapter] + [adapter_of(a) for a in args.ensemble] if args.ensemble else args.adapter
+    if args.ensemble and args.adapter is None:
+        print("evaluate: --ensemble averages with --adapter's distributions: give --adapter too", file=sys.stderr)
+        return 2
     with _libraries_to_stderr():
-        report = evaluate(args.data, adapter=args.adapter, base=args.base, max_new_tokens=args.max_new_tokens,
+        report = evaluate(args.data, adapter=adapter, base=args.base, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size, n_boot=args.n_boot, include_base=not args.no_base,
                           progress=progress, scoring=args.scoring, unit=args.unit, device=args.device,
-                          trust_remote_code=args.trust_remote_code, out_path=args.json)
+                          trust_remote_code=args.trust_remote_code, out_path=args.json, anchors=args.anchors,
+                          anchor_draws=args.anchor_draws, anchor_seed=args.anchor_seed, validation=args.validation,
+                          target_qwk=args.target_qwk)
     for bar in bars.values():
         bar.close()
     print(report["table_markdown"])
@@ -150,12 +159,19 @@ def cmd_evaluate(args) -> int:
                   f"({', '.join(f'{k} {v}' for k, v in p['repair_kinds'].items()) or 'no repairs'}); "
                   f"{p['n_needs_review']} questions need review; totals within an assignment spread "
                   f"sd {spread.get('pred_sd')} vs the humans' {spread.get('human_sd')}")
-        if p.get("calibrated_scores"):
-            before, after = p["items"], p["calibrated_scores"]["items"]
-            print(f"{name}: calibration (fitted on the validation set) item MAE {before['mae']['value']:.3f} -> "
-                  f"{after['mae']['value']:.3f}, QWK {before['qwk']['value']} -> {after['qwk']['value']}")
+        if p.get("calibration"):
+            c, raw, cal = p["calibration"], p["uncalibrated_scores"]["items"], p["calibrated_scores"]["items"]
+            print(f"{name}: calibration {'applied' if c['applied'] else 'not applied'} (on held-out validation it "
+                  f"{'helped' if c['helps_on_validation'] else 'did not help' if c['helps_on_validation'] is False else 'was not checked'}"
+                  f"); item MAE {raw['mae']['value']:.3f} without, {cal['mae']['value']:.3f} with; "
+                  f"QWK {raw['qwk']['value']} without, {cal['qwk']['value']} with")
     const = report["predictors"]["constant (training mean)"]
     print(f"\nconstant predictor: {const['mean_fraction']:.3f} of each maximum, from the {const['source']}")
+    if report.get("anchors_markdown"):
+        print("\nwith k teacher-graded answers of each question as anchors (drawn from the data, not scored):\n"
+              + report["anchors_markdown"])
+    if report.get("selective_markdown"):
+        print("\nselective grading (accept the surest grades, review the rest):\n" + report["selective_markdown"])
     if report.get("teacher_agreement_markdown"):
         print("\nagreement with the teacher's corrections (Review tab):\n" + report["teacher_agreement_markdown"])
     if args.json:
@@ -216,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--scoring", choices=SCORINGS, default="expected",
                            help="expected: each score is the mean of the model's probabilities for 0..max "
                                 "at that score (default); generated: the digits the model wrote")
-            p.add_argument("--calibrate", action="store_true",
-                           help="map expected scores through the calibration stored with the adapter "
-                                "(fitted on the run's validation set; evaluate reports whether it helps)")
+            p.add_argument("--calibrate", choices=["auto", "on", "off"], default="auto",
+                           help="map expected scores through the calibration stored with the adapter (fitted on "
+                                "the run's validation set): auto (default) where it helped on held-out "
+                                "validation, on, or off")
 
     p = sub.add_parser("grade", help="grade Markdown submissions, print JSON grades")
     common(p)
@@ -249,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-base", action="store_true", help="skip the zero-shot base run")
     p.add_argument("--unit", choices=["item", "submission"],
                    help="grade each question alone (item) or generate whole grades (default: the adapter's own)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR",
+                   help="more adapters (or run folders) whose score distributions are averaged with --adapter's")
+    p.add_argument("--anchors", nargs="+", type=int, default=[], metavar="K",
+                   help="also grade with K answers of each question drawn from --data as the teacher's anchors "
+                        "(left out of scoring), for each K given, e.g. --anchors 3 5 10 (item grading)")
+    p.add_argument("--anchor-draws", type=int, default=3, help="random draws of the anchors per K (default 3)")
+    p.add_argument("--anchor-seed", type=int, default=0)
+    p.add_argument("--validation", nargs="+", metavar="PATH",
+                   help="graded data (not --data) to choose the review threshold on, graded the same way; "
+                        "default: the threshold stored with the adapter")
+    p.add_argument("--target-qwk", type=float, default=DEFAULT_TARGET_QWK,
+                   help=f"agreement the accepted grades must reach; grades below the threshold that gives "
+                        f"it need review (default {DEFAULT_TARGET_QWK})")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("teacher-agreement", help="each adapter against the teacher's corrections (Review tab): "

@@ -4,8 +4,10 @@ A tuned grader's expected scores keep the right order but bunch up around the tr
 distribution it learnt is wide where humans disagree). Fitted on the validation set, isotonic
 regression (scikit-learn) maps them back onto the scale the humans used, keeping their order.
 The map works on the fraction of each question's maximum, so one map serves questions worth 2 or
-10 points. It is stored with the adapter (``calibration.json`` beside ``adapter_config.json``) and
-applied when grading with that adapter; ``evaluate`` reports agreement before and after.
+10 points. It is stored with the adapter (``calibration.json`` beside ``adapter_config.json``)
+with whether it helps: fitted on one half of the validation set and tried on the other (both
+ways), it must raise QWK there, which a map that only fits its own data does not. Grading applies
+it when it helps, or when asked; ``evaluate`` reports agreement before and after.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ class Calibration:
     x: list[float]
     y: list[float]
     n: int  # how many validation items it was fitted on
+    # Cross-fitted on the validation set (each half mapped by the other half's fit): QWK before and
+    # after; ``helps`` when after > before. None: not checked (too few items).
+    qwk_raw: float | None = None
+    qwk_calibrated: float | None = None
+    helps: bool | None = None
 
     def apply(self, score: float, max_score: float) -> float:
         """The calibrated score of ``score`` out of ``max_score``."""
@@ -54,6 +61,30 @@ def fit_calibration(predicted: Sequence[float], human: Sequence[float], max_scor
     return Calibration(x=[float(v) for v in iso.X_thresholds_], y=[float(v) for v in iso.y_thresholds_], n=len(x))
 
 
+def fit_checked_calibration(predicted: Sequence[float], human: Sequence[float], max_scores: Sequence[float],
+                            seed: int = 0) -> Calibration | None:
+    """:func:`fit_calibration` on all the items, with whether it helps: the items split in two at
+    random, each half mapped by the map fitted on the other, QWK before and after on all of them."""
+    from inference.metrics import on_one_scale, point_metrics
+
+    full = fit_calibration(predicted, human, max_scores)
+    if full is None:
+        return None
+    pred, hum, m = (np.asarray(a, dtype=float) for a in (predicted, human, max_scores))
+    halves = np.random.default_rng(seed).permutation(len(pred)) % 2
+    crossed = pred.copy()
+    for side in (0, 1):
+        fit = fit_calibration(pred[halves != side], hum[halves != side], m[halves != side])
+        if fit is None:
+            return full
+        crossed[halves == side] = [fit.apply(p, mx) for p, mx in zip(pred[halves == side], m[halves == side])]
+    qwk = [point_metrics(*on_one_scale(hum, p, m)[:4])["qwk"] for p in (pred, crossed)]
+    if None in qwk:
+        return full
+    return Calibration(x=full.x, y=full.y, n=full.n, qwk_raw=round(qwk[0], 4), qwk_calibrated=round(qwk[1], 4),
+                       helps=qwk[1] > qwk[0])
+
+
 def load_calibration(adapter_dir: str | Path | None) -> Calibration | None:
     """The calibration stored with an adapter, or None when it has none."""
     if adapter_dir is None:
@@ -62,4 +93,5 @@ def load_calibration(adapter_dir: str | Path | None) -> Calibration | None:
     if not path.is_file():
         return None
     d = json.loads(path.read_text())
-    return Calibration(x=list(d["x"]), y=list(d["y"]), n=int(d.get("n", 0)))
+    return Calibration(x=list(d["x"]), y=list(d["y"]), n=int(d.get("n", 0)), qwk_raw=d.get("qwk_raw"),
+                       qwk_calibrated=d.get("qwk_calibrated"), helps=d.get("helps"))

@@ -151,7 +151,7 @@ class GraderEngine(WholeGrades):
 
     def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
               scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
-              retry: bool = True, unit: str | None = None, calibrate: bool = False,
+              retry: bool = True, unit: str | None = None, calibrate: bool | None = None,
               constrained: bool = True) -> GradeResult:
         """Grade one submission (Markdown) against ``rubric`` with ``adapter`` (a LoRA folder; None:
         the base alone): always a valid Grade. ``unit``: "item" grades each question by reading the
@@ -174,7 +174,7 @@ class GraderEngine(WholeGrades):
     def grade_many(self, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | None = None,
                    scoring: str = "expected", batch_size: int = 8, max_new_tokens: int = 512,
                    progress: Callable[[int], None] | None = None, retry: bool = True,
-                   unit: str | None = None, calibrate: bool = False,
+                   unit: str | None = None, calibrate: bool | None = None,
                    on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None,
                    constrained: bool = True, share_prefix: bool | None = None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;

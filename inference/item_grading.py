@@ -22,7 +22,8 @@ from data.rubric import Grade, GradeItem, Rubric
 from inference.adapters import adapter_run_config
 from inference.calibration import load_calibration
 from inference.results import GradeResult
-from inference.scoring import confidence, expected_score
+from inference.scoring import REVIEW_THRESHOLD, expected_score, item_confidence
+from inference.selective import load_review
 
 # Anchors compared with an answer even where its prompt shows fewer (or none): the neighbour
 # score and the nearest similarity that confidence and reports use.
@@ -40,7 +41,7 @@ class _Question:
 
 def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | Path | list | None = None,
                 batch_size: int = 16, progress: Callable[[int], None] | None = None,
-                calibrate: bool = False,
+                calibrate: bool | None = None,
                 on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None,
                 share_prefix: bool | None = None, anchors: AnchorBank | None = None,
                 anchors_shown: int | None = None) -> list[GradeResult]:
@@ -54,7 +55,7 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
       the ``anchors_shown`` most similar anchors of its question (None: as many as the adapter
       was trained with, ``train_anchors``; 0 for an adapter trained without them).
     - ``calibrate``: map expected scores through the calibration stored with the adapter (not for
-      ensembles; off by default: on unseen Mohler assignments it lowered agreement).
+      ensembles); None: only where it helped on held-out validation (``inference.calibration``).
     - Questions whose values are not single tokens get the number the model writes there.
     - ``share_prefix`` (None: on the CPU only): every submission's copy of a question starts with
       the same tokens (the one-question instructions, up to the anchors or the student's answer);
@@ -66,7 +67,10 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
       just finished, so a caller can write them out before the rest is graded."""
     keys = [engine._attach(a) for a in (adapter if isinstance(adapter, list) else [adapter])]
     shown = anchors_in_prompt(keys[0]) if anchors_shown is None else anchors_shown
-    cal = load_calibration(keys[0]) if calibrate and len(keys) == 1 else None
+    cal = load_calibration(keys[0]) if calibrate is not False and len(keys) == 1 else None
+    if cal is not None and calibrate is None and not cal.helps:
+        cal = None
+    threshold = (load_review(keys[0]) or {}).get("threshold", REVIEW_THRESHOLD)
     # Encode every question first (cheap next to the model): the shared prefixes are found
     # over the whole call, so one computed prefix serves all the batches of its rubric.
     questions, encode_s = _encode_questions(engine, items, anchors, shown)
@@ -88,7 +92,8 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
         done = []
         for i in chunk:
             results[i] = _item_result(engine, items[i][2], i, questions[i], probs, written, cal, keys,
-                                      {"encode_s": round(encode_s[i], 4), "model_s": round(model_share, 4)})
+                                      {"encode_s": round(encode_s[i], 4), "model_s": round(model_share, 4)},
+                                      threshold)
             done.append((i, results[i]))
         if on_batch:
             on_batch(done)
@@ -216,7 +221,7 @@ def _written_scores(engine, chunk: list[int], questions: list[list[_Question]],
 
 
 def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], probs: dict, written: dict,
-                 cal, adapters: list[str | None], timings: dict[str, float]) -> GradeResult:
+                 cal, adapters: list[str | None], timings: dict[str, float], review_threshold: float) -> GradeResult:
     """One submission's grade from its questions' distributions (or anchors, or written numbers)."""
     items, probs_out, conf, raw, used = [], [], [], [], []
     for k, q in enumerate(questions):
@@ -226,7 +231,7 @@ def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], pro
             score, c = q.choice.exact.score, 1.0
         else:
             score = expected_score(p) if p is not None else written[(i, k)]
-            c = confidence(p) if p is not None else None
+            c = item_confidence(p, q.choice.neighbour_score) if p is not None else None
         raw.append(round(score, 3))
         if cal is not None and p is not None:
             score = cal.apply(score, max_score)
@@ -242,7 +247,8 @@ def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], pro
         scoring="generated" if any(key[0] == i for key in written) else "expected",
         score_probs=probs_out, unit="item", confidence=conf, raw_scores=raw, calibrated=cal is not None,
         timings=timings, anchors=used if any(used) else None,
-        ensemble=[a for a in adapters if a is not None] if len(adapters) > 1 else None)
+        ensemble=[a for a in adapters if a is not None] if len(adapters) > 1 else None,
+        review_threshold=review_threshold)
 
 
 def _anchors_used(q: _Question) -> dict | None:

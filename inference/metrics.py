@@ -21,6 +21,8 @@ from sklearn.metrics import cohen_kappa_score
 
 METRICS = ("mae", "rmse", "pearson_r", "qwk", "exact", "within_1")
 CONFIDENCE = 0.95
+# Items with different maxima are compared on this scale, in halves (score / max * 10).
+NORMALIZED_MAX = 10.0
 
 
 def infer_step(scores: Sequence[float], max_score: float) -> float:
@@ -30,6 +32,17 @@ def infer_step(scores: Sequence[float], max_score: float) -> float:
         if all(abs(v / step - round(v / step)) < 1e-6 for v in values):
             return step
     return 0.1
+
+
+def on_one_scale(human: Sequence[float], pred: Sequence[float], maxes: Sequence[float],
+                 ) -> tuple[np.ndarray, np.ndarray, float, float, bool]:
+    """(human, pred, max_score, step, normalized): the scores on their own scale when every item
+    has the same maximum, else each as a fraction of its maximum times NORMALIZED_MAX, in halves."""
+    h, p, m = np.asarray(human, float), np.asarray(pred, float), np.asarray(maxes, float)
+    if len(set(m.tolist())) <= 1:
+        top = float(m[0]) if len(m) else 1.0
+        return h, p, top, infer_step(h.tolist(), top), False
+    return h / m * NORMALIZED_MAX, p / m * NORMALIZED_MAX, NORMALIZED_MAX, 0.5, True
 
 
 def round_to_scale(x: Sequence[float] | np.ndarray, max_score: float, step: float) -> np.ndarray:
@@ -143,6 +156,16 @@ def compute_metrics(
         ci = intervals.get(k) if point[k] is not None else None
         lo, hi = ci if ci is not None else (None, None)
         out[k] = {"value": point[k], "ci_low": lo, "ci_high": hi}
+    return out
+
+
+def scaled_metrics(human: Sequence[float], pred: Sequence[float], maxes: Sequence[float], *,
+                   n_boot: int = 1000) -> dict:
+    """:func:`compute_metrics` of items that may have different maxima (:func:`on_one_scale`),
+    saying whether they were put on the 0-10 scale (``normalized_to_0_10``)."""
+    h, p, max_score, step, normalized = on_one_scale(human, pred, maxes)
+    out = compute_metrics(h, p, max_score, step, n_boot=n_boot)
+    out["normalized_to_0_10"] = normalized
     return out
 
 

@@ -41,13 +41,17 @@ class GradeResult:
     anchors: list[dict | None] | None = None
     # the adapters whose score distributions were averaged (an ensemble), else None
     ensemble: list[str] | None = None
+    # a question below this confidence needs review: the adapter's, chosen on its validation data
+    # for the agreement asked (inference.selective), else inference.scoring.REVIEW_THRESHOLD
+    review_threshold: float | None = None
 
     @property
     def needs_review(self) -> list[bool]:
-        """Per question: the model was unsure (confidence below inference.scoring.REVIEW_THRESHOLD)."""
-        from inference.scoring import needs_review
+        """Per question: the model was unsure (confidence below the review threshold)."""
+        from inference.scoring import REVIEW_THRESHOLD, needs_review
 
-        return [needs_review(c) for c in (self.confidence or [None] * len(self.grade.items))]
+        threshold = REVIEW_THRESHOLD if self.review_threshold is None else self.review_threshold
+        return [needs_review(c, threshold) for c in (self.confidence or [None] * len(self.grade.items))]
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +75,7 @@ class GradeResult:
             "model_steps": self.model_steps,
             "anchors": self.anchors,
             "ensemble": self.ensemble,
+            "review_threshold": self.review_threshold,
         }
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-# Questions whose confidence is below this are flagged "needs review" (CLI, CSV, Grade tab).
+# Questions whose confidence is below this are flagged "needs review" (CLI, CSV, Grade tab), unless
+# the adapter carries a threshold chosen on its validation data (inference.selective).
 REVIEW_THRESHOLD = 0.5
 
 
@@ -32,6 +33,18 @@ def confidence(probs: Sequence[float]) -> float:
     total = sum(probs) or 1.0
     var = sum(p * (v - mean) ** 2 for v, p in enumerate(probs)) / total
     return round(max(0.0, 1.0 - math.sqrt(var) / (n / 2)), 4)
+
+
+def item_confidence(probs: Sequence[float], neighbour: float | None = None) -> float:
+    """How sure an item grade is: :func:`confidence` of its distribution and, where teacher anchors
+    of the question were compared (``neighbour``: the score the nearest suggest,
+    ``data.anchors.neighbour_score``), how close its expected score lies to that, 1 - |E - n| / max.
+    A grade the model is sure of but the teacher's similar answers contradict is not sure."""
+    conf = confidence(probs)
+    n = len(probs) - 1
+    if neighbour is None or n <= 0:
+        return conf
+    return round(conf * max(0.0, 1.0 - abs(expected_score(probs) - neighbour) / n), 4)
 
 
 def needs_review(conf: float | None, threshold: float = REVIEW_THRESHOLD) -> bool:

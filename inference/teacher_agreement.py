@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from data.store import ReviewItem, Store
-from inference.metrics import compute_metrics, infer_step
+from inference.metrics import scaled_metrics
 
-NORMALIZED_MAX = 10.0
 SHOWN_METRICS = ("mae", "pearson_r", "qwk", "exact")
 
 
@@ -97,15 +94,7 @@ def _trained_at(adapter: str | None) -> float | None:
 
 def agreement_metrics(teacher: list[float], model: list[float], maxes: list[float], *, n_boot: int = 1000) -> dict:
     """compute_metrics of model vs teacher scores; mixed maxima on a 0-10 scale (and said so)."""
-    t, m, mx = np.array(teacher, float), np.array(model, float), np.array(maxes, float)
-    if len(set(maxes)) <= 1:
-        top = float(maxes[0]) if maxes else 1.0
-        out = compute_metrics(t, m, top, infer_step(t.tolist(), top), n_boot=n_boot)
-        out["normalized_to_0_10"] = False
-        return out
-    out = compute_metrics(t / mx * NORMALIZED_MAX, m / mx * NORMALIZED_MAX, NORMALIZED_MAX, 0.5, n_boot=n_boot)
-    out["normalized_to_0_10"] = True
-    return out
+    return scaled_metrics(teacher, model, maxes, n_boot=n_boot)
 
 
 def _pairs_by_adapter(items: list[ReviewItem]) -> dict[tuple[str | None, str], list[ReviewItem]]:

@@ -168,4 +168,37 @@ def test_training_prompts_show_other_answers_of_the_same_question(gpt_oss_tokeni
         assert all(a.startswith("stack answer ") for a in shown)  # never another question's answers
         assert f"stack answer {sub_n}" not in shown  # never its own answer
     picks = training_anchors([[f"a{n}" for n in range(8)]], 3, seed=0)[0]
-    assert all(n not in p for n, p in enumerate(picks))
+    assert all(n not in [j for j, _ in p] for n, p in enumerate(picks))
+
+
+def test_evaluate_with_anchors_scores_only_the_other_answers_and_says_which_were_anchors(
+        tiny_gpt_oss_dir: Path, item_adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    data = repo / "data" / "samples" / "graded" / "py-functions"
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "inference", "evaluate", "--adapter", str(item_adapters[0]), "--data", str(data),
+         "--no-base", "--n-boot", "0", "--anchors", "3", "--anchor-draws", "2", "--json", str(report_path)],
+        cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "anchors per question" in proc.stdout and "QWK of the accepted grades" in proc.stdout
+    report = json.loads(report_path.read_text())
+    n_items = report["n_items"]
+    assert len(report["items"]) == n_items  # k = 0: every item, each with what a person needs to check it
+    first = report["items"][0]
+    assert {"question", "question_text", "human", "model", "confidence", "anchors", "probs"} <= first.keys()
+    runs = report["anchors"]["by_k"]["3"]["runs"]
+    assert len(runs) == 2 and runs[0]["anchors"] != runs[1]["anchors"]  # two different draws
+    for run in runs:
+        drawn = set(run["anchors"])
+        questions = {(r["question_text"]) for r in report["items"]}
+        assert len(drawn) == 3 * len(questions)  # three answers of each question (each has more than three)
+        assert not drawn & {row["n"] for row in run["rows"]}  # anchors are never scored
+        assert len(run["rows"]) == n_items - len(drawn) == run["items"]["n"]
+        shown = [row["anchors"] for row in run["rows"] if row["anchors"] and "in_prompt" in row["anchors"]]
+        assert shown and all(len(a["in_prompt"]) == 3 for a in shown)  # the adapter learnt 3
+    curves = report["selective"]["by_k"]["3"]["curves"]
+    assert curves["confidence"][-1]["coverage"] == 1.0 and curves["confidence"][-1]["n"] == 2 * len(runs[0]["rows"])

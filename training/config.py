@@ -45,11 +45,23 @@ class RunConfig(BaseModel):
     # "db:<name>"); empty: eval_fraction of datasets is held out instead.
     validation_datasets: list[str] = Field(default_factory=list)
     eval_fraction: float = 0.1
+    # What eval_fraction holds out: "questions" (every answer to them, several assignments: a
+    # grader is trusted on questions it never saw), "submissions", or "auto": questions for
+    # item-level runs on data with 10 or more questions (data.split), else submissions.
+    eval_split: Literal["auto", "questions", "submissions"] = "auto"
     # "item": one example per rubric question (question, reference answer, the student's answer),
     # the score learnt as a distribution over 0..max (soft when several graders scored it); a
     # submission's grade is assembled from its questions. "submission": one example per whole
     # submission, the grade JSON written token by token (holistic rubrics, written feedback).
     example_unit: Literal["item", "submission"] = "item"
+    # Item prompts show up to this many other answers of the same question with their human scores
+    # (teacher anchors, data.anchors), drawn at random from the training data, so the model learns
+    # to grade a question by what this teacher accepted; grading then shows this many of the
+    # teacher's graded answers (imported or corrected). 0: prompts without anchors.
+    train_anchors: int = 0
+    # The agreement (QWK) that grades accepted without review must reach on the validation data:
+    # the confidence threshold below which a grade "needs review" is chosen there for it.
+    review_target_qwk: float = 0.8
     split_seed: int = 0
     max_length: int = 2048
     # LoRA
@@ -704,6 +716,13 @@ def check_config(cfg: RunConfig) -> list[str]:
         problems.append(f"epochs must be > 0 (got {cfg.epochs}), or set max_steps")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         problems.append(f"max_steps must be >= 1 (got {cfg.max_steps}), or max_steps=none to use epochs")
+    if not 0 < cfg.review_target_qwk <= 1:
+        problems.append(f"review_target_qwk must be in (0, 1] (got {cfg.review_target_qwk}); 0.8 is a common bar")
+    if cfg.train_anchors < 0:
+        problems.append(f"train_anchors must be >= 0 (got {cfg.train_anchors}); 0 trains without anchors")
+    if cfg.train_anchors and cfg.example_unit != "item":
+        problems.append("train_anchors needs example_unit=item (anchors are shown one question at a time); "
+                        "set train_anchors=0 or example_unit=item")
     if not 0 <= cfg.eval_fraction < 1:
         problems.append(f"eval_fraction must be in [0, 1) (got {cfg.eval_fraction})")
     if not 0 <= cfg.warmup_ratio < 1:

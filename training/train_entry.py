@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -370,17 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def split_eval(subs: list, cfg: RunConfig) -> tuple[list, list]:
-    order = list(range(len(subs)))
-    random.Random(cfg.split_seed).shuffle(order)
-    n_eval = round(len(subs) * cfg.eval_fraction)
-    if cfg.eval_fraction > 0 and len(subs) >= 2:
-        n_eval = min(max(1, n_eval), len(subs) - 1)
-    else:
-        n_eval = 0
-    return [subs[i] for i in order[n_eval:]], [subs[i] for i in order[:n_eval]]
-
-
 class Trainer:
     """One training run, in named steps (torchtune's recipe shape):
     setup_data -> setup_model -> setup_optimizer -> [train_step, evaluate, save_checkpoint]*.
@@ -401,20 +391,30 @@ class Trainer:
         self.pad_width: int | None = None
         self.pack_width: int | None = None  # packed training rows (cfg.pack_sequences), else None
         self.best: dict = {"step": None, "qwk": None, "pearson_r": None}
-        self.calibrations: dict[int, Any] = {}  # step -> calibration fitted at that step's evaluation
+        # step -> what that step's evaluation fitted for its checkpoint: calibration, review threshold
+        self.fitted: dict[int, dict] = {}
         self.elapsed_before = 0.0
         self.t_start = time.time()
 
     # ------------------------------------------------------------------------------- setup
     def setup_data(self) -> None:
         cfg = self.cfg
+        from data.split import choose_split, split_questions, split_submissions
         from data.store import load_datasets
 
         subs = load_datasets(cfg.datasets)
         if cfg.validation_datasets:
             self.train_subs, self.eval_subs = subs, load_datasets(cfg.validation_datasets)
+            return
+        how = choose_split(subs, cfg.example_unit, cfg.eval_split)
+        if how == "questions":
+            self.train_subs, self.eval_subs, n_held = split_questions(subs, cfg.eval_fraction, cfg.split_seed)
+            what = f"{n_held} questions held out (every answer to them), unseen in training"
         else:
-            self.train_subs, self.eval_subs = split_eval(subs, cfg)
+            self.train_subs, self.eval_subs = split_submissions(subs, cfg.eval_fraction, cfg.split_seed)
+            what = f"{len(self.eval_subs)} submissions held out"
+        if self.is_main and self.eval_subs:
+            log(f"validation: {what} (eval_split={cfg.eval_split}, eval_fraction={cfg.eval_fraction:g})")
 
     def setup_model(self) -> None:
         from training import models
@@ -424,15 +424,26 @@ class Trainer:
         t0 = time.time()
         model, self.tokenizer, model_type, _ = models.load_model_and_tokenizer(cfg, self.device)
         self.fmt = detect_format(self.tokenizer, model_type)
-        build = build_score_examples if self.items else build_training_examples
-        self.train_ex, n_cut = build(self.train_subs, self.tokenizer, self.fmt, cfg.max_length)
-        self.eval_ex, n_cut_eval = build(self.eval_subs, self.tokenizer, self.fmt, cfg.max_length) if self.eval_subs else ([], 0)
+        if self.items:  # anchors drawn within each split: validation never shows training answers
+            build = functools.partial(build_score_examples, anchors=cfg.train_anchors)
+            self.train_ex, n_cut = build(self.train_subs, self.tokenizer, self.fmt, cfg.max_length, seed=cfg.seed)
+            self.eval_ex, n_cut_eval = (build(self.eval_subs, self.tokenizer, self.fmt, cfg.max_length, seed=cfg.seed + 1)
+                                        if self.eval_subs else ([], 0))
+        else:
+            self.train_ex, n_cut = build_training_examples(self.train_subs, self.tokenizer, self.fmt, cfg.max_length)
+            self.eval_ex, n_cut_eval = (build_training_examples(self.eval_subs, self.tokenizer, self.fmt, cfg.max_length)
+                                        if self.eval_subs else ([], 0))
         if self.is_main:
             unit = "questions" if self.items else "submissions"
             log(f"model {cfg.model} ({model_type}, {self.fmt} format) loaded in {time.time() - t0:.1f}s; "
                 f"{len(self.train_ex)} train / {len(self.eval_ex)} validation examples, one per {unit[:-1]} "
                 f"({len(self.train_subs)} + {len(self.eval_subs)} submissions; {n_cut + n_cut_eval} cut to "
                 f"max_length={cfg.max_length})")
+            if cfg.train_anchors:
+                shown = [e.n_anchors for e in self.train_ex]
+                log(f"teacher anchors: {sum(n > 0 for n in shown)} of {len(shown)} training prompts show other "
+                    f"answers of their question with their scores (up to {cfg.train_anchors}, "
+                    f"{sum(shown) / max(1, len(shown)):.1f} on average)")
             log(f"memory held by the base model: {models.quantization_report(model)}")
         model = models.apply_lora(model, cfg, model_type)
         if cfg.fast_path:
@@ -699,26 +710,27 @@ class Trainer:
         return row
 
     def _agreement(self, step: int, preds: list[tuple[int, list[float]]]) -> dict:
-        """Agreement of the expected scores with the humans' (on the fraction of each maximum
-        times the most common maximum, so questions worth different points share one scale), and
-        the calibration map fitted on them for this step's checkpoint."""
-        from collections import Counter
-
-        from inference.calibration import fit_calibration
-        from inference.metrics import compute_metrics, infer_step
-        from inference.scoring import expected_score
+        """Agreement of the expected scores with the humans' (items with other maxima on one scale),
+        and what this step's checkpoint keeps from them: the calibration map (with whether it
+        helps on held-out halves) and the review threshold for ``review_target_qwk``."""
+        from inference.calibration import fit_checked_calibration
+        from inference.metrics import scaled_metrics
+        from inference.scoring import expected_score, item_confidence
+        from inference.selective import choose_threshold, coverage_curve
 
         ex = [self.eval_ex[i] for i, _ in preds]
         pred = [expected_score(p) for _, p in preds]
         human = [e.human_score for e in ex]
         maxes = [e.max_score for e in ex]
-        scale = Counter(maxes).most_common(1)[0][0]
-        h = [s / m * scale for s, m in zip(human, maxes)]
-        p = [s / m * scale for s, m in zip(pred, maxes)]
-        m = compute_metrics(h, p, scale, infer_step(h, scale), n_boot=0)
-        self.calibrations[step] = fit_calibration(pred, human, maxes)
+        conf = [item_confidence(p, e.neighbour_score) for (_, p), e in zip(preds, ex)]
+        m = scaled_metrics(human, pred, maxes, n_boot=0)
+        review = choose_threshold(human, pred, conf, maxes, self.cfg.review_target_qwk)
+        self.fitted[step] = {"calibration": fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed),
+                             "review": (review, coverage_curve(human, pred, conf, maxes))}
+        scaled = [p / mx for p, mx in zip(pred, maxes)]
         return {"val_n": len(ex), "val_mae": m["mae"]["value"], "val_pearson_r": m["pearson_r"]["value"],
-                "val_qwk": m["qwk"]["value"], "val_pred_sd": round(float(torch.tensor(p).std()), 4) if len(p) > 1 else None}
+                "val_qwk": m["qwk"]["value"], "val_pred_sd": round(float(torch.tensor(scaled).std()), 4) if len(ex) > 1 else None,
+                "val_review_threshold": review["threshold"], "val_accepted_share": review["coverage"]}
 
     def is_better(self, row: dict) -> bool:
         """Best validation QWK so far (ties: Pearson r); a run without agreement has no best."""
@@ -731,9 +743,11 @@ class Trainer:
 
     def save_checkpoint(self, step: int, name: str | None = None) -> Path | None:
         """checkpoint-<step>/ (or ``name``/), written to a temporary folder and renamed when
-        complete; with the calibration fitted at this step's evaluation, when there is one."""
+        complete; with the calibration and review threshold fitted at this step's evaluation."""
         import deepspeed
         import torch.distributed as dist
+
+        from inference.selective import save_review
 
         cfg = self.cfg
         opt_sd = self.engine.optimizer.state_dict()
@@ -750,8 +764,11 @@ class Trainer:
                 self.engine.module.save_pretrained(str(tmp), safe_serialization=True)
                 self.tokenizer.save_pretrained(str(tmp))
                 save_config(cfg, tmp / RUN_CONFIG)
-                if self.calibrations.get(step) is not None:
-                    self.calibrations[step].save(tmp)
+                fitted = self.fitted.get(step, {})
+                if fitted.get("calibration") is not None:
+                    fitted["calibration"].save(tmp)
+                if fitted.get("review") is not None:
+                    save_review(tmp, *fitted["review"])
                 torch.save({
                     "step": step, "epoch": step / self.steps_per_epoch, "epoch_index": step // self.steps_per_epoch,
                     "step_in_epoch": step % self.steps_per_epoch, "total_steps": self.total_steps,

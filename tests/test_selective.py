@@ -1,0 +1,83 @@
+"""Choices that generalise (issue #26): the coverage curve of a known predictor, a review threshold
+chosen on validation meets its target there, a calibration is marked helpful only where it helps on
+held-out halves, and validation holds out whole questions from several assignments."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data.rubric import GradedSubmission
+from data.split import choose_split, split_questions, split_submissions
+from inference.calibration import fit_checked_calibration
+from inference.metrics import point_metrics
+from inference.selective import choose_threshold, coverage_curve
+
+
+def _known_predictor(n: int = 400, seed: int = 0):
+    """Human scores 0..5; the first half predicted exactly (confidence 0.9-1), the second half at
+    random (confidence 0-0.5)."""
+    rng = np.random.default_rng(seed)
+    human = rng.integers(0, 6, n).astype(float)
+    good = np.arange(n) < n // 2
+    pred = np.where(good, human, rng.integers(0, 6, n))
+    conf = np.where(good, rng.uniform(0.9, 1.0, n), rng.uniform(0.0, 0.5, n))
+    return human.tolist(), pred.tolist(), conf.tolist(), [5.0] * n
+
+
+def test_the_coverage_curve_accepts_the_surest_grades_first() -> None:
+    human, pred, conf, maxes = _known_predictor()
+    curve = coverage_curve(human, pred, conf, maxes)
+    assert [pt["coverage"] for pt in curve] == pytest.approx([0.1 * k for k in range(1, 11)])
+    for pt in curve[:5]:  # up to half: only the exact grades
+        assert pt["qwk"] == 1.0 and pt["mae"] == 0.0 and pt["threshold"] >= 0.9
+    assert curve[-1]["qwk"] == pytest.approx(point_metrics(human, pred, 5, 1)["qwk"], abs=1e-3)
+    assert curve[6]["qwk"] < curve[4]["qwk"]  # past half, the random grades come in
+
+
+def test_the_threshold_chosen_on_validation_meets_its_target_there() -> None:
+    human, pred, conf, maxes = _known_predictor(seed=1)
+    for target in (0.8, 0.95):
+        chosen = choose_threshold(human, pred, conf, maxes, target)
+        assert chosen["met"]
+        keep = [i for i, c in enumerate(conf) if c >= chosen["threshold"]]
+        got = point_metrics([human[i] for i in keep], [pred[i] for i in keep], 5, 1)["qwk"]
+        assert got >= target and got == pytest.approx(chosen["qwk"], abs=1e-3)
+        assert chosen["coverage"] == pytest.approx(len(keep) / len(conf))
+        assert chosen["coverage"] >= 0.5  # at least every exact grade is accepted
+    assert not choose_threshold(human, [5.0 - h for h in human], conf, maxes, 0.8)["met"]  # nothing reaches it
+    assert not choose_threshold(human[:20], pred[:20], conf[:20], maxes[:20])["met"]  # too few to choose on
+
+
+def test_a_calibration_is_marked_helpful_only_where_it_helps_held_out_items() -> None:
+    rng = np.random.default_rng(0)
+    human = rng.integers(0, 6, 300).astype(float)
+    squeezed = 2 + 0.2 * human + rng.normal(0, 0.1, 300)  # right order, bunched near the middle
+    assert fit_checked_calibration(squeezed, human, [5.0] * 300).helps is True
+    noisy = np.clip(human + rng.normal(0, 1.5, 300), 0, 5)  # already on the scale: a map only fits noise
+    cal = fit_checked_calibration(noisy, human, [5.0] * 300)
+    assert cal.helps is False and cal.qwk_calibrated <= cal.qwk_raw
+
+
+def _subs(assignments: int = 4, questions: int = 4, students: int = 5) -> list[GradedSubmission]:
+    return [GradedSubmission.model_validate({
+        "submission_id": f"a{a}-s{s}", "assignment": f"A{a}", "score": questions, "max_score": 5 * questions,
+        "rubric_alignment": [{"question": f"A{a} question {q}", "answer": f"answer {s}", "score": 1, "max_score": 5}
+                             for q in range(questions)]})
+        for a in range(assignments) for s in range(students)]
+
+
+def test_validation_holds_out_whole_questions_from_several_assignments() -> None:
+    subs = _subs()
+    train, val, n_held = split_questions(subs, 0.25, seed=0)
+    held = {it.question for s in val for it in s.rubric_alignment}
+    assert n_held == len(held) == 4
+    assert len({q.split()[0] for q in held}) >= 3  # spread over assignments, not one
+    assert not held & {it.question for s in train for it in s.rubric_alignment}  # unseen in training
+    assert sum(len(s.rubric_alignment) for s in train + val) == 4 * 4 * 5  # every answer kept once
+    assert all(s.score == sum(i.score for i in s.rubric_alignment) and s.max_score == 5 * len(s.rubric_alignment)
+               for s in train + val)
+    assert choose_split(subs, "item", "auto") == "questions"
+    assert choose_split(subs[:5], "item", "auto") == "submissions"  # 4 questions: too few to hold any out
+    assert choose_split(subs, "submission", "auto") == "submissions"
+    tr, va = split_submissions(subs, 0.1, seed=0)
+    assert len(va) == 2 and len(tr) == 18
