@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--data", required=True, nargs="+", help="graded submissions: .json/.jsonl files or folders")
     p.add_argument("--json", help="write the full report here")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="submissions per batch (default: 64 on a GPU, 8 on CPU)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--no-base", action="store_true", help="skip the zero-shot base run")

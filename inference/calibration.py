@@ -95,3 +95,56 @@ def load_calibration(adapter_dir: str | Path | None) -> Calibration | None:
     d = json.loads(path.read_text())
     return Calibration(x=list(d["x"]), y=list(d["y"]), n=int(d.get("n", 0)), qwk_raw=d.get("qwk_raw"),
                        qwk_calibrated=d.get("qwk_calibrated"), helps=d.get("helps"))
+
+
+ANCHOR_BLEND_FILE = "anchor_blend.json"
+BLEND_WEIGHTS = tuple(round(0.1 * k, 1) for k in range(10))
+
+
+@dataclass(frozen=True)
+class AnchorBlend:
+    """Where teacher anchors were compared with an answer: the grade is (1 - weight) x the model's
+    expected score + weight x the score the nearest anchors suggest (``data.anchors``). The weight
+    is the one of BLEND_WEIGHTS with the best QWK on the validation items that had anchors."""
+
+    weight: float
+    n: int
+    qwk_model: float | None = None
+    qwk_blend: float | None = None
+
+    def apply(self, score: float, neighbour: float | None) -> float:
+        return score if neighbour is None else (1 - self.weight) * score + self.weight * neighbour
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / ANCHOR_BLEND_FILE
+        path.write_text(json.dumps(asdict(self)))
+        return path
+
+
+def fit_anchor_blend(predicted: Sequence[float], neighbour: Sequence[float | None], human: Sequence[float],
+                     max_scores: Sequence[float]) -> AnchorBlend | None:
+    """The blend weight fitted on validation items that had anchors (None: fewer than 30 of them)."""
+    from inference.metrics import on_one_scale, point_metrics
+
+    rows = [(p, nb, h, m) for p, nb, h, m in zip(predicted, neighbour, human, max_scores) if nb is not None]
+    if len(rows) < 30:
+        return None
+    p, nb, h, m = (np.asarray(col, dtype=float) for col in zip(*rows))
+    qwk = {}
+    for w in BLEND_WEIGHTS:
+        q = point_metrics(*on_one_scale(h, (1 - w) * p + w * nb, m)[:4])["qwk"]
+        qwk[w] = -1.0 if q is None else q
+    best = max(BLEND_WEIGHTS, key=lambda w: (qwk[w], -w))
+    return AnchorBlend(weight=best, n=len(rows), qwk_model=round(qwk[0.0], 4), qwk_blend=round(qwk[best], 4))
+
+
+def load_anchor_blend(adapter_dir: str | Path | None) -> AnchorBlend | None:
+    """The anchor blend stored with an adapter, or None."""
+    if adapter_dir is None:
+        return None
+    try:
+        d = json.loads((Path(adapter_dir) / ANCHOR_BLEND_FILE).read_text())
+        return AnchorBlend(weight=float(d["weight"]), n=int(d.get("n", 0)), qwk_model=d.get("qwk_model"),
+                           qwk_blend=d.get("qwk_blend"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -167,7 +167,7 @@ def evaluate(
     adapter: str | list[str] | None = None,
     base: str | None = None,
     max_new_tokens: int = 512,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     n_boot: int = 1000,
     include_base: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
@@ -202,6 +202,7 @@ def evaluate(
     lead = adapters[0] if adapters else None
     base_model = resolve_base(base, lead)
     engine = get_engine(base_model, device=device, trust_remote_code=trust_remote_code)
+    batch_size = batch_size or engine.default_batch_size()
     out = {
         "data": [str(x) for x in data], "base_model": base_model,
         "adapter": str(Path(lead).resolve()) if lead else None,

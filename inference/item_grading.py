@@ -20,7 +20,7 @@ from data.markdown import split_sections
 from data.prompt_format import ScoreExample, encode_score_prompt, target_text
 from data.rubric import Grade, GradeItem, Rubric
 from inference.adapters import adapter_run_config
-from inference.calibration import load_calibration
+from inference.calibration import load_anchor_blend, load_calibration
 from inference.results import GradeResult
 from inference.scoring import REVIEW_THRESHOLD, expected_score, item_confidence
 from inference.selective import load_review
@@ -53,7 +53,8 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
     - ``anchors``: the teacher's graded answers (``data.anchors.AnchorBank``). An answer the
       teacher graded takes the teacher's score (confidence 1); any other answer's prompt shows
       the ``anchors_shown`` most similar anchors of its question (None: as many as the adapter
-      was trained with, ``train_anchors``; 0 for an adapter trained without them).
+      was trained with, ``train_anchors``; 0 for an adapter trained without them), and its
+      score blends in what they suggest as much as helped on validation (``anchor_blend.json``).
     - ``calibrate``: map expected scores through the calibration stored with the adapter (not for
       ensembles); None: only where it helped on held-out validation (``inference.calibration``).
     - Questions whose values are not single tokens get the number the model writes there.
@@ -71,6 +72,7 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
     if cal is not None and calibrate is None and not cal.helps:
         cal = None
     threshold = (load_review(keys[0]) or {}).get("threshold", REVIEW_THRESHOLD)
+    blend = load_anchor_blend(keys[0]) if shown else None
     # Encode every question first (cheap next to the model): the shared prefixes are found
     # over the whole call, so one computed prefix serves all the batches of its rubric.
     questions, encode_s = _encode_questions(engine, items, anchors, shown)
@@ -93,7 +95,7 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
         for i in chunk:
             results[i] = _item_result(engine, items[i][2], i, questions[i], probs, written, cal, keys,
                                       {"encode_s": round(encode_s[i], 4), "model_s": round(model_share, 4)},
-                                      threshold)
+                                      threshold, blend)
             done.append((i, results[i]))
         if on_batch:
             on_batch(done)
@@ -221,7 +223,8 @@ def _written_scores(engine, chunk: list[int], questions: list[list[_Question]],
 
 
 def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], probs: dict, written: dict,
-                 cal, adapters: list[str | None], timings: dict[str, float], review_threshold: float) -> GradeResult:
+                 cal, adapters: list[str | None], timings: dict[str, float], review_threshold: float,
+                 blend) -> GradeResult:
     """One submission's grade from its questions' distributions (or anchors, or written numbers)."""
     items, probs_out, conf, raw, used = [], [], [], [], []
     for k, q in enumerate(questions):
@@ -232,6 +235,8 @@ def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], pro
         else:
             score = expected_score(p) if p is not None else written[(i, k)]
             c = item_confidence(p, q.choice.neighbour_score) if p is not None else None
+            if blend is not None and p is not None:
+                score = blend.apply(score, q.choice.neighbour_score)
         raw.append(round(score, 3))
         if cal is not None and p is not None:
             score = cal.apply(score, max_score)

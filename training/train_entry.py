@@ -712,8 +712,9 @@ class Trainer:
     def _agreement(self, step: int, preds: list[tuple[int, list[float]]]) -> dict:
         """Agreement of the expected scores with the humans' (items with other maxima on one scale),
         and what this step's checkpoint keeps from them: the calibration map (with whether it
-        helps on held-out halves) and the review threshold for ``review_target_qwk``."""
-        from inference.calibration import fit_checked_calibration
+        helps on held-out halves), the review threshold for ``review_target_qwk`` and how much of
+        the anchors' suggested score to blend in where prompts showed anchors."""
+        from inference.calibration import fit_anchor_blend, fit_checked_calibration
         from inference.metrics import scaled_metrics
         from inference.scoring import expected_score, item_confidence
         from inference.selective import choose_threshold, coverage_curve
@@ -726,7 +727,8 @@ class Trainer:
         m = scaled_metrics(human, pred, maxes, n_boot=0)
         review = choose_threshold(human, pred, conf, maxes, self.cfg.review_target_qwk)
         self.fitted[step] = {"calibration": fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed),
-                             "review": (review, coverage_curve(human, pred, conf, maxes))}
+                             "review": (review, coverage_curve(human, pred, conf, maxes)),
+                             "anchor_blend": fit_anchor_blend(pred, [e.neighbour_score for e in ex], human, maxes)}
         scaled = [p / mx for p, mx in zip(pred, maxes)]
         return {"val_n": len(ex), "val_mae": m["mae"]["value"], "val_pearson_r": m["pearson_r"]["value"],
                 "val_qwk": m["qwk"]["value"], "val_pred_sd": round(float(torch.tensor(scaled).std()), 4) if len(ex) > 1 else None,
@@ -769,6 +771,8 @@ class Trainer:
                     fitted["calibration"].save(tmp)
                 if fitted.get("review") is not None:
                     save_review(tmp, *fitted["review"])
+                if fitted.get("anchor_blend") is not None:
+                    fitted["anchor_blend"].save(tmp)
                 torch.save({
                     "step": step, "epoch": step / self.steps_per_epoch, "epoch_index": step // self.steps_per_epoch,
                     "step_in_epoch": step % self.steps_per_epoch, "total_steps": self.total_steps,
