@@ -110,7 +110,8 @@ def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_
     def work():
         try:
             result = get_engine(base).grade(markdown, rubric, adapter=adapter or None,
-                                            max_new_tokens=max_new_tokens, on_token=lambda t: q.put(t))
+                                            max_new_tokens=max_new_tokens, on_token=lambda t: q.put(t),
+                                            anchors=jobs.store().anchor_bank())
             store_grade(result, rubric, name, submission_md=markdown)
             box["result"] = result
         except Exception as exc:  # shown to the user
@@ -269,7 +270,7 @@ def build(settings: Settings) -> dict[str, Any]:
         engine = get_engine(base_model)
         # Batched across submissions (and, item by item, with each question's shared prefix computed once).
         results = engine.grade_many(items, adapter=adapter_dir, batch_size=engine.default_batch_size(),
-                                    max_new_tokens=int(max_new_tokens or 512))
+                                    max_new_tokens=int(max_new_tokens or 512), anchors=jobs.store().anchor_bank())
         graded = [(name, res) for (name, _, _), res in zip(items, results)]
         rows = []
         for (name, md, _), res in zip(items, results):

@@ -15,7 +15,7 @@ import pandas as pd
 
 from app import jobs
 from app.common import Settings
-from data.store import DEFAULT_CORRECTOR, REVIEW_ORDERS, CorrectionError, ReviewItem
+from data.store import DEFAULT_CORRECTOR, GRADE_FIRST_K, REVIEW_ORDERS, CorrectionError, ReviewItem
 from inference.teacher_agreement import adapter_label
 
 # The teacher's columns come early, so they are on screen without scrolling sideways.
@@ -29,7 +29,8 @@ HISTORY_COLUMNS = ["correction", "grade", "question", "model score", "teacher sc
                    "corrected by", "when"]
 ALL = "all"
 BASE = "base"  # the filter value for grades of the base model alone
-ORDER_CHOICES = [("least confident first", REVIEW_ORDERS[0]), ("newest first", REVIEW_ORDERS[1])]
+ORDER_CHOICES = [("least confident first", REVIEW_ORDERS[0]), ("newest first", REVIEW_ORDERS[1]),
+                 ("grade these first (a new assignment)", REVIEW_ORDERS[2])]
 QUEUE_LIMIT_GRADES = 200  # grades read per view: the first ones in the chosen order
 
 
@@ -50,11 +51,43 @@ def adapter_choices() -> list[tuple[str, str]]:
     return out
 
 
-def queue_items(adapter: str | None, order: str, hide_corrected: bool) -> list[ReviewItem]:
+def queue_items(adapter: str | None, order: str, hide_corrected: bool,
+                first_k: int | float | None = GRADE_FIRST_K) -> list[ReviewItem]:
     """The review queue as the tab shows it."""
     items = jobs.store().review_items(adapters=_filter(adapter), order=order or REVIEW_ORDERS[0],
-                                      limit_grades=QUEUE_LIMIT_GRADES)
+                                      limit_grades=QUEUE_LIMIT_GRADES, first_k=int(first_k or GRADE_FIRST_K))
     return [q for q in items if not (hide_corrected and q.correction is not None)]
+
+
+def regrade_with_anchors(items: list[ReviewItem]) -> str:
+    """Grade the submissions of the listed questions again, each with the adapter that graded it,
+    now with the teacher's corrections (and imported grades) as anchors: an answer the teacher
+    graded takes that score, the others see the closest ones. New grades are stored beside the
+    old; no training. Returns what changed, for the page."""
+    from data.rubric import Rubric
+    from inference.engine import get_engine
+    from inference.results import store_grade
+
+    store = jobs.store()
+    bank = store.anchor_bank()
+    if not bank:
+        return "No teacher anchors yet: correct some answers first (their scores become anchors)."
+    rows = [store.get_grade(g) for g in dict.fromkeys(q.grade_id for q in items)]
+    groups: dict[tuple[str, str | None], list[dict]] = {}
+    for row in rows:
+        if row and row.get("submission_md"):
+            groups.setdefault((row["base_model"], row["adapter"]), []).append(row)
+    changed = regraded = 0
+    for (base, adapter), group in groups.items():
+        subs = [(r["submission_name"], r["submission_md"], Rubric.model_validate(r["rubric"])) for r in group]
+        results = get_engine(base).grade_many(subs, adapter=adapter, unit="item", anchors=bank)
+        for r, (name, md, rubric), old in zip(results, subs, group):
+            store_grade(r, rubric, name, submission_md=md)
+            regraded += 1
+            changed += sum(abs(it.score - (o.get("score") or 0)) >= 0.05
+                           for it, o in zip(r.grade.items, old["grade"].get("items") or []))
+    return (f"Regraded {regraded} submissions with {len(bank)} teacher-graded answers of {bank.questions()} "
+            f"questions as anchors (no training): {changed} question scores changed. The queue shows the new grades.")
 
 
 def queue_table(items: list[ReviewItem]) -> pd.DataFrame:
@@ -190,10 +223,16 @@ def build(settings: Settings) -> dict[str, Any]:
     gr.Markdown("Questions of stored grades, those the grader was least sure of first. Type your score (and "
                 "why) in the **teacher score** and **teacher justification** columns, then **Save corrections**: "
                 "each is stored beside what the model said, with your name and the time; nothing is overwritten. "
-                "Click a row to read the student's answer.")
+                "Click a row to read the student's answer. Every correction is a **teacher anchor** at once: "
+                "grading that question again uses it (the same answer gets your score, others see it as an "
+                "example), without training; **Regrade with my corrections** does that for the listed grades.")
     with gr.Row():
         adapter = gr.Dropdown([("all adapters", ALL)], value=ALL, label="Graded by", elem_id="review-adapter")
-        order = gr.Radio(ORDER_CHOICES, value=REVIEW_ORDERS[0], label="Order", elem_id="review-order")
+        order = gr.Radio(ORDER_CHOICES, value=REVIEW_ORDERS[0], label="Order", elem_id="review-order",
+                         info="'grade these first': per question, the most typical and the most unusual answers, "
+                              "so each of your corrections teaches the grader the most (they become anchors at once)")
+        first_k = gr.Number(GRADE_FIRST_K, precision=0, minimum=1, maximum=30, label="Answers per question first",
+                            elem_id="review-first-k")
         hide = gr.Checkbox(False, label="Hide corrected questions", elem_id="review-hide")
         refresh_btn = gr.Button("Refresh", size="sm", elem_id="review-refresh")
     table = gr.Dataframe(headers=QUEUE_COLUMNS, interactive=True, wrap=True, elem_id="review-table",
@@ -204,6 +243,7 @@ def build(settings: Settings) -> dict[str, Any]:
     with gr.Row():
         who = gr.Textbox(DEFAULT_CORRECTOR, label="Corrected by", elem_id="review-name", scale=1)
         save_btn = gr.Button("Save corrections", variant="primary", elem_id="review-save", scale=1)
+        regrade_btn = gr.Button("Regrade with my corrections", elem_id="review-regrade", scale=1)
     message = gr.Markdown(elem_id="review-message")
     answer = gr.Markdown(elem_id="review-answer", line_breaks=True)  # a student's lines stay lines
     with gr.Accordion("Corrections so far (newest first)", open=False):
@@ -213,16 +253,21 @@ def build(settings: Settings) -> dict[str, Any]:
         ds_btn = gr.Button("Make a training dataset from corrections", elem_id="review-make-dataset")
     ds_msg = gr.Markdown(elem_id="review-dataset-msg")
 
-    def refresh(adapter_value, order_value, hide_value):
+    def refresh(adapter_value, order_value, hide_value, k_value=GRADE_FIRST_K):
         choices = adapter_choices()
         values = [v for _, v in choices]
         chosen = adapter_value if adapter_value in values else ALL
-        found = queue_items(chosen, order_value, hide_value)
+        found = queue_items(chosen, order_value, hide_value, k_value)
         return (queue_table(found), found, gr.update(choices=choices, value=chosen), history_table())
 
-    def save(table_value, shown, who_value, adapter_value, order_value, hide_value):
+    def save(table_value, shown, who_value, adapter_value, order_value, hide_value, k_value=GRADE_FIRST_K):
         msg = save_corrections(table_value, shown or [], who_value)
-        return (msg, *refresh(adapter_value, order_value, hide_value))
+        return (msg, *refresh(adapter_value, order_value, hide_value, k_value))
+
+    def regrade(shown, adapter_value, order_value, hide_value, k_value=GRADE_FIRST_K, progress=gr.Progress()):
+        progress(0, desc="grading again with the teacher's anchors")
+        msg = regrade_with_anchors(shown or [])
+        return (msg, *refresh(adapter_value, order_value, hide_value, k_value))
 
     def on_select(shown, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -232,12 +277,13 @@ def build(settings: Settings) -> dict[str, Any]:
         # The --auth login names the teacher; without a login the default stands.
         return getattr(request, "username", None) or DEFAULT_CORRECTOR
 
-    filters = [adapter, order, hide]
+    filters = [adapter, order, hide, first_k]
     outs = [table, items, adapter, history]
     refresh_btn.click(refresh, filters, outs, api_name="review_queue")
     for control in filters:
         control.input(refresh, filters, outs)
     save_btn.click(save, [table, items, who, *filters], [message, *outs], api_name="save_corrections")
+    regrade_btn.click(regrade, [items, *filters], [message, *outs], api_name="regrade_with_anchors")
     table.select(on_select, [items], [answer])
     ds_btn.click(make_dataset, [ds_name], [ds_msg], api_name="corrections_dataset")
     return {"refresh": (refresh, filters, outs), "on_load": (on_load, None, [who])}

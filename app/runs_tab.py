@@ -142,6 +142,62 @@ def agreement_view(pick: str | None):
             format_by_question(one) if one else "", confusion_figure(one), trend_figure(results))
 
 
+def _evaluation_curves(adapter: str) -> dict[str, list[dict]]:
+    """The newest stored evaluation of ``adapter`` that measured selective grading: its coverage
+    curve (the product's confidence) at each number of anchors per question."""
+    for ev in jobs.store().evaluations(limit=200):
+        report = ev.get("report") or {}
+        if ev.get("adapter") == adapter and report.get("selective"):
+            return {k: v["curves"]["confidence"] for k, v in report["selective"]["by_k"].items()}
+    return {}
+
+
+def selective_view(run_id: str | None) -> tuple[str, go.Figure]:
+    """The run's grader and its review threshold: the coverage curve on its validation data (what
+    the threshold was chosen on) and, where `python -m inference evaluate` measured it, on test
+    data with and without teacher anchors; with the calibration and anchor blend it keeps."""
+    from inference.calibration import load_anchor_blend, load_calibration
+    from inference.selective import load_review
+
+    title = "Share of grades accepted without review vs their agreement (QWK)"
+    adapter = RunFolder.of(run_id).default_adapter() if run_id else None
+    if adapter is None:
+        return "", empty_figure(title, "pick a run with a complete checkpoint")
+    review, cal, blend = load_review(adapter), load_calibration(adapter), load_anchor_blend(adapter)
+    lines = [f"**{RunFolder.of(run_id).path.name}/{adapter.name}**"]
+    if review and review.get("met"):
+        lines.append(f"needs review below confidence {review['threshold']:.2f}: on the validation data that "
+                     f"accepts {review['coverage']:.0%} of grades at QWK {review['qwk']:.2f} "
+                     f"(target {review['target_qwk']:g})")
+    elif review:
+        lines.append(f"no confidence threshold reached QWK {review['target_qwk']:g} on the validation data: "
+                     "every grade needs review (lower review_target_qwk, or train on more data)")
+    else:
+        lines.append("no review threshold (item-level runs with validation data choose one); the fixed 0.5 applies")
+    if cal is not None and cal.helps is not None:
+        lines.append(f"calibration {'applied' if cal.helps else 'off'}: on held-out validation it "
+                     f"{'raised' if cal.helps else 'did not raise'} QWK ({cal.qwk_raw} -> {cal.qwk_calibrated})")
+    if blend is not None:
+        lines.append(f"teacher anchors: the grade takes {blend.weight:.0%} from the closest anchors' scores "
+                     f"(validation QWK {blend.qwk_model} -> {blend.qwk_blend})")
+    fig = go.Figure()
+    curves = {"validation": (review or {}).get("curve") or []}
+    curves.update({f"test, {k} anchors/question": c for k, c in _evaluation_curves(str(adapter.resolve())).items()})
+    for name, curve in curves.items():
+        if curve:
+            fig.add_trace(go.Scatter(x=[pt["coverage"] for pt in curve], y=[pt["qwk"] for pt in curve],
+                                     mode="lines+markers", name=name))
+    if review and review.get("met"):
+        fig.add_hline(y=review["target_qwk"], line_dash="dot", annotation_text="target")
+        fig.add_vline(x=review["coverage"], line_dash="dot", annotation_text="threshold")
+    if not fig.data:
+        return "\n\n".join(lines), empty_figure(title, "no curve yet")
+    fig.update_layout(title=title, height=360, margin=dict(l=40, r=20, t=50, b=40), xaxis_title="share accepted",
+                      yaxis_title="QWK of the accepted grades", xaxis=dict(range=[0, 1.02], tickformat=".0%"),
+                      legend=dict(orientation="h", y=-0.3))
+    return "\n\n".join(lines), fig
+
+
 def build(settings: Settings) -> dict[str, Any]:
     refresh_btn = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
     table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, wrap=True, elem_id="runs-table")
@@ -151,6 +207,9 @@ def build(settings: Settings) -> dict[str, Any]:
                           elem_id="runs-one")
     plot = gr.Plot(label="Loss curves", elem_id="runs-plot")
     details = gr.Markdown(elem_id="runs-details")
+    with gr.Accordion("Selective grading: which grades to accept without review", open=True):
+        selective = gr.Markdown(elem_id="runs-selective")
+        coverage = gr.Plot(label="Coverage curve", elem_id="runs-coverage")
     with gr.Row():
         del_btn = gr.Button("Delete run", variant="stop", elem_id="runs-delete")
         ckpt = gr.Dropdown([], label="Checkpoint to export (merge)", allow_custom_value=True,
@@ -178,6 +237,7 @@ def build(settings: Settings) -> dict[str, Any]:
     agree_pick.input(agreement_view, [agree_pick], agree_outs, api_name="teacher_agreement")
     pick.change(compare_figure, [pick], [plot])
     one.change(run_details, [one], [details])
+    one.change(selective_view, [one], [selective, coverage], api_name="selective")
     del_btn.click(lambda r: (delete_run(r), *refresh()), [one], [message, *outs],
                   api_name="delete_run")
     export_btn.click(export_adapter, [ckpt], [message], api_name="export_adapter",

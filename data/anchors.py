@@ -160,28 +160,36 @@ def anchor_prompt_text(answer: str) -> str:
     return text if len(text) <= ANCHOR_CHARS else text[: ANCHOR_CHARS - 1].rstrip() + "…"
 
 
-def pick_to_grade_first(answers: Sequence[str], k: int) -> list[int]:
-    """Which ``k`` of a question's answers the teacher should grade first, so that every other
-    answer has a close anchor: the most typical answer, then each time the answer least like
-    those already picked (the most unusual), by TF-IDF similarity. Indices into ``answers``."""
+def pick_to_grade_first(answers: Sequence[str], k: int, graded: Sequence[int] = ()) -> list[int]:
+    """Which ``k`` more of a question's answers the teacher should grade, so that every other answer
+    has a close anchor: with none ``graded`` yet, the most typical answer first; then each time the
+    answer least like those already graded or picked (the most unusual), by TF-IDF similarity.
+    Indices into ``answers``, never one of ``graded`` nor an empty answer."""
     live = [j for j, a in enumerate(answers) if a.strip()]
-    if k <= 0 or not live:
+    todo = [j for j in live if j not in set(graded)]
+    if k <= 0 or not todo:
         return []
-    if len(live) <= k:
-        return live
+    if len(todo) <= k:
+        return todo
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     m = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True).fit_transform(
         [answers[j] for j in live])
     sims = (m @ m.T).toarray()
-    picked = [int(np.argmax(sims.mean(axis=1)))]
-    closest = sims[picked[0]].copy()
+    pos = {j: n for n, j in enumerate(live)}
+    taken = [pos[j] for j in graded if j in pos]
+    picked: list[int] = []
+    if not taken:
+        picked = [int(np.argmax(sims.mean(axis=1)))]
+        taken = list(picked)
+    closest = sims[taken].max(axis=0)
     while len(picked) < k:
-        closest[picked] = np.inf
+        closest[taken] = np.inf
         nxt = int(np.argmin(closest))
         picked.append(nxt)
+        taken.append(nxt)
         closest = np.maximum(closest, sims[nxt])
-    return [live[j] for j in picked]
+    return [live[n] for n in picked]
 
 
 def draw_anchors(groups: dict[str, list[int]], k: int, rng: random.Random) -> set[int]:

@@ -36,6 +36,7 @@ import sqlite_utils
 from pydantic import ValidationError
 
 from data import paths
+from data.anchors import Anchor, AnchorBank, pick_to_grade_first, question_key
 from data.loading import DataError, content_hash, load_graded
 from data.markdown import split_sections
 from data.prompt_format import question_labels
@@ -48,7 +49,10 @@ METRIC_COLUMNS = ("kind", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm
                   "samples", "elapsed_s", "peak_mem_gib", "total_steps")
 
 MIGRATIONS = sqlite_utils.Migrations("grader_studio")
-REVIEW_ORDERS = ("confidence", "newest")  # the review queue: least sure first, or newest grade first
+# The review queue: least sure first; newest grade first; or, per question, the answers that make
+# the best teacher anchors first (the most typical and the most unusual, data.anchors), then the rest.
+REVIEW_ORDERS = ("confidence", "newest", "grade-first")
+GRADE_FIRST_K = 5  # answers per question the "grade-first" order puts first
 DEFAULT_CORRECTOR = "teacher"
 CORRECTIONS_SOURCE = "corrections"  # the `sources` of a dataset made from the teacher's corrections
 
@@ -552,11 +556,14 @@ class Store:
         return latest
 
     def review_items(self, *, adapters: set[str | None] | None = None, order: str = "confidence",
-                     limit_grades: int = 500, grade_ids: list[int] | None = None) -> list[ReviewItem]:
+                     limit_grades: int = 500, grade_ids: list[int] | None = None,
+                     first_k: int = GRADE_FIRST_K) -> list[ReviewItem]:
         """The questions of stored grades, those most in need of review first (``order``
         "confidence": the least sure first, questions without a confidence after them, newest
-        grades first among equals; "newest": newest grade first). ``adapters``: only grades made by
-        these adapter folders (None in the set: the base model alone); None: every grade.
+        grades first among equals; "newest": newest grade first; "grade-first": for each question,
+        ``first_k`` answers to grade first so every other answer has a close anchor, counting those
+        already corrected, then the rest by confidence). ``adapters``: only grades made by these
+        adapter folders (None in the set: the base model alone); None: every grade.
         ``grade_ids``: only these grades. Reads the ``limit_grades`` grades that come first in that order."""
         if order not in REVIEW_ORDERS:
             raise ValueError(f"review order {order!r}: expected one of {', '.join(REVIEW_ORDERS)}")
@@ -572,15 +579,18 @@ class Store:
             conditions.append(f"id IN ({', '.join('?' * len(grade_ids))})" if grade_ids else "0")
             params += [int(g) for g in grade_ids]
         where = " WHERE " + " AND ".join(conditions) if conditions else ""
-        sort = ("min_confidence IS NULL, min_confidence, id DESC" if order == "confidence" else "id DESC")
+        sort = ("id DESC" if order == "newest" else "min_confidence IS NULL, min_confidence, id DESC")
         rows = self._rows(f"SELECT * FROM grades{where} ORDER BY {sort} LIMIT ?", [*params, int(limit_grades)],
                           _JSON["grades"])
         latest = self.latest_corrections()
         items = [q for row in rows for q in _grade_questions(row, latest)]
-        if order == "confidence":
-            items.sort(key=lambda q: (q.confidence is None, q.confidence or 0.0, -q.grade_id, q.question_index))
-        else:
+        if order == "newest":
             items.sort(key=lambda q: (-q.grade_id, q.question_index))
+            return items
+        items.sort(key=lambda q: (q.confidence is None, q.confidence or 0.0, -q.grade_id, q.question_index))
+        if order == "grade-first":
+            first = _grade_first(items, first_k)
+            items.sort(key=lambda q: (first.get((q.grade_id, q.question_index), len(first)),))
         return items
 
     def corrected_review_items(self) -> list[ReviewItem]:
@@ -595,6 +605,22 @@ class Store:
             "(SELECT g.submission_md FROM corrections c JOIN grades g ON g.id = c.grade_id "
             "WHERE g.submission_md IS NOT NULL) ORDER BY id", (), _JSON["grades"])
         return [q for row in rows for q in _grade_questions(row, latest) if q.correction is not None]
+
+    def anchor_bank(self) -> AnchorBank:
+        """The teacher's anchors: every answer with the teacher's score, from the stored datasets
+        (imported grades) and the Review tab's corrections (the newest of each answer, applied
+        last, so a correction outranks an imported score of the same answer)."""
+        bank = AnchorBank()
+        rows = self._rows("SELECT i.question, i.max_score, i.answer, i.score, d.name FROM items i "
+                          "JOIN datasets d ON d.id = i.dataset_id WHERE i.max_score IS NOT NULL AND "
+                          "coalesce(d.sources, '') NOT LIKE ?", [f"%{CORRECTIONS_SOURCE}%"])
+        for r in rows:
+            bank.add(r["question"], r["max_score"], Anchor(r["answer"] or "", r["score"], f"dataset {r['name']}"))
+        for q in sorted(self.corrected_review_items(), key=lambda q: q.correction.id):
+            if q.answer:
+                bank.add(q.question, q.max_score, Anchor(q.answer, q.correction.teacher_score,
+                                                         f"correction {q.correction.id}"))
+        return bank
 
     def graded_adapters(self) -> list[tuple[str | None, str]]:
         """(adapter, base model) pairs that made stored grades, newest grade first."""
@@ -722,6 +748,22 @@ def load_datasets(specs: list[str], store: Store | None = None) -> list[GradedSu
     if not subs:
         raise DataError(f"no graded submissions in {specs}: give .json/.jsonl files, folders or db:<name>")
     return subs
+
+
+def _grade_first(items: list[ReviewItem], k: int) -> dict[tuple[int, int], int]:
+    """{(grade, question): rank} of the answers to grade first: per question, the answers already
+    corrected count as graded, and data.anchors.pick_to_grade_first adds the rest up to ``k``."""
+    by_question: dict[str, dict[str, ReviewItem]] = {}
+    for q in items:
+        if q.answer:
+            by_question.setdefault(question_key(q.question, q.max_score), {}).setdefault(q.answer_key, q)
+    ranks: dict[tuple[int, int], int] = {}
+    for answers in by_question.values():
+        distinct = list(answers.values())
+        graded = [n for n, q in enumerate(distinct) if q.correction is not None]
+        for rank, j in enumerate(pick_to_grade_first([q.answer or "" for q in distinct], k - len(graded), graded)):
+            ranks[(distinct[j].grade_id, distinct[j].question_index)] = rank
+    return ranks
 
 
 def _rubric(row: dict) -> Rubric | None:

@@ -26,6 +26,8 @@ from inference.generation import SCORINGS
 from inference.selective import DEFAULT_TARGET_QWK
 
 CALIBRATE = {"auto": None, "on": True, "off": False}
+NO_ANCHORS_HELP = ("grade without the teacher's anchors (answers of the same questions graded by the teacher: "
+                   "imported datasets and Review-tab corrections; an answer the teacher graded keeps that score)")
 
 
 def _engine(args):
@@ -42,6 +44,20 @@ def _libraries_to_stderr():
     an embedded one on first use, imports DeepSpeed (transformers' save_pretrained does), whose
     logger writes to the sys.stdout of that moment: inside this block that is stderr, for good."""
     return contextlib.redirect_stdout(sys.stderr)
+
+
+def _anchors(args):
+    """The teacher's anchors from the store (imported grades and Review-tab corrections), unless
+    --no-anchors; said on stderr when there are any."""
+    if args.no_anchors:
+        return None
+    from data.store import Store
+
+    bank = Store().anchor_bank()
+    if bank:
+        print(f"anchors: {len(bank)} teacher-graded answers of {bank.questions()} questions (--no-anchors to "
+              "grade without them)", file=sys.stderr)
+    return bank
 
 
 def _submission(path: Path, rubric) -> str:
@@ -61,8 +77,8 @@ def cmd_grade(args) -> int:
         path = Path(f)
         md = _submission(path, rubric)
         on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
-        r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, calibrate=CALIBRATE[args.calibrate], max_new_tokens=args.max_new_tokens,
-                         on_token=on_token)
+        r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, calibrate=CALIBRATE[args.calibrate],
+                         max_new_tokens=args.max_new_tokens, on_token=on_token, anchors=_anchors(args))
         store_grade(r, rubric, path.name, submission_md=md)
         if args.stream:
             sys.stderr.write("\n")
@@ -116,9 +132,10 @@ def cmd_batch(args) -> int:
 
         batch_size = args.batch_size or engine.default_batch_size()
         with tqdm(total=len(items), desc="grading", unit="sub", file=sys.stderr) as bar:
-            results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring, calibrate=CALIBRATE[args.calibrate],
-                                        batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                                        progress=bar.update, on_batch=write)
+            results = engine.grade_many(items, adapter=args.adapter, scoring=args.scoring,
+                                        calibrate=CALIBRATE[args.calibrate], batch_size=batch_size,
+                                        max_new_tokens=args.max_new_tokens, progress=bar.update, on_batch=write,
+                                        anchors=_anchors(args))
     n_rep = sum(r.repaired for r in results)
     print(f"graded {len(results)} submissions ({n_rep} repaired; {len(files) - len(todo)} already graded) "
           f"-> {out.csv}, {out.jsonl}")
@@ -239,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grade", help="grade Markdown submissions, print JSON grades")
     common(p)
+    p.add_argument("--no-anchors", action="store_true", help=NO_ANCHORS_HELP)
     p.add_argument("--rubric", required=True, help="rubric JSON (or a graded submission of the assignment)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--stream", action="store_true", help="print tokens to stderr as they come")
@@ -248,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="grade every .md file of a folder; write grades.csv (one row per question) "
                                      "and grades.jsonl")
     common(p)
+    p.add_argument("--no-anchors", action="store_true", help=NO_ANCHORS_HELP)
     p.add_argument("--rubric", required=True)
     p.add_argument("--out-dir", required=True,
                    help="grades.csv and grades.jsonl grow here as batches finish; run again to resume")

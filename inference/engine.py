@@ -152,7 +152,7 @@ class GraderEngine(WholeGrades):
     def grade(self, submission_md: str, rubric: Rubric, *, adapter: str | Path | None = None,
               scoring: str = "expected", max_new_tokens: int = 512, on_token: Callable[[str], None] | None = None,
               retry: bool = True, unit: str | None = None, calibrate: bool | None = None,
-              constrained: bool = True) -> GradeResult:
+              constrained: bool = True, anchors=None) -> GradeResult:
         """Grade one submission (Markdown) against ``rubric`` with ``adapter`` (a LoRA folder; None:
         the base alone): always a valid Grade. ``unit``: "item" grades each question by reading the
         model's score distribution (:meth:`grade_items`), "submission" generates the grade JSON;
@@ -160,11 +160,13 @@ class GraderEngine(WholeGrades):
         unit): "expected" or "generated" (see the module docstring). ``constrained`` (submission
         unit): decode only what the rubric's grade schema allows (inference.constrained; needs
         xgrammar), so repair is left for answers cut by ``max_new_tokens``. ``retry``: one guided
-        retry when the answer holds no JSON (speed benchmarks turn it off). Nothing is stored: see
-        :func:`store_grade`."""
+        retry when the answer holds no JSON (speed benchmarks turn it off). ``anchors`` (item unit):
+        the teacher's graded answers (``data.anchors.AnchorBank``, e.g. ``Store().anchor_bank()``).
+        Nothing is stored: see :func:`inference.results.store_grade`."""
         check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
-            result = self.grade_items([("submission", submission_md, rubric)], adapter=adapter, calibrate=calibrate)[0]
+            result = self.grade_items([("submission", submission_md, rubric)], adapter=adapter, calibrate=calibrate,
+                                      anchors=anchors)[0]
             if on_token:
                 on_token(result.raw_text)
             return result
@@ -176,16 +178,17 @@ class GraderEngine(WholeGrades):
                    progress: Callable[[int], None] | None = None, retry: bool = True,
                    unit: str | None = None, calibrate: bool | None = None,
                    on_batch: Callable[[list[tuple[int, GradeResult]]], None] | None = None,
-                   constrained: bool = True, share_prefix: bool | None = None) -> list[GradeResult]:
+                   constrained: bool = True, share_prefix: bool | None = None, anchors=None) -> list[GradeResult]:
         """Grade (name, markdown, rubric) triples with ``adapter`` (None: the base alone) in batches;
         results in input order (the names are the caller's, e.g. for :func:`store_grade`).
         After each batch, ``progress(n)`` gets the number just finished and ``on_batch`` the
         finished (input index, result) pairs, so a caller can stream them out. ``constrained``: as
-        for :meth:`grade`; ``share_prefix``: as for :meth:`grade_items`. Nothing is stored."""
+        for :meth:`grade`; ``share_prefix`` and ``anchors``: as for :meth:`grade_items`. Nothing is stored."""
         check_scoring(scoring)
         if (unit or grading_unit(adapter)) == "item":
             return self.grade_items(items, adapter=adapter, batch_size=batch_size, progress=progress,
-                                    calibrate=calibrate, on_batch=on_batch, share_prefix=share_prefix)
+                                    calibrate=calibrate, on_batch=on_batch, share_prefix=share_prefix,
+                                    anchors=anchors)
         return self.grade_whole_many(items, adapter=adapter, scoring=scoring, batch_size=batch_size,
                                      max_new_tokens=max_new_tokens, progress=progress, retry=retry,
                                      on_batch=on_batch, constrained=constrained)

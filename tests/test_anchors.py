@@ -202,3 +202,45 @@ def test_evaluate_with_anchors_scores_only_the_other_answers_and_says_which_were
         assert shown and all(len(a["in_prompt"]) == 3 for a in shown)  # the adapter learnt 3
     curves = report["selective"]["by_k"]["3"]["curves"]
     assert curves["confidence"][-1]["coverage"] == 1.0 and curves["confidence"][-1]["n"] == 2 * len(runs[0]["rows"])
+
+
+def test_grade_first_after_some_are_graded_picks_what_they_do_not_cover() -> None:
+    answers = ["last in first out", "last in, first out!", "a hash table of keys", "a hash table, of keys", "fifo"]
+    picked = pick_to_grade_first(answers, 2, graded=[0])
+    assert 0 not in picked and 1 not in picked  # answer 1 is already covered by the graded answer 0
+    assert set(picked) <= {2, 3, 4} and len(picked) == 2
+
+
+def test_a_correction_becomes_an_anchor_at_once_and_grade_first_lists_the_answers_to_grade(
+        tiny_gpt_oss_dir: Path, item_adapters: tuple[Path, Path]) -> None:
+    from data.store import Store
+    from inference.results import store_grade
+
+    engine = get_engine(str(tiny_gpt_oss_dir), device="cpu")
+    store = Store()
+    answers = STACK_ANSWERS + ["Last in first out.", "LIFO: the last pushed is popped first."]
+    subs = [MD.replace("A pile where the last item in comes out first.", a) for a in answers]
+    for n, (md, r) in enumerate(zip(subs, engine.grade_many([(f"s{n}", md, RUBRIC) for n, md in enumerate(subs)],
+                                                           adapter=item_adapters[0]))):
+        store_grade(r, RUBRIC, f"s{n}.md", submission_md=md)
+    first = store.review_items(order="grade-first", first_k=2)
+    top = [q for q in first[:4]]
+    assert {q.question_index for q in top} == {0, 1}  # two answers of each question come first
+    assert len({q.answer for q in top if q.question_index == 0}) == 2
+
+    target = next(q for q in first if q.question_index == 0 and q.answer == answers[2])
+    store.add_correction(target.grade_id, 0, 1.5, "Not a stack.")
+    bank = store.anchor_bank()
+    assert len(bank.of("What is a stack?", 5)) == 1
+    again = engine.grade(subs[2], RUBRIC, adapter=item_adapters[0], anchors=bank)
+    assert again.grade.items[0].score == 1.5 and again.anchors[0] == {"exact": f"correction {store.corrections()[0].id}"}
+    other = engine.grade(subs[0], RUBRIC, adapter=item_adapters[0], anchors=bank)  # shown, not copied
+    assert other.anchors[0]["in_prompt"] == [f"correction {store.corrections()[0].id}"]
+    after = store.review_items(order="grade-first", first_k=2)
+    assert sum(q.question_index == 0 and q.correction is None for q in after[:2]) >= 1  # one more to grade there
+    from app.review_tab import regrade_with_anchors
+
+    msg = regrade_with_anchors(store.review_items(grade_ids=[target.grade_id]))
+    assert msg.startswith("Regraded 1 submissions with 1 teacher-graded answers")
+    newest = store.review_items(order="newest")[0]
+    assert newest.grade_id > target.grade_id and newest.model_score == 1.5 and newest.confidence == 1.0
