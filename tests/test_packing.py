@@ -179,7 +179,8 @@ def test_packed_item_run_through_the_deepspeed_launcher(tmp_path, tiny_gpt_oss_d
     """The smoke preset (tiny GPT-OSS, 2 gloo ranks, ZeRO-2), item-level, packed, 3 steps."""
     files = sorted(GRADED.rglob("*.json"))[::5][:6]
     cfg = apply_overrides(preset("smoke"), [
-        "datasets=" + __import__("json").dumps([str(f) for f in files]), "eval_fraction=0.2", "max_steps=3",
+        "datasets=" + __import__("json").dumps([str(f) for f in files]), "eval_fraction=0.2", "eval_split=submissions",
+        "max_steps=3",
         "save_every_steps=10", "gradient_accumulation_steps=2", "pack_sequences=on", "name=packed",
     ])
     cfg_file = tmp_path / "cfg.json"
