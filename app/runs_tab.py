@@ -156,8 +156,8 @@ def selective_view(run_id: str | None) -> tuple[str, go.Figure]:
     """The run's grader and its review threshold: the coverage curve on its validation data (what
     the threshold was chosen on) and, where `python -m inference evaluate` measured it, on test
     data with and without teacher anchors; with the calibration and anchor blend it keeps."""
-    from inference.calibration import load_anchor_blend, load_calibration
-    from inference.selective import load_review
+    from scoring.calibration import load_anchor_blend, load_calibration
+    from scoring.selective import load_review
 
     title = "Share of grades accepted without review vs their agreement (QWK)"
     adapter = RunFolder.of(run_id).default_adapter() if run_id else None

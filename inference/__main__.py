@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from inference.generation import SCORINGS
-from inference.selective import DEFAULT_TARGET_QWK
+from scoring.selective import DEFAULT_TARGET_QWK
 
 CALIBRATE = {"auto": None, "on": True, "off": False}
 NO_ANCHORS_HELP = ("grade without the teacher's anchors (answers of the same questions graded by the teacher: "

@@ -404,7 +404,7 @@ def _step_masks(mask: torch.Tensor, width: int, window: int, dtype: torch.dtype)
 def _cache_kwarg(model) -> str:
     """The name the model's forward takes its KV cache by: ``cache`` in newer transformers
     (``past_key_values`` is deprecated there), ``past_key_values`` before."""
-    from inference.score_head import base_causal_lm
+    from scoring.head import base_causal_lm
 
     params = inspect.signature(type(base_causal_lm(model)).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -426,7 +426,7 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
     import xgrammar as xgr
     from transformers import DynamicCache
 
-    from inference.score_head import base_causal_lm
+    from scoring.head import base_causal_lm
 
     device = next(model.parameters()).device
     stops = set(stop_ids)

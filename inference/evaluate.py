@@ -3,7 +3,7 @@ predictor (the training mean), side by side, per item and per submission; with `
 same with k teacher-graded answers of each question drawn from the data itself (left out of
 scoring); and how well its confidence finds the wrong grades (selective grading).
 
-Metrics are those of :mod:`inference.metrics`. When all items (or all submissions) share one
+Metrics are those of :mod:`scoring.metrics`. When all items (or all submissions) share one
 maximum the metrics use that scale; otherwise scores are put on a common 0-10 scale first (score /
 max * 10) and the report says so. The report keeps every item (question, human and model scores,
 confidence, the anchors used), so any figure in it can be recomputed from it.
@@ -23,12 +23,12 @@ import numpy as np
 from data.anchors import Anchor, AnchorBank, draw_anchors, question_key
 from data.rubric import Grade, GradedSubmission, Rubric
 from inference.adapters import resolve_base
-from inference.calibration import load_calibration
+from scoring.calibration import load_calibration
 from inference.engine import get_engine
-from inference.metrics import format_table, scaled_metrics
+from scoring.metrics import format_table, scaled_metrics
 from inference.results import GradeResult
-from inference.scoring import confidence
-from inference.selective import DEFAULT_TARGET_QWK, choose_threshold, coverage_curve, load_review
+from scoring.distribution import confidence
+from scoring.selective import DEFAULT_TARGET_QWK, choose_threshold, coverage_curve, load_review
 
 CONSTANT = "constant (training mean)"
 # The grades' confidence signals that evaluate compares (the first is what grading uses).

@@ -408,7 +408,7 @@ class WholeGrades:
         import torch
 
         from data.prompt_format import target_text
-        from inference.score_head import base_causal_lm
+        from scoring.head import base_causal_lm
 
         plans = []  # per row: (its tokens, prompt length, {item: (answer token index, value ids)})
         for prompt, grade, rubric, read in rows:

@@ -20,10 +20,10 @@ from data.markdown import split_sections
 from data.prompt_format import ScoreExample, encode_score_prompt, target_text
 from data.rubric import Grade, GradeItem, Rubric
 from inference.adapters import adapter_run_config
-from inference.calibration import load_anchor_blend, load_calibration
+from scoring.calibration import load_anchor_blend, load_calibration
 from inference.results import GradeResult
-from inference.scoring import REVIEW_THRESHOLD, expected_score, item_confidence
-from inference.selective import load_review
+from scoring.distribution import REVIEW_THRESHOLD, expected_score, item_confidence
+from scoring.selective import load_review
 
 # Anchors compared with an answer even where its prompt shows fewer (or none): the neighbour
 # score and the nearest similarity that confidence and reports use.
@@ -56,7 +56,7 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
       was trained with, ``train_anchors``; 0 for an adapter trained without them), and its
       score blends in what they suggest as much as helped on validation (``anchor_blend.json``).
     - ``calibrate``: map expected scores through the calibration stored with the adapter (not for
-      ensembles); None: only where it helped on held-out validation (``inference.calibration``).
+      ensembles); None: only where it helped on held-out validation (``scoring.calibration``).
     - Questions whose values are not single tokens get the number the model writes there.
     - ``share_prefix`` (None: on the CPU only): every submission's copy of a question starts with
       the same tokens (the one-question instructions, up to the anchors or the student's answer);
@@ -156,7 +156,7 @@ class _PrefixCaches:
         group shares none), and that prefix's length."""
         import torch
 
-        from inference.score_head import base_causal_lm
+        from scoring.head import base_causal_lm
 
         n = self.length.get(group, 0)
         if not n:
@@ -180,7 +180,7 @@ def _distributions(engine, chunk: list[int], questions: list[list[_Question]], r
     model scores, averaged over ``adapters``."""
     import torch
 
-    from inference.score_head import collate_scores, score_log_probs
+    from scoring.head import collate_scores, score_log_probs
 
     groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for i in chunk:
@@ -316,7 +316,7 @@ def _shared_prefixes(encoded: list[list], rubric_keys: list[str]) -> dict[tuple[
 
 class _AfterPrefix:
     """A causal LM whose body continues from a computed prefix: what
-    :func:`inference.score_head.score_log_probs` reads scores through (it calls ``.model(input_ids=,
+    :func:`scoring.head.score_log_probs` reads scores through (it calls ``.model(input_ids=,
     attention_mask=)``, ``.get_output_embeddings()`` and ``.config``), so the item scores keep their
     one home there. Each call gets its own copy of the prefix cache, repeated for the batch (a
     forward appends to the cache it is given)."""

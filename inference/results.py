@@ -42,13 +42,13 @@ class GradeResult:
     # the adapters whose score distributions were averaged (an ensemble), else None
     ensemble: list[str] | None = None
     # a question below this confidence needs review: the adapter's, chosen on its validation data
-    # for the agreement asked (inference.selective), else inference.scoring.REVIEW_THRESHOLD
+    # for the agreement asked (scoring.selective), else scoring.distribution.REVIEW_THRESHOLD
     review_threshold: float | None = None
 
     @property
     def needs_review(self) -> list[bool]:
         """Per question: the model was unsure (confidence below the review threshold)."""
-        from inference.scoring import REVIEW_THRESHOLD, needs_review
+        from scoring.distribution import REVIEW_THRESHOLD, needs_review
 
         threshold = REVIEW_THRESHOLD if self.review_threshold is None else self.review_threshold
         return [needs_review(c, threshold) for c in (self.confidence or [None] * len(self.grade.items))]

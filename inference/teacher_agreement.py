@@ -1,5 +1,5 @@
 """Agreement of each adapter with the teacher's corrections (the Review tab's): MAE, Pearson r and
-QWK (``inference.metrics.compute_metrics``) per question and overall, the counts behind a
+QWK (``scoring.metrics.compute_metrics``) per question and overall, the counts behind a
 confusion plot of model vs teacher scores, and the order of adapters in time for a trend.
 
 A correction is the teacher's score for one answer to one question. Every adapter that graded the
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from data.store import ReviewItem, Store
-from inference.metrics import scaled_metrics
+from scoring.metrics import scaled_metrics
 
 SHOWN_METRICS = ("mae", "pearson_r", "qwk", "exact")
 

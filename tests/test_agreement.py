@@ -19,9 +19,9 @@ from data.loading import load_rubric
 from data.markdown import read_markdown
 from data.prompt_format import soft_score_target
 from data.run_folder import RunFolder, read_complete
-from inference.calibration import fit_calibration, load_calibration
+from scoring.calibration import fit_calibration, load_calibration
 from inference.engine import get_engine
-from inference.scoring import REVIEW_THRESHOLD, confidence, expected_score
+from scoring.distribution import REVIEW_THRESHOLD, confidence, expected_score
 from training.config import apply_overrides, preset, save_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import torch
 
 from data.prompt_format import EncodedExample, ScoreExample
 from tests.bf16_judge import assert_grads_no_further, assert_loss_no_further, whole_rel
-from inference.score_head import collate_scores, score_log_probs, soft_cross_entropy
+from scoring.head import collate_scores, score_log_probs, soft_cross_entropy
 from training import fast_path
 from training.config import RunConfig
 from training.train_entry import collate, collate_packed, pack_rows, packed_loss_sum

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from inference.metrics import compute_metrics, infer_step, point_metrics
+from scoring.metrics import compute_metrics, infer_step, point_metrics
 from inference.repair import parse_grade, scores_read_from_output
 from data.rubric import Grade, Rubric, RubricQuestion
 

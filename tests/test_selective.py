@@ -8,9 +8,9 @@ import pytest
 
 from data.rubric import GradedSubmission
 from data.split import choose_split, split_questions, split_submissions
-from inference.calibration import fit_checked_calibration
-from inference.metrics import point_metrics
-from inference.selective import choose_threshold, coverage_curve
+from scoring.calibration import fit_checked_calibration
+from scoring.metrics import point_metrics
+from scoring.selective import choose_threshold, coverage_curve
 
 
 def _known_predictor(n: int = 400, seed: int = 0):

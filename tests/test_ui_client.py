@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from inference.scoring import REVIEW_THRESHOLD
+from scoring.distribution import REVIEW_THRESHOLD
 
 from tests.test_reliability_support import listening_addresses, wait_for
 

@@ -68,7 +68,7 @@ _FUSED_CE_MODEL_TYPES = {
 # --------------------------------------------------------------------------------------------
 # model plumbing
 # --------------------------------------------------------------------------------------------
-from inference.score_head import base_causal_lm  # noqa: E402 (one home: the trainer's score head uses it too)
+from scoring.head import base_causal_lm  # noqa: E402 (one home: the trainer's score head uses it too)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

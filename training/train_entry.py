@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.config import RunConfig, load_config, save_config  # noqa: E402
-from inference.score_head import collate_scores, score_log_probs, score_values, soft_cross_entropy  # noqa: E402
+from scoring.head import collate_scores, score_log_probs, score_values, soft_cross_entropy  # noqa: E402
 
 from data.run_folder import FINAL, RUN_CONFIG, RunFolder  # noqa: E402
 
@@ -145,7 +145,7 @@ PACKABLE_MODEL_TYPES = {"gpt_oss", "gemma3_text"}  # checked packed == unpacked:
 
 def packing_unsupported(model: Any) -> str | None:
     """Why ``model`` cannot train on packed rows (None: it can)."""
-    from inference.score_head import base_causal_lm
+    from scoring.head import base_causal_lm
 
     cfg = getattr(base_causal_lm(model), "config", None)
     mtype = getattr(cfg, "model_type", None)
@@ -210,7 +210,7 @@ def packed_attention_masks(model: Any, input_ids: torch.Tensor, position_ids: to
     ``position_ids`` (a new example wherever the position does not go up by one)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    from inference.score_head import base_causal_lm
+    from scoring.head import base_causal_lm
 
     lm = base_causal_lm(model)
     config = lm.model.config
@@ -714,10 +714,10 @@ class Trainer:
         and what this step's checkpoint keeps from them: the calibration map (with whether it
         helps on held-out halves), the review threshold for ``review_target_qwk`` and how much of
         the anchors' suggested score to blend in where prompts showed anchors."""
-        from inference.calibration import fit_anchor_blend, fit_checked_calibration
-        from inference.metrics import scaled_metrics
-        from inference.scoring import expected_score, item_confidence
-        from inference.selective import choose_threshold, coverage_curve
+        from scoring.calibration import fit_anchor_blend, fit_checked_calibration
+        from scoring.metrics import scaled_metrics
+        from scoring.distribution import expected_score, item_confidence
+        from scoring.selective import choose_threshold, coverage_curve
 
         ex = [self.eval_ex[i] for i, _ in preds]
         pred = [expected_score(p) for _, p in preds]
@@ -749,7 +749,7 @@ class Trainer:
         import deepspeed
         import torch.distributed as dist
 
-        from inference.selective import save_review
+        from scoring.selective import save_review
 
         cfg = self.cfg
         opt_sd = self.engine.optimizer.state_dict()

@@ -5,7 +5,7 @@ of them (the *coverage*) should keep the accepted part in close agreement with t
 coverage curve shows that trade; the review threshold is the confidence below which a grade
 "needs review", chosen on validation data for the agreement (QWK) the user asks for and stored
 with the adapter (``review.json``). Without one, a fixed threshold applies
-(``inference.scoring.REVIEW_THRESHOLD``).
+(``scoring.distribution.REVIEW_THRESHOLD``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from inference.metrics import on_one_scale, point_metrics
+from scoring.metrics import on_one_scale, point_metrics
 
 REVIEW_FILE = "review.json"
 # The agreement of the accepted grades that "needs review" is set for, unless the user says.

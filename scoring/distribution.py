@@ -9,7 +9,7 @@ import math
 from typing import Sequence
 
 # Questions whose confidence is below this are flagged "needs review" (CLI, CSV, Grade tab), unless
-# the adapter carries a threshold chosen on its validation data (inference.selective).
+# the adapter carries a threshold chosen on its validation data (scoring.selective).
 REVIEW_THRESHOLD = 0.5
 
 

@@ -65,7 +65,7 @@ def fit_checked_calibration(predicted: Sequence[float], human: Sequence[float], 
                             seed: int = 0) -> Calibration | None:
     """:func:`fit_calibration` on all the items, with whether it helps: the items split in two at
     random, each half mapped by the map fitted on the other, QWK before and after on all of them."""
-    from inference.metrics import on_one_scale, point_metrics
+    from scoring.metrics import on_one_scale, point_metrics
 
     full = fit_calibration(predicted, human, max_scores)
     if full is None:
@@ -124,7 +124,7 @@ class AnchorBlend:
 def fit_anchor_blend(predicted: Sequence[float], neighbour: Sequence[float | None], human: Sequence[float],
                      max_scores: Sequence[float]) -> AnchorBlend | None:
     """The blend weight fitted on validation items that had anchors (None: fewer than 30 of them)."""
-    from inference.metrics import on_one_scale, point_metrics
+    from scoring.metrics import on_one_scale, point_metrics
 
     rows = [(p, nb, h, m) for p, nb, h, m in zip(predicted, neighbour, human, max_scores) if nb is not None]
     if len(rows) < 30:
