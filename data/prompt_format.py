@@ -88,14 +88,15 @@ def match_question(label: str, rubric: Rubric) -> int | None:
     return None
 
 
-def _num(x: float) -> int | float:
-    """Scores as short JSON numbers: 4 rather than 4.0, at most 3 decimals (fewer tokens)."""
+def score_number(x: float) -> int | float:
+    """THE way a score is written, in prompts, targets and the grade schema: a short JSON number,
+    4 rather than 4.0, at most 3 decimals (fewer tokens)."""
     x = round(float(x), 3)
     return int(x) if x.is_integer() else x
 
 
 def _fmt_num(x: float) -> str:
-    return json.dumps(_num(x))
+    return json.dumps(score_number(x))
 
 
 def response_example(rubric: Rubric) -> str:
@@ -172,10 +173,10 @@ def target_text(grade: Grade, rubric: Rubric | None = None) -> str:
         obj: dict[str, Any] = {"question": question}
         if item.justification:
             obj["justification"] = item.justification
-        obj["score"] = _num(item.score)
-        obj["max_score"] = _num(item.max_score)
+        obj["score"] = score_number(item.score)
+        obj["max_score"] = score_number(item.max_score)
         items.append(obj)
-    out = {"items": items, "score": _num(grade.score), "max_score": _num(grade.max_score), "feedback": grade.feedback}
+    out = {"items": items, "score": score_number(grade.score), "max_score": score_number(grade.max_score), "feedback": grade.feedback}
     return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from data.prompt_format import question_labels
+from data.prompt_format import question_labels, score_number
 
 if TYPE_CHECKING:
     from data.rubric import Rubric
@@ -71,11 +71,6 @@ FEEDBACK_MAX_CHARS = 800
 # Room for any number of a grade: the schema's scores are at most "0." and 6 decimals (8
 # characters); the forced total, a sum, may have more digits before the point.
 _MAX_NUMBER_CHARS = 12
-
-
-def _num(x: float) -> int | float:
-    x = round(float(x), 6)
-    return int(x) if x.is_integer() else x
 
 
 def _text(max_chars: int | None) -> dict[str, Any]:
@@ -96,16 +91,16 @@ def grade_json_schema(rubric: "Rubric", *, justification_chars: int | None = JUS
         return {"type": "object",
                 "properties": {"question": {"const": label},
                                "justification": _text(justification_chars),
-                               "score": {"type": "number", "minimum": 0, "maximum": _num(max_score)},
-                               "max_score": {"const": _num(max_score)}},
+                               "score": {"type": "number", "minimum": 0, "maximum": score_number(max_score)},
+                               "max_score": {"const": score_number(max_score)}},
                 "required": ["question", "score", "max_score"], "additionalProperties": False}
 
     items = [item(lab, q.max_score) for lab, q in zip(question_labels(rubric), rubric.questions)]
     return {"type": "object",
             "properties": {"items": {"type": "array", "prefixItems": items, "items": False,
                                      "minItems": len(items), "maxItems": len(items)},
-                           "score": {"type": "number", "minimum": 0, "maximum": _num(rubric.max_score)},
-                           "max_score": {"const": _num(rubric.max_score)},
+                           "score": {"type": "number", "minimum": 0, "maximum": score_number(rubric.max_score)},
+                           "max_score": {"const": score_number(rubric.max_score)},
                            "feedback": _text(feedback_chars)},
             "required": ["items", "score", "max_score", "feedback"], "additionalProperties": False}
 
@@ -118,9 +113,9 @@ def reserve_chars(rubric: "Rubric") -> int:
     """An upper bound, in characters, on a grade of ``rubric`` with every string empty and every
     number as long as allowed: what must stay in the token budget once a string is closed (a
     token is at least one character)."""
-    items = [{"question": lab, "justification": "", "score": 0, "max_score": _num(q.max_score)}
+    items = [{"question": lab, "justification": "", "score": 0, "max_score": score_number(q.max_score)}
              for lab, q in zip(question_labels(rubric), rubric.questions)]
-    text = _dumps({"items": items, "score": 0, "max_score": _num(rubric.max_score), "feedback": ""})
+    text = _dumps({"items": items, "score": 0, "max_score": score_number(rubric.max_score), "feedback": ""})
     return len(text) + _MAX_NUMBER_CHARS * (len(items) + 1)
 
 
@@ -298,7 +293,7 @@ class _Row:
                 total = sum(float(it["score"]) for it in items)
             except (ValueError, KeyError, TypeError):
                 return ""  # the grammar kept it well formed; if not, repair sees it
-            rest = f',"score":{_dumps(_num(total))},"max_score":{_dumps(_num(self.rubric.max_score))},"feedback":"'
+            rest = f',"score":{_dumps(score_number(total))},"max_score":{_dumps(score_number(self.rubric.max_score))},"feedback":"'
             self.total = (end, rest)
         if self.total is None:
             return ""

@@ -41,6 +41,22 @@ def test_the_schema_is_the_grade_as_training_writes_it() -> None:
                for it in target["items"])
 
 
+def test_the_schema_writes_a_maximum_as_training_does() -> None:
+    """A maximum of 7/3 is written 2.333 in the prompt and the target: the schema's constant and
+    bound must be that number too, or a grade written as trained could not be decoded."""
+    from data.prompt_format import instructions, target_text
+    from data.rubric import Grade, GradeItem, Rubric, RubricQuestion
+
+    rubric = Rubric(questions=[RubricQuestion(question="Why?", max_score=7 / 3, question_id="1")])
+    schema = grade_json_schema(rubric)
+    item = schema["properties"]["items"]["prefixItems"][0]["properties"]
+    target = json.loads(target_text(Grade(score=1, max_score=7 / 3, items=[
+        GradeItem(question="1", score=1, max_score=7 / 3)]), rubric))
+    assert item["max_score"]["const"] == item["score"]["maximum"] == target["items"][0]["max_score"] == 2.333
+    assert schema["properties"]["max_score"]["const"] == target["max_score"] == 2.333
+    assert "(max 2.333 points)" in instructions(rubric)
+
+
 @pytest.mark.parametrize("max_new_tokens", [96, 400])
 def test_a_random_model_writes_a_valid_grade_without_repairs(tiny_gpt_oss_dir: Path, max_new_tokens: int) -> None:
     """The tiny GPT-OSS has random weights: unconstrained it writes noise (every question repaired
