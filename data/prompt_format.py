@@ -224,11 +224,15 @@ def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = No
     """The harmony conversation: system, developer (instructions), user (submission) and, for
     training, the assistant's final-channel grade. No date in the system message: the prompt
     must not change from one day to the next."""
+    return _harmony_conversation(instructions(rubric, anchors), submission_md, target)
+
+
+def _harmony_conversation(instruction_text: str, submission_md: str, target: str | None = None) -> list[Any]:
     from openai_harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent
 
     msgs = [
         Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(ReasoningEffort.LOW)),
-        Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instructions(rubric, anchors))),
+        Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(instruction_text)),
         Message.from_role_and_content(Role.USER, submission_md),
     ]
     if target is not None:
@@ -237,14 +241,30 @@ def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = No
 
 
 def _harmony_prompt(rubric: Rubric, submission_md: str, anchors: Anchors = ()) -> list[int]:
+    head, tail = _harmony_frame(instructions(rubric, anchors))
+    body = harmony_encoding().encode(submission_md, allowed_special=set(), disallowed_special=())
+    return head + list(body) + tail
+
+
+@functools.lru_cache(maxsize=512)
+def _harmony_frame(instruction_text: str) -> tuple[list[int], list[int]]:
+    """The prompt's tokens before and after the user message's content, rendered once per
+    instructions (a question's copies in a batch share them). The content is encoded between
+    special tokens, so head + its tokens + tail is token for token the whole conversation rendered
+    (tested), and the grader answers straight in the final channel, without an analysis message."""
     from openai_harmony import Conversation, Role
 
-    enc = harmony_encoding()
-    ids = enc.render_conversation_for_completion(
-        Conversation.from_messages(harmony_messages(rubric, submission_md, anchors=anchors)), Role.ASSISTANT
-    )
-    # Force the final channel: the grader answers directly, without an analysis message.
-    return list(ids) + [HARMONY_CHANNEL] + enc.encode("final", allowed_special=set()) + [HARMONY_MESSAGE]
+    ids = list(harmony_encoding().render_conversation_for_completion(
+        Conversation.from_messages(_harmony_conversation(instruction_text, "")), Role.ASSISTANT))
+    end = len(ids) - 1 - ids[::-1].index(HARMONY_END)  # the empty user message's <|end|>
+    return ids[:end], ids[end:] + [HARMONY_CHANNEL] + _final_channel_ids() + [HARMONY_MESSAGE]
+
+
+@functools.lru_cache(maxsize=1)
+def _final_channel_ids() -> list[int]:
+    # Encoded once: each encode() with the default disallowed_special="all" compiles a regex of
+    # all ~1,100 special tokens (most of the encode time of a question's prompt).
+    return harmony_encoding().encode("final", allowed_special=set(), disallowed_special=())
 
 
 # --------------------------------------------------------------------------- chat template / plain
