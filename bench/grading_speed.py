@@ -179,6 +179,35 @@ def gpt_oss_20b_shaped(device: str):
     return GraderEngine("gpt-oss-20b-shaped (random bf16 weights)", model=model, tokenizer=tok)
 
 
+def encode_only(n: int, repeats: int = 3) -> dict:
+    """The item path's encode step alone (``inference.item_grading._encode_questions``: split the
+    sections, render each question's prompt in the harmony format, tokenize) for ``n`` sample
+    submissions with the real GPT-OSS tokenizer, no model: the CPU side of item grading with
+    GPT-OSS. Best of ``repeats`` runs (the first also fills the per-question prompt cache's misses)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from data.tokenizer_offline import build_gpt_oss_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(build_gpt_oss_tokenizer()))
+    engine = SimpleNamespace(tokenizer=tok, format="harmony",
+                             model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=131072)))
+    items = sample_items(n)
+    times, questions = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        questions, _ = item_grading._encode_questions(engine, items, None, 0)
+        times.append(time.perf_counter() - t0)
+    n_q = sum(len(row) for row in questions)
+    row = {"unit": "item", "encode_only": True, "n": n, "questions": n_q,
+           "prompt_tokens": sum(len(q.example.input_ids) for r in questions for q in r),
+           "seconds": round(min(times), 3), "questions_per_s": round(n_q / min(times), 1),
+           "first_run_seconds": round(times[0], 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="embedded:gemma-3-270m")
@@ -198,6 +227,8 @@ def main(argv=None) -> int:
                          "means); constrained alone skips the baseline row when it is already recorded")
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
+    ap.add_argument("--encode-only", action="store_true",
+                    help="only the item path's encode step with the GPT-OSS tokenizer (harmony), no model")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args(argv)
     units = [u.strip() for u in args.unit.split(",")]
@@ -206,6 +237,10 @@ def main(argv=None) -> int:
         ap.error(f"--decoding takes free, constrained or free,constrained, not {args.decoding!r}")
     if any(u not in UNITS for u in units):
         ap.error(f"--unit takes {', '.join(UNITS)} (comma-separated), not {args.unit!r}")
+    if args.encode_only:
+        print(json.dumps({"command": "python bench/grading_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                          "cpu_threads": torch.get_num_threads(), **encode_only(args.n)}))
+        return 0
     items = sample_items(args.n)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     engines = []
