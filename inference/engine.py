@@ -27,11 +27,10 @@ from inference.adapters import config_summary, check_adapter_dir, check_adapter_
 from inference.generation import WholeGrades, check_scoring
 from inference.results import GradeResult
 
-# CPU threads that wait for the others sleep instead of spinning. With torch's default (spinning)
-# every op stalls whenever another process holds a core: on this project's 2-core machine,
-# shared with a training run or a test suite, a Gemma forward pass took 2.5-7x longer on 2
-# threads than on 1; waiting passively, 2 threads were as fast as 1 under load (BENCHMARKS.md
-# "Grading speed"). OpenMP reads it when torch is first imported, which the engine does lazily.
+# CPU threads that wait for the others sleep instead of spinning: with torch's default (spinning)
+# every op stalls whenever another process holds a core, as on a small machine shared with a
+# training run or a test suite (BENCHMARKS.md, "Grading speed"). OpenMP reads it when torch is
+# first imported, which the engine does lazily.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -208,9 +207,9 @@ class GraderEngine(WholeGrades):
         return out.logits[0, -1].float().cpu()
 
     def default_batch_size(self) -> int:
-        """Submissions per batch when the caller does not say: 64 on a GPU (item grading of Mohler
-        on an H200 was fastest there, BENCHMARKS.md), 8 on CPU (larger batches gain nothing on a
-        few cores and delay the first results written out)."""
+        """Submissions per batch when the caller does not say: 64 on a GPU (the fastest in
+        BENCHMARKS.md's item grading rows), 8 on CPU (larger batches gain nothing on a few cores and
+        delay the first results written out)."""
         return 64 if self.device.type == "cuda" else 8
 
     def describe(self) -> dict:

@@ -61,8 +61,8 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
     - ``share_prefix`` (None: on the CPU only): every submission's copy of a question starts with
       the same tokens (the one-question instructions, up to the anchors or the student's answer);
       that prefix goes through the model once per call and its KV cache is reused for each answer
-      (:func:`_shared_prefixes`). On the 2-core CPU that was 1.8x faster; on an H200 many small
-      batches were slower than one large one (BENCHMARKS.md), with the same scores either way.
+      (:func:`_shared_prefixes`). Faster on a CPU; on a GPU many small batches are slower than one
+      large one (BENCHMARKS.md, "Grading speed"), with the same scores either way.
     - Submissions are taken ``batch_size`` at a time, those of one rubric together; after each
       batch ``progress(n)`` and ``on_batch([(input index, result), ...])`` report the submissions
       just finished, so a caller can write them out before the rest is graded."""

@@ -20,7 +20,7 @@ Two entry points the training engine calls:
     function one packed chunk of experts at a time (NF4 <= 512 MiB in bf16, MXFP4 <= 1.1 GiB;
     chunks nobody was routed to skipped), forward and backward, so a 120b layer's bf16 experts
     (~6 GB) never exist whole; a one-chunk weight (the 20b's in MXFP4) is one grouped GEMM with
-    the routed offsets on the device, no host sync (20b, batch 6: 23,289 -> 24,421 tokens/s).
+    the routed offsets on the device, no host sync.
     A recomputed layer keeps its dequantized experts for its backward only when they fit
     ``PACKED_KEEP_MAX_BYTES``.  On CUDA the dequantization is a compiled torch kernel
     (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths, unless
@@ -28,11 +28,9 @@ Two entry points the training engine calls:
   - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
     default); errors fall back to eager.  With packed experts their grouped GEMM is one opaque custom
     op in the layer's graph (it reads the routed row counts on the host and calls its own kernels).
-    The biggest single win measured on the H200: bf16 experts, attention LoRA 9.4k -> 17.0-17.5k
-    tokens/s, + expert LoRA 8.3k -> 15.2k; 120b shape with NF4 experts 4.3k -> 7.0k (batch 4) and
-    4.8k -> 8.3k (batch 6, 64.4 GiB).  Each had first run eager inside its "compiled" layers while
-    a graph break sat inside the layer's activation checkpointing (transformers 5.24); see
-    BENCHMARKS.md.
+    The biggest single win of the fast path (BENCHMARKS.md, "Training speed, round 2"): a graph
+    break inside a layer's activation checkpointing (transformers 5.24) ran the whole "compiled"
+    layer eager, so no op of a layer may break its graph.
   - ``tf32_lora``: TF32 tensor cores for the fp32 LoRA matmuls when the base model is bf16/fp16.
   - ``fused_ce``: ``compute_loss`` computes the loss from the last hidden state in token chunks
     with a hand-written backward, so the (tokens x 201k) logits never exist in full, and only the
@@ -114,14 +112,13 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
         _CE_COMPILED["enabled"] = bool(cfg.compile_layers)  # compile_layers=false: nothing compiles
     if on_cuda and _half_precision_base(lm):
         # The LoRA factors train in fp32, so PEFT runs their matmuls in fp32, which without TF32
-        # are SIMT kernels: 8% of the GPU time of a 20b-shape step (H200 profile, BENCHMARKS.md).
+        # are slow SIMT kernels (a visible share of a step's GPU time in the profiles).
         # Their inputs are bf16 activations (exact in TF32); TF32 rounds the factors to 10 bits,
         # finer than the bf16 base path's own rounding.  Only when the base weights are half
         # precision: an fp32 run keeps fp32 matmuls.
         torch.backends.cuda.matmul.allow_tf32 = True
         applied.append("tf32_lora")
-    # Compiled: bf16 and packed experts, attention and expert LoRA (H200: 1.6-1.8x eager; the first
-    # step compiles for 20-40 s).
+    # Compiled: bf16 and packed experts, attention and expert LoRA (the first step compiles).
     if on_cuda and mtype == "gpt_oss" and cfg.compile_layers:
         if compile_layers(lm):
             applied.append("compile_layers")
@@ -130,7 +127,7 @@ def apply(model: torch.nn.Module, cfg: RunConfig | None = None, *, force: bool =
 
 def compile_layers(model: torch.nn.Module, enable: bool = True) -> bool:
     """torch.compile each decoder layer in place (fuses norms, RoPE, routing, SwiGLU, residuals
-    around flex_attention and the grouped GEMMs; 20b shape on one H200: 9.4k -> 16.9k tokens/s).
+    around flex_attention and the grouped GEMMs).
     Compilation errors fall back to eager (dynamo suppress_errors) instead of failing a run.
     Each new sequence length compiles once more (first steps slower); pad to a few fixed lengths."""
     layers = getattr(getattr(base_causal_lm(model), "model", None), "layers", None)
@@ -169,8 +166,8 @@ def _checkpointing_wrapped(forward):
 def _checkpoint_around(layer: torch.nn.Module, compiled):
     """A recomputed layer's call: torch.utils.checkpoint in eager around the compiled forward.
     transformers 5 checkpoints inside ``forward``, so compiling the layer traced the checkpoint into
-    the graph, which put the LoRA grads far from fp32 on the H200
-    (test_compiled_layers_are_no_further_from_fp32_than_eager_layers, BENCHMARKS.md round 2d)."""
+    the graph, which put the LoRA grads far from fp32 on the GPU
+    (test_compiled_layers_are_no_further_from_fp32_than_eager_layers)."""
     from torch.utils.checkpoint import checkpoint
 
     def forward(*args, **kwargs):
@@ -277,8 +274,8 @@ _CE_COMPILED: dict = {}
 
 
 def _ce_chunk(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
-    """One chunk of the fused loss: compiled on CUDA (H200, 20b shape: the eager elementwise passes
-    over fp32 logits were ~4% of a step), eager elsewhere, with ``compile_layers`` off, or if
+    """One chunk of the fused loss: compiled on CUDA (the eager elementwise passes over fp32 logits
+    are a share of a step worth fusing), eager elsewhere, with ``compile_layers`` off, or if
     compiling fails."""
     if not logits.is_cuda or _CE_COMPILED.get("failed") or not _CE_COMPILED.get("enabled", True):
         return _ce_chunk_eager(logits, tc, need_grad)
@@ -526,9 +523,9 @@ def _in_backward() -> bool:
 
 # A recomputed layer (activation checkpointing) runs its backward right after: its dequantized
 # expert weight is kept for that backward instead of being dequantized again, when the whole
-# tensor (all experts, compute dtype) is at most this many bytes.  20b shape: gate_up 1.06 GB (kept
-# at 1.1 GiB), down 0.53 GB; 120b shape: gate_up 4.25 GB, down 2.1 GB (never kept: one layer's
-# experts in bf16 would be ~6 GB on top of a 59 GiB model).  0: never keep.
+# tensor (all experts, compute dtype) is at most this many bytes: the 20b shape's weights fit, the
+# 120b's do not (a layer's bf16 experts are several GB on top of a model that fills most of one
+# GPU).  0: never keep.
 PACKED_KEEP_MAX_BYTES = int(1.1 * 2**30)
 
 
@@ -684,8 +681,8 @@ def _packed_gmm(x, store, offs, dtype):
 class _RoutedBias(torch.autograd.Function):
     """``bias[ids] * scale``: each routed row's expert output bias times its routing weight, without
     keeping the gathered (rows, H) bias for backward (stock's ``(y + b) * w`` keeps ``y + b``;
-    ``b * w`` kept ``b``, 4 x 2880 values a token per layer in the 20b shape, an 18% share of a
-    kept layer, measured from the compiled graph's saved tensors): the routing weight's gradient
+    ``b * w`` kept ``b``, top-k x hidden values a token per layer, a large share of what a kept
+    layer saves): the routing weight's gradient
     is read off ``dy @ bias^T`` (rows x experts, a small GEMM against the parameter) at each row's
     expert.  Not ``bias[ids]`` again: the compiled joint graph merges that with the forward's gather
     and keeps it."""
@@ -729,10 +726,9 @@ def _dense_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A LoRA factor copied to a new dense (E, K, N) tensor for grouped_mm.  A custom op, opaque to
     inductor: inside a compiled layer inductor dropped a plain ``.contiguous()`` copy and handed
     grouped_mm the permuted view of PEFT's lora_B, which grouped_mm rejects ("Invalid
-    strides/sizes", 20b bench on the H200).  Not ``torch.compiler.disable``: since transformers
-    5.24 checkpoints a layer's ``forward`` inside the compiled call, a graph break there ran the
-    whole recomputed layer eager (20b attention + expert LoRA: 8.3k tokens/s compiled, as
-    uncompiled; the dynamo log names this break inside ``torch.utils.checkpoint``)."""
+    strides/sizes").  Not ``torch.compiler.disable``: since transformers 5.24 checkpoints a
+    layer's ``forward`` inside the compiled call, a graph break there runs the whole recomputed
+    layer eager (the dynamo log names the break inside ``torch.utils.checkpoint``)."""
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 

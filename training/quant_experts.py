@@ -61,7 +61,7 @@ def _f32_to_i32(t: torch.Tensor) -> torch.Tensor:
 
 # How NF4 chunks are dequantized on CUDA: "torch" = ``nf4_dequant_torch`` compiled by inductor into
 # one fused kernel (falls back to bitsandbytes if compiling fails), "bnb" = bitsandbytes'
-# dequantize_4bit (~0.5 TB/s on the H200: 0.082 ms per 2880x5760 expert matrix, FACTS.md).
+# dequantize_4bit (slower: a kernel per tensor, BENCHMARKS.md).
 DEQUANT_BACKEND = "torch"
 
 
