@@ -29,7 +29,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+# Threads waiting for the others sleep instead of spinning (OpenMP reads this when torch loads):
+# a CPU rank shares its cores with the other ranks, the launcher and the UI (see inference/engine.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 # Runnable as a script (the launcher's way): make `training` importable from the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -304,6 +307,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def cpu_threads_per_rank() -> int:
+    """This machine's cores shared among the ranks on it: the deepspeed launcher says how many
+    with LOCAL_SIZE (torchrun with LOCAL_WORLD_SIZE). More threads than cores, two ranks of two
+    threads on two cores, made a CPU step several times slower."""
+    ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, (os.cpu_count() or 1) // max(1, ranks))
+
+
 # --------------------------------------------------------------------------------------- main
 
 
@@ -336,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", args.local_rank)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        torch.set_num_threads(cpu_threads_per_rank())
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
