@@ -32,7 +32,7 @@ start)
   python3 -m pip install -q --no-deps --no-compile --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -vi warning | tail -3
   echo "## $(date -u +%T) installed $(ls /root/stash | wc -l) wheels"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   rm -rf /root/repo && mkdir -p /root/repo && cp -r . /root/repo/ && rm -rf /root/repo/.whl /root/repo/.gemma
-  setsid nohup bash /root/repo/bench/device_mohler.sh job > /root/job.log 2>&1 < /dev/null &
+  QUICK=${QUICK:-0} setsid nohup bash /root/repo/bench/device_mohler.sh job > /root/job.log 2>&1 < /dev/null &
   sleep 5
   WAIT_S=${WAIT_S:-540} bash "$0" wait
   ;;
@@ -47,6 +47,10 @@ job)
   set -x
   python3 -c "from data.model_zoo import resolve_model_path; print(resolve_model_path('embedded:gemma-3-270m'))"
   Q="python3 bench/mohler_quality.py --data .mohler/json --work /root/mw --out $R --n-boot 1000 --anchors 3 5 10 --anchor-draws 3"
+  if [ "${QUICK:-0}" = 1 ]; then  # a few minutes of device time: a direction, not the recipe's figures
+    $Q --name anchors8-quick --set train_anchors=8 --set epochs=3 --anchors 5 --anchor-draws 1 --n-boot 200
+    touch $R/DONE; exit 0
+  fi
   $Q --name anchors8 --set train_anchors=8
   a=$(python3 -c "import json; print(json.load(open('$R/anchors8.json'))['adapter'])")
   python3 -m inference evaluate --adapter "$a" --ensemble "$(dirname "$a")/final" --data /root/mw/test \
