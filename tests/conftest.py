@@ -77,3 +77,25 @@ def pytest_configure(config: pytest.Config) -> None:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+def random_lora_adapter(base_dir: Path, out: Path, seed: int, run_config: dict,
+                        target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter of ``base_dir`` saved as training saves one (with ``run_config`` as its
+    run_config.json), its factors random and non-zero so that it changes the scores."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(out))
+    (out / "run_config.json").write_text(json.dumps({"model": str(base_dir), "datasets": [], **run_config}))
+    return out

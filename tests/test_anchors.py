@@ -10,12 +10,12 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from data.anchors import Anchor, AnchorBank, draw_anchors, pick_to_grade_first, training_anchors
 from data.prompt_format import build_score_examples, encode_score_prompt, harmony_encoding
 from data.rubric import GradedSubmission, Rubric, RubricQuestion
 from inference.engine import get_engine
+from tests.conftest import random_lora_adapter
 
 RUBRIC = Rubric(questions=[
     RubricQuestion(question="What is a stack?", max_score=5, question_id="1", reference_answer="A LIFO list."),
@@ -35,27 +35,12 @@ def _bank(rows: list[tuple[str, float]], question: str = "What is a stack?") -> 
     return bank
 
 
-def _item_adapter(base: Path, out: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(str(out))
-    (out / "run_config.json").write_text(json.dumps({"name": out.name, "model": str(base), "datasets": [],
-                                                     "example_unit": "item", "train_anchors": 3}))
-    return out
-
-
 @pytest.fixture(scope="module")
 def item_adapters(tiny_gpt_oss_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("anchor_adapters")
-    return _item_adapter(tiny_gpt_oss_dir, root / "a", 5), _item_adapter(tiny_gpt_oss_dir, root / "b", 6)
+    cfg = {"example_unit": "item", "train_anchors": 3}
+    return (random_lora_adapter(tiny_gpt_oss_dir, root / "a", 5, {"name": "a", **cfg}),
+            random_lora_adapter(tiny_gpt_oss_dir, root / "b", 6, {"name": "b", **cfg}))
 
 
 def test_the_most_similar_anchors_are_chosen_most_similar_last() -> None:

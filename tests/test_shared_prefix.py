@@ -2,15 +2,14 @@
 of a rubric together gives the grades each gets when graded alone, with and without an adapter."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from data.loading import load_rubric
 from data.markdown import read_markdown
 from inference.engine import get_engine
+from tests.conftest import random_lora_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 SUBMISSIONS = REPO / "data" / "samples" / "submissions"
@@ -20,21 +19,8 @@ RUBRICS = REPO / "data" / "samples" / "rubrics"
 @pytest.fixture(scope="module")
 def item_adapter(tiny_gpt_oss_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An item-level adapter with random, non-zero LoRA weights, so it changes the scores."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path_factory.mktemp("item_adapter") / "final"
-    torch.manual_seed(3)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_gpt_oss_dir), dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(str(out))
-    (out / "run_config.json").write_text(json.dumps({"name": "items", "model": str(tiny_gpt_oss_dir), "datasets": [],
-                                                     "example_unit": "item"}))
-    return out
+    return random_lora_adapter(tiny_gpt_oss_dir, out, 3, {"name": "items", "example_unit": "item"})
 
 
 def _items() -> list:
