@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from data.precision import torch_dtype
 from data.rubric import Rubric
 from inference import item_grading
 from inference.adapters import config_summary, check_adapter_dir, check_adapter_fits, grading_unit
@@ -32,18 +33,6 @@ from inference.results import GradeResult
 # training run or a test suite (BENCHMARKS.md, "Grading speed"). OpenMP reads it when torch is
 # first imported, which the engine does lazily.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def _torch_dtype(dtype, device):
-    """The dtype to load in: fp32 on CPU (bf16 is ~60x slower there), bf16 on GPUs, unless asked."""
-    import torch
-
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[dtype]
-    return dtype
 
 
 class GraderEngine(WholeGrades):
@@ -68,7 +57,7 @@ class GraderEngine(WholeGrades):
 
             self.base_path = resolve_model_path(base_model)
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            dtype = _torch_dtype(dtype, self.device)
+            dtype = torch_dtype(dtype, self.device)
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_path), trust_remote_code=trust_remote_code)
             try:
                 model = AutoModelForCausalLM.from_pretrained(

@@ -20,15 +20,14 @@ from typing import Any
 
 import torch
 
+from data.precision import torch_dtype
 from training import quant_experts
 from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig
 
 
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """fp32 on CPU always; bf16 on GPU unless fp32 is asked for."""
-    if device.type == "cpu" or cfg.precision == "fp32":
-        return torch.float32
-    return torch.bfloat16
+    """The run's compute dtype on ``device`` (data.precision's rule for ``cfg.precision``)."""
+    return torch_dtype(cfg.precision, device)
 
 
 def _checkpoint_quant_method(folder: Path) -> str | None:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.precision import torch_dtype
 from training.config import GPT_OSS_EXPERT_WEIGHTS
 _CHUNK_ELEMS = 1 << 28  # quantize at most this many weights per bitsandbytes call
 # An MXFP4 weight of at most this many values (1.1 GiB in bf16) is one chunk: it dequantizes in one
@@ -501,7 +502,7 @@ def quantize_tensor_nf4(w: torch.Tensor | None, shape: tuple[int, ...], *, devic
 
 
 def _default_compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch_dtype(None, device)
 
 
 def quantize_experts(model: nn.Module, fmt: str = "nf4", compute_dtype: torch.dtype | None = None, *,
