@@ -10,11 +10,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import unicodedata
 from pathlib import Path
 
 from data.loading import DEFAULT_MAX_BYTES, DataError, Problem
-from data.rubric import GradedSubmission, Rubric
+from data.rubric import GradedSubmission, Rubric, label_key, normalize_text
 
 # An ATX heading ("## Question 1: ..."), optionally closed by #s; or a line that is bold only
 # ("**Question 1**"), which students often use instead of a heading.
@@ -121,13 +120,6 @@ def _fail(name: str, path: str, value: str, expected: str) -> None:
     raise DataError(str(problem), [problem])
 
 
-def _norm(text: str) -> str:
-    """Text for comparing a heading with a question: case, punctuation, quotes, spacing ignored."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = re.sub(r"[*_`~]", "", text)  # Markdown emphasis around the question
-    return " ".join(re.sub(r"[^\w]+", " ", text).split())
-
-
 def _headings(text: str, bold: bool) -> list[tuple[int, int, str]]:
     """(line index, end offset of the line, heading text) for each heading outside code fences:
     a `# comment` in a fenced code answer is not a heading."""
@@ -159,8 +151,8 @@ class _QuestionIndex:
     FUZZY_BUDGET = 20_000
 
     def __init__(self, rubric: Rubric) -> None:
-        self.ids = [(q.question_id or "").strip().casefold() for q in rubric.questions]
-        self.texts = [_norm(q.question) for q in rubric.questions]
+        self.ids = [label_key(q.question_id or "") for q in rubric.questions]
+        self.texts = [normalize_text(q.question) for q in rubric.questions]
         self.words = [set(t.split()) for t in self.texts]
         self.matchers = []
         for t in self.texts:
@@ -208,11 +200,11 @@ def _candidates(heading: str, index: _QuestionIndex) -> list[int]:
     labelled = _LABELLED.match(h)
     for lab in (label, labelled.group("label") if labelled else None):
         if lab:
-            by_id = [i for i, qid in enumerate(index.ids) if qid and qid == lab.casefold()]
+            by_id = [i for i, qid in enumerate(index.ids) if qid and qid == label_key(lab)]
             if by_id:
                 return by_id
     n_questions = len(index.texts)
-    rest_norm, h_norm = _norm(rest), _norm(h)
+    rest_norm, h_norm = normalize_text(rest), normalize_text(h)
     by_text = [i for i in range(n_questions)
                if (rest_norm and index.text_matches(rest_norm, i)) or index.text_matches(h_norm, i)]
     if by_text:

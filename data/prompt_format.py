@@ -75,17 +75,8 @@ def question_labels(rubric: Rubric) -> list[str]:
 
 def match_question(label: str, rubric: Rubric) -> int | None:
     """Index of the rubric question that ``label`` (a label, ``Question 1.2``, or the question's
-    text) names, or None."""
-    norm = " ".join(str(label).split()).lower()
-    norm = re.sub(r"^(question|q)\s*", "", norm).strip(" :.")
-    labels = [lab.lower() for lab in question_labels(rubric)]
-    if norm in labels:
-        return labels.index(norm)
-    texts = [" ".join(q.question.split()).lower() for q in rubric.questions]
-    full = " ".join(str(label).split()).lower()
-    if full in texts:
-        return texts.index(full)
-    return None
+    text) names, or None (:meth:`data.rubric.Rubric.find_question`)."""
+    return rubric.find_question(label)
 
 
 def score_number(x: float) -> int | float:

@@ -10,6 +10,8 @@ errors with the file and JSON path; it states no rule of its own.
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -245,6 +247,22 @@ class GradedSubmission(BaseModel):
         )
 
 
+def normalize_text(text: str) -> str:
+    """Text as compared with a question's: Unicode-normalised, case, punctuation, Markdown
+    emphasis and spacing ignored."""
+    text = unicodedata.normalize("NFKC", str(text)).casefold()
+    text = re.sub(r"[*_`~]", "", text)  # Markdown emphasis around a question
+    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+
+
+def label_key(label: str) -> str:
+    """A question label as compared: :func:`normalize_text` without a leading "question" or "q"
+    ("Question 1.2:", "q1.2" and "1.2" are one label); dots inside a label are kept."""
+    text = unicodedata.normalize("NFKC", str(label)).casefold().strip()
+    text = re.sub(r"^(question|q)(?=[\s\d.:#-])\s*[#:.-]?\s*", "", text)
+    return " ".join(re.sub(r"[^\w.]+", " ", text).strip(" .").split())
+
+
 class RubricQuestion(BaseModel):
     """One question of a rubric: what is asked, what it is worth, optionally a model answer."""
 
@@ -291,6 +309,28 @@ class Rubric(BaseModel):
         """Each question's label: its ``question_id``, else its 1-based position. The one rule
         for the Markdown headings of a submission, the grade JSON and matching answers back."""
         return [q.question_id or str(k + 1) for k, q in enumerate(self.questions)]
+
+    def find_question(self, label: str, *, loose: bool = False) -> int | None:
+        """Index of the question that ``label`` names, or None: its label (``1.2``, ``Question
+        1.2``, ``Q1.2``) or its whole text, case, punctuation and spacing ignored. ``loose`` (a
+        model's answer): also its number (``question 3``: the third) and a unique beginning of its
+        text of 12 characters or more. The one matcher of labels to questions."""
+        key = label_key(label)
+        if not key:
+            return None
+        labels = [label_key(lab) for lab in self.labels()]
+        if key in labels:
+            return labels.index(key)
+        text = normalize_text(label)
+        texts = [normalize_text(q.question) for q in self.questions]
+        if text in texts:
+            return texts.index(text)
+        if not loose:
+            return None
+        if key.isdigit() and 1 <= int(key) <= len(self.questions):
+            return int(key) - 1
+        hits = [k for k, t in enumerate(texts) if len(text) >= 12 and t.startswith(text)]
+        return hits[0] if len(hits) == 1 else None
 
 
 class GradeItem(BaseModel):

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from data.prompt_format import match_question, question_labels  # the labels the prompt format writes
+from data.prompt_format import question_labels, score_number  # the labels and numbers the format writes
 from data.rubric import Grade, GradeItem, Rubric
 
 RepairKind = Literal[
@@ -202,43 +202,10 @@ def _as_number(value: Any) -> float | None:
     return None
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", str(text).lower()).strip()
-
-
 def _item_label(item: dict) -> str | None:
     for key in _LABEL_KEYS:
         if key in item and isinstance(item[key], (str, int, float)) and not isinstance(item[key], bool):
             return str(item[key])
-    return None
-
-
-def _match_question(label: str, rubric: Rubric) -> int | None:
-    """Index of the rubric question a label names, or None: the prompt format's labels first, then
-    the looser forms models write."""
-    k = match_question(label, rubric)
-    if k is not None:
-        return k
-    lab = _norm(label)
-    if not lab:
-        return None
-    for k, q in enumerate(rubric.questions):
-        if _norm(q.question) == lab:
-            return k
-    for k, q in enumerate(rubric.questions):
-        if q.question_id is not None:
-            qid = _norm(q.question_id)
-            if lab in (qid, f"question {qid}", f"q{qid}", f"q {qid}"):
-                return k
-    m = re.fullmatch(r"(?:question|q)?\s*(\d+)", lab)
-    if m:
-        k = int(m.group(1)) - 1
-        if 0 <= k < len(rubric.questions):
-            return k
-    # A model that shortens long question texts: a unique prefix match.
-    hits = [k for k, q in enumerate(rubric.questions) if len(lab) >= 12 and _norm(q.question).startswith(lab)]
-    if len(hits) == 1:
-        return hits[0]
     return None
 
 
@@ -314,7 +281,7 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[Repair
     unmatched: list[dict] = []
     for it in items:
         label = _item_label(it)
-        k = _match_question(label, rubric) if label is not None else None
+        k = rubric.find_question(label, loose=True) if label is not None else None
         if k is not None and assigned[k] is None:
             assigned[k] = it
         else:
@@ -363,7 +330,8 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[Repair
 
     total = sum(i.score for i in grade_items)
     stated = _as_number(obj.get("score"))
-    if stated is not None and abs(stated - total) > 1e-6 and items:
+    # A total written as the format writes numbers (score_number: 3 decimals) is the sum.
+    if stated is not None and abs(stated - score_number(total)) > 1e-6 and items:
         repairs.append(Repair("total_replaced", f"total {stated:g} replaced by the sum of the item scores {total:g}"))
     stated_max = _as_number(obj.get("max_score"))
     if stated_max is not None and abs(stated_max - rubric.max_score) > 1e-6:
