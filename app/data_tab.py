@@ -380,10 +380,13 @@ def build(settings: Settings) -> dict[str, Any]:
         if not name:
             return "Give the dataset a name.", *refresh()
         subs = [GradedSubmission.model_validate(d) for d in state["submissions"]]
-        ds_id, created = Store().import_dataset(name, subs, state["sources"])
+        store = Store()
+        ds_id, created = store.import_dataset(name, subs, state["sources"])
+        stored_as = name if created else store.find_dataset(ds_id)["name"]
         msg = (f"Stored dataset **{name}** (id {ds_id}, {len(subs)} submissions). Use it in "
                f"Configure as `db:{name}`." if created else
-               f"Same content already stored (id {ds_id}); nothing new written.")
+               f"Same content already stored as dataset **{stored_as}** (id {ds_id}); nothing new written. "
+               f"Use it in Configure as `db:{stored_as}`.")
         return msg, *refresh()
 
     def refresh():

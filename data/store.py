@@ -738,13 +738,11 @@ def load_datasets(specs: list[str], store: Store | None = None) -> list[GradedSu
     names = [d[len(DB_PREFIX):] for d in specs if d.startswith(DB_PREFIX)]
     if names:
         store = store if store is not None else Store()
+        missing = missing_datasets(specs, store)
+        if missing:
+            raise DataError(missing[0])
         for name in names:
-            found = store.find_dataset(name)
-            if found is None:
-                stored = ", ".join(x["name"] for x in store.list_datasets()) or "none"
-                raise DataError(f"dataset {name!r} is not in the store {store.path} (stored: {stored}); "
-                                f"import it with `python -m training import {name} PATH...`")
-            subs += store.dataset_submissions(found["id"])
+            subs += store.dataset_submissions(store.find_dataset(name)["id"])
     if not subs:
         raise DataError(f"no graded submissions in {specs}: give .json/.jsonl files, folders or db:<name>")
     return subs
@@ -764,6 +762,30 @@ def _grade_first(items: list[ReviewItem], k: int) -> dict[tuple[int, int], int]:
         for rank, j in enumerate(pick_to_grade_first([q.answer or "" for q in distinct], k - len(graded), graded)):
             ranks[(distinct[j].grade_id, distinct[j].question_index)] = rank
     return ranks
+
+
+def missing_datasets(specs: list[str], store: Store | None = None) -> list[str]:
+    """For each ``db:<name or id>`` of ``specs`` that the store lacks, what to do instead: the
+    stored datasets by name (the closest first, as ``db:`` specs to copy), or how to import one
+    when none is stored. The one wording of this refusal, for the config check and the trainer."""
+    import difflib
+
+    wanted = [d[len(DB_PREFIX):] for d in specs if d.startswith(DB_PREFIX)]
+    if not wanted:
+        return []
+    store = store if store is not None else Store()
+    out = []
+    for name in wanted:
+        if store.find_dataset(name) is not None:
+            continue
+        stored = list(dict.fromkeys(x["name"] for x in store.list_datasets()))
+        if stored:
+            close = difflib.get_close_matches(name, stored, n=len(stored), cutoff=0.0)
+            fix = "use " + " or ".join(f"datasets=db:{n}" for n in close[:3]) + f" (stored: {', '.join(stored)})"
+        else:
+            fix = f"import it first: python -m training import {name} PATH... (or the Data tab's Store as dataset)"
+        out.append(f"db:{name}: dataset {name!r} is not in the store {store.path}; {fix}")
+    return out
 
 
 def _rubric(row: dict) -> Rubric | None:

@@ -265,3 +265,21 @@ def test_data_tab_guesses_columns_shows_errors_then_stores_the_mapped_sheet(tmp_
     subs = stored.dataset_submissions(stored.find_dataset("class")["id"])
     assert {s.submission_id: [i.grader_scores for i in s.rubric_alignment] for s in subs} == {
         "ann": [[5, 4]], "bob": [[1, 2], [5, 5]]}
+
+
+def test_the_same_content_under_a_new_name_points_to_the_stored_dataset_and_a_run_on_that_name_is_refused(
+        mohler_csv: Path, capsys: pytest.CaptureFixture) -> None:
+    """#27 item 2: importing a file stored before under another name says the name it is stored under
+    (the advice must work); a run on a db: name the store lacks is refused before DeepSpeed starts."""
+    assert training_cli(["import", "mohler-csv", str(mohler_csv), *MOHLER_MAP]) == 0
+    capsys.readouterr()
+    assert training_cli(["import", "mohler-cli", str(mohler_csv), *MOHLER_MAP]) == 0
+    out = capsys.readouterr().out
+    assert "already stored (same content) as dataset 'mohler-csv'" in out, out
+    assert "--set datasets=db:mohler-csv" in out and "db:mohler-cli" not in out
+    assert [d["name"] for d in Store().list_datasets()] == ["mohler-csv"]
+    # The name that is not stored: refused at the check, naming the dataset that is.
+    assert training_cli(["run", "--preset", "cpu-default", "--set", "datasets=db:mohler-cli"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to launch" in err and "db:mohler-cli" in err and "datasets=db:mohler-csv" in err, err
+    assert Store().list_runs() == []

@@ -186,10 +186,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
         return 1
     if sheets and report.warnings:
         print(report.format(), file=sys.stderr)
-    ds_id, created = Store().import_dataset(args.name, report.submissions, [str(Path(p).resolve()) for p in args.paths])
-    verb = "stored" if created else "already stored (same content)"
-    print(f"{verb}: dataset {args.name!r} id {ds_id}, {len(report.submissions)} submissions; "
-          f"train on it with --set datasets=db:{args.name}")
+    store = Store()
+    ds_id, created = store.import_dataset(args.name, report.submissions, [str(Path(p).resolve()) for p in args.paths])
+    if created:
+        print(f"stored: dataset {args.name!r} id {ds_id}, {len(report.submissions)} submissions; "
+              f"train on it with --set datasets=db:{args.name}")
+    else:  # stored before, maybe under another name: that name is the one a run can use
+        name = store.find_dataset(ds_id)["name"]
+        print(f"already stored (same content) as dataset {name!r} id {ds_id}, {len(report.submissions)} submissions; "
+              f"train on it with --set datasets=db:{name}")
     return 0
 
 

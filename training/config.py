@@ -695,6 +695,17 @@ def config_warnings(cfg: RunConfig) -> list[str]:
     return warnings
 
 
+def _stored_dataset_problems(cfg: RunConfig) -> list[str]:
+    """The `db:` datasets the store lacks, refused here rather than by every rank after DeepSpeed
+    has started (a minute later, with a traceback)."""
+    from data.store import missing_datasets
+
+    try:
+        return missing_datasets(cfg.datasets + cfg.validation_datasets)
+    except sqlite3.Error as e:  # a store that cannot be read now: the trainer would fail the same way
+        return [f"the dataset store {paths.db_path()} cannot be read ({e}); check GRADER_DB or the disk"]
+
+
 def check_config(cfg: RunConfig) -> list[str]:
     """Problems that refuse a launch. Each message names the setting and what to change."""
     problems: list[str] = []
@@ -745,6 +756,7 @@ def check_config(cfg: RunConfig) -> list[str]:
         if not d.startswith("db:") and not Path(d).expanduser().exists():
             problems.append(f"validation dataset {d} does not exist; give a .json/.jsonl file, a folder, "
                             "or db:<name> (or validation_datasets=none to hold out eval_fraction)")
+    problems += _stored_dataset_problems(cfg)
     if cfg.offload_optimizer and cfg.zero_stage == 0:
         problems.append("offload_optimizer needs ZeRO: set zero_stage=2 (or offload_optimizer=false)")
     if cfg.quantization != "none" and cfg.zero_stage == 3:
