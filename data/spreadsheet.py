@@ -407,6 +407,9 @@ def _mapping_problems(sheet: Sheet, m: ColumnMap) -> list[Problem]:
         if not (m.question or m.question_id):
             problems.append(Problem(name, where, "no question column mapped",
                                     "the question's text (question=...) or its label (question_id=...)"))
+        if not m.answer:  # items with empty answers teach the model nothing about answers
+            problems.append(Problem(name, where, "no answer column mapped",
+                                    "the column of the students' answers (answer=...)"))
         if not (m.max_score or m.default_max_score):
             problems.append(Problem(name, where, "no maximum score",
                                     "a max score column (max_score=...) or one maximum for all (--max-score 5)"))

@@ -283,3 +283,16 @@ def test_the_same_content_under_a_new_name_points_to_the_stored_dataset_and_a_ru
     err = capsys.readouterr().err
     assert "refusing to launch" in err and "db:mohler-cli" in err and "datasets=db:mohler-csv" in err, err
     assert Store().list_runs() == []
+
+
+def test_a_sheet_without_an_answer_column_is_refused_naming_what_is_missing(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """#27 item 3: question, answer and score are required; a sheet of scores alone (one row per
+    answer) would train on empty answers, so it is an error, and nothing is stored."""
+    path = _write_csv(tmp_path / "scores-only.csv", [["student", "question", "score", "max_score"],
+                                                     ["ann", "Why?", "3", "5"], ["bob", "Why?", "4", "5"]])
+    assert training_cli(["import", "scores", str(path)]) == 1
+    out = capsys.readouterr()
+    assert "scores-only.csv: INVALID" in out.out and "no answer column mapped" in out.out, out.out
+    assert "nothing imported" in out.err
+    assert Store().list_datasets() == []
