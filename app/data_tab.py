@@ -20,6 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app.common import Settings, empty_figure, model_choices, safe_display_name
+from data.spreadsheet import Controls
 
 PROBLEM_COLUMNS = ["file", "where (JSON path, or row and column)", "severity", "reason"]
 PREVIEW_COLUMNS = ["file", "submission", "question", "answer", "score", "max score"]
@@ -34,10 +35,11 @@ def _upload_path(f: Any) -> Path:
 
 
 def read_uploads(files: list[str] | None, max_bytes: int, mapping: Any = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> list:
+                 progress: Callable[[str, int, int], None] | None = None, encoding: str = "auto") -> list:
     """Validate each uploaded file from its bytes. Oversize files are refused before reading all.
     Spreadsheets are read with ``mapping`` (a `data.spreadsheet.ColumnMap`; None: guessed per
-    file); ``progress(file, rows_done, rows_total)`` follows their rows."""
+    file) and ``encoding`` (CSV text; "auto": detected); ``progress(file, rows_done, rows_total)``
+    follows their rows. Their problems' advice names this page's fields."""
     from data.loading import FileReport, Problem, check_across_files, load_graded_bytes
     from data.spreadsheet import is_spreadsheet, load_spreadsheet_bytes
 
@@ -53,15 +55,15 @@ def read_uploads(files: list[str] | None, max_bytes: int, mapping: Any = None,
             continue
         if is_spreadsheet(name):
             rows = (lambda done, total, n=name: progress(n, done, total)) if progress else None
-            reports.append(load_spreadsheet_bytes(name, path.read_bytes(), mapping, max_bytes=max_bytes,
-                                                  progress=rows)[0])
+            reports.append(load_spreadsheet_bytes(name, path.read_bytes(), mapping, encoding=encoding,
+                                                  max_bytes=max_bytes, progress=rows, controls=PAGE_CONTROLS)[0])
             continue
         reports.append(load_graded_bytes(name, path.read_bytes(), max_bytes=max_bytes))
     # A submission_id repeated in a later upload is an error there, as it is for the CLI.
     return check_across_files(reports).files
 
 
-def first_sheet(files: list[str] | None, max_bytes: int):
+def first_sheet(files: list[str] | None, max_bytes: int, encoding: str = "auto"):
     """The first uploaded spreadsheet that can be read (its header fills the column dropdowns),
     else None."""
     from data.spreadsheet import is_spreadsheet, read_sheet
@@ -70,7 +72,7 @@ def first_sheet(files: list[str] | None, max_bytes: int):
         path = _upload_path(f)
         name = safe_display_name(path.name)
         if is_spreadsheet(name) and path.stat().st_size <= max_bytes:
-            sheet, _ = read_sheet(name, path.read_bytes(), max_bytes=max_bytes)
+            sheet, _ = read_sheet(name, path.read_bytes(), encoding=encoding, max_bytes=max_bytes)
             if sheet is not None:
                 return sheet
     return None
@@ -80,6 +82,22 @@ def first_sheet(files: list[str] | None, max_bytes: int):
 MAPPING_SINGLE = ["submission", "group_by", "question_id", "question", "reference_answer", "answer", "score",
                   "max_score"]
 NO_COLUMN = "(none)"
+# Each mapping field's widget label: the widgets are built with them and messages name them.
+MAPPING_LABELS = {
+    "submission": "Submission id (e.g. student)", "group_by": "Group by (e.g. assignment)",
+    "question_id": "Question id", "question": "Question", "reference_answer": "Reference answer",
+    "answer": "Answer", "score": "Score (default: the graders' mean)", "max_score": "Max score",
+    "graders": "Graders' scores (one column each)", "questions": "Question score columns",
+    "answers": "Answer columns (in the order of the questions; optional)",
+    "max_row": "Row of maxima (its submission id, e.g. Points possible)",
+}
+DEFAULT_MAX_LABEL = "Max score (where no column or row says it)"
+ENCODING_LABEL = "Text encoding (CSV files)"
+ENCODINGS = [("detect", "auto"), "utf-8", "cp1252", "cp1250", "latin-1", "utf-16", "mac_roman"]
+
+# How the spreadsheet reader's advice names this page's fields (the CLI's names its flags).
+PAGE_CONTROLS = Controls(column='the "{label}" column', max_score=f'the "{DEFAULT_MAX_LABEL}" field',
+                         encoding=f'pick {{encoding}} under "{ENCODING_LABEL}"', labels=MAPPING_LABELS)
 
 
 def mapping_from_widgets(shape: str, singles: list[str | None], graders: list[str] | None,
@@ -133,10 +151,15 @@ def summary_markdown(reports: list, list_ok: int = 5) -> str:
     if len(ok_files) > list_ok:
         lines.append(f"- {len(ok_files)} files valid without warnings "
                      f"({sum(len(r.submissions) for r in ok_files)} submissions)")
-    all_ok = all(r.ok for r in reports)
-    head = ("### All files valid: ready to store" if all_ok else
-            "### Some files have errors: fix them and upload again (nothing is stored from a "
-            "set with errors)")
+    errors = [p for r in reports for p in r.errors]
+    if not errors:
+        head = "### All files valid: ready to store"
+    elif all(p.setting for p in errors):  # the files are fine: only how they are read must change
+        head = ("### Some files have errors that a setting here fixes: change what each one names "
+                "(then **Apply columns**, or pick the encoding); the files can stay as they are")
+    else:
+        head = ("### Some files have errors: fix them in the file and upload again (nothing is stored from a "
+                "set with errors)")
     return head + "\n" + "\n".join(lines)
 
 
@@ -250,6 +273,7 @@ def build(settings: Settings) -> dict[str, Any]:
                                       elem_id="data-token-model")
             max_length = gr.Number(value=2048, precision=0, label="max length (tokens)",
                                    elem_id="data-max-length")
+            encoding = gr.Dropdown(ENCODINGS, value="auto", label=ENCODING_LABEL, elem_id="data-encoding")
             check_btn = gr.Button("Validate", elem_id="data-validate")
     with gr.Accordion("Spreadsheet columns", open=True, visible=False, elem_id="data-sheet-columns") as sheet_box:
         gr.Markdown("Which column holds what, guessed from the header's names: check them, change what is "
@@ -259,29 +283,28 @@ def build(settings: Settings) -> dict[str, Any]:
                          value="long", label="Shape", elem_id="data-map-shape")
         singles = {}
         with gr.Row():
-            for key, label in [("submission", "Submission id (e.g. student)"), ("group_by", "Group by (e.g. assignment)")]:
-                singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=label, elem_id=f"data-map-{key}")
-            default_max = gr.Number(value=None, label="Max score (where no column or row says it)",
-                                    elem_id="data-map-default-max")
+            for key in ("submission", "group_by"):
+                singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=MAPPING_LABELS[key],
+                                           elem_id=f"data-map-{key}")
+            default_max = gr.Number(value=None, label=DEFAULT_MAX_LABEL, elem_id="data-map-default-max")
         with gr.Group(visible=True) as long_box:
             with gr.Row():
-                for key, label in [("question_id", "Question id"), ("question", "Question"),
-                                   ("reference_answer", "Reference answer"), ("answer", "Answer")]:
-                    singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=label, elem_id=f"data-map-{key}")
+                for key in ("question_id", "question", "reference_answer", "answer"):
+                    singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=MAPPING_LABELS[key],
+                                               elem_id=f"data-map-{key}")
             with gr.Row():
-                for key, label in [("score", "Score (default: the graders' mean)"), ("max_score", "Max score")]:
-                    singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=label, elem_id=f"data-map-{key}")
-                graders = gr.Dropdown([], value=[], multiselect=True, label="Graders' scores (one column each)",
+                for key in ("score", "max_score"):
+                    singles[key] = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label=MAPPING_LABELS[key],
+                                               elem_id=f"data-map-{key}")
+                graders = gr.Dropdown([], value=[], multiselect=True, label=MAPPING_LABELS["graders"],
                                       elem_id="data-map-graders")
         with gr.Group(visible=False) as wide_box:
             with gr.Row():
-                questions = gr.Dropdown([], value=[], multiselect=True, label="Question score columns",
+                questions = gr.Dropdown([], value=[], multiselect=True, label=MAPPING_LABELS["questions"],
                                         elem_id="data-map-questions")
-                answers = gr.Dropdown([], value=[], multiselect=True,
-                                      label="Answer columns (in the order of the questions; optional)",
+                answers = gr.Dropdown([], value=[], multiselect=True, label=MAPPING_LABELS["answers"],
                                       elem_id="data-map-answers")
-                max_row = gr.Textbox(label="Row of maxima (its submission id, e.g. Points possible)",
-                                     elem_id="data-map-max-row")
+                max_row = gr.Textbox(label=MAPPING_LABELS["max_row"], elem_id="data-map-max-row")
         apply_btn = gr.Button("Apply columns", elem_id="data-map-apply")
     mapping_state = gr.State(None)  # the ColumnMap (as a dict) spreadsheets are read with
     mapping_widgets = [shape, *[singles[k] for k in MAPPING_SINGLE], graders, questions, answers, max_row, default_max]
@@ -309,14 +332,14 @@ def build(settings: Settings) -> dict[str, Any]:
         del_btn = gr.Button("Delete dataset", variant="stop", elem_id="data-delete")
     del_msg = gr.Markdown()
 
-    def check(file_list, model, max_len, mapping, progress):
+    def check(file_list, model, max_len, mapping, progress, text_encoding):
         """Validate the uploads (spreadsheets with ``mapping``, a ColumnMap or None: guessed)."""
         from data.spreadsheet import is_spreadsheet
 
         def rows(name: str, done: int, total: int) -> None:
             progress(done / max(total, 1), desc=f"{name}: row {done:,} of {total:,}")
 
-        reports = read_uploads(file_list, settings.max_upload_bytes, mapping, rows)
+        reports = read_uploads(file_list, settings.max_upload_bytes, mapping, rows, text_encoding or "auto")
         subs = [s for r in reports if r.ok for s in r.submissions]
         tokens: dict | str | None = None
         if subs:
@@ -333,17 +356,17 @@ def build(settings: Settings) -> dict[str, Any]:
         return (head, problems_table(reports), stats_markdown(subs, tokens),
                 score_figure(subs), preview_table(reports), state)
 
-    def validate(file_list, model, max_len, mapping_dict=None, progress=gr.Progress()):
+    def validate(file_list, model, max_len, mapping_dict=None, text_encoding="auto", progress=gr.Progress()):
         from data.spreadsheet import ColumnMap
 
         mapping = ColumnMap.model_validate(mapping_dict) if mapping_dict else None
-        return check(file_list, model, max_len, mapping, progress)
+        return check(file_list, model, max_len, mapping, progress, text_encoding)
 
-    def on_upload(file_list, model, max_len, progress=gr.Progress()):
+    def on_upload(file_list, model, max_len, text_encoding="auto", progress=gr.Progress()):
         """New files: the first spreadsheet's header fills the dropdowns, with guessed columns."""
         from data.spreadsheet import guess_mapping
 
-        sheet = first_sheet(file_list, settings.max_upload_bytes)
+        sheet = first_sheet(file_list, settings.max_upload_bytes, text_encoding or "auto")
         mapping = guess_mapping(sheet) if sheet is not None else None
         header = sheet.header if sheet is not None else []
         values = mapping_widget_values(mapping)
@@ -351,12 +374,12 @@ def build(settings: Settings) -> dict[str, Any]:
         updates += [gr.update(choices=[NO_COLUMN, *header], value=v) for v in values[1:1 + len(MAPPING_SINGLE)]]
         updates += [gr.update(choices=header, value=v) for v in values[1 + len(MAPPING_SINGLE):4 + len(MAPPING_SINGLE)]]
         updates += [gr.update(value=v) for v in values[4 + len(MAPPING_SINGLE):]]
-        return (*check(file_list, model, max_len, mapping, progress),
+        return (*check(file_list, model, max_len, mapping, progress, text_encoding),
                 mapping.model_dump() if mapping else None, gr.update(visible=sheet is not None), *updates)
 
     def apply_columns(file_list, model, max_len, shape_value, submission, group_by, question_id, question,
                       reference_answer, answer, score, max_score, graders_value, questions_value, answers_value,
-                      max_row_value, default_max_value, progress=gr.Progress()):
+                      max_row_value, default_max_value, text_encoding="auto", progress=gr.Progress()):
         """Re-read the spreadsheets with the columns the dropdowns say."""
         singles_value = [submission, group_by, question_id, question, reference_answer, answer, score, max_score]
         try:
@@ -365,7 +388,7 @@ def build(settings: Settings) -> dict[str, Any]:
         except ValueError as e:
             return (f"### Column mapping not usable: {e}", problems_table([]), "", score_figure([]),
                     preview_table([]), None, None)
-        return (*check(file_list, model, max_len, mapping, progress), mapping.model_dump())
+        return (*check(file_list, model, max_len, mapping, progress, text_encoding), mapping.model_dump())
 
     def on_shape(value):
         return gr.update(visible=value != "wide"), gr.update(visible=value == "wide")
@@ -404,11 +427,13 @@ def build(settings: Settings) -> dict[str, Any]:
         return f"Deleted dataset **{ds['name']}**.", *refresh()
 
     outputs = [summary, problems, stats, plot, preview, valid_state]
-    files.upload(on_upload, [files, token_model, max_length], [*outputs, mapping_state, sheet_box, *mapping_widgets],
-                 api_name="validate_upload")
-    check_btn.click(validate, [files, token_model, max_length, mapping_state], outputs, api_name="validate")
-    apply_btn.click(apply_columns, [files, token_model, max_length, *mapping_widgets], [*outputs, mapping_state],
-                    api_name="validate_mapped")
+    files.upload(on_upload, [files, token_model, max_length, encoding],
+                 [*outputs, mapping_state, sheet_box, *mapping_widgets], api_name="validate_upload")
+    check_btn.click(validate, [files, token_model, max_length, mapping_state, encoding], outputs, api_name="validate")
+    # Picking an encoding (what an encoding problem asks for) reads the files again at once.
+    encoding.input(validate, [files, token_model, max_length, mapping_state, encoding], outputs, api_name=False)
+    apply_btn.click(apply_columns, [files, token_model, max_length, *mapping_widgets, encoding],
+                    [*outputs, mapping_state], api_name="validate_mapped")
     shape.change(on_shape, [shape], [long_box, wide_box])
     save_btn.click(save, [valid_state, ds_name], [save_msg, table, del_name], api_name="store_dataset")
     del_btn.click(delete, [del_name], [del_msg, table, del_name], api_name="delete_dataset")

@@ -49,6 +49,10 @@ class Problem:
     value: str
     expected: str
     severity: Literal["error", "warning"] = "error"
+    row: int | None = None  # a spreadsheet's row number (problems are listed in row order)
+    # The reading setting that fixes it ("columns", "max_score", "encoding"), where the file itself
+    # is fine; None: the file has to change.
+    setting: str | None = None
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.path}: " if self.path else f"{self.file}: "

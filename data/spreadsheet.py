@@ -19,8 +19,11 @@ value came from. What this module checks itself is what only a spreadsheet can g
 encoding, a missing column, a cell that is not a number, an empty sheet, a submission id twice.
 
 A file with any error yields no submission (`FileReport.ok` is False), so nothing partial is
-stored. Reading is pandas' CSV parser (UTF-8 text decoded here, so a wrong encoding is reported
-where it is) and openpyxl for .xlsx (directly, so row numbers match Excel's even across blank rows).
+stored; problems come in row order, and those a reading setting fixes (the mapping, the maximum,
+the encoding) say so (`Problem.setting`), in the words of whoever reads the sheet (`Controls`: the
+CLI's flags, or the Data tab's fields). Reading is pandas' CSV parser (text decoded here, so a wrong
+encoding is reported where it is; `AUTO_ENCODING` detects it with charset-normalizer) and openpyxl
+for .xlsx (directly, so row numbers match Excel's even across blank rows).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from data.loading import (DEFAULT_MAX_BYTES, FileReport, Problem, read_limited, 
 from data.rubric import GradedSubmission, RubricItem, expected_of
 
 SPREADSHEET_SUFFIXES = (".csv", ".tsv", ".xlsx")
+# The encoding "name" that detects the text's encoding (UTF-8 when it is, else charset-normalizer's guess).
+AUTO_ENCODING = "auto"
 # Progress is reported every this many rows (a callback per row would cost more than the row).
 PROGRESS_EVERY = 2000
 # Names a row of per-question maxima goes by in the submission column (Canvas: "Points Possible").
@@ -142,27 +147,61 @@ def _where(sheet: Sheet, row: int, col: int | None) -> str:
     return f"row {row}, column {column_letter(col)}{shown}"
 
 
+def _at(sheet: Sheet, row: int, col: int | None, value: str, expected: str,
+        severity: Literal["error", "warning"] = "error", setting: str | None = None) -> Problem:
+    """A problem at a cell (or a row, ``col`` None), numbered as the spreadsheet shows it."""
+    return Problem(sheet.file, _where(sheet, row, col), value, expected, severity, row=row, setting=setting)
+
+
+@dataclass(frozen=True)
+class Controls:
+    """How the reader of a sheet changes what a message asks for, so its advice names something
+    that reader has: the CLI's flags (`CLI_CONTROLS`), or a page's own fields (the Data tab gives
+    its labels). Each is a template: ``{field}`` a mapping field, ``{label}`` its label in
+    ``labels``, ``{encoding}`` an encoding."""
+
+    column: str = "--map {field}=..."
+    max_score: str = "--max-score 5"
+    encoding: str = "give --encoding {encoding}"
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def column_for(self, fld: str) -> str:
+        """How to say which column holds ``fld`` (a `FIELDS` name)."""
+        return self.column.format(field=fld, label=self.labels.get(fld, fld))
+
+    def encoding_of(self, encoding: str) -> str:
+        """How to read the text as ``encoding``."""
+        return self.encoding.format(encoding=encoding)
+
+
+CLI_CONTROLS = Controls()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bytes -> Sheet
 
 
-def read_sheet(name: str, data: bytes, *, encoding: str = "utf-8",
-               max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Sheet | None, list[Problem]]:
-    """Read a .csv/.tsv (text in ``encoding``, UTF-8 by default, BOM allowed) or .xlsx (its first
-    sheet) into a `Sheet`; or the problems that stop it (too big, wrong encoding, not a workbook,
-    empty). ``name`` is shown in messages and picks the format by its ending; it is never opened."""
+def read_sheet(name: str, data: bytes, *, encoding: str = "utf-8", max_bytes: int = DEFAULT_MAX_BYTES,
+               controls: Controls = CLI_CONTROLS) -> tuple[Sheet | None, list[Problem]]:
+    """Read a .csv/.tsv (text in ``encoding``, UTF-8 by default, BOM allowed; `AUTO_ENCODING`:
+    detected) or .xlsx (its first sheet) into a `Sheet`, with any warning about how it was read
+    (the encoding detected); or None and the problems that stop it (too big, wrong encoding, not
+    a workbook, empty). ``name`` is shown in messages and picks the format by its ending; it is
+    never opened. ``controls``: how the messages' advice names the settings."""
     if len(data) > max_bytes:
         return None, [too_big(name, len(data), max_bytes)]
     try:
         if name.lower().endswith(".xlsx"):
             cells, problems = _xlsx_cells(name, data)
         else:
-            cells, problems = _csv_cells(name, data, encoding, "\t" if name.lower().endswith(".tsv") else None)
+            cells, problems = _csv_cells(name, data, encoding, "\t" if name.lower().endswith(".tsv") else None,
+                                         controls)
     except MemoryError:
         return None, [Problem(name, "", "a sheet too large to read in memory", "a smaller file (split it)")]
     if cells is None:
         return None, problems
-    return _sheet(name, cells)
+    sheet, empty = _sheet(name, cells)
+    return sheet, problems + empty
 
 
 def _sheet(name: str, cells: list[list[Any]]) -> tuple[Sheet | None, list[Problem]]:
@@ -204,20 +243,25 @@ def _text(v: Any) -> str:
     return str(v)
 
 
-def _decode(name: str, data: bytes, encoding: str) -> tuple[str | None, list[Problem]]:
+def _decode(name: str, data: bytes, encoding: str,
+            controls: Controls = CLI_CONTROLS) -> tuple[str | None, list[Problem]]:
     """The text, or where the bytes stop being ``encoding`` (row and column of the bad byte)."""
+    if encoding == AUTO_ENCODING:
+        return _decode_detected(name, data, controls)
     if data.startswith(b"\xef\xbb\xbf") and encoding.replace("-", "").lower() in ("utf8", "utf8sig"):
         data = data[3:]
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) and not encoding.lower().startswith("utf-16"):
         return None, [Problem(name, "row 1", "UTF-16 text (byte order mark FF FE / FE FF)",
-                              "UTF-8 text: in Excel, Save As 'CSV UTF-8'; or give --encoding utf-16")]
+                              f"UTF-8 text: in Excel, Save As 'CSV UTF-8'; or {controls.encoding_of('utf-16')}",
+                              row=1, setting="encoding")]
     if b"\x00" in data[:4096] and not encoding.lower().startswith("utf-16"):
         return None, [Problem(name, "row 1", "a binary file (NUL bytes)",
-                              "a CSV text file, or an Excel workbook saved as .xlsx")]
+                              "a CSV text file, or an Excel workbook saved as .xlsx", row=1)]
     try:
         return data.decode(encoding), []
     except LookupError:
-        return None, [Problem(name, "", f"an unknown encoding {encoding!r}", "an encoding Python knows, e.g. utf-8, cp1252")]
+        return None, [Problem(name, "", f"an unknown encoding {encoding!r}",
+                              "an encoding Python knows, e.g. utf-8, cp1252", setting="encoding")]
     except UnicodeDecodeError as e:
         before = data[: e.start]
         row = before.count(b"\n") + 1
@@ -228,7 +272,33 @@ def _decode(name: str, data: bytes, encoding: str) -> tuple[str | None, list[Pro
         return None, [Problem(name, f"row {row}, column {column_letter(col)}",
                               f"bytes that are not {encoding} text ({bad} at byte offset {e.start})",
                               f"{encoding} text: in Excel, Save As 'CSV UTF-8'; a file saved as plain 'CSV' "
-                              "by Excel on Windows is usually cp1252 (give --encoding cp1252)")]
+                              f"by Excel on Windows is usually cp1252 ({controls.encoding_of('cp1252')})",
+                              row=row, setting="encoding")]
+
+
+def _decode_detected(name: str, data: bytes, controls: Controls) -> tuple[str | None, list[Problem]]:
+    """UTF-8 (with or without BOM) when the bytes are UTF-8, UTF-16 by its byte order mark, else
+    the encoding charset-normalizer finds, said in a warning (a guess the user should see)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return _decode(name, data, "utf-16", controls)
+    text, problems = _decode(name, data, "utf-8", controls)
+    if text is not None or not any(p.setting == "encoding" for p in problems):
+        return text, problems
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data).best()
+    if best is None:
+        return None, problems  # where the bytes stop being UTF-8, and how to name the encoding
+    # Excel on Windows writes cp1252: taken when it reads the bytes as the best guess does (on a
+    # few accents cp1250 and cp1252 tie, and the guess names the first).
+    found = "cp1252" if "cp1252" in best.could_be_from_charset else best.encoding
+    text, _ = _decode(name, data, found, controls)
+    if text is None:
+        return None, problems
+    return text, [Problem(name, "", f"text that is not UTF-8, read as {found} (detected)",
+                          "UTF-8 text; if accents or symbols look wrong in the preview, "
+                          f"{controls.encoding_of('the encoding the file was saved in')}", "warning",
+                          setting="encoding")]
 
 
 def _delimiter(text: str) -> str:
@@ -243,10 +313,11 @@ def _delimiter(text: str) -> str:
     return best
 
 
-def _csv_cells(name: str, data: bytes, encoding: str, sep: str | None) -> tuple[list[list[Any]] | None, list[Problem]]:
+def _csv_cells(name: str, data: bytes, encoding: str, sep: str | None,
+               controls: Controls = CLI_CONTROLS) -> tuple[list[list[Any]] | None, list[Problem]]:
     import pandas as pd
 
-    text, problems = _decode(name, data, encoding)
+    text, problems = _decode(name, data, encoding, controls)
     if text is None:
         return None, problems
     if not text.strip():
@@ -262,7 +333,7 @@ def _csv_cells(name: str, data: bytes, encoding: str, sep: str | None) -> tuple[
                               "the same number of cells in every row (is a quote left open?)")]
     except pd.errors.EmptyDataError:
         return None, [Problem(name, "row 1", "an empty file", "a header row (the column names) and rows of data")]
-    return df.to_numpy(dtype=object, na_value=None).tolist(), []
+    return df.to_numpy(dtype=object, na_value=None).tolist(), problems
 
 
 def _xlsx_cells(name: str, data: bytes) -> tuple[list[list[Any]] | None, list[Problem]]:
@@ -386,60 +457,62 @@ class _Item:
     cols: dict[str, int | None]  # the column each field came from (for the schema's errors)
 
 
-def _mapping_problems(sheet: Sheet, m: ColumnMap) -> list[Problem]:
-    """A mapped column the header lacks, or a mapping that cannot make submissions."""
-    name = sheet.file
+def _mapping_problems(sheet: Sheet, m: ColumnMap, c: Controls = CLI_CONTROLS) -> list[Problem]:
+    """A mapped column the header lacks, or a mapping that cannot make submissions: each fixed by
+    the mapping (``c`` says how its reader sets it), not by the file."""
     where = "row 1 (header)"
     problems: list[Problem] = []
+
+    def need(value: str, expected: str, setting: str = "columns") -> None:
+        problems.append(Problem(sheet.file, where, value, expected, row=1, setting=setting))
+
     have = ", ".join(sheet.header[:30]) + (", ..." if len(sheet.header) > 30 else "")
     single = ["submission", "group_by", "question_id", "question", "reference_answer", "answer", "score", "max_score"]
     mapped = [(f, getattr(m, f)) for f in single if getattr(m, f)]
-    mapped += [("graders", c) for c in m.graders] + [("questions", c) for c in m.questions]
-    mapped += [("answers", c) for c in m.answers if c]
+    mapped += [("graders", col) for col in m.graders] + [("questions", col) for col in m.questions]
+    mapped += [("answers", col) for col in m.answers if col]
     for fld, col in mapped:
         if sheet.index(col) is None:
-            problems.append(Problem(name, where, f"no column {col!r} (mapped to {fld})",
-                                    f"a column of this sheet: {have}"))
+            need(f"no column {col!r} (mapped to {fld})", f"a column of this sheet: {have} ({c.column_for(fld)})")
+    one_max = f"one maximum for all ({c.max_score})"
     if m.shape == "long":
         if not (m.score or m.graders):
-            problems.append(Problem(name, where, "no score column mapped",
-                                    "a score column (score=...) or the graders' score columns (graders=...)"))
+            need("no score column mapped",
+                 f"a score column ({c.column_for('score')}) or the graders' score columns ({c.column_for('graders')})")
         if not (m.question or m.question_id):
-            problems.append(Problem(name, where, "no question column mapped",
-                                    "the question's text (question=...) or its label (question_id=...)"))
+            need("no question column mapped",
+                 f"the question's text ({c.column_for('question')}) or its label ({c.column_for('question_id')})")
         if not m.answer:  # items with empty answers teach the model nothing about answers
-            problems.append(Problem(name, where, "no answer column mapped",
-                                    "the column of the students' answers (answer=...)"))
+            need("no answer column mapped", f"the column of the students' answers ({c.column_for('answer')})")
         if not (m.max_score or m.default_max_score):
-            problems.append(Problem(name, where, "no maximum score",
-                                    "a max score column (max_score=...) or one maximum for all (--max-score 5)"))
+            need("no maximum score", f"a max score column ({c.column_for('max_score')}) or {one_max}", "max_score")
         if m.questions or m.answers or m.max_row:
-            problems.append(Problem(name, where, "questions/answers/max_row in a long mapping",
-                                    "those for shape wide (one row per student); for long, score=... and question=..."))
+            need("questions/answers/max_row in a long mapping",
+                 f"those for shape wide (one row per student); for long, {c.column_for('score')} and "
+                 f"{c.column_for('question')}")
     else:
         if not m.questions:
-            problems.append(Problem(name, where, "no question columns mapped",
-                                    "the score column of each question (questions=Q1,Q2,...)"))
+            need("no question columns mapped", f"the score column of each question ({c.column_for('questions')})")
         if m.answers and len(m.answers) != len(m.questions):
-            problems.append(Problem(name, where, f"{len(m.answers)} answer columns for {len(m.questions)} questions",
-                                    "one answer column per question, in the same order (leave one empty for none)"))
+            need(f"{len(m.answers)} answer columns for {len(m.questions)} questions",
+                 "one answer column per question, in the same order (leave one empty for none)")
         if not (m.max_row or m.default_max_score):
-            problems.append(Problem(name, where, "no maximum score",
-                                    "a row of maxima (max_row=Points possible) or one maximum for all (--max-score 5)"))
+            need("no maximum score", f"a row of maxima ({c.column_for('max_row')}) or {one_max}", "max_score")
         extra = [f for f in ("group_by", "question_id", "question", "reference_answer", "answer", "score", "max_score")
                  if getattr(m, f)] + (["graders"] if m.graders else [])
         if extra:
-            problems.append(Problem(name, where, f"{', '.join(extra)} in a wide mapping",
-                                    "for one row per student: submission, questions, answers, max_row"))
+            need(f"{', '.join(extra)} in a wide mapping",
+                 "for one row per student: submission, questions, answers, max_row")
     return problems
 
 
-def sheet_submissions(sheet: Sheet, mapping: ColumnMap,
-                      progress: Callable[[int, int], None] | None = None) -> FileReport:
+def sheet_submissions(sheet: Sheet, mapping: ColumnMap, progress: Callable[[int, int], None] | None = None,
+                      controls: Controls = CLI_CONTROLS) -> FileReport:
     """The graded submissions ``mapping`` reads from ``sheet``, validated by the schema, with every
-    problem at its row and column. ``progress(rows_done, rows_total)`` is called as rows are read.
-    Any error: the report holds no submission."""
-    problems = _mapping_problems(sheet, mapping)
+    problem at its row and column, in row order. ``progress(rows_done, rows_total)`` is called as
+    rows are read; ``controls``: how advice names the settings. Any error: the report holds no
+    submission."""
+    problems = _mapping_problems(sheet, mapping, controls)
     if problems:
         return FileReport(file=sheet.file, problems=problems)
     if mapping.shape == "long":
@@ -465,6 +538,8 @@ def sheet_submissions(sheet: Sheet, mapping: ColumnMap,
                                 "item's answer is empty)", "warning"))
     if progress is not None:
         progress(len(sheet.rows), len(sheet.rows))
+    # The schema's errors are found per submission, after every row's own: listed as the sheet reads.
+    problems.sort(key=lambda p: p.row or 0)
     report = FileReport(file=sheet.file, problems=problems)
     if report.ok:
         report.submissions, report.record_paths = subs, where
@@ -483,7 +558,7 @@ def _located(sheet: Sheet, items: list[_Item], error: ValidationError) -> list[P
             continue  # the total is the sum of the items: its error repeats theirs
         item = items[int(m.group(1))] if m and int(m.group(1)) < len(items) else items[0]
         col = item.cols.get(m.group(2)) if m and m.group(2) else None
-        p.path = _where(sheet, item.row, col)
+        p.path, p.row = _where(sheet, item.row, col), item.row
         x = _number(p.value)
         if x is not None:  # a cell's -1 was read as -1.0: show it as the sheet does
             p.value = f"{x:g}"
@@ -496,7 +571,7 @@ def _cell_number(sheet: Sheet, row: int, col: int, v: Any, fld: str, problems: l
     if x is None:
         expected = expected_of(RubricItem, (fld,))
         got = "an empty cell" if _blank(v) else f"{show_value(_text(v), 40)} (not a number)"
-        problems.append(Problem(sheet.file, _where(sheet, row, col), got,
+        problems.append(_at(sheet, row, col, got,
                                 f"{expected} (digits with a dot for decimals, e.g. 3.5)"))
     return x
 
@@ -528,14 +603,14 @@ def _long_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
         for c in key_cols:
             v = _text(cells[c]).strip()
             if not v:
-                problems.append(Problem(sheet.file, _where(sheet, row, c), "an empty cell",
+                problems.append(_at(sheet, row, c, "an empty cell",
                                         "a value in every row: rows are grouped into submissions by it"))
             parts.append(v)
         sid = "/".join(parts) if key_cols else f"{stem}:row{row}"
         qid = _text(cells[c_qid]).strip() if c_qid is not None else ""
         question = _text(cells[c_q]).strip() if c_q is not None else ""
         if not (question or qid):
-            problems.append(Problem(sheet.file, _where(sheet, row, c_q if c_q is not None else c_qid), "an empty cell",
+            problems.append(_at(sheet, row, c_q if c_q is not None else c_qid, "an empty cell",
                                     expected_of(RubricItem, ("question",))))
         grader_scores = []
         for c in c_graders:
@@ -550,7 +625,7 @@ def _long_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
         else:
             score = None
             if len(problems) == before:
-                problems.append(Problem(sheet.file, _where(sheet, row, c_graders[0]), "no grader's score in this row",
+                problems.append(_at(sheet, row, c_graders[0], "no grader's score in this row",
                                         "a score from at least one grader (a number)"))
         if c_max is not None and not (_blank(cells[c_max]) and m.default_max_score):
             mx = _cell_number(sheet, row, c_max, cells[c_max], "max_score", problems)
@@ -568,13 +643,13 @@ def _long_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
         if grader_scores:
             rec["grader_scores"] = grader_scores
         if c_ans is not None and not rec["answer"].strip() and score:
-            problems.append(Problem(sheet.file, _where(sheet, row, c_ans), f"an empty answer that scored {score:g}",
+            problems.append(_at(sheet, row, c_ans, f"an empty answer that scored {score:g}",
                                     "the student's answer text (was it lost? leave such items out of training)",
                                     "warning"))
         label = qid or question
         if check_repeats and label in seen_q.setdefault(sid, set()) and sid not in repeated:
             repeated.add(sid)  # once per submission: the first repeat is what to look at
-            problems.append(Problem(sheet.file, _where(sheet, row, c_qid if c_qid is not None else c_q),
+            problems.append(_at(sheet, row, c_qid if c_qid is not None else c_q,
                                     f"question {show_value(label, 40)} again in submission {show_value(sid, 40)}",
                                     "each question once per submission (is a row repeated?)", "warning"))
         if check_repeats:
@@ -599,9 +674,10 @@ def _wide_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
         max_row = next((k for k, r in enumerate(sheet.rows)
                         if c_sub is not None and _text(r[c_sub]).strip().lower() == m.max_row.strip().lower()), None)
         if max_row is None:
-            problems.append(Problem(sheet.file, _where(sheet, 1, c_sub),
+            problems.append(_at(sheet, 1, c_sub,
                                     f"no row named {m.max_row!r} in the submission column",
-                                    "a row holding each question's maximum, named so in the submission column"))
+                                    "a row holding each question's maximum, named so in the submission column",
+                                    setting="columns"))
             return {}, problems
         for j, c in enumerate(c_qs):
             cell = sheet.rows[max_row][c]
@@ -622,11 +698,11 @@ def _wide_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
         if c_sub is not None:
             sid = _text(cells[c_sub]).strip()
             if not sid:
-                problems.append(Problem(sheet.file, _where(sheet, row, c_sub), "an empty cell",
+                problems.append(_at(sheet, row, c_sub, "an empty cell",
                                         "the submission's id (e.g. the student) in every row"))
                 continue
             if sid in rows_of:
-                problems.append(Problem(sheet.file, _where(sheet, row, c_sub),
+                problems.append(_at(sheet, row, c_sub,
                                         f"{show_value(sid, 40)} again (also in row {rows_of[sid]})",
                                         "one row per submission"))
                 continue
@@ -650,7 +726,7 @@ def _wide_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
         if len(problems) > before:
             continue
         if not items:
-            problems.append(Problem(sheet.file, _where(sheet, row, None), "a row without any score",
+            problems.append(_at(sheet, row, None, "a row without any score",
                                     "a score in at least one question column (the row is left out)", "warning"))
             continue
         groups[sid] = items
@@ -662,17 +738,20 @@ def _wide_items(sheet: Sheet, m: ColumnMap, progress) -> tuple[dict[str, list[_I
 
 
 def load_spreadsheet_bytes(name: str, data: bytes, mapping: ColumnMap | None = None, *, encoding: str = "utf-8",
-                           max_bytes: int = DEFAULT_MAX_BYTES,
-                           progress: Callable[[int, int], None] | None = None) -> tuple[FileReport, ColumnMap | None]:
+                           max_bytes: int = DEFAULT_MAX_BYTES, progress: Callable[[int, int], None] | None = None,
+                           controls: Controls = CLI_CONTROLS) -> tuple[FileReport, ColumnMap | None]:
     """Read and validate one spreadsheet (``name`` only for messages and its ending). Without
-    ``mapping`` the guessed one is used. Returns the report and the mapping used (None when the
-    file could not be read). Never raises on bad content."""
+    ``mapping`` the guessed one is used. Returns the report (how it was read, e.g. the encoding
+    detected, first) and the mapping used (None when the file could not be read). Never raises on
+    bad content."""
     try:
-        sheet, problems = read_sheet(name, data, encoding=encoding, max_bytes=max_bytes)
+        sheet, read = read_sheet(name, data, encoding=encoding, max_bytes=max_bytes, controls=controls)
         if sheet is None:
-            return FileReport(file=name, problems=problems), None
+            return FileReport(file=name, problems=read), None
         mapping = mapping or guess_mapping(sheet)
-        return sheet_submissions(sheet, mapping, progress), mapping
+        report = sheet_submissions(sheet, mapping, progress, controls)
+        report.problems[:0] = read
+        return report, mapping
     except Exception as e:  # noqa: BLE001 - a reader bug must still reach the user as a problem, not a traceback
         return FileReport(file=name, problems=[Problem(
             name, "", f"content the reader failed on (internal error {type(e).__name__}: {e})",

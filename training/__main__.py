@@ -152,9 +152,9 @@ def _import_spreadsheets(args: argparse.Namespace, paths: list[str]) -> list:
 
     reports = []
     for path in paths:
-        sheet, problems = read_sheet_file(path, encoding=args.encoding, max_bytes=int(args.max_mb * 1024 * 1024))
+        sheet, read = read_sheet_file(path, encoding=args.encoding, max_bytes=int(args.max_mb * 1024 * 1024))
         if sheet is None:
-            reports.append(FileReport(file=path, problems=problems))
+            reports.append(FileReport(file=path, problems=read))
             continue
         shape = args.shape or ("wide" if any(m.split("=", 1)[0].strip() in ("questions", "answers", "max_row")
                                              for m in args.map) else None)
@@ -164,7 +164,9 @@ def _import_spreadsheets(args: argparse.Namespace, paths: list[str]) -> list:
         mapping = ColumnMap.model_validate({**mapping.model_dump(), **updates})
         print(f"{path}: columns {mapping.describe()}", file=sys.stderr)
         with tqdm(total=len(sheet.rows), desc=Path(path).name, unit="row", file=sys.stderr) as bar:
-            reports.append(sheet_submissions(sheet, mapping, lambda done, total: bar.update(done - bar.n)))
+            report = sheet_submissions(sheet, mapping, lambda done, total: bar.update(done - bar.n))
+        report.problems[:0] = read  # how it was read (--encoding auto: the encoding found)
+        reports.append(report)
     return reports
 
 
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--shape", choices=["long", "wide"],
                    help="spreadsheets: long = a row per answer, wide = a row per student, a column per question "
                         "(default: guessed)")
-    i.add_argument("--encoding", default="utf-8", help="CSV text encoding (default utf-8; Excel's plain CSV: cp1252)")
+    i.add_argument("--encoding", default="utf-8", help="CSV text encoding (default utf-8; Excel's plain CSV: cp1252; "
+                   "auto: UTF-8 when it is, else detected and said)")
     i.add_argument("--max-mb", type=float, default=20.0, help="refuse spreadsheets larger than this")
     i.set_defaults(fn=_cmd_import)
 

@@ -1,0 +1,111 @@
+"""The teacher's loop as a teacher meets it (#27), clicked in a real browser (Debian's Chromium via
+Playwright, as in tests/test_ui_browser.py) against a real `python app.py`: the Data tab's advice
+names the page's own fields, in row order; the encoding is detected; a sheet without answers is
+refused."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from openpyxl import Workbook
+
+from data.store import Store
+from tests.test_ui_browser import browser, open_tab, shot, text_of, wait_text  # noqa: F401  (browser: a fixture)
+from tests.test_ui_client import app_server
+
+HEADER = ["Student", "Question", "Desired answer", "Student answer", "Score me", "Score other"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ui_teacher_loop")
+
+
+@pytest.fixture(scope="module")
+def server(work: Path) -> Iterator[str]:
+    with app_server(work) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, server):  # noqa: F811
+    pg = browser.new_page()
+    pg.set_default_timeout(60_000)
+    pg.goto(server)
+    pg.get_by_role("tab", name="Data").wait_for()
+    yield pg
+    pg.close()
+
+
+def _xlsx(path: Path, rows: list[list]) -> Path:
+    wb = Workbook()
+    for row in rows:
+        wb.active.append(row)
+    wb.save(path)
+    return path
+
+
+def upload(pg, *paths: Path) -> None:
+    pg.locator("#data-files input[type=file]").set_input_files([str(p) for p in paths])
+
+
+def problem_rows(pg) -> list[str]:
+    """The problems table's rows as the page shows them, top to bottom."""
+    table = pg.locator("#data-problems [role=row][data-index]")
+    return [table.nth(k).inner_text() for k in range(table.count())]
+
+
+def test_a_sheet_without_answers_is_refused_and_nothing_is_stored(page, tmp_path: Path, work: Path) -> None:
+    """#27 item 3: scores without the answers they were given for cannot train a grader."""
+    sheet = tmp_path / "scores-only.csv"
+    sheet.write_text("student,question,score,max_score\nann,Why?,3,5\nbob,Why?,4,5\n", encoding="utf-8")
+    upload(page, sheet)
+    summary = wait_text(page, "#data-summary", r"errors")
+    assert "scores-only.csv" in summary and "ready to store" not in summary
+    problems = wait_text(page, "#data-problems", r"no answer column mapped")
+    assert 'the "Answer" column' in problems, problems
+    page.locator("#data-name textarea, #data-name input").first.fill("scores-only")
+    page.locator("#data-save").click()
+    wait_text(page, "#data-save-msg", r"Nothing stored")
+    assert Store(work / "studio.db").list_datasets() == []
+
+
+def test_advice_names_the_pages_fields_and_problems_come_in_row_order(page, tmp_path: Path,
+                                                                      artifacts_dir: Path) -> None:
+    """#27 item 4: no maximum anywhere -> the message names the page's max-score field (not a CLI
+    flag) and does not send the user back to their file; with it, the row errors in row order."""
+    sheet = _xlsx(tmp_path / "class.xlsx", [
+        HEADER,
+        ["ann", "What is a stack?", "a LIFO list", "last in first out", 5, 4],
+        ["bob", "What is a stack?", "a LIFO list", "a queue", 7, 2],  # row 3: above the maximum
+        ["bob", "What is a queue?", "a FIFO list", "first in first out", "five", 5],  # row 4: not a number
+    ])
+    upload(page, sheet)
+    summary = wait_text(page, "#data-summary", r"errors")
+    problems = wait_text(page, "#data-problems", r"no maximum score")
+    assert 'the "Max score (where no column or row says it)" field' in problems, problems
+    assert "--max-score" not in problems and "--map" not in problems
+    assert "upload again" not in summary and "a setting here fixes" in summary, summary
+    shot(page, artifacts_dir, "data_setting_advice")
+
+    page.locator("#data-map-default-max input").fill("5")
+    page.locator("#data-map-apply").click()
+    wait_text(page, "#data-problems", r"five")
+    rows = problem_rows(page)
+    assert [r.split()[0] for r in rows] == ["class.xlsx"] * 2, rows
+    assert "row 3" in rows[0] and "row 4" in rows[1], rows
+    assert "upload again" in text_of(page, "#data-summary")  # a cell to fix: that is in the file
+
+
+def test_a_csv_saved_by_excel_on_windows_reads_without_naming_an_encoding(page, tmp_path: Path) -> None:
+    """#27 item 4: the encoding is detected (and said), where the page has no --encoding flag."""
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("student,question,answer,score,max_score\nann,Why?,ok,3,5\nbob,Why?,caf\u00e9 au lait,4,5\n"
+                      .encode("cp1252"))
+    upload(page, latin)
+    summary = wait_text(page, "#data-summary", r"All files valid|errors")
+    assert "All files valid" in summary, (summary, text_of(page, "#data-problems"))
+    problems = text_of(page, "#data-problems")
+    assert "read as cp1252 (detected)" in problems and "--encoding" not in problems, problems
+    wait_text(page, "#data-preview", "caf\u00e9 au lait")
