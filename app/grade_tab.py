@@ -23,6 +23,7 @@ GRADE_COLUMNS = ["question", "score", "max score", "confidence", "review", "just
 GRADE_WIDTHS = ["45%", "10%", "12%", "33%"]
 BATCH_COLUMNS = ["file", "total", "max total", "repaired", "latency s"]
 NO_ADAPTER = "(none: base model only)"
+STUDENT_LABEL = "Student (name or id)"
 
 
 def adapter_choices() -> list[tuple[str, str]]:
@@ -95,12 +96,24 @@ def total_markdown(result, who: str) -> str:
     return f"**{who}: {g.score:g} / {g.max_score:g}** in {result.latency_s:.1f} s{how}{note}{fb}"
 
 
+def submission_identity(student: str | None) -> str:
+    """The name a graded submission is stored under, which is its gradebook row: the *Student*
+    field (an upload fills it with the file's name). Raises gr.Error when it is empty: a pasted
+    text has no name of its own, and grades stored under one shared name read as one student."""
+    name = " ".join((student or "").split())
+    if not name:
+        raise gr.Error(f"Whose submission is this? Type the student's name or id under \"{STUDENT_LABEL}\" "
+                       "(it names the submission's row in the gradebook), or upload the .md file.")
+    return name
+
+
 def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_tokens: int,
-                 name: str = "pasted.md") -> Iterator[tuple[str, Any]]:
+                 name: str) -> Iterator[tuple[str, Any]]:
     """Yield ("token", text_so_far) while generating, then ("done", GradeResult).
 
-    Every grade is recorded in the store (the Runs/grades history). The cached engine is shared by
-    all sessions: each grade names its adapter, and the engine switches and grades under its lock."""
+    Every grade is recorded in the store (the Runs/grades history) under ``name`` (see
+    `submission_identity`). The cached engine is shared by all sessions: each grade names its
+    adapter, and the engine switches and grades under its lock."""
     from inference.engine import get_engine
     from inference.results import store_grade
 
@@ -153,8 +166,11 @@ def build(settings: Settings) -> dict[str, Any]:
     with gr.Tab("One submission"):
         with gr.Row():
             md_text = gr.Textbox(label="Submission (Markdown)", lines=10, elem_id="grade-md")
-            md_file = gr.File(label="...or upload a .md file", file_types=[".md", ".txt"],
-                              height=110, elem_id="grade-md-file")
+            with gr.Column():
+                md_file = gr.File(label="...or upload a .md file", file_types=[".md", ".txt"],
+                                  height=110, elem_id="grade-md-file")
+                student = gr.Textbox(label=STUDENT_LABEL, placeholder="an upload fills in its file name",
+                                     elem_id="grade-student")
         with gr.Row():
             compare = gr.Checkbox(label="Also grade with the base model (side by side)",
                                   value=False, elem_id="grade-compare")
@@ -217,20 +233,23 @@ def build(settings: Settings) -> dict[str, Any]:
             return f"Rubric problem: {exc}"
 
     def on_md_file(file):
+        """The uploaded file's text, and its name as the student (the submission's identity)."""
         from data.markdown import read_markdown
 
         if not file:
-            return gr.update()
+            return gr.update(), gr.update()
         try:
-            return read_markdown(file, max_bytes=settings.max_upload_bytes)
+            text = read_markdown(file, max_bytes=settings.max_upload_bytes)
         except Exception as exc:
             raise gr.Error(str(exc))
+        return text, safe_display_name(Path(file).name)
 
-    def do_grade(base_model, adapter_path, rubric_path, rubric_upload, text, both, max_new_tokens):
+    def do_grade(base_model, adapter_path, rubric_path, rubric_upload, text, both, max_new_tokens, student=""):
         if not (text or "").strip():
             raise gr.Error("Paste a submission or upload a .md file.")
         rubric = load_rubric_choice(rubric_path, rubric_upload)
         adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
+        name = submission_identity(student)
         base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
         n = int(max_new_tokens or 512)
         runs = [("tuned", adapter_dir)] if adapter_dir else []
@@ -244,7 +263,7 @@ def build(settings: Settings) -> dict[str, Any]:
                     b[0], total_markdown(b[1], "Base"), grade_table(b[1]))
 
         for who, adp in runs:
-            for kind, value in stream_grade(base_model, adp, text, rubric, n):
+            for kind, value in stream_grade(base_model, adp, text, rubric, n, name):
                 if kind == "token":
                     out[who][0] = value
                 else:
@@ -296,8 +315,8 @@ def build(settings: Settings) -> dict[str, Any]:
     refresh_btn.click(on_refresh, None, [adapter], api_name="refresh_adapters")
     rubric_pick.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
     rubric_file.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
-    md_file.upload(on_md_file, [md_file], [md_text])
-    grade_btn.click(do_grade, [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new],
+    md_file.upload(on_md_file, [md_file], [md_text, student])
+    grade_btn.click(do_grade, [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new, student],
                     [tuned_raw, tuned_total, tuned_table, base_raw, base_total, base_table],
                     api_name="grade", concurrency_limit=settings.max_jobs,
                     concurrency_id="grading")

@@ -210,6 +210,18 @@ def _review_corrections(db: sqlite_utils.Database) -> None:
     db["corrections"].create_index(["grade_id", "question_index"], if_not_exists=True)
 
 
+@MIGRATIONS(name="0004_name_pasted_submissions")
+def _name_pasted_submissions(db: sqlite_utils.Database) -> None:
+    """Before #27 the Grade tab stored every pasted submission as `pasted.md`, whoever wrote it,
+    and the gradebook put them all in one row. Each such grade gets a name of its own,
+    ``pasted-<id>.md`` with the id of the first grade of the same text (a text's tuned and base
+    grades stay one submission; a grade that kept no text is its own)."""
+    db.execute(
+        "UPDATE grades SET submission_name = 'pasted-' || CASE WHEN submission_md IS NULL THEN id "
+        "ELSE (SELECT min(g.id) FROM grades g WHERE g.submission_md = grades.submission_md) END || '.md' "
+        "WHERE submission_name = 'pasted.md'")
+
+
 _JSON = {
     "datasets": frozenset({"sources", "correction_ids"}),
     "submissions": frozenset({"data"}),

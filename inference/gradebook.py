@@ -101,6 +101,7 @@ def build_gradebook(grades: Iterable[dict], corrections: Corrections | None = No
             book.columns.append(col)
             book.max_scores[col] = float(rubrics[key].questions[k].max_score)
     rows: dict[str, GradebookRow] = {}
+    models: dict[str, dict[str, None]] = {}  # submission -> the models whose grades its row holds
     for (sub, key), g in sorted(chosen.items(), key=lambda kv: (kv[0][0], names[kv[0][1]])):
         row = rows.setdefault(sub, GradebookRow(submission=sub))
         items = _json(g["grade"]).get("items") or []
@@ -113,9 +114,10 @@ def build_gradebook(grades: Iterable[dict], corrections: Corrections | None = No
             elif k < len(items):
                 row.scores[col] = float(items[k]["score"])
             row.max += book.max_scores[col]
-        row.graded_by = "; ".join(x for x in (row.graded_by, _made_by(g)) if x and x not in row.graded_by.split("; "))
+        models.setdefault(sub, {})[_made_by(g)] = None  # an ordered set: each model once
         row.graded_at = max(row.graded_at, str(g.get("created_at") or ""))
-    for row in rows.values():
+    for sub, row in rows.items():
+        row.graded_by = "; ".join(models[sub])
         # Rounded like the grades themselves: a sum of 2-decimal scores shows no float noise.
         row.total = round(sum(row.scores.values()), 4)
     book.rows = list(rows.values())

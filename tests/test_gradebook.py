@@ -4,6 +4,7 @@ CSV) read back with data/spreadsheet.py in wide shape keeps every score; teacher
 replace the model's scores they name."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,48 @@ def test_the_teachers_corrections_replace_the_models_scores_in_the_export(tmp_pa
     (row,) = book.rows
     assert row.submission == "ann.md" and list(row.scores.values()) == [2, 5] and row.total == 7
     assert len(row.corrected) == 1
+
+
+def test_a_row_names_every_model_that_graded_it(tmp_path: Path) -> None:
+    """#27 item 1: one student's grades on four assignments by two models: the row names both
+    (it named whichever came last in the row, and at times none)."""
+    store = Store()
+    adapter = str(tmp_path / "checkpoints" / "run-a" / "best")
+    bio = Rubric(title="Bio", questions=[RubricQuestion(question_id="1", question="Photosynthesis?", max_score=4)])
+    history = Rubric(title="History", questions=[RubricQuestion(question_id="1", question="Why 1848?", max_score=6)])
+    _grade(store, "ann.md", STACKS, [1.0, 1.0, 1.0], adapter)
+    _grade(store, "ann.md", ESSAY, [5.0], None)
+    _grade(store, "ann.md", bio, [2.0], adapter)
+    _grade(store, "ann.md", history, [3.0], None)
+    (row,) = build_gradebook(stored_grades()).rows
+    assert (row.total, row.max) == (13.0, 30.0)
+    assert sorted(row.graded_by.split("; ")) == sorted([adapter, "embedded:gemma-3-270m (no adapter)"])
+
+
+def test_grades_stored_as_pasted_md_before_27_get_a_row_each(tmp_path: Path) -> None:
+    """#27 item 1: the Grade tab stored every pasted submission as `pasted.md`; opening such a
+    store names each pasted text on its own (its tuned and base grades stay one submission), so
+    the gradebook no longer puts different students in one row."""
+    import sqlite_utils
+
+    from data.store import MIGRATIONS
+
+    db_path = tmp_path / "old.db"
+    db = sqlite_utils.Database(db_path)
+    MIGRATIONS.apply(db, stop_before="0004_name_pasted_submissions")
+    rubric = ESSAY.model_dump()
+    for text, score, adapter in [("ann's essay", 7.0, "run/best"), ("ann's essay", 5.0, None),
+                                 ("bob's essay", 9.0, "run/best"), (None, 4.0, None)]:
+        grade = {"score": score, "max_score": 10.0, "feedback": "",
+                 "items": [{"question": "Thesis", "score": score, "max_score": 10.0}]}
+        db["grades"].insert({"created_at": "2026-12-01T10:00:00+00:00", "base_model": "b", "adapter": adapter,
+                             "submission_name": "pasted.md", "score": score, "max_score": 10.0,
+                             "grade": json.dumps(grade), "raw_text": "", "rubric": json.dumps(rubric), "repaired": 0,
+                             "latency_s": 0.1, "submission_md": text})
+    db.close()
+    store = Store(db_path)
+    names = [g["submission_name"] for g in sorted(store.grades(limit=-1), key=lambda g: g["id"])]
+    assert names == ["pasted-1.md", "pasted-1.md", "pasted-3.md", "pasted-4.md"]
+    book = build_gradebook(stored_grades(store))
+    assert sorted((r.submission, r.total) for r in book.rows) == [("pasted-1.md", 5.0), ("pasted-3.md", 9.0),
+                                                                   ("pasted-4.md", 4.0)]

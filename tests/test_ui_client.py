@@ -285,7 +285,7 @@ def test_upload_train_restart_and_grade_flow(app):
     rubric = DATA / "rubrics" / f"{TRAIN_ASSIGNMENT}.json"
     md = next((DATA / "submissions").glob(f"{TRAIN_ASSIGNMENT}-*.md")).read_text()
     out = client.predict("embedded:tiny-gpt-oss", choices[f"{run_id}/final"], str(rubric), None,
-                         md, True, 24, api_name="/grade")
+                         md, True, 24, "chloe", api_name="/grade")
     tuned_raw, tuned_total, tuned_table, base_raw, base_total, base_table = out
     assert tuned_total.startswith("**Tuned:") and " / " in tuned_total, tuned_total
     assert base_total.startswith("**Base:"), base_total

@@ -1,7 +1,10 @@
 """The teacher's loop as a teacher meets it (#27), clicked in a real browser (Debian's Chromium via
 Playwright, as in tests/test_ui_browser.py) against a real `python app.py`: the Data tab's advice
 names the page's own fields, in row order; the encoding is detected; a sheet without answers is
-refused."""
+refused; each submission graded in the Grade tab keeps its identity into the gradebook.
+
+Grading uses the embedded tiny GPT-OSS base (random weights: the scores mean nothing, the
+identities and the page are the point)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 from openpyxl import Workbook
 
 from data.store import Store
+from tests.test_ui_client import DATA
 from tests.test_ui_browser import browser, open_tab, shot, text_of, wait_text  # noqa: F401  (browser: a fixture)
 from tests.test_ui_client import app_server
 
@@ -109,3 +113,79 @@ def test_a_csv_saved_by_excel_on_windows_reads_without_naming_an_encoding(page, 
     problems = text_of(page, "#data-problems")
     assert "read as cp1252 (detected)" in problems and "--encoding" not in problems, problems
     wait_text(page, "#data-preview", "caf\u00e9 au lait")
+
+
+def pick(pg, selector: str, option: str) -> None:
+    """Choose ``option`` in the dropdown ``selector`` as a user does."""
+    pg.locator(f"{selector} input").click()
+    pg.get_by_role("option", name=option).click()
+
+
+def upload_file(pg, selector: str, path: Path) -> None:
+    """Upload into a file box, clearing the file it shows first (as a user clicks its x)."""
+    clear = pg.locator(f"{selector} button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+    pg.locator(f"{selector} input[type=file]").set_input_files(str(path))
+
+
+def stored_names(work: Path) -> list[str]:
+    return [g["submission_name"] for g in sorted(Store(work / "studio.db").grades(limit=-1), key=lambda g: g["id"])]
+
+
+def wait_graded(pg, work: Path, n: int) -> list[str]:
+    """Wait until the store holds ``n`` grades; their submission names, oldest first."""
+    for _ in range(300):
+        names = stored_names(work)
+        if len(names) >= n:
+            return names
+        pg.wait_for_timeout(500)
+    raise AssertionError(f"{n} grades never stored; store has {stored_names(work)}")
+
+
+def test_each_graded_submission_keeps_its_identity_in_the_gradebook(page, work: Path, tmp_path: Path,
+                                                                     artifacts_dir: Path) -> None:
+    """#27 item 1: two uploaded files of two assignments and a pasted text are three rows of the
+    gradebook, named by the file or by the student the page asks for (they were all `pasted.md`,
+    in one row)."""
+    from openpyxl import load_workbook
+
+    open_tab(page, "Grade")
+    pick(page, "#grade-base", "embedded:tiny-gpt-oss")
+    before = len(stored_names(work))
+    student = page.locator("#grade-student textarea, #grade-student input").first
+    for k, (assignment, md) in enumerate([("algebra-linear", "algebra-linear-chloe.md"),
+                                          ("bio-photosynthesis", "bio-photosynthesis-lena.md")], start=1):
+        pick(page, "#grade-rubric", f"{assignment}.json")
+        upload_file(page, "#grade-md-file", DATA / "submissions" / md)
+        page.wait_for_function("(name) => { const e = document.querySelector('#grade-student textarea, "
+                               "#grade-student input'); return e && e.value == name; }", arg=md)
+        page.locator("#grade-run").click()
+        assert wait_graded(page, work, before + k)[-1] == md
+
+    # Pasted text has no name: the page asks for one and grades nothing until it has it.
+    pick(page, "#grade-rubric", "algebra-linear.json")
+    page.locator("#grade-md textarea").fill((DATA / "submissions" / "algebra-linear-noah.md").read_text())
+    student.fill("")
+    page.locator("#grade-run").click()
+    page.get_by_text("Whose submission is this?").first.wait_for()
+    assert len(stored_names(work)) == before + 2
+    student.fill("Noah R.")
+    page.locator("#grade-run").click()
+    assert wait_graded(page, work, before + 3)[-1] == "Noah R."
+    shot(page, artifacts_dir, "grade_identity")
+
+    # The gradebook: one row per submission, none merged.
+    page.get_by_role("tab", name="Gradebook").click()
+    page.locator("#grade-book-export").click()
+    wait_text(page, "#grade-book-msg", r"submissions x")
+    with page.expect_download() as download:
+        page.locator("#grade-book-file a").first.click()
+    path = tmp_path / "gradebook.xlsx"
+    download.value.save_as(path)
+    rows = list(load_workbook(path).active.iter_rows(values_only=True))
+    header, body = rows[0], rows[2:]
+    assert {r[0] for r in body} >= {"algebra-linear-chloe.md", "bio-photosynthesis-lena.md", "Noah R."}, body
+    assert not any(str(r[0]).startswith("pasted") for r in body)
+    graded_by = header.index("graded_by")
+    assert all(r[graded_by] == "embedded:tiny-gpt-oss (no adapter)" for r in body)
