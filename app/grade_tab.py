@@ -18,9 +18,13 @@ import pandas as pd
 from app import jobs
 from app.common import Settings, checked_adapter, model_choices, rubric_choices, safe_display_name
 from inference.repair import repair_messages
+from inference.scoring import REVIEW_THRESHOLD
 
-GRADE_COLUMNS = ["question", "score", "max score", "confidence", "review", "justification"]
-GRADE_WIDTHS = ["45%", "10%", "12%", "33%"]
+# What a teacher acts on first (the score, whether to check it) before the long texts; a width for
+# every column, so none is pushed out of the half-page table.
+GRADE_COLUMNS = ["question", "score", "max", "review", "confidence", "justification"]
+GRADE_WIDTHS = ["26%", "11%", "9%", "13%", "13%", "28%"]
+ITEM_GRADING_NOTE = "item grading scores without writing a justification"
 BATCH_COLUMNS = ["file", "total", "max total", "repaired", "latency s"]
 NO_ADAPTER = "(none: base model only)"
 STUDENT_LABEL = "Student (name or id)"
@@ -68,21 +72,50 @@ def load_rubric_choice(rubric_path: str | None, rubric_file: str | None):
     raise gr.Error("Pick a rubric from the list or upload one.")
 
 
-def rubric_markdown(rubric) -> str:
-    lines = [f"**{rubric.title or 'Rubric'}**: {len(rubric.questions)} questions, "
+def rubric_markdown(rubric, uploaded: str | None = None) -> str:
+    """The rubric that grading will use; ``uploaded``: the name of the file it came from."""
+    source = f" (uploaded: `{uploaded}`)" if uploaded else ""
+    lines = [f"**{rubric.title or 'Rubric'}**{source}: {len(rubric.questions)} questions, "
              f"max {rubric.max_score:g} points"]
     for k, q in enumerate(rubric.questions, 1):
         lines.append(f"{k}. {q.question} ({q.max_score:g} pts)")
     return "\n".join(lines)
 
 
-def grade_table(result) -> pd.DataFrame:
+def justification_cell(item, question, unit: str) -> str:
+    """What the justification column says for one graded question: the model's justification;
+    for item grading (which writes none) that it writes none, and the question's reference answer
+    to compare with. ``question``: the rubric's question (None when the grade has more items)."""
+    if item.justification:
+        return item.justification
+    if unit != "item":
+        return ""
+    reference = getattr(question, "reference_answer", None)
+    return f"{ITEM_GRADING_NOTE}; reference answer: {reference}" if reference else ITEM_GRADING_NOTE
+
+
+def grade_table(result, rubric=None) -> pd.DataFrame:
+    """One row per question of ``result`` (graded against ``rubric``)."""
     if result is None:
         return pd.DataFrame(columns=GRADE_COLUMNS)
-    conf = result.confidence or [None] * len(result.grade.items)
-    rows = [[i.question, i.score, i.max_score, "" if c is None else round(c, 2), "needs review" if r else "",
-             i.justification or ""] for i, c, r in zip(result.grade.items, conf, result.needs_review)]
+    items = result.grade.items
+    conf = result.confidence or [None] * len(items)
+    questions = list(rubric.questions) if rubric is not None and len(rubric.questions) == len(items) else \
+        [None] * len(items)
+    rows = [[i.question, i.score, i.max_score, "needs review" if r else "", "" if c is None else round(c, 2),
+             justification_cell(i, q, result.unit)]
+            for i, q, c, r in zip(items, questions, conf, result.needs_review)]
     return pd.DataFrame(rows, columns=GRADE_COLUMNS)
+
+
+def review_count(result) -> str:
+    """How many questions the model was unsure of, said with the total ("" where it gives no
+    confidence: a whole grade written at once)."""
+    if not result.confidence:
+        return ""
+    n, of = sum(result.needs_review), len(result.needs_review)
+    return (f"**{n} of {of} questions need review** (confidence below {REVIEW_THRESHOLD:g}: check them in the "
+            "Review tab)" if n else f"no question needs review (all {of} confident)")
 
 
 def total_markdown(result, who: str) -> str:
@@ -93,7 +126,9 @@ def total_markdown(result, who: str) -> str:
     how = (" - scores are the model's expected score (its probabilities for 0..max averaged)"
            if getattr(result, "scoring", "") == "expected" else "")
     fb = f"\n\n{g.feedback}" if g.feedback else ""
-    return f"**{who}: {g.score:g} / {g.max_score:g}** in {result.latency_s:.1f} s{how}{note}{fb}"
+    review = review_count(result)
+    review = f"\n\n{review}" if review else ""
+    return f"**{who}: {g.score:g} / {g.max_score:g}** in {result.latency_s:.1f} s{how}{note}{review}{fb}"
 
 
 def submission_identity(student: str | None) -> str:
@@ -226,11 +261,20 @@ def build(settings: Settings) -> dict[str, Any]:
 
     def on_rubric(path, file):
         try:
-            return rubric_markdown(load_rubric_choice(path, file))
+            uploaded = safe_display_name(Path(file).name) if file else None
+            return rubric_markdown(load_rubric_choice(path, file), uploaded)
         except gr.Error as exc:
             return str(exc)
         except Exception as exc:
             return f"Rubric problem: {exc}"
+
+    # One rubric is in use, and the page shows which: an upload clears the list's pick (the
+    # upload is what grades), picking from the list clears the upload.
+    def on_rubric_upload(file):
+        return on_rubric(None, file), gr.update(value=None)
+
+    def on_rubric_pick(path):
+        return on_rubric(path, None), gr.update(value=None)
 
     def on_md_file(file):
         """The uploaded file's text, and its name as the student (the submission's identity)."""
@@ -259,8 +303,8 @@ def build(settings: Settings) -> dict[str, Any]:
 
         def view():
             t, b = out["tuned"], out["base"]
-            return (t[0], total_markdown(t[1], "Tuned"), grade_table(t[1]),
-                    b[0], total_markdown(b[1], "Base"), grade_table(b[1]))
+            return (t[0], total_markdown(t[1], "Tuned"), grade_table(t[1], rubric),
+                    b[0], total_markdown(b[1], "Base"), grade_table(b[1], rubric))
 
         for who, adp in runs:
             for kind, value in stream_grade(base_model, adp, text, rubric, n, name):
@@ -313,8 +357,9 @@ def build(settings: Settings) -> dict[str, Any]:
     book_btn.click(do_gradebook, [book_adapter, book_format], [book_msg, book_file, book_adapter],
                    api_name="export_gradebook")
     refresh_btn.click(on_refresh, None, [adapter], api_name="refresh_adapters")
-    rubric_pick.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
-    rubric_file.change(on_rubric, [rubric_pick, rubric_file], [rubric_view])
+    rubric_pick.input(on_rubric_pick, [rubric_pick], [rubric_view, rubric_file])
+    rubric_file.upload(on_rubric_upload, [rubric_file], [rubric_view, rubric_pick])
+    rubric_file.clear(on_rubric, [rubric_pick, rubric_file], [rubric_view])
     md_file.upload(on_md_file, [md_file], [md_text, student])
     grade_btn.click(do_grade, [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new, student],
                     [tuned_raw, tuned_total, tuned_table, base_raw, base_total, base_table],

@@ -7,6 +7,7 @@ Grading uses the embedded tiny GPT-OSS base (random weights: the scores mean not
 identities and the page are the point)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -189,3 +190,43 @@ def test_each_graded_submission_keeps_its_identity_in_the_gradebook(page, work: 
     assert not any(str(r[0]).startswith("pasted") for r in body)
     graded_by = header.index("graded_by")
     assert all(r[graded_by] == "embedded:tiny-gpt-oss (no adapter)" for r in body)
+
+
+def header_fits(pg, table: str, column: str) -> bool:
+    """Whether the table's header cell ``column`` lies inside the table's box (not scrolled off)."""
+    box = pg.locator(table).bounding_box()
+    cell = pg.locator(f"{table} th").filter(has_text=column).first.bounding_box()
+    return cell is not None and cell["x"] >= box["x"] - 1 and cell["x"] + cell["width"] <= box["x"] + box["width"] + 1
+
+
+def test_the_grade_shows_what_needs_review_why_and_which_rubric_graded(page, tmp_path: Path,
+                                                                     artifacts_dir: Path) -> None:
+    """#27 item 5: the review and justification columns are on screen, the total says how many
+    questions need review, item grading's empty justification is explained (with the reference
+    answer), and an uploaded rubric is the one the page shows as in use."""
+    from app.grade_tab import ITEM_GRADING_NOTE
+
+    open_tab(page, "Grade")
+    pick(page, "#grade-base", "embedded:tiny-gpt-oss")
+    rubric = tmp_path / "stacks-rubric.json"
+    rubric.write_text(json.dumps({"title": "Stacks", "questions": [
+        {"question_id": "1", "question": "What is a stack?", "max_score": 5,
+         "reference_answer": "A last-in first-out list."},
+        {"question_id": "2", "question": "Name its two operations", "max_score": 2}]}))
+    upload_file(page, "#grade-rubric-file", rubric)
+    wait_text(page, "#grade-rubric-view", r"Stacks \(uploaded: stacks-rubric\.json\)")
+    assert page.locator("#grade-rubric input").input_value() == ""  # the list shows no other rubric
+    page.locator("#grade-md textarea").fill("## Question 1: What is a stack?\n\nA pile: last in, first out.\n\n"
+                                            "## Question 2: Name its two operations\n\npush and pop\n")
+    page.locator("#grade-student textarea, #grade-student input").first.fill("ann")
+    page.locator("#grade-run").click()
+    total = wait_text(page, "#grade-base-total", r"Base: [\d.]+ / 7\b.*review", timeout_s=300)
+    table = "#grade-base-table"
+    assert header_fits(page, table, "review") and header_fits(page, table, "justification")
+    cells = [[page.locator(f'{table} [data-testid="cell-{r}-{c}"]').inner_text().strip() for c in (3, 5)]
+             for r in range(2)]
+    n_review = sum(review == "needs review" for review, _ in cells)
+    assert (f"{n_review} of 2 questions need review" in total if n_review else "no question needs review" in total)
+    assert cells[0][1] == f"{ITEM_GRADING_NOTE}; reference answer: A last-in first-out list."
+    assert cells[1][1] == ITEM_GRADING_NOTE
+    shot(page, artifacts_dir, "grade_review_columns")
