@@ -98,7 +98,8 @@ def test_each_bad_configuration_is_refused_with_what_to_change(tmp_path, tiny_gp
 
     # ZeRO-2 replicates the weights: a 120b in bf16 cannot fit one 140 GiB H200 per rank.
     m120 = gpt_oss_shell(tmp_path / "gpt-oss-120b")
-    z2 = preset("seed-2xh200-120b").model_copy(update={"model": str(m120), "quantization": "none", "datasets": [GRADED]})
+    z2 = preset("seed-2xh200-120b").model_copy(update={"model": str(m120), "quantization": "none", "datasets": [GRADED],
+                                                        "gpu_memory_gib": 140.0})  # the presets leave it to CUDA
     msg = refused(z2)
     assert "ZeRO-2 keeps a full copy of the weights on every rank" in msg and "quantization=nf4" in msg
     est = estimate_memory(z2)
@@ -135,8 +136,9 @@ def test_cli_refuses_before_launch_and_prints_why(capsys):
 
 
 def test_without_a_preset_the_run_takes_this_machines_preset_and_says_what_max_steps_cuts(capsys):
-    assert [hardware_preset(n) for n in (0, 1, 2, 8)] == ["cpu-default", "h200-20b", "seed-2xh200-120b",
-                                                           "seed-2xh200-120b"]
+    everything_here = lambda spec: True  # noqa: E731  (a machine holding every preset's weights)
+    assert [hardware_preset(n, weights_present=everything_here) for n in (0, 1, 2, 8)] == [
+        "cpu-default", "h200-20b", "seed-2xh200-120b", "seed-2xh200-120b"]
     # lora_r=0 is refused, so nothing launches; what the user reads before that is the point.
     assert cli(["run", "--set", "epochs=3", "--set", "lora_r=0"]) == 2
     err = capsys.readouterr().err
@@ -162,8 +164,9 @@ def test_a_preset_this_machine_or_model_cannot_run_is_refused_with_what_to_chang
     # The same preset on a machine with one 80 GiB GPU.
     monkeypatch.setattr(config, "gpu_count", lambda: 1)
     monkeypatch.setattr(config, "gpu_memory_gib", lambda: 80.0)
-    msg = "\n".join(check_config(gemma_seed))
-    assert "num_gpus=2 but this machine has 1 GPU: set num_gpus=1, or start from preset h200-20b" in msg
+    msg = "\n".join(check_config(gemma_seed.model_copy(update={"gpu_memory_gib": 140.0})))
+    # No GPT-OSS weights here: the preset named is one that runs (#27 item 7), not h200-20b.
+    assert "num_gpus=2 but this machine has 1 GPU: set num_gpus=1, or start from preset embedded-grader" in msg
     assert "gpu_memory_gib=140 but this machine's GPU has 80.0 GiB: set gpu_memory_gib=80" in msg
     assert check_config(gemma_seed.model_copy(update={"num_gpus": 1, "gpu_memory_gib": None})) == []
     # int8 cannot pack GPT-OSS's 3-D expert weights: refused, nf4 named instead.
@@ -238,3 +241,40 @@ def test_mxfp4_keeps_gpt_oss_experts_packed_and_trains(tmp_path, tiny_gpt_oss_di
     assert 48 < est.total_gib < 60 and est.fits  # measured on the H200: 53.0 GiB (bench, BENCHMARKS.md round 2d)
     msg = refused(cfg.model_copy(update={"model": "embedded:gemma-3-270m", "lora_experts": False}))
     assert "quantization=mxfp4 keeps GPT-OSS's expert weights in MXFP4" in msg and "gemma3_text" in msg
+
+
+def test_a_gpu_newcomer_gets_a_preset_that_runs_on_the_card_they_have(monkeypatch, capsys):
+    """#27 item 7: one H100 80 GB, no GPT-OSS weights, no preset or model given: the embedded
+    model with the grading recipe, said on stderr, and nothing in it is refused (it used to pick
+    h200-20b: 140 GiB on an 80 GB card, the absent openai/gpt-oss-20b)."""
+    none_here = config.weights_here  # this machine: no GPT-OSS weights, the embedded models
+    assert not none_here("openai/gpt-oss-20b") and none_here("embedded:gemma-3-270m")
+    everything_here = lambda spec: True  # noqa: E731
+    assert [hardware_preset(n, 79.2, weights_present=none_here) for n in (0, 1, 2)] == [
+        "cpu-default", "embedded-grader", "embedded-grader"]
+    # With the weights, by GPU count and what fits one card; presets leave the memory to CUDA.
+    assert hardware_preset(1, 79.2, weights_present=everything_here) == "h200-20b"
+    assert hardware_preset(2, 139.7, weights_present=everything_here) == "seed-2xh200-120b"
+    only_120b = lambda spec: spec == "openai/gpt-oss-120b"  # noqa: E731
+    assert hardware_preset(1, 139.7, weights_present=only_120b) == "h200-120b"
+    assert all(p.gpu_memory_gib is None for p in PRESETS.values())
+    # A model given picks by its kind: a Gemma never gets a GPT-OSS preset's MXFP4.
+    assert hardware_preset(1, 79.2, model="embedded:gemma-3-270m", weights_present=everything_here) == "embedded-grader"
+    assert hardware_preset(1, 79.2, model="embedded:tiny-gpt-oss", weights_present=none_here) == "h200-20b"
+    # A memory estimate that cannot fit the card is passed over for the next preset.
+    monkeypatch.setattr(config, "estimate_memory", lambda cfg: config.MemoryEstimate(
+        *[None] * 7, fits=cfg.model != "openai/gpt-oss-20b"))
+    assert hardware_preset(1, 79.2, weights_present=everything_here) == "h200-120b"
+    monkeypatch.undo()
+
+    # The CLI on that card: says which preset and why; the preset itself passes every check.
+    monkeypatch.setattr(config, "gpu_count", lambda: 1)
+    monkeypatch.setattr(config, "gpu_memory_gib", lambda: 79.2)
+    assert cli(["run", "--set", "lora_r=0"]) == 2  # refused for lora_r alone: nothing launches
+    err = capsys.readouterr().err
+    assert "using preset embedded-grader, the one for this machine (1 GPU of 79.2 GiB; no GPT-OSS weights here" in err
+    assert "the embedded Gemma 3 270M with the grading recipe" in err
+    assert [line for line in err.splitlines() if line.startswith("  - ")] == [
+        "  - lora_r must be >= 1 (got 0); r=0 trains nothing. Try lora_r=8"], err
+    assert check_config(preset("embedded-grader")) == []
+    assert Store().list_runs() == []

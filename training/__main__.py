@@ -35,13 +35,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             cfg = C.load_config(RunFolder.of(args.resume).config)
     elif args.config:
         cfg = C.load_config(args.config)
+    elif args.preset:
+        cfg = C.preset(args.preset)
     else:
-        name = args.preset or C.hardware_preset()
-        if not args.preset:
-            n = C.gpu_count()
-            print(f"no --preset or --config: using preset {name}, the one for this machine "
-                  f"({f'{n} GPU' + ('s' if n > 1 else '') if n else 'no GPU'})", file=sys.stderr)
-        cfg = C.preset(name)
+        choice = C.preset_choice(C.gpu_count(), C.gpu_memory_gib(), model=C.overridden(args.set, "model"))
+        print(f"no --preset or --config: using preset {choice.name}, the one for this machine ({choice.reason})",
+              file=sys.stderr)
+        cfg = C.preset(choice.name)
     if cfg is not None and args.set:
         cfg = C.apply_overrides(cfg, args.set)
     for warning in C.config_warnings(cfg) if cfg is not None else []:

@@ -6,7 +6,8 @@ launcher writes it into the run folder, and the trainer reads it back. Every kno
 `check_config` refuses configurations that cannot work, here or on this machine, before anything is
 launched (each message says what to change); `config_warnings` names settings that launch but do
 not do what they seem to ask (a max_steps that cuts the epochs); `estimate_memory` is the per-GPU
-memory arithmetic behind the "does it fit" checks; `hardware_preset` is the preset for this machine.
+memory arithmetic behind the "does it fit" checks; `preset_choice` is the preset for a machine (its
+GPUs, their memory, the weights it holds) and `hardware_preset` the one for this machine.
 """
 from __future__ import annotations
 
@@ -136,7 +137,6 @@ _SEED_120B = RunConfig(
     gradient_accumulation_steps=4,
     learning_rate=2e-4,
     epochs=3.0,
-    gpu_memory_gib=140.0,
 )
 
 PRESETS: dict[str, RunConfig] = {
@@ -158,7 +158,6 @@ PRESETS: dict[str, RunConfig] = {
         gradient_checkpointing=False,
         learning_rate=2e-4,
         epochs=3.0,
-        gpu_memory_gib=140.0,
     ),
     # The seed recipe on one H200: experts packed to NF4 while loading (55 GiB; attention, embeddings
     # and head stay bf16, 4 GiB), every layer recomputed; the bench's 36-layer rows at these settings
@@ -310,6 +309,20 @@ def _parse_value(key: str, raw: str) -> Any:
         return text  # let the final model validation produce the message
 
 
+def _split_override(item: str) -> tuple[str, str]:
+    """``key=value`` as typed (``--set lora-r=16``) -> (the field name, the raw value)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value (e.g. lora_r=16)")
+    key, raw = item.split("=", 1)
+    return key.strip().replace("-", "_"), raw
+
+
+def overridden(overrides: list[str], key: str) -> str | None:
+    """The value the last ``key=value`` of ``overrides`` gives ``key`` (stripped), or None."""
+    found = [raw.strip() for k, raw in map(_split_override, overrides) if k == key]
+    return found[-1] if found else None
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply `key=value` settings (as typed on the command line) to a copy of `cfg`.
 
@@ -318,10 +331,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """
     data = cfg.model_dump()
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (e.g. lora_r=16)")
-        key, raw = item.split("=", 1)
-        key = key.strip().replace("-", "_")
+        key, raw = _split_override(item)
         if key not in RunConfig.model_fields:
             raise ValueError(_unknown_key_message(key))
         data[key] = _parse_value(key, raw)
@@ -626,7 +636,7 @@ def _machine_problems(cfg: RunConfig) -> list[str]:
                         f"ranks): set num_gpus=none, or start from preset {hardware_preset(0)}")
     elif cfg.num_gpus is not None and cfg.num_gpus > n:
         problems.append(f"num_gpus={cfg.num_gpus} but this machine has {n} GPU{'s' if n > 1 else ''}: "
-                        f"set num_gpus={n}, or start from preset {hardware_preset(n)}")
+                        f"set num_gpus={n}, or start from preset {hardware_preset()}")
     real = gpu_memory_gib() if n else None
     if real is not None and cfg.gpu_memory_gib is not None and cfg.gpu_memory_gib > real + 0.5:
         problems.append(f"gpu_memory_gib={cfg.gpu_memory_gib:g} but this machine's GPU has {real:.1f} GiB: "
@@ -634,12 +644,80 @@ def _machine_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def hardware_preset(n_gpus: int | None = None) -> str:
-    """The preset for a machine with `n_gpus` GPUs (None: this machine): cpu-default without a GPU,
-    else the GPU preset that uses the most of them (h200-20b on one, seed-2xh200-120b on two or more)."""
-    n = gpu_count() if n_gpus is None else n_gpus
-    fitting = [name for name, p in PRESETS.items() if p.num_gpus is not None and p.num_gpus <= n]
-    return max(fitting, key=lambda name: PRESETS[name].num_gpus or 0) if fitting else "cpu-default"
+# The preset of a GPU machine where no GPT-OSS preset can run (no weights here, a model of another
+# kind, too little memory): the embedded model with the grading recipe, which needs nothing absent.
+GPU_FALLBACK_PRESET = "embedded-grader"
+CPU_PRESET = "cpu-default"
+
+
+@dataclass(frozen=True)
+class PresetChoice:
+    """The preset for a machine, and why (what `run` says when no preset is given)."""
+
+    name: str
+    reason: str
+
+
+def _model_type(spec: str) -> str | None:
+    """The model_type of the model ``spec`` names, read without loading or building it (None:
+    not here, or no config)."""
+    embedded = embedded_model(spec)
+    if embedded is not None:
+        return embedded.model_type
+    folder = model_dir(RunConfig(model=spec))
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") if folder else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def weights_here(spec: str) -> bool:
+    """Whether the model ``spec`` names can be trained here without a download: an embedded model
+    (built from its package), or a folder or Hugging Face cache entry holding weights."""
+    if embedded_model(spec) is not None:
+        return True
+    folder = model_dir(RunConfig(model=spec))
+    return folder is not None and _weights_present(folder)
+
+
+def preset_choice(n_gpus: int, gpu_memory: float | None, *, model: str | None = None,
+                  weights_present: typing.Callable[[str], bool] = weights_here) -> PresetChoice:
+    """The preset for a machine with ``n_gpus`` GPUs of ``gpu_memory`` GiB each (None: unknown)
+    and the models ``weights_present`` says are here; ``model``: the model the user gave (the
+    preset's own otherwise). Without a GPU: cpu-default. With GPUs: the GPT-OSS preset that uses
+    the most of them whose model is here (a given model: a GPT-OSS one) and fits one GPU by
+    `estimate_memory`; else the embedded grading recipe. A pure function of its arguments."""
+    if n_gpus <= 0:
+        return PresetChoice(CPU_PRESET, "no GPU")
+    machine = f"{n_gpus} GPU{'s' if n_gpus > 1 else ''}" + (f" of {gpu_memory:.1f} GiB" if gpu_memory else "")
+    gpt_oss = sorted(((name, p) for name, p in PRESETS.items()
+                      if p.num_gpus is not None and p.num_gpus <= n_gpus and name != GPU_FALLBACK_PRESET),
+                     key=lambda kv: -(kv[1].num_gpus or 0))  # stable: the listed order among equals
+    for name, p in gpt_oss:
+        if model is None and not weights_present(p.model):
+            continue
+        if model is not None and _model_type(model) != "gpt_oss":
+            break  # these presets are GPT-OSS recipes (MXFP4, NF4 experts)
+        sized = p.model_copy(update={"model": model or p.model, "gpu_memory_gib": gpu_memory})
+        if gpu_memory is None or estimate_memory(sized).fits:
+            return PresetChoice(name, f"{machine}; {model or p.model} is here")
+    if model is not None:
+        why = f"{model} is not a GPT-OSS model" if _model_type(model) != "gpt_oss" else \
+            f"no GPT-OSS preset fits {machine} with {model}"
+    else:
+        absent = sorted({p.model for _, p in gpt_oss if not weights_present(p.model)})
+        why = (f"no GPT-OSS weights here ({', '.join(absent)})" if absent else
+               f"no GPT-OSS preset fits {machine}")
+    return PresetChoice(GPU_FALLBACK_PRESET, f"{machine}; {why}: the embedded Gemma 3 270M with the grading recipe")
+
+
+def hardware_preset(n_gpus: int | None = None, gpu_memory: float | None = None, *, model: str | None = None,
+                    weights_present: typing.Callable[[str], bool] = weights_here) -> str:
+    """The name of the preset for a machine (`preset_choice`); ``n_gpus`` None: this machine,
+    its GPU count and memory as CUDA reports them."""
+    if n_gpus is None:
+        n_gpus, gpu_memory = gpu_count(), gpu_memory_gib()
+    return preset_choice(n_gpus, gpu_memory, model=model, weights_present=weights_present).name
 
 
 def _training_examples(cfg: RunConfig) -> int | None:
