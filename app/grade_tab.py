@@ -46,6 +46,15 @@ def default_adapter(choices: list[tuple[str, str]]) -> str:
     return choices[1][1] if len(choices) > 1 else ""
 
 
+def adapter_warning(adapter: str | None) -> str:
+    """What the page says above the grades about the adapter picked: that it cannot grade yet,
+    when its validation agreement is near zero ("" otherwise)."""
+    from training.adapter_quality import weak_agreement_note
+
+    note = weak_agreement_note(adapter)
+    return f"**This adapter cannot grade yet.** {note}" if note else ""
+
+
 def base_of(adapter: str | None) -> str | None:
     if not adapter:
         return None
@@ -191,6 +200,7 @@ def build(settings: Settings) -> dict[str, Any]:
                            allow_custom_value=True, label="Base model", elem_id="grade-base")
         max_new = gr.Number(value=512, precision=0, label="max new tokens", elem_id="grade-max-new")
         refresh_btn = gr.Button("Refresh adapters", size="sm", elem_id="grade-refresh")
+    adapter_note = gr.Markdown(adapter_warning(default_adapter(choices)), elem_id="grade-adapter-note")
     with gr.Row():
         rubrics = rubric_choices()
         rubric_pick = gr.Dropdown(rubrics, value=rubrics[0][1] if rubrics else None,
@@ -246,7 +256,7 @@ def build(settings: Settings) -> dict[str, Any]:
 
     def on_adapter(path):
         b = base_of(path)
-        return gr.update(value=b) if b else gr.update()
+        return (gr.update(value=b) if b else gr.update()), adapter_warning(path)
 
     def on_refresh():
         return gr.update(choices=adapter_choices())
@@ -353,7 +363,7 @@ def build(settings: Settings) -> dict[str, Any]:
         return (f"{len(book.rows)} submissions x {len(book.columns)} questions", str(path),
                 gr.update(choices=gradebook_choices()))
 
-    adapter.change(on_adapter, [adapter], [base])
+    adapter.change(on_adapter, [adapter], [base, adapter_note])
     book_btn.click(do_gradebook, [book_adapter, book_format], [book_msg, book_file, book_adapter],
                    api_name="export_gradebook")
     refresh_btn.click(on_refresh, None, [adapter], api_name="refresh_adapters")

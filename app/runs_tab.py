@@ -14,11 +14,12 @@ import plotly.graph_objects as go
 from app import jobs
 from app.common import Settings, checked_adapter, empty_figure, loss_figure
 from data.run_folder import RunFolder
+from training.adapter_quality import weak_agreement_note
 from inference.teacher_agreement import (AdapterAgreement, confusion_counts, format_by_question, format_overall,
                                          teacher_agreement)
 
 RUN_COLUMNS = ["run", "name", "status", "model", "datasets", "steps", "final loss",
-               "eval loss", "lora r", "lr", "created"]
+               "eval loss", "lora r", "lr", "created", "validation QWK"]
 
 
 def _cfg(run: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def runs_table() -> pd.DataFrame:
         metrics = jobs.read_metrics(rid)
         train = [m for m in metrics if m.get("kind", "train") == "train" and m.get("loss") is not None]
         evals = [m for m in metrics if m.get("kind") == "eval" and m.get("eval_loss") is not None]
+        qwk = [m["val_qwk"] for m in evals if m.get("val_qwk") is not None]
         status = run.get("status")
         if status in jobs.ACTIVE:
             status = jobs.live_status(rid).get("status", status)
@@ -47,7 +49,8 @@ def runs_table() -> pd.DataFrame:
                      train[-1]["step"] if train else 0,
                      round(train[-1]["loss"], 4) if train else None,
                      round(evals[-1]["eval_loss"], 4) if evals else None,
-                     cfg.get("lora_r"), cfg.get("learning_rate"), str(run.get("created_at", ""))])
+                     cfg.get("lora_r"), cfg.get("learning_rate"), str(run.get("created_at", "")),
+                     round(max(qwk), 3) if qwk else None])
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
@@ -68,6 +71,9 @@ def run_details(run_id: str | None) -> str:
     parts = [f"**{run_id}**: {run.get('status')}"]
     if run.get("error"):
         parts.append(f"error: {run['error']}")
+    note = weak_agreement_note(RunFolder(run["run_dir"]).default_adapter()) if run.get("run_dir") else None
+    if note:
+        parts.append(f"**Its adapter cannot grade yet.** {note}")
     if ckpts:
         parts.append("checkpoints: " + ", ".join(str(c.get("path")) for c in ckpts))
     for used in jobs.store().run_corrections(run_id) if run else []:

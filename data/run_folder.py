@@ -294,6 +294,13 @@ class RunFolder:
                 rows.append(row)
         return rows
 
+    def validation_at(self, step: int | None) -> dict[str, Any] | None:
+        """The newest evaluation row with the validation agreement (``val_qwk``) at or before
+        ``step`` (None: the run's last one): what a checkpoint of that step was judged by."""
+        rows = [r for r in self.read_metrics() if r.get("kind") == "eval" and r.get("val_qwk") is not None
+                and (step is None or (r.get("step") or 0) <= step)]
+        return rows[-1] if rows else None
+
     def truncate_metrics(self, after_step: int) -> int:
         """Drop the rows of steps after `after_step` (a resume from that checkpoint draws the curve
         on from there); returns how many rows went. The file is replaced in one rename."""

@@ -175,3 +175,43 @@ def test_the_grading_cli_takes_a_run_folder_as_its_default_adapter(tmp_path, cap
     assert adapter_of(str(run.checkpoint(2))) == str(run.checkpoint(2))
     assert adapter_of(str(tmp_path / "nowhere")) == str(tmp_path / "nowhere")
     assert adapter_of(None) is None
+
+
+def finished_cpu_run(root: Path, store, val_qwk: float, run_id: str = "cpu-default-20261207-120000") -> RunFolder:
+    """What the default CPU run leaves (12 steps, one evaluation with its validation agreement, a
+    final adapter), recorded in ``store`` as finished; no training."""
+    from training.config import preset, save_config
+
+    cfg = preset("cpu-default")
+    folder = RunFolder(root / run_id)
+    folder.path.mkdir(parents=True)
+    save_config(cfg, folder.config)
+    folder.append_metrics(*[{"kind": "train", "step": s, "epoch": round(s / 66, 4), "loss": 2.0 - s / 20, "lr": 5e-4,
+                             "tokens_per_s": 50.0,
+                             "total_steps": 12, "elapsed_s": 20.0 * s} for s in range(1, 13)])
+    folder.append_metrics({"kind": "eval", "step": 12, "epoch": 0.1818, "eval_loss": 1.9, "total_steps": 12,
+                           "val_n": 26, "val_mae": 1.4, "val_pearson_r": 0.05, "val_qwk": val_qwk})
+    save_checkpoint(folder, 12, "final")
+    store.create_run(run_id, cfg.model_dump(), ["deepspeed"], str(folder.path))
+    store.set_run_status(run_id, "finished")
+    return folder
+
+
+def test_an_adapter_that_agrees_near_chance_is_said_to_be_so_with_what_would_help(tmp_path, capsys):
+    """#27 item 8: the default CPU run ends at validation QWK 0.015; its adapter is not presented
+    like any other grader: the note says so, and what trains a useful one."""
+    from data import paths
+    from data.store import Store
+    from training.__main__ import main as training_cli
+    from training.adapter_quality import weak_agreement_note
+
+    store = Store()
+    weak = finished_cpu_run(paths.checkpoints_dir(), store, 0.015)
+    note = weak_agreement_note(weak.final)
+    assert "near zero (QWK 0.015 on 26 held-out answers" in note, note
+    assert "12 steps (0.18 epochs) on ~" in note and "max_steps=none" in note and "a GPU" in note
+    assert training_cli(["status", weak.run_id]) == 0
+    assert f"warning: {note}" in capsys.readouterr().out
+    useful = finished_cpu_run(paths.checkpoints_dir(), store, 0.45, run_id="cpu-default-20261207-130000")
+    assert weak_agreement_note(useful.final) is None
+    assert weak_agreement_note(None) is None

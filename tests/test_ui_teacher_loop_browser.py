@@ -152,6 +152,7 @@ def test_each_graded_submission_keeps_its_identity_in_the_gradebook(page, work: 
     from openpyxl import load_workbook
 
     open_tab(page, "Grade")
+    pick(page, "#grade-adapter", "(none: base model only)")
     pick(page, "#grade-base", "embedded:tiny-gpt-oss")
     before = len(stored_names(work))
     student = page.locator("#grade-student textarea, #grade-student input").first
@@ -207,6 +208,7 @@ def test_the_grade_shows_what_needs_review_why_and_which_rubric_graded(page, tmp
     from app.grade_tab import ITEM_GRADING_NOTE
 
     open_tab(page, "Grade")
+    pick(page, "#grade-adapter", "(none: base model only)")
     pick(page, "#grade-base", "embedded:tiny-gpt-oss")
     rubric = tmp_path / "stacks-rubric.json"
     rubric.write_text(json.dumps({"title": "Stacks", "questions": [
@@ -230,3 +232,27 @@ def test_the_grade_shows_what_needs_review_why_and_which_rubric_graded(page, tmp
     assert cells[0][1] == f"{ITEM_GRADING_NOTE}; reference answer: A last-in first-out list."
     assert cells[1][1] == ITEM_GRADING_NOTE
     shot(page, artifacts_dir, "grade_review_columns")
+
+
+def test_an_adapter_that_cannot_grade_is_said_so_in_the_grade_and_runs_tabs(page, work: Path,
+                                                                          artifacts_dir: Path) -> None:
+    """#27 item 8: the default CPU run's adapter (validation QWK 0.015) is not offered like any
+    other grader: both tabs say its agreement is near zero and what would train a useful one."""
+    from tests.test_run_folder import finished_cpu_run
+
+    run = finished_cpu_run(work / "checkpoints", Store(work / "studio.db"), 0.015)
+    open_tab(page, "Grade")
+    page.locator("#grade-refresh").click()
+    page.wait_for_timeout(800)
+    pick(page, "#grade-adapter", f"{run.run_id}/final")
+    note = wait_text(page, "#grade-adapter-note", r"cannot grade yet")
+    assert "near zero (QWK 0.015" in note and "a GPU" in note, note
+    shot(page, artifacts_dir, "grade_weak_adapter")
+    pick(page, "#grade-adapter", "(none: base model only)")  # the other tests grade with the base
+    wait_text(page, "#grade-adapter-note", r"^$")
+
+    open_tab(page, "Runs")
+    wait_text(page, "#runs-table", run.run_id + r".*0\.015")
+    pick(page, "#runs-one", run.run_id)
+    details = wait_text(page, "#runs-details", r"cannot grade yet")
+    assert "near zero (QWK 0.015" in details and "max_steps=none" in details, details

@@ -26,6 +26,7 @@ from pathlib import Path
 def _cmd_run(args: argparse.Namespace) -> int:
     from training import config as C
     from training import launcher
+    from training.adapter_quality import weak_agreement_note
 
     if args.resume and not (args.preset or args.config):
         cfg = None  # the run's own config.json (overrides applied below)
@@ -63,6 +64,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status = launcher.follow(handle)
     adapter = handle.folder.default_adapter() if status == "finished" else None
     print(f"run {handle.run_id} {status}" + (f"; adapter: {adapter}" if adapter else ""))
+    note = weak_agreement_note(adapter)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     if status == "stopped":
         print(f"resume with: python -m training run --resume {handle.run_id}")
     print(handle.run_dir)
@@ -84,6 +88,7 @@ def _fmt_run(r: dict) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from training.adapter_quality import weak_agreement_note
     from training.launcher import run_status
     from data.store import Store
 
@@ -117,6 +122,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     adapter = RunFolder(st["run_dir"]).default_adapter()
     if adapter:
         print(f"adapter to grade with: {adapter}")
+        note = weak_agreement_note(adapter)
+        if note:
+            print(f"warning: {note}")
     for used in Store().run_corrections(st["run_id"]):
         print(f"trained on {len(used.correction_ids)} teacher corrections ({used.spec}, dataset {used.dataset_id}): "
               f"ids {', '.join(map(str, used.correction_ids))}")

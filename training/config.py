@@ -720,7 +720,7 @@ def hardware_preset(n_gpus: int | None = None, gpu_memory: float | None = None, 
     return preset_choice(n_gpus, gpu_memory, model=model, weights_present=weights_present).name
 
 
-def _training_examples(cfg: RunConfig) -> int | None:
+def training_examples(cfg: RunConfig) -> int | None:
     """About how many training examples `cfg.datasets` give (one per question or per submission,
     less the held-out eval_fraction), or None when the data cannot be read now."""
     from data.loading import load_graded
@@ -755,7 +755,7 @@ def config_warnings(cfg: RunConfig) -> list[str]:
     warnings: list[str] = []
     per_step = cfg.per_device_batch_size * world_size(cfg) * cfg.gradient_accumulation_steps
     if cfg.max_steps is not None and cfg.max_steps >= 1 and cfg.epochs > 0 and per_step >= 1:
-        n = _training_examples(cfg)
+        n = training_examples(cfg)
         if n:
             per_epoch = math.ceil(n / per_step)
             asked = max(1, math.ceil(cfg.epochs * per_epoch))
