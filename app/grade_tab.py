@@ -6,6 +6,7 @@ Grading goes through `inference.engine` (the same engine as `python -m inference
 """
 from __future__ import annotations
 
+import math
 import queue
 import tempfile
 import threading
@@ -28,6 +29,7 @@ ITEM_GRADING_NOTE = "item grading scores without writing a justification"
 BATCH_COLUMNS = ["file", "total", "max total", "repaired", "latency s"]
 NO_ADAPTER = "(none: base model only)"
 STUDENT_LABEL = "Student (name or id)"
+PROGRESS_STEPS = 4  # how many times, at least, the bar moves while a batch of files is graded
 
 
 def adapter_choices() -> list[tuple[str, str]]:
@@ -149,6 +151,22 @@ def submission_identity(student: str | None) -> str:
         raise gr.Error(f"Whose submission is this? Type the student's name or id under \"{STUDENT_LABEL}\" "
                        "(it names the submission's row in the gradebook), or upload the .md file.")
     return name
+
+
+def loaded_engine(base_model: str, progress):
+    """The grading engine for ``base_model``, the page told meanwhile what loading it involves
+    (on first use the embedded model is converted: the longest wait a new user meets)."""
+    from data.model_zoo import load_phase
+    from inference.engine import get_engine
+
+    progress(0.0, desc=load_phase(base_model))
+    return get_engine(base_model)
+
+
+def page_batch_size(engine, n_files: int) -> int:
+    """Batches for grading ``n_files`` in the page: the engine's, but small enough that the bar
+    moves `PROGRESS_STEPS` times (a little throughput for a visible wait)."""
+    return max(1, min(engine.default_batch_size(), math.ceil(n_files / PROGRESS_STEPS)))
 
 
 def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_tokens: int,
@@ -298,13 +316,15 @@ def build(settings: Settings) -> dict[str, Any]:
             raise gr.Error(str(exc))
         return text, safe_display_name(Path(file).name)
 
-    def do_grade(base_model, adapter_path, rubric_path, rubric_upload, text, both, max_new_tokens, student=""):
+    def do_grade(base_model, adapter_path, rubric_path, rubric_upload, text, both, max_new_tokens, student="",
+                 progress=gr.Progress()):
         if not (text or "").strip():
             raise gr.Error("Paste a submission or upload a .md file.")
         rubric = load_rubric_choice(rubric_path, rubric_upload)
         adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
         name = submission_identity(student)
         base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
+        loaded_engine(base_model, progress)
         n = int(max_new_tokens or 512)
         runs = [("tuned", adapter_dir)] if adapter_dir else []
         if both or not adapter_dir:
@@ -316,7 +336,8 @@ def build(settings: Settings) -> dict[str, Any]:
             return (t[0], total_markdown(t[1], "Tuned"), grade_table(t[1], rubric),
                     b[0], total_markdown(b[1], "Base"), grade_table(b[1], rubric))
 
-        for who, adp in runs:
+        for k, (who, adp) in enumerate(runs):
+            progress(k / len(runs), desc=f"grading {len(rubric.questions)} questions with the {who} model")
             for kind, value in stream_grade(base_model, adp, text, rubric, n, name):
                 if kind == "token":
                     out[who][0] = value
@@ -324,9 +345,8 @@ def build(settings: Settings) -> dict[str, Any]:
                     out[who] = [value.raw_text, value]
                 yield view()
 
-    def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens):
+    def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens, progress=gr.Progress()):
         from data.markdown import read_markdown
-        from inference.engine import get_engine
         from inference.results import store_grade
         from inference.grades_csv import write_grades_csv
 
@@ -340,10 +360,18 @@ def build(settings: Settings) -> dict[str, Any]:
             p = Path(f)
             items.append((safe_display_name(p.name),
                           read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
-        engine = get_engine(base_model)
+        engine = loaded_engine(base_model, progress)
+        done = [0]
+
+        def graded_more(n: int) -> None:
+            done[0] += n
+            progress((done[0], len(items)), desc=f"graded {done[0]} of {len(items)} submissions", unit="submissions")
+
+        progress((0, len(items)), desc=f"grading {len(items)} submissions", unit="submissions")
         # Batched across submissions (and, item by item, with each question's shared prefix computed once).
-        results = engine.grade_many(items, adapter=adapter_dir, batch_size=engine.default_batch_size(),
-                                    max_new_tokens=int(max_new_tokens or 512), anchors=jobs.store().anchor_bank())
+        results = engine.grade_many(items, adapter=adapter_dir, batch_size=page_batch_size(engine, len(items)),
+                                    max_new_tokens=int(max_new_tokens or 512), progress=graded_more,
+                                    anchors=jobs.store().anchor_bank())
         graded = [(name, res) for (name, _, _), res in zip(items, results)]
         rows = []
         for (name, md, _), res in zip(items, results):

@@ -81,6 +81,14 @@ def read_metrics(run_id: str) -> list[dict[str, Any]]:
         return []
 
 
+def current_phase(run_id: str) -> dict[str, Any] | None:
+    """The phase the run noted last (`RunFolder.note_phase`), or None."""
+    try:
+        return RunFolder.of(run_id).current_phase()
+    except ValueError:
+        return None
+
+
 def log_tail(run_id: str, n_lines: int = 40, width: int = 220) -> str:
     """The last lines of the run's train.log without repeated library noise (the launcher's
     filter), each cut to `width` characters so they fit the box ("" for an id that is not a run

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import html
 import statistics
+import time
 from typing import Any
 
 import gradio as gr
 
 from app import jobs
 from app.common import Settings, loss_figure
+from data.run_folder import TRAINING_PHASE
 
 POLL_S = 2.0
 LOG_LINES = 16
@@ -58,11 +60,25 @@ def progress(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "epoch": last.get("epoch")}
 
 
-def progress_html(p: dict[str, Any], status: str) -> str:
+def phase_text(phase: dict[str, Any] | None, p: dict[str, Any], status: str, now: float | None = None) -> str | None:
+    """What a live run is doing where its steps say nothing (loading, converting, compiling,
+    evaluating: `RunFolder.current_phase`), with how long it has been at it; None once the steps
+    tell (or the run is over)."""
+    if status not in jobs.ACTIVE or not phase or (phase["phase"] == TRAINING_PHASE and p["step"]):
+        return None
+    since = (now if now is not None else time.time()) - float(phase.get("time") or 0)
+    return f"{phase['phase']} ({_fmt_duration(since)})"
+
+
+def progress_html(p: dict[str, Any], status: str, phase: str | None = None) -> str:
+    """The progress bar: step / total, and the ETA, or the run's phase (`phase_text`) while it
+    has one."""
     total = p["total"] or 0
     frac = min(p["step"] / total, 1.0) if total else 0.0
     label = f"step {p['step']} / {total or '?'}"
-    if status in ("created", "running"):
+    if phase:
+        label += f" - {phase}"
+    elif status in ("created", "running"):
         label += f" - ETA {_fmt_duration(p['eta_s'])}"
     return (f'<div id="train-progress" data-step="{p["step"]}" data-total="{total}" '
             'style="border:1px solid #bbb;border-radius:6px;height:26px;position:relative;'
@@ -108,7 +124,8 @@ def run_view(run_id: str | None):
     rows = jobs.read_metrics(run_id)
     p = progress(rows)
     status = info.get("status", "unknown")
-    return (status_markdown(run_id, info, p), progress_html(p, status),
+    phase = phase_text(jobs.current_phase(run_id), p, status)
+    return (status_markdown(run_id, info, p), progress_html(p, status, phase),
             loss_figure({run_id: rows}, title=f"Loss - {run_id}"), jobs.log_tail(run_id, LOG_LINES))
 
 

@@ -315,6 +315,15 @@ def embedded_model(spec: str) -> EmbeddedModel | None:
     return EMBEDDED.get(spec[len(EMBEDDED_PREFIX):])
 
 
+def load_phase(spec: str) -> str:
+    """What loading the model ``spec`` involves now, in words for a progress display: an embedded
+    model not yet built on this machine is converted first (once, the longest wait a new user meets)."""
+    embedded = embedded_model(spec)
+    if embedded is not None and embedded.built_folder() is None:
+        return f"converting {spec} into {embedded.folder()} (once per machine), then loading it"
+    return f"loading model {spec}"
+
+
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
     """The local HF-cache snapshot of ``repo_id``, without touching the network."""
     try:

@@ -40,6 +40,8 @@ COMMAND = "command.txt"
 DEVICES = "devices.json"
 LOG = "train.log"
 METRICS = "metrics.jsonl"
+PHASES = "phases.jsonl"  # what the run is doing while no step is being counted (loading, evaluating...)
+TRAINING_PHASE = "training"  # the phase in which the steps themselves say where the run is
 PID = "pid"
 STOP_FILE = "STOP"
 FINAL = "final"
@@ -200,6 +202,10 @@ class RunFolder:
         return self.path / METRICS
 
     @property
+    def phases_file(self) -> Path:
+        return self.path / PHASES
+
+    @property
     def pid_file(self) -> Path:
         return self.path / PID
 
@@ -280,19 +286,7 @@ class RunFolder:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every row of metrics.jsonl, in order; a line being written (not yet JSON) is skipped."""
-        try:
-            text = self.metrics.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return []
-        rows = []
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return rows
+        return _read_jsonl(self.metrics)
 
     def validation_at(self, step: int | None) -> dict[str, Any] | None:
         """The newest evaluation row with the validation agreement (``val_qwk``) at or before
@@ -315,6 +309,29 @@ class RunFolder:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         os.replace(tmp, self.metrics)
         return len(rows) - len(keep)
+
+    # -- phases.jsonl
+    def note_phase(self, phase: str) -> None:
+        """Record what the run starts doing now, for the Train tab: the launcher and the trainer's
+        rank 0 write it; `TRAINING_PHASE` when the steps take over."""
+        with open(self.phases_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"phase": phase, "time": time.time()}) + "\n")
+
+    def phases(self) -> list[dict[str, Any]]:
+        """Every phase noted, oldest first (a line being written is skipped)."""
+        return [r for r in _read_jsonl(self.phases_file) if isinstance(r.get("phase"), str)]
+
+    def current_phase(self) -> dict[str, Any] | None:
+        """The phase noted last ({"phase", "time"}), unless a metrics row was written after it
+        (the steps say where the run is then); None when there is none."""
+        found = self.phases()
+        if not found:
+            return None
+        try:
+            last_row = self.metrics.stat().st_mtime
+        except OSError:
+            last_row = 0.0
+        return found[-1] if float(found[-1].get("time") or 0) >= last_row else None
 
     # -- train.log
     def log_tail(self, n_lines: int = 40, width: int | None = None) -> str:
@@ -403,6 +420,24 @@ class RunFolder:
         shutil.copytree(checkpoint_dir, staged, dirs_exist_ok=True)
         (staged / COMPLETE_MARKER).unlink()
         return self.publish(staged, BEST, step, source=Path(checkpoint_dir).name, **marker)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file another process appends to, in order: a line being
+    written (not yet JSON) is skipped; no file, no rows."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def run_folders(root: str | Path | None = None) -> list[RunFolder]:

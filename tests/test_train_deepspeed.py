@@ -109,6 +109,20 @@ def test_run_through_deepspeed_launcher_learns_and_saves_a_loadable_adapter(fini
         assert not torch.allclose(model(input_ids=ref["input_ids"]).logits, ref["logits"], atol=1e-3)
 
 
+def test_the_run_notes_each_phase_a_user_waits_through(finished_run):
+    """#27 item 6: what the Train tab shows before the first step and during evaluations comes
+    from the run itself: the launcher and the trainer note each phase as it starts."""
+    phases = [p["phase"] for p in RunFolder(finished_run["run_dir"]).phases()]
+    assert phases[:4] == ["starting the trainer processes (DeepSpeed's launcher)", "reading the data",
+                          "loading model embedded:tiny-gpt-oss", "starting DeepSpeed"], phases
+    assert phases[4] == "training" and "evaluating at step 2" in phases and phases[-1] == "training", phases
+    # Once steps are counted, the bar shows them, not the phase.
+    from app.train_tab import phase_text, progress
+
+    folder = RunFolder(finished_run["run_dir"])
+    assert phase_text(folder.current_phase(), progress(folder.read_metrics()), "running") is None
+
+
 def test_stop_then_resume_carries_on_the_step_count_and_the_loss_curve(finished_run):
     cfg = small_config(name="ds-stop", save_every_steps=100)
     handle = launcher.launch(cfg)

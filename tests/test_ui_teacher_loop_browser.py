@@ -8,6 +8,7 @@ identities and the page are the point)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -256,3 +257,83 @@ def test_an_adapter_that_cannot_grade_is_said_so_in_the_grade_and_runs_tabs(page
     pick(page, "#runs-one", run.run_id)
     details = wait_text(page, "#runs-details", r"cannot grade yet")
     assert "near zero (QWK 0.015" in details and "max_steps=none" in details, details
+
+
+# Every text the page's progress displays show, recorded as they change (a phase can last less
+# than a poll interval).
+RECORD_PROGRESS = """() => {
+  window.__progress = [];
+  const seen = new Set();
+  const look = () => document.querySelectorAll('.progress-level-inner, .progress-text, .meta-text-center, '
+                                               + '.meta-text, #train-progress-box').forEach(e => {
+    const t = e.innerText.trim();
+    if (t && !seen.has(t)) { seen.add(t); window.__progress.push(t); }
+  });
+  new MutationObserver(look).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def progress_seen(pg) -> str:
+    return "\n".join(pg.evaluate("() => window.__progress"))
+
+
+def test_long_waits_in_the_grade_tab_say_what_is_happening(browser, tmp_path: Path) -> None:  # noqa: F811
+    """#27 item 6: the first grade loads the model (converting it, the first time), a batch grades
+    file after file: the page says which, instead of a bare spinner. A server of its own, so the
+    model is loaded by this test."""
+    with app_server(tmp_path / "app") as url:
+        pg = browser.new_page()
+        try:
+            pg.set_default_timeout(60_000)
+            pg.goto(url)
+            pg.get_by_role("tab", name="Grade").wait_for()
+            open_tab(pg, "Grade")
+            pg.evaluate(RECORD_PROGRESS)
+            pick(pg, "#grade-base", "embedded:tiny-gpt-oss")
+            pick(pg, "#grade-rubric", "algebra-linear.json")
+            upload_file(pg, "#grade-md-file", DATA / "submissions" / "algebra-linear-chloe.md")
+            pg.wait_for_function("() => document.querySelector('#grade-student textarea, #grade-student input')"
+                                 ".value.length > 0")
+            pg.locator("#grade-run").click()
+            wait_text(pg, "#grade-base-total", r"Base: [\d.]+ / 15", timeout_s=300)
+            seen = progress_seen(pg)
+            assert "loading model embedded:tiny-gpt-oss" in seen, seen
+            assert "grading 4 questions with the base model" in seen, seen
+
+            pg.get_by_role("tab", name="Many submissions").click()
+            files = sorted((DATA / "submissions").glob("*.md"))[:5]
+            pg.locator("#grade-batch-files input[type=file]").set_input_files([str(f) for f in files])
+            pg.wait_for_timeout(1000)
+            pg.locator("#grade-batch-run").click()
+            wait_text(pg, "#grade-batch-table", files[-1].name, timeout_s=300)
+            seen = progress_seen(pg)
+            assert "grading 5 submissions" in seen or "of 5 submissions" in seen, seen
+        finally:
+            pg.close()
+
+
+def test_a_starting_run_shows_its_phase_not_a_bare_step_zero(page, work: Path) -> None:
+    """#27 item 6: before its first step a run loads (converts) its model, starts DeepSpeed,
+    compiles: the Train tab says which and for how long, not "step 0 / ? - ETA -"."""
+    from data.run_folder import RunFolder
+    from data.model_zoo import load_phase
+    from training.config import preset, save_config
+
+    store = Store(work / "studio.db")
+    run_id = "cpu-default-20261207-140000"
+    folder = RunFolder(work / "checkpoints" / run_id)
+    folder.path.mkdir(parents=True)
+    save_config(preset("cpu-default"), folder.config)
+    store.create_run(run_id, preset("cpu-default").model_dump(), ["deepspeed"], str(folder.path))
+    store.set_run_status(run_id, "running")
+    folder.note_phase("starting the trainer processes (DeepSpeed's launcher)")
+    folder.note_phase(load_phase("embedded:gemma-3-270m"))
+    try:
+        page.reload()  # the page reads the runs when it loads: a live one is what it shows
+        page.get_by_role("tab", name="Train").wait_for()
+        open_tab(page, "Train")
+        bar = wait_text(page, "#train-progress-box", r"loading model|converting")
+        assert re.search(r"step 0 / \? - (loading model|converting) embedded:gemma-3-270m.* \(0m\d\ds\)", bar), bar
+        assert "ETA" not in bar
+    finally:
+        store.set_run_status(run_id, "failed", error="a test's stand-in run")

@@ -306,6 +306,7 @@ def launch(cfg: RunConfig | None, *, resume: str | None = None, store=None, wait
             store.create_run(run_id, cfg.model_dump(), command, str(run_dir))
 
         sweep_shm_buffers()  # what earlier runs killed with -9 left in /dev/shm
+        folder.note_phase("starting the trainer processes (DeepSpeed's launcher)")
         log = open(folder.log, "ab")
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.config import RunConfig, load_config, save_config  # noqa: E402
 from scoring.head import collate_scores, score_log_probs, score_values, soft_cross_entropy  # noqa: E402
 
-from data.run_folder import FINAL, RUN_CONFIG, RunFolder  # noqa: E402
+from data.run_folder import FINAL, RUN_CONFIG, TRAINING_PHASE, RunFolder  # noqa: E402
 
 # Library notices that repeat every step in train.log and mean nothing to the user (seen on the
 # CPU runs and on the H200): DeepSpeed's use of a deprecated torch collective, inductor's notes.
@@ -406,6 +406,14 @@ class Trainer:
         self.fitted: dict[int, dict] = {}
         self.elapsed_before = 0.0
         self.t_start = time.time()
+        self.phase_now: str | None = None  # the phase noted last (note_phase)
+
+    def note_phase(self, phase: str) -> None:
+        """What the run is doing while no step is counted, for the Train tab (rank 0 writes it,
+        each change once)."""
+        if self.is_main and phase != self.phase_now:
+            RunFolder(self.run_dir).note_phase(phase)
+            self.phase_now = phase
 
     # ------------------------------------------------------------------------------- setup
     def setup_data(self) -> None:
@@ -413,6 +421,7 @@ class Trainer:
         from data.split import choose_split, split_questions, split_submissions
         from data.store import load_datasets
 
+        self.note_phase("reading the data")
         subs = load_datasets(cfg.datasets)
         if cfg.validation_datasets:
             self.train_subs, self.eval_subs = subs, load_datasets(cfg.validation_datasets)
@@ -429,10 +438,12 @@ class Trainer:
 
     def setup_model(self) -> None:
         from training import models
+        from data.model_zoo import load_phase
         from data.prompt_format import build_score_examples, build_training_examples, detect_format
 
         cfg = self.cfg
         t0 = time.time()
+        self.note_phase(load_phase(cfg.model))
         model, self.tokenizer, model_type, _ = models.load_model_and_tokenizer(cfg, self.device)
         self.fmt = detect_format(self.tokenizer, model_type)
         if self.items:  # anchors drawn within each split: validation never shows training answers
@@ -514,6 +525,7 @@ class Trainer:
             self.best = state.get("best", self.best)
             if self.is_main:
                 log(f"resuming from {self.resumed_from.name} at step {self.start_step}/{self.total_steps}")
+        self.note_phase("starting DeepSpeed")
         ds_config = json.loads(RunFolder(self.run_dir).ds_config.read_text())
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -826,6 +838,7 @@ class Trainer:
             log(f"training: {self.total_steps} steps ({self.steps_per_epoch} per epoch), {self.world} rank(s), "
                 f"ZeRO-{cfg.zero_stage}, micro-batch {cfg.per_device_batch_size}{' packed rows' if self.pack_width else ''} x accumulation "
                 f"{cfg.gradient_accumulation_steps}")
+        self.note_phase("first step: compiling the layers" if self.pad_width else TRAINING_PHASE)
         while step < self.total_steps:
             if step // self.steps_per_epoch != epoch_index:
                 epoch_index = step // self.steps_per_epoch
@@ -840,6 +853,7 @@ class Trainer:
             better = False
             epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
             if self.eval_ex and (epoch_end or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)):
+                self.note_phase(f"evaluating at step {step}")
                 ev = self.evaluate(step)
                 if self.is_main:
                     self.write_metrics(ev)
@@ -856,6 +870,7 @@ class Trainer:
                 last_saved = step
             if better:
                 self.keep_best(step, ev if self.is_main else {})
+            self.note_phase(TRAINING_PHASE)
             if stopped:
                 if self.is_main:
                     log(f"stopped at step {step}/{self.total_steps}; resume with: python -m training run --resume {self.run_id}")
