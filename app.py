@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from app.common import Settings
     from app.ui import build_app
+    from data.library_noise import quiet_library_noise
 
+    quiet_library_noise()  # the app grades in this process: its terminal is the user's
     settings = Settings(max_upload_mb=args.max_upload_mb, max_jobs=args.max_jobs)
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=None, max_size=256)

@@ -93,7 +93,7 @@ def log_tail(run_id: str, n_lines: int = 40, width: int = 220) -> str:
     """The last lines of the run's train.log without repeated library noise (the launcher's
     filter), each cut to `width` characters so they fit the box ("" for an id that is not a run
     folder name)."""
-    from training.launcher import is_library_noise
+    from data.library_noise import is_library_noise
 
     try:
         text = RunFolder.of(run_id).log_tail(n_lines * 3, width=width)

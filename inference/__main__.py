@@ -343,7 +343,10 @@ def adapter_of(value: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.library_noise import quiet_library_noise
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_noise()
     args = build_parser().parse_args(argv)
     from inference.adapters import AdapterError
     from data.loading import DataError

@@ -70,3 +70,42 @@ def test_library_noise_is_told_from_the_trainers_lines():
     ]
     assert [line for line in noise if not is_library_noise(line)] == []
     assert [line for line in kept if is_library_noise(line)] == []
+
+
+NOISE_TRIGGERS = """
+import logging, sys
+from inference.__main__ import main as inference_cli
+try:
+    inference_cli(["grade", "--help"])  # the CLI's start: it quiets the noise before anything loads
+except SystemExit:
+    pass
+print("BEGIN", file=sys.stderr, flush=True)
+logging.basicConfig()  # a handler to stderr, as a library's default would print
+from deepspeed.launcher.runner import fetch_hostfile
+fetch_hostfile("/no/hostfile")  # DeepSpeed's own warning, as one-node runs print it
+bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+            "`pip install kernels` and the kernels >= 0.11.1", ModuleNotFoundError("No module named 'kernels'"))
+bnb.warning("a bitsandbytes warning that matters")
+"""
+
+
+def test_known_library_noise_stays_out_of_the_users_terminal(tmp_path, tiny_gpt_oss_dir):
+    """#27 item 9: what the terminal shows of a grade with an adapter (PEFT asks transformers for
+    the deprecated is_gradient_checkpointing), of bitsandbytes' kernel offer and of DeepSpeed's
+    missing-hostfile notice: none of it; other warnings still show."""
+    from tests.test_infer_engine import make_adapter
+
+    adapter = make_adapter(tiny_gpt_oss_dir, tmp_path / "adapter", 1)
+    proc = run_cli(["inference", "grade", "--adapter", str(adapter), "--device", "cpu",
+                    "--rubric", str(SAMPLES / "rubrics" / "algebra-linear.json"),
+                    str(SAMPLES / "submissions" / "algebra-linear-chloe.md")], tmp_path, REPO / ".cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is_gradient_checkpointing" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr
+    env = dict(os.environ, GRADER_DB=str(tmp_path / "studio.db"), GRADER_CHECKPOINTS=str(tmp_path / "ck"))
+    proc = subprocess.run([sys.executable, "-c", NOISE_TRIGGERS], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = proc.stderr.split("BEGIN", 1)[1] + proc.stdout
+    assert "hostfile" not in shown and "gemm_4bit_forward" not in shown, shown
+    assert "a bitsandbytes warning that matters" in shown

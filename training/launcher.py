@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data import paths
+from data.library_noise import is_library_noise
 from data.run_folder import LAUNCH_LOCK, RunFolder
 from training.config import RunConfig, check_config, load_config, save_config
 
@@ -150,25 +151,6 @@ def new_run_id(cfg: RunConfig) -> str:
     while (paths.checkpoints_dir() / run_id).exists():
         run_id, n = f"{base}-{n}", n + 1
     return run_id
-
-
-# Library lines that come back in every run's train.log and tell the user nothing (seen on the CPU
-# runs and on the H200): DeepSpeed's launcher chatter on one node (its hostfile notice, accelerator
-# detection, INFO lines, each rank loading its compiled CPU op), transformers' deprecation notices
-# and the source line Python prints under any warning. The CLI's progress and a failed run's recorded log tail leave them out.
-LIBRARY_NOISE = re.compile(
-    r"Unable to find hostfile, will proceed with training with local resources only"
-    r"|Setting accelerator to CPU\. If you have GPU"
-    r"|^\[[\d\-: ,]+\] \[INFO\] \[(runner|launch)\.py:\d+:main\]"
-    r"|/transformers/\S+\.py:\d+: (FutureWarning|DeprecationWarning): "
-    r"|^\s+warnings\.warn\($"
-    r"|^DeepSpeed deepspeed\.ops\.\S+ built successfully$"
-)
-
-
-def is_library_noise(line: str) -> bool:
-    """Whether a train.log line is repeated library noise (LIBRARY_NOISE), not the trainer's."""
-    return LIBRARY_NOISE.search(line) is not None
 
 
 def _env() -> dict[str, str]:

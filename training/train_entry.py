@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import functools
 import json
-import logging
 import math
 import os
 import random
@@ -25,7 +24,6 @@ import signal
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +40,9 @@ from scoring.head import collate_scores, score_log_probs, score_values, soft_cro
 
 from data.run_folder import FINAL, RUN_CONFIG, TRAINING_PHASE, RunFolder  # noqa: E402
 
-# Library notices that repeat every step in train.log and mean nothing to the user (seen on the
-# CPU runs and on the H200): DeepSpeed's use of a deprecated torch collective, inductor's notes.
-for _pattern, _category in [(r".*all_gather_into_tensor.*deprecated", FutureWarning),
-                            (r".*is_gradient_checkpointing. is deprecated", FutureWarning),
-                            (r"(?s).*Online softmax is disabled", UserWarning),
-                            (r".*TensorFloat32 tensor cores", UserWarning)]:
-    warnings.filterwarnings("ignore", message=_pattern, category=_category)
-# bitsandbytes on a CPU with AVX512-BF16 asks for an optional kernel download (we never download)
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from data.library_noise import quiet_library_noise  # noqa: E402
+
+quiet_library_noise()  # library notices that repeat every step in train.log and mean nothing to the user
 
 
 # ----------------------------------------------------------------------------------- helpers
