@@ -43,12 +43,18 @@ def browser(tmp_path_factory):
         ctx.close()
 
 
-@pytest.fixture
-def page(browser, server):
+def new_page(browser, url: str, tab: str = "Data"):
+    """A page of the studio at ``url``, loaded (its tab ``tab`` there), as the tests drive it."""
     pg = browser.new_page()
     pg.set_default_timeout(60_000)
-    pg.goto(server)
-    pg.get_by_role("tab", name="Data").wait_for()
+    pg.goto(url)
+    pg.get_by_role("tab", name=tab).wait_for()
+    return pg
+
+
+@pytest.fixture
+def page(browser, server):
+    pg = new_page(browser, server)
     yield pg
     pg.close()
 

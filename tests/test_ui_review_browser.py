@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from data.store import Store
-from tests.test_ui_browser import browser, open_tab, shot, wait_text  # noqa: F401  (browser: a fixture)
+from tests.test_ui_browser import browser, new_page, open_tab, shot, wait_text  # noqa: F401  (browser: a fixture)
 from tests.test_ui_client import DATA, app_server
 
 RUBRIC = DATA / "rubrics" / "algebra-linear.json"
@@ -56,10 +56,7 @@ def server(work: Path) -> Iterator[str]:
 
 @pytest.fixture
 def page(browser, server):  # noqa: F811
-    pg = browser.new_page()
-    pg.set_default_timeout(60_000)
-    pg.goto(server)
-    pg.get_by_role("tab", name="Review").wait_for()
+    pg = new_page(browser, server, "Review")
     yield pg
     pg.close()
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from openpyxl import Workbook
 
 from data.store import Store
-from tests.test_ui_client import DATA
-from tests.test_ui_browser import browser, open_tab, shot, text_of, wait_text  # noqa: F401  (browser: a fixture)
-from tests.test_ui_client import app_server
+from tests.test_spreadsheet import _write_xlsx
+from tests.test_ui_browser import browser, new_page, open_tab, shot, text_of, wait_text  # noqa: F401  (browser: a fixture)
+from tests.test_ui_client import DATA, app_server
+# A studio on this module's `work` folder and a fresh page of it per test (fixtures).
+from tests.test_ui_review_browser import page, server  # noqa: F401
 
 HEADER = ["Student", "Question", "Desired answer", "Student answer", "Score me", "Score other"]
 
@@ -26,30 +26,6 @@ HEADER = ["Student", "Question", "Desired answer", "Student answer", "Score me",
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ui_teacher_loop")
-
-
-@pytest.fixture(scope="module")
-def server(work: Path) -> Iterator[str]:
-    with app_server(work) as url:
-        yield url
-
-
-@pytest.fixture
-def page(browser, server):  # noqa: F811
-    pg = browser.new_page()
-    pg.set_default_timeout(60_000)
-    pg.goto(server)
-    pg.get_by_role("tab", name="Data").wait_for()
-    yield pg
-    pg.close()
-
-
-def _xlsx(path: Path, rows: list[list]) -> Path:
-    wb = Workbook()
-    for row in rows:
-        wb.active.append(row)
-    wb.save(path)
-    return path
 
 
 def upload(pg, *paths: Path) -> None:
@@ -81,7 +57,7 @@ def test_advice_names_the_pages_fields_and_problems_come_in_row_order(page, tmp_
                                                                       artifacts_dir: Path) -> None:
     """#27 item 4: no maximum anywhere -> the message names the page's max-score field (not a CLI
     flag) and does not send the user back to their file; with it, the row errors in row order."""
-    sheet = _xlsx(tmp_path / "class.xlsx", [
+    sheet = _write_xlsx(tmp_path / "class.xlsx", [
         HEADER,
         ["ann", "What is a stack?", "a LIFO list", "last in first out", 5, 4],
         ["bob", "What is a stack?", "a LIFO list", "a queue", 7, 2],  # row 3: above the maximum
@@ -282,11 +258,8 @@ def test_long_waits_in_the_grade_tab_say_what_is_happening(browser, tmp_path: Pa
     file after file: the page says which, instead of a bare spinner. A server of its own, so the
     model is loaded by this test."""
     with app_server(tmp_path / "app") as url:
-        pg = browser.new_page()
+        pg = new_page(browser, url, "Grade")
         try:
-            pg.set_default_timeout(60_000)
-            pg.goto(url)
-            pg.get_by_role("tab", name="Grade").wait_for()
             open_tab(pg, "Grade")
             pg.evaluate(RECORD_PROGRESS)
             pick(pg, "#grade-base", "embedded:tiny-gpt-oss")
