@@ -125,7 +125,8 @@ def review_count(result) -> str:
     if not result.confidence:
         return ""
     n, of = sum(result.needs_review), len(result.needs_review)
-    return (f"**{n} of {of} questions need review** (confidence below {REVIEW_THRESHOLD:g}: check them in the "
+    threshold = REVIEW_THRESHOLD if result.review_threshold is None else result.review_threshold
+    return (f"**{n} of {of} questions need review** (confidence below {threshold:.2g}: check them in the "
             "Review tab)" if n else f"no question needs review (all {of} confident)")
 
 
