@@ -348,8 +348,9 @@ def build(settings: Settings) -> dict[str, Any]:
 
     def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens, progress=gr.Progress()):
         from data.markdown import read_markdown
-        from inference.results import store_grade
+        from inference.gradebook import clashing_names
         from inference.grades_csv import write_grades_csv
+        from inference.results import store_grade
 
         if not files:
             raise gr.Error("Upload one or more .md files.")
@@ -361,6 +362,10 @@ def build(settings: Settings) -> dict[str, Any]:
             p = Path(f)
             items.append((safe_display_name(p.name),
                           read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
+        clash = clashing_names((name, md) for name, md, _ in items)
+        if clash:
+            raise gr.Error(f"Different files share the name {', '.join(clash)}: rename them and upload again "
+                           "(a file's name is its submission's row in the gradebook).")
         engine = loaded_engine(base_model, progress)
         done = [0]
 

@@ -68,14 +68,19 @@ def _submission(path: Path, rubric) -> str:
 
 def cmd_grade(args) -> int:
     from data.loading import load_rubric
+    from inference.gradebook import clashing_names
     from inference.results import store_grade
 
     rubric = load_rubric(args.rubric)
+    submissions = [(Path(f), _submission(Path(f), rubric)) for f in args.files]
+    clash = clashing_names((path.name, md) for path, md in submissions)
+    if clash:  # stored under one name, two students' grades would be one gradebook row
+        print(f"grade: different files share the name {', '.join(clash)}: rename them (a file's name is its "
+              "submission's row in the gradebook)", file=sys.stderr)
+        return 2
     engine = _engine(args)
     out = []
-    for f in args.files:
-        path = Path(f)
-        md = _submission(path, rubric)
+    for path, md in submissions:
         on_token = (lambda t: (sys.stderr.write(t), sys.stderr.flush())) if args.stream else None
         r = engine.grade(md, rubric, adapter=args.adapter, scoring=args.scoring, calibrate=CALIBRATE[args.calibrate],
                          max_new_tokens=args.max_new_tokens, on_token=on_token, anchors=_anchors(args))

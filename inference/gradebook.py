@@ -124,6 +124,15 @@ def build_gradebook(grades: Iterable[dict], corrections: Corrections | None = No
     return book
 
 
+def clashing_names(named_texts: Iterable[tuple[str, str]]) -> list[str]:
+    """The names given to more than one different text. Graded together, their grades would be
+    one gradebook row (a row is a submission's name) and the newer would hide the older."""
+    texts: dict[str, set[str]] = {}
+    for name, text in named_texts:
+        texts.setdefault(name, set()).add(text)
+    return sorted(name for name, found in texts.items() if len(found) > 1)
+
+
 def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 

@@ -206,3 +206,30 @@ def test_grades_stored_as_pasted_md_before_27_get_a_row_each(tmp_path: Path) -> 
     book = build_gradebook(stored_grades(store))
     assert sorted((r.submission, r.total) for r in book.rows) == [("pasted-1.md", 5.0), ("pasted-3.md", 9.0),
                                                                    ("pasted-4.md", 4.0)]
+
+
+def test_two_files_of_one_name_are_refused_before_they_share_a_row(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """#27 item 1: a row is a submission's name, so two different files named alike (each
+    student's folder holding an essay.md) are refused before grading, in the CLI and the Grade
+    tab's batch, instead of one student's grade hiding the other's."""
+    from gradio_client import Client, handle_file
+
+    from tests.test_ui_client import app_server
+
+    rubric = tmp_path / "essay.json"
+    rubric.write_text(ESSAY.model_dump_json())
+    files = []
+    for student in ("ann", "bob"):
+        (tmp_path / student).mkdir()
+        files.append(tmp_path / student / "essay.md")
+        files[-1].write_text(f"## Question 1: Thesis\n\n{student}'s thesis.\n")
+    assert inference_cli(["grade", "--base", "embedded:tiny-gpt-oss", "--rubric", str(rubric), *map(str, files)]) == 2
+    assert "different files share the name essay.md" in capsys.readouterr().err
+    assert Store().grades() == []
+    with app_server(tmp_path / "app") as url:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="share the name essay.md"):
+            client.predict("embedded:tiny-gpt-oss", "", None, handle_file(str(rubric)),
+                           [handle_file(str(f)) for f in files], 16, api_name="/grade_batch")
+    assert Store(tmp_path / "app" / "studio.db").grades() == []
