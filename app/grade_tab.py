@@ -19,7 +19,7 @@ import pandas as pd
 from app import jobs
 from app.common import Settings, checked_adapter, model_choices, rubric_choices, safe_display_name
 from inference.repair import repair_messages
-from inference.scoring import REVIEW_THRESHOLD
+from scoring.distribution import REVIEW_THRESHOLD
 
 # What a teacher acts on first (the score, whether to check it) before the long texts; a width for
 # every column, so none is pushed out of the half-page table.
