@@ -233,7 +233,8 @@ def build(settings: Settings) -> dict[str, Any]:
             with gr.Column():
                 md_file = gr.File(label="...or upload a .md file", file_types=[".md", ".txt"],
                                   height=110, elem_id="grade-md-file")
-                student = gr.Textbox(label=STUDENT_LABEL, placeholder="an upload fills in its file name",
+                # value="": API clients that leave it out get the page's own refusal, not a missing argument
+                student = gr.Textbox("", label=STUDENT_LABEL, placeholder="an upload fills in its file name",
                                      elem_id="grade-student")
         with gr.Row():
             compare = gr.Checkbox(label="Also grade with the base model (side by side)",

@@ -45,7 +45,9 @@ def run_load(url: str, *, n: int, model: str, max_new_tokens: int, auth: tuple[s
 
     client = Client(url, auth=auth, verbose=False)
     texts = [p.read_text(encoding="utf-8") for p in SUBMISSIONS] or ["## Question 1: x\n\nx\n"]
-    args = lambda i: (model, "", str(RUBRIC), None, texts[i % len(texts)], False, max_new_tokens)  # noqa: E731
+    # Each request names its student (the Grade tab refuses pasted text without one).
+    args = lambda i: (model, "", str(RUBRIC), None, texts[i % len(texts)], False, max_new_tokens,  # noqa: E731
+                      f"student-{i}")
 
     warm_s = None
     if warmup:
@@ -67,6 +69,8 @@ def run_load(url: str, *, n: int, model: str, max_new_tokens: int, auth: tuple[s
     # others only when two polls in a row (>= 50 ms) see them all processing. A server running more
     # than --max-jobs would show it for a whole grade (seconds), not one poll.
     max_processing, max_seen_once, done = 0, 0, threading.Event()
+    # A running grade reports its phase (gr.Progress) or streams its output: either is processing.
+    RUNNING = (Status.PROCESSING, Status.PROGRESS, Status.ITERATING)
     finished: list[float | None] = [None] * n
 
     def watch():
@@ -77,7 +81,7 @@ def run_load(url: str, *, n: int, model: str, max_new_tokens: int, auth: tuple[s
             for k, j in enumerate(jobs):
                 if finished[k] is None and j.done():
                     finished[k] = time.perf_counter()
-                elif finished[k] is None and j.status().code == Status.PROCESSING:
+                elif finished[k] is None and j.status().code in RUNNING:
                     busy.add(k)
             max_seen_once = max(max_seen_once, len(busy))
             max_processing = max(max_processing, len(busy & before))
