@@ -293,13 +293,18 @@ def test_upload_train_restart_and_grade_flow(app):
     assert len(tuned_table["data"]) == n_questions == len(base_table["data"])
     assert [r[0] for r in tuned_table["data"]] == [
         q["question"] for q in json.loads(rubric.read_text())["questions"]]
-    # Each question shows the model's confidence, and the unsure ones say "needs review".
+    # Each question shows the model's confidence, and those below the grader's review threshold
+    # (the adapter's own, chosen on its validation data; the base model's the default) say so.
+    from scoring.selective import load_review
+
     head = tuned_table["headers"]
-    for row in tuned_table["data"] + base_table["data"]:
-        conf, review = float(row[head.index("confidence")]), row[head.index("review")]
-        assert 0 <= conf <= 1 and review in ("needs review", "")
-        if abs(conf - REVIEW_THRESHOLD) > 0.01:  # the table shows confidence rounded to 2 places
-            assert review == ("needs review" if conf < REVIEW_THRESHOLD else "")
+    tuned_threshold = (load_review(choices[f"{run_id}/final"]) or {}).get("threshold", REVIEW_THRESHOLD)
+    for table, threshold in ((tuned_table, tuned_threshold), (base_table, REVIEW_THRESHOLD)):
+        for row in table["data"]:
+            conf, review = float(row[head.index("confidence")]), row[head.index("review")]
+            assert 0 <= conf <= 1 and review in ("needs review", "")
+            if abs(conf - threshold) > 0.01:  # the table shows confidence rounded to 2 places
+                assert review == ("needs review" if conf < threshold else "")
 
     phase("graded; batch grading")
     # Many submissions at once -> a table and a CSV to download.
