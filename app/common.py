@@ -26,7 +26,7 @@ def model_choices() -> list[str]:
     """Embedded models, the presets' models and every model folder the presets name."""
     from data.model_zoo import EMBEDDED_SPECS
 
-    from training.config import PRESETS
+    from training.presets import PRESETS
 
     return list(dict.fromkeys(list(EMBEDDED_SPECS) + [p.model for p in PRESETS.values()]))
 

@@ -32,14 +32,14 @@ GROUPS = {
 
 
 def presets() -> dict[str, Any]:
-    from training.config import PRESETS
+    from training.presets import PRESETS
 
     return PRESETS
 
 
 def memory_estimate(cfg) -> tuple[Any, str]:
     """(MemoryEstimate or None, its Markdown for the page): the per-GPU memory of `cfg`."""
-    from training.config import estimate_memory
+    from training.memory import estimate_memory
 
     try:
         est = estimate_memory(cfg)
@@ -60,7 +60,7 @@ def command_text(cfg) -> str:
 
 def describe(form: ModelForm, values) -> tuple[str, str, str]:
     """(validation messages, memory estimate, launch command) for the form's current values."""
-    from training.config import check_config, config_warnings
+    from training.checks import check_config, config_warnings
 
     cfg, errors = form.to_model(values)
     if cfg is None:
@@ -78,7 +78,8 @@ def describe(form: ModelForm, values) -> tuple[str, str, str]:
 
 
 def build(settings: Settings) -> dict[str, Any]:
-    from training.config import RunConfig, hardware_preset, load_config, save_config
+    from training.config import RunConfig, load_config, save_config
+    from training.presets import hardware_preset
 
     all_presets = presets()
     # The form opens on the real preset for this machine's hardware (not the smoke pipeline check).

@@ -151,7 +151,7 @@ def build(settings: Settings, form) -> dict[str, Any]:
     timer = gr.Timer(POLL_S)
 
     def do_launch(*values):
-        from training.config import check_config
+        from training.checks import check_config
 
         cfg, errors = form.to_model(values)
         if cfg is None:

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     split = write_split(Path(args.data), work)
-    from training.config import preset
+    from training.presets import preset
 
     cfg = {**preset(PRESET).model_dump(), "name": args.name, "model": args.model, "datasets": [str(split["train"])],
            "validation_datasets": [str(split["validation"])]}

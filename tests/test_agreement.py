@@ -22,7 +22,9 @@ from data.run_folder import RunFolder, read_complete
 from scoring.calibration import fit_calibration, load_calibration
 from inference.engine import get_engine
 from scoring.distribution import REVIEW_THRESHOLD, confidence, expected_score
-from training.config import apply_overrides, preset, save_config
+from training.config import save_config
+from training.overrides import apply_overrides
+from training.presets import preset
 
 REPO = Path(__file__).resolve().parent.parent
 GRADED = REPO / "data" / "samples" / "graded"

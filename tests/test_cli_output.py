@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.config import PRESETS
+from training.presets import PRESETS
 from training.launcher import is_library_noise
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ from data.model_zoo import EMBEDDED, EMBEDDED_SPECS, embedded_model
 
 def test_the_ui_and_the_config_check_offer_the_one_list() -> None:
     from app.common import model_choices
-    from training.config import RunConfig, check_config
+    from training.checks import check_config
+    from training.config import RunConfig
 
     assert model_choices()[: len(EMBEDDED_SPECS)] == EMBEDDED_SPECS
     problems = check_config(RunConfig(model="embedded:nope", datasets=["db:x"]))

@@ -25,7 +25,9 @@ LAUNCHER_GRACE_S = 45  # after the launcher dies: time for its ranks to go, if t
 
 def _launch_values(data):
     from app.forms import ModelForm
-    from training.config import PRESETS, RunConfig, apply_overrides
+    from training.config import RunConfig
+    from training.overrides import apply_overrides
+    from training.presets import PRESETS
 
     cfg = apply_overrides(PRESETS["smoke"], tiny_overrides(data, max_steps=2000, save_every=3,
                                                            name="restart"))

@@ -180,7 +180,8 @@ def test_the_grading_cli_takes_a_run_folder_as_its_default_adapter(tmp_path, cap
 def finished_cpu_run(root: Path, store, val_qwk: float, run_id: str = "cpu-default-20261207-120000") -> RunFolder:
     """What the default CPU run leaves (12 steps, one evaluation with its validation agreement, a
     final adapter), recorded in ``store`` as finished; no training."""
-    from training.config import preset, save_config
+    from training.config import save_config
+    from training.presets import preset
 
     cfg = preset("cpu-default")
     folder = RunFolder(root / run_id)

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import config, launcher
+from training import launcher, memory, presets
 from training.__main__ import main as cli
-from training.config import (PRESETS, RunConfig, apply_overrides, check_config, config_warnings, estimate_memory,
-                             hardware_preset, load_config, preset)
+from training.checks import check_config, config_warnings
+from training.config import RunConfig, load_config
+from training.memory import estimate_memory
+from training.overrides import apply_overrides
+from training.presets import PRESETS, hardware_preset, preset
 from data.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,18 +112,18 @@ def test_each_bad_configuration_is_refused_with_what_to_change(tmp_path, tiny_gp
     seed_ok = z2.model_copy(update={"quantization": "nf4"})
     assert estimate_memory(seed_ok).total_gib < 140
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config, "gpu_count", lambda: 2)
-        mp.setattr(config, "gpu_memory_gib", lambda: 140.0)
+        mp.setattr(memory, "gpu_count", lambda: 2)
+        mp.setattr(memory, "gpu_memory_gib", lambda: 140.0)
         assert check_config(seed_ok) == []
-    if config.gpu_count() < 2:
+    if memory.gpu_count() < 2:
         assert [p for p in check_config(seed_ok) if not p.startswith("num_gpus=2 but this machine has")] == []
     # One H200 for the 120b: NF4 experts, recomputation, 6 x 2,048 tokens (measured 64.05 GiB).
     one = preset("h200-120b").model_copy(update={"model": str(m120), "datasets": [GRADED]})
     est = estimate_memory(one)
     assert est.world_size == 1 and 60 < est.total_gib < 68 and est.fits
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config, "gpu_count", lambda: 1)
-        mp.setattr(config, "gpu_memory_gib", lambda: 140.0)
+        mp.setattr(memory, "gpu_count", lambda: 1)
+        mp.setattr(memory, "gpu_memory_gib", lambda: 140.0)
         assert check_config(one) == []
 
 
@@ -157,13 +160,13 @@ def test_without_a_preset_the_run_takes_this_machines_preset_and_says_what_max_s
 
 def test_a_preset_this_machine_or_model_cannot_run_is_refused_with_what_to_change(tmp_path, monkeypatch):
     gemma_seed = preset("seed-2xh200-120b").model_copy(update={"model": "embedded:gemma-3-270m"})
-    if config.gpu_count() == 0:
+    if memory.gpu_count() == 0:
         msg = "\n".join(check_config(gemma_seed))
         assert "num_gpus=2 but this machine has no GPU" in msg and "num_gpus=none" in msg
         assert "preset cpu-default" in msg
     # The same preset on a machine with one 80 GiB GPU.
-    monkeypatch.setattr(config, "gpu_count", lambda: 1)
-    monkeypatch.setattr(config, "gpu_memory_gib", lambda: 80.0)
+    monkeypatch.setattr(memory, "gpu_count", lambda: 1)
+    monkeypatch.setattr(memory, "gpu_memory_gib", lambda: 80.0)
     msg = "\n".join(check_config(gemma_seed.model_copy(update={"gpu_memory_gib": 140.0})))
     # No GPT-OSS weights here: the preset named is one that runs (#27 item 7), not h200-20b.
     assert "num_gpus=2 but this machine has 1 GPU: set num_gpus=1, or start from preset embedded-grader" in msg
@@ -247,7 +250,7 @@ def test_a_gpu_newcomer_gets_a_preset_that_runs_on_the_card_they_have(monkeypatc
     """#27 item 7: one H100 80 GB, no GPT-OSS weights, no preset or model given: the embedded
     model with the grading recipe, said on stderr, and nothing in it is refused (it used to pick
     h200-20b: 140 GiB on an 80 GB card, the absent openai/gpt-oss-20b)."""
-    none_here = config.weights_here  # this machine: no GPT-OSS weights, the embedded models
+    none_here = presets.weights_here  # this machine: no GPT-OSS weights, the embedded models
     assert not none_here("openai/gpt-oss-20b") and none_here("embedded:gemma-3-270m")
     everything_here = lambda spec: True  # noqa: E731
     assert [hardware_preset(n, 79.2, weights_present=none_here) for n in (0, 1, 2)] == [
@@ -262,14 +265,14 @@ def test_a_gpu_newcomer_gets_a_preset_that_runs_on_the_card_they_have(monkeypatc
     assert hardware_preset(1, 79.2, model="embedded:gemma-3-270m", weights_present=everything_here) == "embedded-grader"
     assert hardware_preset(1, 79.2, model="embedded:tiny-gpt-oss", weights_present=none_here) == "h200-20b"
     # A memory estimate that cannot fit the card is passed over for the next preset.
-    monkeypatch.setattr(config, "estimate_memory", lambda cfg: config.MemoryEstimate(
+    monkeypatch.setattr(memory, "estimate_memory", lambda cfg: memory.MemoryEstimate(
         *[None] * 7, fits=cfg.model != "openai/gpt-oss-20b"))
     assert hardware_preset(1, 79.2, weights_present=everything_here) == "h200-120b"
     monkeypatch.undo()
 
     # The CLI on that card: says which preset and why; the preset itself passes every check.
-    monkeypatch.setattr(config, "gpu_count", lambda: 1)
-    monkeypatch.setattr(config, "gpu_memory_gib", lambda: 79.2)
+    monkeypatch.setattr(memory, "gpu_count", lambda: 1)
+    monkeypatch.setattr(memory, "gpu_memory_gib", lambda: 79.2)
     assert cli(["run", "--set", "lora_r=0"]) == 2  # refused for lora_r alone: nothing launches
     err = capsys.readouterr().err
     assert "using preset embedded-grader, the one for this machine (1 GPU of 79.2 GiB; no GPT-OSS weights here" in err

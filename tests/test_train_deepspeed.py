@@ -15,7 +15,9 @@ import torch
 from data.run_folder import RunFolder
 from data.store import Store
 from training import launcher
-from training.config import apply_overrides, preset, save_config
+from training.config import save_config
+from training.overrides import apply_overrides
+from training.presets import preset
 
 REPO = Path(__file__).resolve().parent.parent
 GRADED = REPO / "data" / "samples" / "graded"

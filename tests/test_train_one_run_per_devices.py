@@ -62,7 +62,8 @@ def test_two_cli_launches_on_one_device_set_the_second_is_refused_naming_the_fir
         kill_group(pgid)
 
     # The devices are free again: the launcher's check passes for the same config.
-    from training.config import apply_overrides, preset
+    from training.overrides import apply_overrides
+    from training.presets import preset
     from training.launcher import check_devices, device_set
 
     cfg = apply_overrides(preset("smoke"), tiny_overrides(data, max_steps=2, save_every=1))

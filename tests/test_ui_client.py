@@ -98,7 +98,7 @@ def kill_runs(checkpoints: Path) -> None:
 def ui_run_config(dataset: str, max_steps: int = 2):
     """The smoke preset (tiny GPT-OSS, real DeepSpeed launcher, 2 gloo ranks) cut to a few steps:
     enough for loss points, a checkpoint per step, an eval point and a final adapter."""
-    from training.config import PRESETS
+    from training.presets import PRESETS
 
     smoke = PRESETS["smoke"]
     return smoke.model_copy(update={
@@ -180,7 +180,8 @@ def test_configure_shows_validation_memory_warning_and_command(server):
     from gradio_client import Client
 
     from app.forms import ModelForm
-    from training.config import PRESETS, RunConfig
+    from training.config import RunConfig
+    from training.presets import PRESETS
 
     client = Client(server, verbose=False)
     form = ModelForm(RunConfig)

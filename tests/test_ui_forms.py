@@ -6,7 +6,8 @@ import gradio as gr
 import pytest
 
 from app.forms import ModelForm
-from training.config import PRESETS, RunConfig
+from training.config import RunConfig
+from training.presets import PRESETS
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -59,7 +60,7 @@ def test_configure_warns_from_the_estimate_not_from_its_own_text():
 def test_configure_opens_on_this_machines_preset_and_shows_what_max_steps_cuts():
     from app.common import Settings
     from app.config_tab import build, describe
-    from training.config import hardware_preset
+    from training.presets import hardware_preset
 
     with gr.Blocks():
         tab = build(Settings())

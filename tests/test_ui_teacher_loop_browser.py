@@ -290,7 +290,8 @@ def test_a_starting_run_shows_its_phase_not_a_bare_step_zero(page, work: Path) -
     compiles: the Train tab says which and for how long, not "step 0 / ? - ETA -"."""
     from data.run_folder import RunFolder
     from data.model_zoo import load_phase
-    from training.config import preset, save_config
+    from training.config import save_config
+    from training.presets import preset
 
     store = Store(work / "studio.db")
     run_id = "cpu-default-20261207-140000"

@@ -24,28 +24,30 @@ from pathlib import Path
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from training import config as C
-    from training import launcher
+    from training import launcher, memory, presets
     from training.adapter_quality import weak_agreement_note
+    from training.checks import config_warnings
+    from training.config import load_config
+    from training.overrides import apply_overrides, overridden
 
     if args.resume and not (args.preset or args.config):
         cfg = None  # the run's own config.json (overrides applied below)
         if args.set:
             from data.run_folder import RunFolder
 
-            cfg = C.load_config(RunFolder.of(args.resume).config)
+            cfg = load_config(RunFolder.of(args.resume).config)
     elif args.config:
-        cfg = C.load_config(args.config)
+        cfg = load_config(args.config)
     elif args.preset:
-        cfg = C.preset(args.preset)
+        cfg = presets.preset(args.preset)
     else:
-        choice = C.preset_choice(C.gpu_count(), C.gpu_memory_gib(), model=C.overridden(args.set, "model"))
+        choice = presets.preset_choice(memory.gpu_count(), memory.gpu_memory_gib(), model=overridden(args.set, "model"))
         print(f"no --preset or --config: using preset {choice.name}, the one for this machine ({choice.reason})",
               file=sys.stderr)
-        cfg = C.preset(choice.name)
+        cfg = presets.preset(choice.name)
     if cfg is not None and args.set:
-        cfg = C.apply_overrides(cfg, args.set)
-    for warning in C.config_warnings(cfg) if cfg is not None else []:
+        cfg = apply_overrides(cfg, args.set)
+    for warning in config_warnings(cfg) if cfg is not None else []:
         print(f"warning: {warning}", file=sys.stderr)
     try:
         handle = launcher.launch(cfg, resume=args.resume)
@@ -233,7 +235,7 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from training.config import PRESETS
+    from training.presets import PRESETS
 
     print(json.dumps({k: v.model_dump() for k, v in PRESETS.items()}, indent=2))
     return 0
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("run", help="start (or resume) a training run")
     src = r.add_mutually_exclusive_group()
-    from training.config import PRESETS
+    from training.presets import PRESETS
 
     src.add_argument("--preset", help=" | ".join(PRESETS) + " (default: the one for this machine's GPUs, "
                      "cpu-default without one)")

@@ -32,7 +32,8 @@ def weak_agreement_note(adapter_dir: str | Path | None) -> str | None:
 
 def _trained_on(folder: RunFolder) -> str:
     """' on ~N training examples' from the run's config, or '' when its data cannot be read now."""
-    from training.config import load_config, training_examples
+    from training.checks import training_examples
+    from training.config import load_config
 
     try:
         n = training_examples(load_config(folder.config))

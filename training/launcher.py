@@ -30,7 +30,8 @@ from typing import Any, Iterator
 from data import paths
 from data.library_noise import is_library_noise
 from data.run_folder import LAUNCH_LOCK, RunFolder
-from training.config import RunConfig, check_config, load_config, save_config
+from training.checks import check_config
+from training.config import RunConfig, load_config, save_config
 
 ENTRY = Path(__file__).resolve().parent / "train_entry.py"
 ACTIVE = ("created", "running")  # store statuses of a run that may still hold its devices
