@@ -54,6 +54,7 @@ OLD_PREFIX = ".old-"
 COMPLETE_MARKER = "complete.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+TRAINER_STATE = "trainer_state.pt"  # optimizer, scheduler, RNG and step of a checkpoint (resume)
 RUN_CONFIG = "run_config.json"
 # In the checkpoints folder itself: held while a launch checks the devices and starts its run.
 LAUNCH_LOCK = ".launch.lock"

@@ -24,7 +24,7 @@ from tests.bf16_judge import assert_grads_no_further, assert_loss_no_further, wh
 from scoring.head import collate_scores, score_log_probs, soft_cross_entropy
 from training import fast_path
 from training.config import RunConfig
-from training.train_entry import collate, collate_packed, pack_rows, packed_loss_sum
+from training.batches import collate, collate_packed, pack_rows, packed_loss_sum
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fast path)")
 

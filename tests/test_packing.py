@@ -19,7 +19,7 @@ from scoring.head import collate_scores, score_log_probs, soft_cross_entropy
 from training.config import RunConfig, save_config
 from training.overrides import apply_overrides
 from training.presets import preset
-from training.train_entry import (
+from training.batches import (
     collate, collate_packed, pack_rows, packed_epoch_micro_batches, packed_loss_sum, packing_unsupported,
 )
 
