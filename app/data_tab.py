@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 import pandas as pd
@@ -100,29 +101,55 @@ PAGE_CONTROLS = Controls(column='the "{label}" column', max_score=f'the "{DEFAUL
                          encoding=f'pick {{encoding}} under "{ENCODING_LABEL}"', labels=MAPPING_LABELS)
 
 
-def mapping_from_widgets(shape: str, singles: list[str | None], graders: list[str] | None,
-                         questions: list[str] | None, answers: list[str] | None, max_row: str | None,
-                         default_max: float | None):
-    """The `ColumnMap` the dropdowns say (a `ValueError` with the reason if they cannot be one)."""
-    from pydantic import ValidationError
+@dataclass
+class MappingWidgets:
+    """The spreadsheet-columns form: each mapping field's widget by name, read and filled by name
+    (the one place that knows their order, the order Gradio passes their values in)."""
 
-    from data.spreadsheet import ColumnMap
+    shape: Any
+    singles: dict[str, Any]  # MAPPING_SINGLE field -> its column dropdown
+    graders: Any
+    questions: Any
+    answers: Any
+    max_row: Any
+    default_max: Any
 
-    picked = {k: v for k, v in zip(MAPPING_SINGLE, singles) if v and v != NO_COLUMN}
-    try:
-        return ColumnMap(shape=shape or "long", graders=list(graders or []), questions=list(questions or []),
-                         answers=list(answers or []), max_row=(max_row or "").strip() or None,
-                         default_max_score=float(default_max) if default_max else None, **picked)
-    except ValidationError as e:
-        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from e
+    def components(self) -> list[Any]:
+        return [self.shape, *self.singles.values(), self.graders, self.questions, self.answers, self.max_row,
+                self.default_max]
 
+    def named(self, values: Sequence[Any], *more: str) -> dict[str, Any]:
+        """The widgets' values (in :meth:`components` order, then the ``more`` named after them)
+        by field name."""
+        names = ["shape", *self.singles, "graders", "questions", "answers", "max_row", "default_max", *more]
+        return dict(zip(names, values))
 
-def mapping_widget_values(mapping) -> list[Any]:
-    """The widgets' values for ``mapping`` (a `ColumnMap`, or None for the empty form)."""
-    if mapping is None:
-        return ["long", *[NO_COLUMN] * len(MAPPING_SINGLE), [], [], [], "", None]
-    return [mapping.shape, *[getattr(mapping, k) or NO_COLUMN for k in MAPPING_SINGLE], mapping.graders,
-            mapping.questions, mapping.answers, mapping.max_row or "", mapping.default_max_score]
+    @staticmethod
+    def mapping(values: dict[str, Any]):
+        """The `ColumnMap` the widgets say (a `ValueError` with the reason if they cannot be one)."""
+        from pydantic import ValidationError
+
+        from data.spreadsheet import ColumnMap
+
+        picked = {k: values[k] for k in MAPPING_SINGLE if values.get(k) and values[k] != NO_COLUMN}
+        default_max = values.get("default_max")
+        try:
+            return ColumnMap(shape=values.get("shape") or "long", graders=list(values.get("graders") or []),
+                             questions=list(values.get("questions") or []),
+                             answers=list(values.get("answers") or []),
+                             max_row=(values.get("max_row") or "").strip() or None,
+                             default_max_score=float(default_max) if default_max else None, **picked)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from e
+
+    def updates(self, mapping, header: list[str]) -> list[Any]:
+        """Widget updates (in :meth:`components` order) showing ``mapping`` (None: the empty form)
+        with the sheet's ``header`` as the choices."""
+        value = (lambda k, empty: empty if mapping is None else (getattr(mapping, k) or empty))  # noqa: E731
+        return [gr.update(value=value("shape", "long")),
+                *[gr.update(choices=[NO_COLUMN, *header], value=value(k, NO_COLUMN)) for k in self.singles],
+                *[gr.update(choices=header, value=value(k, [])) for k in ("graders", "questions", "answers")],
+                gr.update(value=value("max_row", "")), gr.update(value=value("default_max_score", None))]
 
 
 def problems_table(reports: list) -> pd.DataFrame:
@@ -307,7 +334,8 @@ def build(settings: Settings) -> dict[str, Any]:
                 max_row = gr.Textbox(label=MAPPING_LABELS["max_row"], elem_id="data-map-max-row")
         apply_btn = gr.Button("Apply columns", elem_id="data-map-apply")
     mapping_state = gr.State(None)  # the ColumnMap (as a dict) spreadsheets are read with
-    mapping_widgets = [shape, *[singles[k] for k in MAPPING_SINGLE], graders, questions, answers, max_row, default_max]
+    form = MappingWidgets(shape, {k: singles[k] for k in MAPPING_SINGLE}, graders, questions, answers, max_row,
+                          default_max)
     summary = gr.Markdown(elem_id="data-summary")
     problems = gr.Dataframe(headers=PROBLEM_COLUMNS, label="Problems (file, JSON path, reason)",
                             interactive=False, wrap=True, column_widths=["18%", "24%", "8%", "50%"],
@@ -369,22 +397,16 @@ def build(settings: Settings) -> dict[str, Any]:
         sheet = first_sheet(file_list, settings.max_upload_bytes, text_encoding or "auto")
         mapping = guess_mapping(sheet) if sheet is not None else None
         header = sheet.header if sheet is not None else []
-        values = mapping_widget_values(mapping)
-        updates = [gr.update(value=values[0])]
-        updates += [gr.update(choices=[NO_COLUMN, *header], value=v) for v in values[1:1 + len(MAPPING_SINGLE)]]
-        updates += [gr.update(choices=header, value=v) for v in values[1 + len(MAPPING_SINGLE):4 + len(MAPPING_SINGLE)]]
-        updates += [gr.update(value=v) for v in values[4 + len(MAPPING_SINGLE):]]
+        updates = form.updates(mapping, header)
         return (*check(file_list, model, max_len, mapping, progress, text_encoding),
                 mapping.model_dump() if mapping else None, gr.update(visible=sheet is not None), *updates)
 
-    def apply_columns(file_list, model, max_len, shape_value, submission, group_by, question_id, question,
-                      reference_answer, answer, score, max_score, graders_value, questions_value, answers_value,
-                      max_row_value, default_max_value, text_encoding="auto", progress=gr.Progress()):
-        """Re-read the spreadsheets with the columns the dropdowns say."""
-        singles_value = [submission, group_by, question_id, question, reference_answer, answer, score, max_score]
+    def apply_columns(file_list, model, max_len, *form_values, progress=gr.Progress()):
+        """Re-read the spreadsheets with the columns the form says (its values, then the encoding)."""
+        values = form.named(form_values, "encoding")
+        text_encoding = values.get("encoding") or "auto"
         try:
-            mapping = mapping_from_widgets(shape_value, singles_value, graders_value, questions_value,
-                                           answers_value, max_row_value, default_max_value)
+            mapping = form.mapping(values)
         except ValueError as e:
             return (f"### Column mapping not usable: {e}", problems_table([]), "", score_figure([]),
                     preview_table([]), None, None)
@@ -428,11 +450,11 @@ def build(settings: Settings) -> dict[str, Any]:
 
     outputs = [summary, problems, stats, plot, preview, valid_state]
     files.upload(on_upload, [files, token_model, max_length, encoding],
-                 [*outputs, mapping_state, sheet_box, *mapping_widgets], api_name="validate_upload")
+                 [*outputs, mapping_state, sheet_box, *form.components()], api_name="validate_upload")
     check_btn.click(validate, [files, token_model, max_length, mapping_state, encoding], outputs, api_name="validate")
     # Picking an encoding (what an encoding problem asks for) reads the files again at once.
     encoding.input(validate, [files, token_model, max_length, mapping_state, encoding], outputs, api_name=False)
-    apply_btn.click(apply_columns, [files, token_model, max_length, *mapping_widgets, encoding],
+    apply_btn.click(apply_columns, [files, token_model, max_length, *form.components(), encoding],
                     [*outputs, mapping_state], api_name="validate_mapped")
     shape.change(on_shape, [shape], [long_box, wide_box])
     save_btn.click(save, [valid_state, ds_name], [save_msg, table, del_name], api_name="store_dataset")
