@@ -6,10 +6,12 @@ Grading goes through `inference.engine` (the same engine as `python -m inference
 """
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -208,6 +210,161 @@ def stream_grade(base: str, adapter: str | None, markdown: str, rubric, max_new_
     yield "done", box["result"]
 
 
+# ------------------------------------------------------------------ handlers (wired in build)
+
+
+def on_adapter(path):
+    b = base_of(path)
+    return (gr.update(value=b) if b else gr.update()), adapter_warning(path)
+
+def on_refresh():
+    return gr.update(choices=adapter_choices())
+
+def on_open(current):
+    """Opening the tab re-reads the adapters; with none picked (or the picked one gone) it
+    shows the default one, so a run trained meanwhile is what the tab grades with."""
+    choices = adapter_choices()
+    if current and current in {path for _, path in choices}:
+        return gr.update(choices=choices)
+    return gr.update(choices=choices, value=default_adapter(choices))
+
+def on_rubric(path, file):
+    try:
+        uploaded = safe_display_name(Path(file).name) if file else None
+        return rubric_markdown(load_rubric_choice(path, file), uploaded)
+    except gr.Error as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"Rubric problem: {exc}"
+
+# One rubric is in use, and the page shows which: an upload clears the list's pick (the
+# upload is what grades), picking from the list clears the upload.
+def on_rubric_upload(file):
+    return on_rubric(None, file), gr.update(value=None)
+
+def on_rubric_pick(path):
+    return on_rubric(path, None), gr.update(value=None)
+
+def on_md_file(settings: Settings, file):
+    """The uploaded file's text, and its name as the student (the submission's identity)."""
+    from data.markdown import read_markdown
+
+    if not file:
+        return gr.update(), gr.update()
+    try:
+        text = read_markdown(file, max_bytes=settings.max_upload_bytes)
+    except Exception as exc:
+        raise gr.Error(str(exc))
+    return text, safe_display_name(Path(file).name)
+
+
+def do_grade(settings: Settings, base_model, adapter_path, rubric_path, rubric_upload, text, both, max_new_tokens,
+             student="", progress=gr.Progress()):
+    if not (text or "").strip():
+        raise gr.Error("Paste a submission or upload a .md file.")
+    rubric = load_rubric_choice(rubric_path, rubric_upload)
+    adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
+    name = submission_identity(student)
+    base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
+    loaded_engine(base_model, progress)
+    n = int(max_new_tokens or 512)
+    runs = [("tuned", adapter_dir)] if adapter_dir else []
+    if both or not adapter_dir:
+        runs.append(("base", None))
+    out = {"tuned": ["", None], "base": ["", None]}
+
+    def view():
+        return (*ResultPanel.values(*out["tuned"], rubric, "Tuned"), *ResultPanel.values(*out["base"], rubric, "Base"))
+
+    for k, (who, adp) in enumerate(runs):
+        progress(k / len(runs), desc=f"grading {len(rubric.questions)} questions with the {who} model")
+        for kind, value in stream_grade(base_model, adp, text, rubric, n, name):
+            if kind == "token":
+                out[who][0] = value
+            else:
+                out[who] = [value.raw_text, value]
+            yield view()
+
+def do_batch(settings: Settings, base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens,
+             progress=gr.Progress()):
+    from data.markdown import read_markdown
+    from inference.gradebook import clashing_names
+    from inference.grades_csv import write_grades_csv
+    from inference.results import store_grade
+
+    if not files:
+        raise gr.Error("Upload one or more .md files.")
+    rubric = load_rubric_choice(rubric_path, rubric_upload)
+    adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
+    base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
+    items = []
+    for f in files:
+        p = Path(f)
+        items.append((safe_display_name(p.name),
+                      read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
+    clash = clashing_names((name, md) for name, md, _ in items)
+    if clash:
+        raise gr.Error(f"Different files share the name {', '.join(clash)}: rename them and upload again "
+                       "(a file's name is its submission's row in the gradebook).")
+    engine = loaded_engine(base_model, progress)
+    done = [0]
+
+    def graded_more(n: int) -> None:
+        done[0] += n
+        progress((done[0], len(items)), desc=f"graded {done[0]} of {len(items)} submissions", unit="submissions")
+
+    progress((0, len(items)), desc=f"grading {len(items)} submissions", unit="submissions")
+    # Batched across submissions (and, item by item, with each question's shared prefix computed once).
+    results = engine.grade_many(items, adapter=adapter_dir, batch_size=page_batch_size(engine, len(items)),
+                                max_new_tokens=int(max_new_tokens or 512), progress=graded_more,
+                                anchors=jobs.store().anchor_bank())
+    graded = [(name, res) for (name, _, _), res in zip(items, results)]
+    rows = []
+    for (name, md, _), res in zip(items, results):
+        store_grade(res, rubric, name, submission_md=md)
+        rows.append([name, res.grade.score, res.grade.max_score, res.repaired, round(res.latency_s, 2)])
+    csv_path = write_grades_csv(Path(tempfile.mkdtemp(prefix="grader-batch-")) / "grades.csv", graded)
+    return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)
+
+def do_gradebook(adapter_filter, fmt):
+    from inference.gradebook import export_gradebook
+
+    out = Path(tempfile.mkdtemp(prefix="grader-gradebook-")) / f"gradebook.{fmt or 'xlsx'}"
+    try:
+        path, book = export_gradebook(out, adapter=adapter_filter or None)
+    except ValueError as exc:
+        return str(exc), None, gr.update(choices=gradebook_choices())
+    return (f"{len(book.rows)} submissions x {len(book.columns)} questions", str(path),
+            gr.update(choices=gradebook_choices()))
+
+
+@dataclass(frozen=True)
+class ResultPanel:
+    """One grader's result on the page: the streamed model output, the total, the table."""
+
+    raw: Any
+    total: Any
+    table: Any
+
+    @classmethod
+    def build(cls, title: str, key: str) -> "ResultPanel":
+        with gr.Column():
+            gr.Markdown(f"#### {title}")
+            raw = gr.Textbox(label="Model output (streamed)", lines=6, elem_id=f"grade-{key}-raw")
+            total = gr.Markdown(elem_id=f"grade-{key}-total")
+            table = gr.Dataframe(headers=GRADE_COLUMNS, interactive=False, wrap=True, column_widths=GRADE_WIDTHS,
+                                 elem_id=f"grade-{key}-table")
+        return cls(raw, total, table)
+
+    def components(self) -> list[Any]:
+        return [self.raw, self.total, self.table]
+
+    @staticmethod
+    def values(text: str, result, rubric, who: str) -> list[Any]:
+        """The panel's values for ``result`` (None: nothing yet) in :meth:`components` order."""
+        return [text, total_markdown(result, who), grade_table(result, rubric)]
+
+
 def build(settings: Settings) -> dict[str, Any]:
     with gr.Row():
         # Custom values are accepted here and checked server-side (inside the checkpoints folder,
@@ -241,20 +398,8 @@ def build(settings: Settings) -> dict[str, Any]:
                                   value=False, elem_id="grade-compare")
             grade_btn = gr.Button("Grade", variant="primary", elem_id="grade-run")
         with gr.Row():
-            with gr.Column():
-                gr.Markdown("#### Tuned (adapter)")
-                tuned_raw = gr.Textbox(label="Model output (streamed)", lines=6,
-                                       elem_id="grade-tuned-raw")
-                tuned_total = gr.Markdown(elem_id="grade-tuned-total")
-                tuned_table = gr.Dataframe(headers=GRADE_COLUMNS, interactive=False, wrap=True,
-                                           column_widths=GRADE_WIDTHS, elem_id="grade-tuned-table")
-            with gr.Column():
-                gr.Markdown("#### Base model")
-                base_raw = gr.Textbox(label="Model output (streamed)", lines=6,
-                                      elem_id="grade-base-raw")
-                base_total = gr.Markdown(elem_id="grade-base-total")
-                base_table = gr.Dataframe(headers=GRADE_COLUMNS, interactive=False, wrap=True,
-                                          column_widths=GRADE_WIDTHS, elem_id="grade-base-table")
+            tuned = ResultPanel.build("Tuned (adapter)", "tuned")
+            base_panel = ResultPanel.build("Base model", "base")
     with gr.Tab("Many submissions"):
         batch_files = gr.File(label="Markdown submissions (.md)", file_count="multiple",
                               file_types=[".md", ".txt"], elem_id="grade-batch-files")
@@ -274,130 +419,6 @@ def build(settings: Settings) -> dict[str, Any]:
         book_msg = gr.Markdown(elem_id="grade-book-msg")
         book_file = gr.File(label="Gradebook", interactive=False, elem_id="grade-book-file")
 
-    def on_adapter(path):
-        b = base_of(path)
-        return (gr.update(value=b) if b else gr.update()), adapter_warning(path)
-
-    def on_refresh():
-        return gr.update(choices=adapter_choices())
-
-    def on_open(current):
-        """Opening the tab re-reads the adapters; with none picked (or the picked one gone) it
-        shows the default one, so a run trained meanwhile is what the tab grades with."""
-        choices = adapter_choices()
-        if current and current in {path for _, path in choices}:
-            return gr.update(choices=choices)
-        return gr.update(choices=choices, value=default_adapter(choices))
-
-    def on_rubric(path, file):
-        try:
-            uploaded = safe_display_name(Path(file).name) if file else None
-            return rubric_markdown(load_rubric_choice(path, file), uploaded)
-        except gr.Error as exc:
-            return str(exc)
-        except Exception as exc:
-            return f"Rubric problem: {exc}"
-
-    # One rubric is in use, and the page shows which: an upload clears the list's pick (the
-    # upload is what grades), picking from the list clears the upload.
-    def on_rubric_upload(file):
-        return on_rubric(None, file), gr.update(value=None)
-
-    def on_rubric_pick(path):
-        return on_rubric(path, None), gr.update(value=None)
-
-    def on_md_file(file):
-        """The uploaded file's text, and its name as the student (the submission's identity)."""
-        from data.markdown import read_markdown
-
-        if not file:
-            return gr.update(), gr.update()
-        try:
-            text = read_markdown(file, max_bytes=settings.max_upload_bytes)
-        except Exception as exc:
-            raise gr.Error(str(exc))
-        return text, safe_display_name(Path(file).name)
-
-    def do_grade(base_model, adapter_path, rubric_path, rubric_upload, text, both, max_new_tokens, student="",
-                 progress=gr.Progress()):
-        if not (text or "").strip():
-            raise gr.Error("Paste a submission or upload a .md file.")
-        rubric = load_rubric_choice(rubric_path, rubric_upload)
-        adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
-        name = submission_identity(student)
-        base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
-        loaded_engine(base_model, progress)
-        n = int(max_new_tokens or 512)
-        runs = [("tuned", adapter_dir)] if adapter_dir else []
-        if both or not adapter_dir:
-            runs.append(("base", None))
-        out = {"tuned": ["", None], "base": ["", None]}
-
-        def view():
-            t, b = out["tuned"], out["base"]
-            return (t[0], total_markdown(t[1], "Tuned"), grade_table(t[1], rubric),
-                    b[0], total_markdown(b[1], "Base"), grade_table(b[1], rubric))
-
-        for k, (who, adp) in enumerate(runs):
-            progress(k / len(runs), desc=f"grading {len(rubric.questions)} questions with the {who} model")
-            for kind, value in stream_grade(base_model, adp, text, rubric, n, name):
-                if kind == "token":
-                    out[who][0] = value
-                else:
-                    out[who] = [value.raw_text, value]
-                yield view()
-
-    def do_batch(base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens, progress=gr.Progress()):
-        from data.markdown import read_markdown
-        from inference.gradebook import clashing_names
-        from inference.grades_csv import write_grades_csv
-        from inference.results import store_grade
-
-        if not files:
-            raise gr.Error("Upload one or more .md files.")
-        rubric = load_rubric_choice(rubric_path, rubric_upload)
-        adapter_dir = str(checked_adapter(adapter_path)) if adapter_path else None
-        base_model = (base_of(adapter_dir) or base_model) if adapter_dir else base_model
-        items = []
-        for f in files:
-            p = Path(f)
-            items.append((safe_display_name(p.name),
-                          read_markdown(p, max_bytes=settings.max_upload_bytes), rubric))
-        clash = clashing_names((name, md) for name, md, _ in items)
-        if clash:
-            raise gr.Error(f"Different files share the name {', '.join(clash)}: rename them and upload again "
-                           "(a file's name is its submission's row in the gradebook).")
-        engine = loaded_engine(base_model, progress)
-        done = [0]
-
-        def graded_more(n: int) -> None:
-            done[0] += n
-            progress((done[0], len(items)), desc=f"graded {done[0]} of {len(items)} submissions", unit="submissions")
-
-        progress((0, len(items)), desc=f"grading {len(items)} submissions", unit="submissions")
-        # Batched across submissions (and, item by item, with each question's shared prefix computed once).
-        results = engine.grade_many(items, adapter=adapter_dir, batch_size=page_batch_size(engine, len(items)),
-                                    max_new_tokens=int(max_new_tokens or 512), progress=graded_more,
-                                    anchors=jobs.store().anchor_bank())
-        graded = [(name, res) for (name, _, _), res in zip(items, results)]
-        rows = []
-        for (name, md, _), res in zip(items, results):
-            store_grade(res, rubric, name, submission_md=md)
-            rows.append([name, res.grade.score, res.grade.max_score, res.repaired, round(res.latency_s, 2)])
-        csv_path = write_grades_csv(Path(tempfile.mkdtemp(prefix="grader-batch-")) / "grades.csv", graded)
-        return pd.DataFrame(rows, columns=BATCH_COLUMNS), str(csv_path)
-
-    def do_gradebook(adapter_filter, fmt):
-        from inference.gradebook import export_gradebook
-
-        out = Path(tempfile.mkdtemp(prefix="grader-gradebook-")) / f"gradebook.{fmt or 'xlsx'}"
-        try:
-            path, book = export_gradebook(out, adapter=adapter_filter or None)
-        except ValueError as exc:
-            return str(exc), None, gr.update(choices=gradebook_choices())
-        return (f"{len(book.rows)} submissions x {len(book.columns)} questions", str(path),
-                gr.update(choices=gradebook_choices()))
-
     adapter.change(on_adapter, [adapter], [base, adapter_note])
     book_btn.click(do_gradebook, [book_adapter, book_format], [book_msg, book_file, book_adapter],
                    api_name="export_gradebook")
@@ -405,12 +426,12 @@ def build(settings: Settings) -> dict[str, Any]:
     rubric_pick.input(on_rubric_pick, [rubric_pick], [rubric_view, rubric_file])
     rubric_file.upload(on_rubric_upload, [rubric_file], [rubric_view, rubric_pick])
     rubric_file.clear(on_rubric, [rubric_pick, rubric_file], [rubric_view])
-    md_file.upload(on_md_file, [md_file], [md_text, student])
-    grade_btn.click(do_grade, [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new, student],
-                    [tuned_raw, tuned_total, tuned_table, base_raw, base_total, base_table],
+    md_file.upload(functools.partial(on_md_file, settings), [md_file], [md_text, student])
+    grade_btn.click(functools.partial(do_grade, settings), [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new, student],
+                    [*tuned.components(), *base_panel.components()],
                     api_name="grade", concurrency_limit=settings.max_jobs,
                     concurrency_id="grading")
-    batch_btn.click(do_batch, [base, adapter, rubric_pick, rubric_file, batch_files, max_new],
+    batch_btn.click(functools.partial(do_batch, settings), [base, adapter, rubric_pick, rubric_file, batch_files, max_new],
                     [batch_table, batch_csv], api_name="grade_batch",
                     concurrency_limit=settings.max_jobs, concurrency_id="grading")
     return {"refresh": (on_open, [adapter], [adapter]),
