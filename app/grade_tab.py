@@ -285,6 +285,7 @@ def do_grade(settings: Settings, base_model, adapter_path, rubric_path, rubric_u
                 out[who] = [value.raw_text, value]
             yield view()
 
+
 def do_batch(settings: Settings, base_model, adapter_path, rubric_path, rubric_upload, files, max_new_tokens,
              progress=gr.Progress()):
     from data.markdown import read_markdown
@@ -427,7 +428,8 @@ def build(settings: Settings) -> dict[str, Any]:
     rubric_file.upload(on_rubric_upload, [rubric_file], [rubric_view, rubric_pick])
     rubric_file.clear(on_rubric, [rubric_pick, rubric_file], [rubric_view])
     md_file.upload(functools.partial(on_md_file, settings), [md_file], [md_text, student])
-    grade_btn.click(functools.partial(do_grade, settings), [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new, student],
+    grade_btn.click(functools.partial(do_grade, settings),
+                    [base, adapter, rubric_pick, rubric_file, md_text, compare, max_new, student],
                     [*tuned.components(), *base_panel.components()],
                     api_name="grade", concurrency_limit=settings.max_jobs,
                     concurrency_id="grading")

@@ -342,7 +342,8 @@ def _scored(d: EvalData, results: list[GradeResult], drawn: set[int], n_boot: in
         row[1] += results[i].grade.items[k].score
         row[2] += d.item_max[n]
     sh, sp, sm = zip(*subs.values()) if subs else ((), (), ())
-    return {"items": _level_metrics(h, p, m, n_boot), "submissions": _level_metrics(list(sh), list(sp), list(sm), n_boot)}
+    return {"items": _level_metrics(h, p, m, n_boot),
+            "submissions": _level_metrics(list(sh), list(sp), list(sm), n_boot)}
 
 
 def _anchor_study(engine, d: EvalData, adapter, ks: list[int], draws: int, seed: int, n_boot: int,

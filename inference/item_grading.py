@@ -175,7 +175,8 @@ class _PrefixCaches:
 
 
 def _distributions(engine, chunk: list[int], questions: list[list[_Question]], rubric_keys: list[str],
-                   adapters: list[str | None], prefixes: _PrefixCaches, step: int) -> dict[tuple[int, int], list[float]]:
+                   adapters: list[str | None], prefixes: _PrefixCaches,
+                   step: int) -> dict[tuple[int, int], list[float]]:
     """{(submission, question): the distribution over 0..max} for the chunk's questions that the
     model scores, averaged over ``adapters``."""
     import torch
