@@ -96,21 +96,16 @@ def loss_figure(series: dict[str, list[dict[str, Any]]], title: str = "Loss") ->
 
 def checked_adapter(adapter: str) -> Path:
     """The adapter folder a tab was given, checked server-side (the dropdown's paths and an API
-    client's alike): inside the checkpoints folder, safetensors weights, a complete checkpoint.
-    Raises gr.Error saying which check failed."""
+    client's alike): inside the checkpoints folder, safetensors weights, a complete checkpoint
+    (:meth:`inference.adapters.Adapter.open`). Raises gr.Error saying which check failed."""
     import gradio as gr
 
-    from data.run_folder import ADAPTER_WEIGHTS, COMPLETE_MARKER, is_complete, is_inside_checkpoints
+    from inference.adapters import Adapter, AdapterError
 
-    root = paths.checkpoints_dir().resolve()
-    path = Path(adapter).resolve()
-    if not is_inside_checkpoints(path, root):
-        raise gr.Error(f"Adapter {adapter!r} is not inside {root}.")
-    if not (path / ADAPTER_WEIGHTS).exists():
-        raise gr.Error(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters load).")
-    if not is_complete(path):
-        raise gr.Error(f"{path} is an incomplete checkpoint (no {COMPLETE_MARKER}): pick another.")
-    return path
+    try:
+        return Adapter.open(adapter, inside=paths.checkpoints_dir(), complete=True).path
+    except AdapterError as e:
+        raise gr.Error(f"Adapter {adapter!r}: {e}") from None
 
 
 def safe_display_name(name: str) -> str:

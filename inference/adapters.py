@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINAL, RUN_CONFIG, RunFolder
@@ -26,28 +27,68 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter folder, checked once, with what its run configuration says (read once): the one
+    value the engine, the CLI and the app ask about an adapter. :meth:`open` refuses what cannot be
+    used (AdapterError, saying why and what to give instead)."""
+
+    path: Path  # resolved
+    run_config: dict  # {} when neither run_config.json nor the run's config.json can be read
+
+    @classmethod
+    def open(cls, adapter_dir: str | Path, *, inside: str | Path | None = None, complete: bool = False) -> "Adapter":
+        """The adapter at ``adapter_dir``: a folder with adapter_config.json and safetensors weights
+        (a folder of pickles only is refused: unpickling can run code); with ``inside``, within that
+        folder (symlinks and ``..`` resolved); with ``complete``, a checkpoint the trainer finished
+        writing (its complete.json)."""
+        from data.run_folder import COMPLETE_MARKER, is_complete, is_inside_checkpoints
+
+        folder = Path(adapter_dir).expanduser()
+        if inside is not None and not is_inside_checkpoints(folder, inside):
+            raise AdapterError(f"adapter {adapter_dir!r} is not inside {Path(inside).resolve()}")
+        if not folder.exists():
+            raise AdapterError(f"adapter folder {folder} does not exist (give a run's final/ or checkpoint-N/ folder)")
+        if not folder.is_dir():
+            raise AdapterError(f"adapter {folder} is a file; give the folder that holds {ADAPTER_CONFIG}")
+        if not (folder / ADAPTER_CONFIG).is_file():
+            final = folder / FINAL
+            hint = f" (did you mean {final}?)" if (final / ADAPTER_CONFIG).is_file() else ""
+            raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}: not a PEFT adapter folder{hint}")
+        if not (folder / ADAPTER_WEIGHTS).is_file():
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise AdapterError(
+                    f"{folder} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+                    f"the studio loads {ADAPTER_WEIGHTS} only. Convert it with safetensors "
+                    "(load it in a trusted environment and save_pretrained(..., safe_serialization=True))"
+                )
+            raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS} (only safetensors adapters load)")
+        if complete and not is_complete(folder):
+            raise AdapterError(f"{folder.resolve()} is an incomplete checkpoint (no {COMPLETE_MARKER}): pick another")
+        return cls(folder.resolve(), adapter_run_config(folder) or {})
+
+    @property
+    def unit(self) -> str:
+        """How it grades: the ``example_unit`` it was trained with; adapters from before item-level
+        training learnt whole grades ("submission")."""
+        unit = self.run_config.get("example_unit")
+        return unit if unit in ("item", "submission") else "submission"
+
+    @property
+    def anchors_shown(self) -> int:
+        """How many teacher anchors its prompts show: what it was trained with (``train_anchors``)."""
+        n = self.run_config.get("train_anchors", 0)
+        return n if isinstance(n, int) and n > 0 else 0
+
+    @property
+    def base_model(self) -> str:
+        return base_model_of_adapter(self.path)
+
+
 def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """The adapter folder, checked: it exists, has adapter_config.json and safetensors weights.
-    A folder whose weights are only pickles (.bin/.pt) is refused: unpickling can run code."""
-    folder = Path(adapter_dir).expanduser()
-    if not folder.exists():
-        raise AdapterError(f"adapter folder {folder} does not exist (give a run's final/ or checkpoint-N/ folder)")
-    if not folder.is_dir():
-        raise AdapterError(f"adapter {folder} is a file; give the folder that holds {ADAPTER_CONFIG}")
-    if not (folder / ADAPTER_CONFIG).is_file():
-        final = folder / FINAL
-        hint = f" (did you mean {final}?)" if (final / ADAPTER_CONFIG).is_file() else ""
-        raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}: not a PEFT adapter folder{hint}")
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterError(
-                f"{folder} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
-                f"the studio loads {ADAPTER_WEIGHTS} only. Convert it with safetensors "
-                "(load it in a trusted environment and save_pretrained(..., safe_serialization=True))"
-            )
-        raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS}")
-    return folder.resolve()
+    """The adapter folder, checked (:meth:`Adapter.open`)."""
+    return Adapter.open(adapter_dir).path
 
 
 def adapter_run_config(adapter_dir: str | Path) -> dict | None:
@@ -187,8 +228,7 @@ def grading_unit(adapter_dir: str | Path | None) -> str:
     item: reading a distribution needs no instruction following, and cannot run away."""
     if adapter_dir is None:
         return "item"
-    unit = (adapter_run_config(adapter_dir) or {}).get("example_unit")
-    return unit if unit in ("item", "submission") else "submission"
+    return Adapter(Path(adapter_dir), adapter_run_config(adapter_dir) or {}).unit
 
 
 def resolve_base(base: str | None, adapter_dir: str | Path | None) -> str:

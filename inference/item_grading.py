@@ -19,7 +19,7 @@ from data.anchors import AnchorBank, AnchorChoice
 from data.markdown import split_sections
 from data.prompt_format import ScoreExample, encode_score_prompt, target_text
 from data.rubric import Grade, GradeItem, Rubric
-from inference.adapters import adapter_run_config
+from inference.adapters import Adapter, adapter_run_config
 from scoring.calibration import load_anchor_blend, load_calibration
 from inference.results import GradeResult
 from scoring.distribution import REVIEW_THRESHOLD, expected_score, item_confidence
@@ -105,13 +105,11 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
 
 
 def anchors_in_prompt(adapter_dir: str | None) -> int:
-    """How many anchors an adapter's prompts show: what it was trained with (``train_anchors`` in
-    its run config; 0 for the base alone and for adapters trained without them)."""
+    """How many anchors an adapter's prompts show (:attr:`inference.adapters.Adapter.anchors_shown`;
+    0 for the base alone)."""
     if adapter_dir is None:
         return 0
-    cfg = adapter_run_config(adapter_dir) or {}
-    n = cfg.get("train_anchors", 0)
-    return n if isinstance(n, int) and n > 0 else 0
+    return Adapter(Path(adapter_dir), adapter_run_config(adapter_dir) or {}).anchors_shown
 
 
 def _encode_questions(engine, items: list[tuple[str, str, Rubric]], anchors: AnchorBank | None,
