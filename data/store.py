@@ -39,7 +39,6 @@ from data import paths
 from data.anchors import Anchor, AnchorBank, pick_to_grade_first, question_key
 from data.loading import DataError, content_hash, load_graded
 from data.markdown import split_sections
-from data.prompt_format import question_labels
 from data.rubric import GradedSubmission, Rubric
 
 BUSY_TIMEOUT_S = 30.0
@@ -822,7 +821,7 @@ def _grade_questions(row: dict, latest: dict[str, Correction] | None = None) -> 
     grade = row.get("grade") if isinstance(row.get("grade"), dict) else {}
     items = [i for i in grade.get("items") or [] if isinstance(i, dict)]
     rubric = _rubric(row)
-    labels = question_labels(rubric) if rubric is not None and len(rubric.questions) == len(items) else \
+    labels = rubric.labels() if rubric is not None and len(rubric.questions) == len(items) else \
         [str(k + 1) for k in range(len(items))]
     md = row.get("submission_md")
     answers: list[str] | None = None

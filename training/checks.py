@@ -10,7 +10,9 @@ import sqlite3
 from pathlib import Path
 
 from data import paths
+from data.loading import load_graded
 from data.model_zoo import EMBEDDED_PREFIX, EMBEDDED_SPECS, embedded_model
+from data.store import DB_PREFIX, Store, missing_datasets
 from training import memory
 from training.config import RunConfig
 from training.model_info import KNOWN_LINEAR, inspect_model, model_dir
@@ -42,11 +44,8 @@ def _machine_problems(cfg: RunConfig) -> list[str]:
 def training_examples(cfg: RunConfig) -> int | None:
     """About how many training examples `cfg.datasets` give (one per question or per submission,
     less the held-out eval_fraction), or None when the data cannot be read now."""
-    from data.loading import load_graded
-    from data.store import Store
-
     n_subs = n_items = 0
-    files = [d for d in cfg.datasets if not d.startswith("db:")]
+    files = [d for d in cfg.datasets if not d.startswith(DB_PREFIX)]
     try:
         if files:
             report = load_graded(files)
@@ -55,8 +54,8 @@ def training_examples(cfg: RunConfig) -> int | None:
             n_subs += len(report.submissions)
             n_items += sum(len(s.rubric_alignment) for s in report.submissions)
         for d in cfg.datasets:
-            if d.startswith("db:"):
-                found = Store().find_dataset(d[3:])
+            if d.startswith(DB_PREFIX):
+                found = Store().find_dataset(d[len(DB_PREFIX):])
                 if found is None:
                     return None
                 n_subs += found["n_submissions"]
@@ -95,8 +94,6 @@ def config_warnings(cfg: RunConfig) -> list[str]:
 def _stored_dataset_problems(cfg: RunConfig) -> list[str]:
     """The `db:` datasets the store lacks, refused here rather than by every rank after DeepSpeed
     has started (a minute later, with a traceback)."""
-    from data.store import missing_datasets
-
     try:
         return missing_datasets(cfg.datasets + cfg.validation_datasets)
     except sqlite3.Error as e:  # a store that cannot be read now: the trainer would fail the same way
@@ -147,10 +144,10 @@ def check_config(cfg: RunConfig) -> list[str]:
     if not cfg.datasets:
         problems.append("no datasets: set datasets=path/to/graded.json (files, folders or db:<name>)")
     for d in cfg.datasets:
-        if not d.startswith("db:") and not Path(d).expanduser().exists():
+        if not d.startswith(DB_PREFIX) and not Path(d).expanduser().exists():
             problems.append(f"dataset {d} does not exist; give a .json/.jsonl file, a folder, or db:<name>")
     for d in cfg.validation_datasets:
-        if not d.startswith("db:") and not Path(d).expanduser().exists():
+        if not d.startswith(DB_PREFIX) and not Path(d).expanduser().exists():
             problems.append(f"validation dataset {d} does not exist; give a .json/.jsonl file, a folder, "
                             "or db:<name> (or validation_datasets=none to hold out eval_fraction)")
     problems += _stored_dataset_problems(cfg)
