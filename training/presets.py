@@ -14,116 +14,47 @@ from training import memory
 from training.config import RunConfig
 from training.model_info import model_dir
 
-# The user's seed recipe: gpt-oss-120b, 4-bit, ZeRO-2 on two H200s.
-_SEED_120B = RunConfig(
-    name="seed-2xh200-120b",
-    model="openai/gpt-oss-120b",
-    datasets=[str(paths.samples_dir() / "graded")],
-    max_length=2048,
-    lora_r=8,
-    lora_alpha=32,
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-    quantization="nf4",
-    precision="bf16",
-    zero_stage=2,
-    num_gpus=2,
-    per_device_batch_size=3,
-    gradient_accumulation_steps=4,
-    learning_rate=2e-4,
-    epochs=3.0,
-)
+def _preset(name: str, **differences) -> RunConfig:
+    """A preset: RunConfig's defaults, trained on the sample data, with ``differences``."""
+    return RunConfig(name=name, datasets=[str(paths.samples_dir() / "graded")], **differences)
 
+
+# The user's seed recipe: gpt-oss-120b, 4-bit, ZeRO-2 on two H200s (RunConfig's defaults are its
+# LoRA r 8 / alpha 32 on q/k/v/o, batch 3 x 4, lr 2e-4, 3 epochs, ZeRO-2).
+_SEED_120B = _preset("seed-2xh200-120b", model="openai/gpt-oss-120b", quantization="nf4", precision="bf16",
+                     num_gpus=2)
 
 PRESETS: dict[str, RunConfig] = {
     "seed-2xh200-120b": _SEED_120B,
-    # gpt-oss-20b on one H200: experts kept in the checkpoint's MXFP4 (12.8 GiB of weights instead
-    # of 39 in bf16, the same values), which leaves room to keep every layer's activations instead
-    # of recomputing them (a third fewer FLOPs a step; 53 GiB at 8 x 2,048 tokens, H200).
-    "h200-20b": RunConfig(
-        name="h200-20b",
-        model="openai/gpt-oss-20b",
-        datasets=[str(paths.samples_dir() / "graded")],
-        max_length=2048,
-        quantization="mxfp4",
-        precision="bf16",
-        zero_stage=2,
-        num_gpus=1,
-        per_device_batch_size=8,
-        gradient_accumulation_steps=2,
-        gradient_checkpointing=False,
-        learning_rate=2e-4,
-        epochs=3.0,
-    ),
-    # The seed recipe on one H200: experts packed to NF4 while loading (55 GiB; attention, embeddings
-    # and head stay bf16, 4 GiB), every layer recomputed; the bench's 36-layer rows at these settings
-    # ran 8,431 tokens/s at 64.05 GiB (6 x 2,048 tokens, BENCHMARKS.md round 2d).
+    # gpt-oss-20b on one big GPU: experts kept in the checkpoint's MXFP4 (a quarter of bf16's
+    # memory, the same values) leaves room to keep every layer's activations instead of
+    # recomputing them.
+    "h200-20b": _preset("h200-20b", model="openai/gpt-oss-20b", quantization="mxfp4", precision="bf16", num_gpus=1,
+                        per_device_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False),
+    # The seed recipe on one big GPU: experts packed to NF4 while loading, every layer recomputed,
+    # more rows a micro-batch (BENCHMARKS.md, "Training speed, round 2").
     "h200-120b": _SEED_120B.model_copy(deep=True, update=dict(name="h200-120b", num_gpus=1, per_device_batch_size=6,
                                                               gradient_accumulation_steps=2)),
     # The grading recipe measured on real short-answer data (BENCHMARKS.md, "Grading quality"):
     # the embedded Gemma 3 270M on one GPU, LoRA on every projection, one question per example.
-    "embedded-grader": RunConfig(
-        name="embedded-grader",
-        datasets=[str(paths.samples_dir() / "graded")],
-        max_length=1024,
-        lora_r=16,
-        lora_dropout=0.1,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        num_gpus=1,
-        per_device_batch_size=16,
-        gradient_accumulation_steps=1,
-        warmup_ratio=0.05,
-        epochs=5.0,
-        gradient_checkpointing=False,
-        save_every_steps=100000,
-    ),
-    # No GPU: the embedded Gemma 3 270M in fp32, sized to finish a first run in minutes on 2 cores.
-    "cpu-default": RunConfig(
-        name="cpu-default",
-        model="embedded:gemma-3-270m",
-        datasets=[str(paths.samples_dir() / "graded")],
-        eval_fraction=0.1,
-        # Measured: one fwd+bwd of ~1.2k tokens costs Gemma 270M ~20 s on 2 cores (fp32), so a
-        # first run is a dozen samples at 1k tokens (long submissions are cut, not the grade).
-        max_length=1024,
-        lora_r=8,
-        lora_alpha=16,
-        lora_dropout=0.05,
-        precision="fp32",
-        zero_stage=0,
-        num_processes=1,
-        per_device_batch_size=1,
-        gradient_accumulation_steps=1,
-        learning_rate=5e-4,
-        lr_scheduler="cosine",
-        warmup_ratio=0.0,
-        epochs=1.0,
-        max_steps=12,
-        gradient_checkpointing=False,
-        save_every_steps=6,
-    ),
-    # Pipeline check: a tiny GPT-OSS with the real tokenizer, 2 gloo ranks, ZeRO-2, ~1 minute.
-    "smoke": RunConfig(
-        name="smoke",
-        model="embedded:tiny-gpt-oss",
-        datasets=[str(paths.samples_dir() / "graded")],
-        eval_fraction=0.2,
-        max_length=1536,  # the sample submissions are 1.0-1.4k GPT-OSS tokens
-        lora_r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        precision="fp32",
-        zero_stage=2,
-        num_processes=2,
-        per_device_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=2e-3,
-        lr_scheduler="constant",
-        warmup_ratio=0.0,
-        epochs=1.0,
-        max_steps=8,
-        gradient_checkpointing=False,
-        save_every_steps=4,
-    ),
+    "embedded-grader": _preset(
+        "embedded-grader", max_length=1024, lora_r=16, lora_dropout=0.1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], num_gpus=1,
+        per_device_batch_size=16, gradient_accumulation_steps=1, warmup_ratio=0.05, epochs=5.0,
+        gradient_checkpointing=False, save_every_steps=100000),
+    # No GPU: the embedded Gemma 3 270M in fp32, sized to finish a first run in minutes on 2 cores
+    # (a dozen samples at 1k tokens: long submissions are cut, never the grade).
+    "cpu-default": _preset(
+        "cpu-default", max_length=1024, lora_alpha=16, precision="fp32", zero_stage=0, per_device_batch_size=1,
+        gradient_accumulation_steps=1, learning_rate=5e-4, warmup_ratio=0.0, epochs=1.0, max_steps=12,
+        gradient_checkpointing=False, save_every_steps=6),
+    # Pipeline check: a tiny GPT-OSS with the real tokenizer, 2 gloo ranks, ZeRO-2, about a minute
+    # (max_length: the sample submissions are 1.0-1.4k GPT-OSS tokens).
+    "smoke": _preset(
+        "smoke", model="embedded:tiny-gpt-oss", eval_fraction=0.2, max_length=1536, lora_alpha=16,
+        lora_dropout=0.0, precision="fp32", num_processes=2, per_device_batch_size=2,
+        gradient_accumulation_steps=1, learning_rate=2e-3, lr_scheduler="constant", warmup_ratio=0.0,
+        epochs=1.0, max_steps=8, gradient_checkpointing=False, save_every_steps=4),
 }
 
 
