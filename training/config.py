@@ -91,8 +91,8 @@ class RunConfig(BaseModel):
     trust_remote_code: bool = False
     # GPU speed path (training.fast_path): flex attention, grouped-GEMM experts, chunked loss.
     fast_path: bool = True
-    # GPT-OSS on GPU with fast_path: torch.compile each decoder layer, bf16 or NF4 experts
-    # (1.6-1.8x tokens/s on the H200; the first step compiles for 20-40 s, BENCHMARKS.md).
+    # GPT-OSS on GPU with fast_path: torch.compile each decoder layer, bf16 or packed experts
+    # (the first step compiles; BENCHMARKS.md has the gain).
     compile_layers: bool = True
     # Training rows packed with whole examples (best-fit decreasing) instead of one right-padded
     # example per row: each micro-batch is per_device_batch_size rows of one width (the longest

@@ -316,8 +316,8 @@ def remove_shm_buffer(port: int | str | None, rank: int) -> int:
     """Unlink the DeepSpeed CPU all-reduce segment of ``rank`` in the run on ``port``.
 
     DeepSpeed's shm communicator (CPU training) makes a 64 MiB ``/dev/shm`` segment per rank and
-    never unlinks it: every CPU run left 128 MiB of RAM behind for good, and on this machine a few
-    hundred test runs filled 16 GiB of /dev/shm until the OOM killer stopped the test suite.
+    never unlinks it: every CPU run left 128 MiB of RAM behind for good, until a few hundred runs
+    filled /dev/shm and the OOM killer stepped in.
     Unlinking is safe while ranks still run: they keep their mappings, only the name goes."""
     if not port:
         return 0

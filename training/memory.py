@@ -23,9 +23,8 @@ _MXFP4_BYTES = (4 + 8 / 32) / 8  # e2m1 + one 8-bit scale per 32 weights
 
 # GPT-OSS on the GPU fast path (flex attention, grouped-GEMM experts, compiled layers, chunked
 # loss): activations kept by one layer that is not recomputed, bytes per token per hidden unit at
-# bf16 (20b shape, MXFP4 experts, H200 2026-12-03: activations 30.2 GiB at batch 6, 40.0 at batch 8,
-# 4.9 GiB per 2,048-token sample over 24 layers = 37 x 2880 bytes a token a layer; no s^2 attention
-# matrix, no full logits; 44 before the experts stopped keeping the gathered down bias).
+# bf16: no s^2 attention matrix, no full logits (calibrated on the 20b shape: BENCHMARKS.md,
+# "Training speed, round 2d").
 _FAST_GPT_OSS_LAYER = 37
 
 
@@ -132,8 +131,8 @@ class MemoryEstimate:
 def estimate_memory(cfg: RunConfig) -> MemoryEstimate:
     """Per-GPU (per-rank) memory of a run: weights, LoRA, optimizer, activations, total.
 
-    Rough arithmetic, calibrated on GPT-OSS-20b on an H200 (bf16, seq 2048, checkpointing: 44 GiB
-    at batch 1, +4.9 GiB per extra sample; without checkpointing +23.6 GiB per sample).
+    Rough arithmetic, calibrated on GPT-OSS-20b at seq 2048 with and without recomputation
+    (BENCHMARKS.md; tests/test_train_config.py holds it to those figures).
     """
     info = inspect_model(cfg) or embedded_shape(cfg.model)
     if info is None:

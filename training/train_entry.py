@@ -270,8 +270,8 @@ class Trainer:
             if self.is_main and applied:
                 log(f"fast path: {', '.join(applied)}")
             if "compile_layers" in applied:
-                # Compiled layers compile again for every new sequence length (a 12-layer 20b twin
-                # on an H200 spent > 100 s in its first step on 4 widths): one width per run.
+                # Compiled layers compile again for every new sequence length, minutes of a first
+                # step on a handful of widths: one width per run.
                 longest = max(len(e.input_ids) for e in self.train_ex + self.eval_ex)
                 self.pad_width = min(cfg.max_length, -(-longest // 64) * 64)
         if cfg.pack_sequences != "off":
