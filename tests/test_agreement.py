@@ -25,8 +25,8 @@ from scoring.distribution import REVIEW_THRESHOLD, confidence, expected_score
 from training.config import save_config
 from training.overrides import apply_overrides
 from training.presets import preset
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 GRADED = REPO / "data" / "samples" / "graded"
 RUBRIC = REPO / "data" / "samples" / "rubrics" / "algebra-linear.json"
 SUBMISSION = REPO / "data" / "samples" / "submissions" / "algebra-linear-chloe.md"

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from data.loading import load_rubric
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 RUBRIC = REPO / "data" / "samples" / "rubrics" / "bio-photosynthesis.json"
 SAMPLES = sorted((REPO / "data" / "samples" / "submissions").glob("bio-photosynthesis-*.md"))
 N_FILES = 12

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.presets import PRESETS
+from tests.conftest import REPO
 from training.launcher import is_library_noise
+from training.presets import PRESETS
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 
 

@@ -14,8 +14,8 @@ from data.markdown import render_submission_markdown
 from data.rubric import Grade, GradeItem, Rubric, RubricQuestion
 from inference.constrained import grade_json_schema, reserve_chars
 from inference.engine import get_engine
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 GRADED = REPO / "data" / "samples" / "graded" / "algebra-linear"
 
 

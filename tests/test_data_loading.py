@@ -17,8 +17,8 @@ from data.loading import (
     parse_rubric_bytes,
     validate_cli,
 )
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "samples"
 
 

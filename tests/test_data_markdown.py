@@ -15,8 +15,8 @@ from data.markdown import (
     split_sections,
 )
 from data.rubric import GradedSubmission, Rubric
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "samples"
 
 

@@ -19,8 +19,8 @@ from data.tokenizer_offline import (
     ensure_harmony_env,
     main,
 )
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

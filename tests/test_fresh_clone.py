@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from .conftest import SHARED_DATA_ENV
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from training import quant_experts as qe
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 

@@ -22,8 +22,8 @@ from inference.repair import NOTE_KINDS
 from data.loading import load_rubric
 from data.rubric import Rubric, RubricQuestion
 from data.store import Store
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 RUBRICS = REPO / "data" / "samples" / "rubrics"
 SUBMISSIONS = REPO / "data" / "samples" / "submissions"
 RUBRIC = Rubric(questions=[RubricQuestion(question="What is a stack?", max_score=5, question_id="1"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO
 from data.model_zoo import (
     DEFAULT_CPU_MODEL,
     EMBEDDED,
@@ -162,7 +163,6 @@ def test_the_gemma_conversion_parses_its_gguf_once(tmp_path: Path) -> None:
     assert read() is not first and read() is not read()
 
 
-REPO = Path(__file__).resolve().parent.parent
 
 _RANK_BUILD = r"""
 import os, sys, json

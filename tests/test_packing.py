@@ -22,8 +22,8 @@ from training.presets import preset
 from training.batches import (
     collate, collate_packed, pack_rows, packed_epoch_micro_batches, packed_loss_sum, packing_unsupported,
 )
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 GRADED = REPO / "data" / "samples" / "graded"
 
 

@@ -19,8 +19,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ENTRY_NAME = "train_entry.py"
 

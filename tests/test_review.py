@@ -17,8 +17,8 @@ import pytest
 from data.rubric import Rubric, RubricQuestion
 from data.store import CorrectionError, Store, load_datasets
 from inference.teacher_agreement import confusion_counts, teacher_agreement
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 RUBRIC = Rubric(title="Data structures",
                 questions=[RubricQuestion(question="What is a stack?", max_score=2, question_id="1",
                                           reference_answer="LIFO"),

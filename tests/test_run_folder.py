@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from data.run_folder import RunFolder, all_adapters, is_complete, is_inside_checkpoints, read_complete
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def new_run(root: Path, run_id: str = "run-1") -> RunFolder:

@@ -10,8 +10,8 @@ from data.loading import load_rubric
 from data.markdown import read_markdown
 from inference.engine import get_engine
 from tests.conftest import random_lora_adapter
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SUBMISSIONS = REPO / "data" / "samples" / "submissions"
 RUBRICS = REPO / "data" / "samples" / "rubrics"
 

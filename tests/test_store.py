@@ -14,8 +14,8 @@ import sqlite_utils
 
 from data.loading import DataError, content_hash, load_graded
 from data.store import MIGRATIONS, Store, load_datasets
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples" / "graded"
 TABLES = ["_sqlite_migrations", "datasets", "submissions", "items", "runs", "metrics", "checkpoints", "grades",
           "evaluations"]

@@ -16,8 +16,8 @@ from training.memory import estimate_memory
 from training.overrides import apply_overrides
 from training.presets import PRESETS, hardware_preset, preset
 from data.store import Store
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 GRADED = str(REPO / "data" / "samples" / "graded")
 
 

@@ -18,8 +18,8 @@ from training import launcher
 from training.config import save_config
 from training.overrides import apply_overrides
 from training.presets import preset
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 GRADED = REPO / "data" / "samples" / "graded"
 
 

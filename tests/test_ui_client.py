@@ -25,8 +25,8 @@ import pytest
 from scoring.distribution import REVIEW_THRESHOLD
 
 from tests.test_reliability_support import listening_addresses, wait_for
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "samples"
 # The run tests wait for: smoke preset (tiny GPT-OSS, 2 gloo ranks) incl. a first JIT build.
 TRAIN_TIMEOUT_S = 900
