@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from training import fast_path  # noqa: E402
 from training import quant_experts as qe  # noqa: E402
+from training import packed  # noqa: E402
 
 
 def drop_page_cache() -> bool:
@@ -92,7 +93,7 @@ def measure(path: Path, mode: str, shape: str) -> dict:
         t_ready = time.perf_counter() - t0
         row.update(load_s=round(t_load, 2), ready_s=round(t_ready, 2), first_step_s=round(t_ready - t_load, 2), s_per_gb=round(t_load / (size / 1e9), 3),
                    first_loss=round(loss, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   bytes_per_param=round(qe.bytes_per_param(model), 4))
+                   bytes_per_param=round(packed.bytes_per_param(model), 4))
     except Exception as e:  # record and go on
         row["error"] = f"{type(e).__name__}: {e}"[:400]
     return row

@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from training import fast_path  # noqa: E402
 from training import quant_experts as qe  # noqa: E402
+from training import packed  # noqa: E402
 from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig  # noqa: E402
 
 PEAK_FLOPS = 989e12
@@ -93,7 +94,7 @@ def build_random(cfg, device, dtype=torch.bfloat16, quant: str = "bf16", seed: i
             model = GptOssForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    if quant in qe.STORE_KINDS:  # nf4, mxfp4
+    if quant in packed.STORE_KINDS:  # nf4, mxfp4
         qe.quantize_experts(model, quant, compute_dtype=dtype, device=device, random_std=std, seed=seed)
     qe._materialize_meta_buffers(model, cfg, torch.device(device))
     for name, mod in model.named_modules():
@@ -163,7 +164,7 @@ def configure(pm, impl: str, recompute):
 
 def weights_split(model) -> dict:
     """GiB of weights held: experts (packed NF4/MXFP4 or bf16 3-D stacks) and everything else."""
-    rep = qe.memory_report(model)
+    rep = packed.memory_report(model)
     dense_experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                         if n.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") and p.dim() == 3)
     g = 2**30
@@ -354,7 +355,7 @@ def main(argv=None):
     ap.add_argument("--mem-limit-gib", type=float, default=None,
                     help="mark rows within/over this peak; skip larger batches of a config once one went over")
     ap.add_argument("--nf4-dequant", default=None, choices=["torch", "bnb"],
-                    help="NF4 dequantization on CUDA (training.quant_experts.DEQUANT_BACKEND; default torch)")
+                    help="NF4 dequantization on CUDA (training.packed.DEQUANT_BACKEND; default torch)")
     ap.add_argument("--nf4-keep-gib", type=float, default=None,
                     help="a recomputed layer keeps a dequantized expert tensor up to this size for its backward "
                          "(training.fast_path.PACKED_KEEP_MAX_BYTES; default 1.1; 0 never)")
@@ -370,7 +371,7 @@ def main(argv=None):
 
     t_start = time.time()
     if a.nf4_dequant:
-        qe.DEQUANT_BACKEND = a.nf4_dequant
+        packed.DEQUANT_BACKEND = a.nf4_dequant
     if a.nf4_keep_gib is not None:
         fast_path.PACKED_KEEP_MAX_BYTES = int(a.nf4_keep_gib * 2**30)
     device = torch.device(a.device)
@@ -397,11 +398,11 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         build_s = time.time() - t0
-        rep = qe.memory_report(model)
+        rep = packed.memory_report(model)
         split = weights_split(model)
         def variant():  # read per row: a dequantization kernel that fails falls back for good
-            return (f"dequant={qe.DEQUANT_BACKEND},keep={fast_path.PACKED_KEEP_MAX_BYTES / 2**30:g}GiB"
-                    if quant in qe.STORE_KINDS else None)
+            return (f"dequant={packed.DEQUANT_BACKEND},keep={fast_path.PACKED_KEEP_MAX_BYTES / 2**30:g}GiB"
+                    if quant in packed.STORE_KINDS else None)
         over: dict = {}  # (lora, impl, recompute, seq) -> smallest batch that went over --mem-limit-gib
         print(f"weights: {split}", flush=True)
         print(f"== {shape} ({cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts) {quant}: built in {build_s:.1f}s, "
@@ -476,7 +477,7 @@ def main(argv=None):
             # drop this LoRA before the next kind
             fast_path.uninstall_moe_forward(pm)
             model = pm.unload()
-            if qe.is_quantized(model):
+            if packed.is_quantized(model):
                 fast_path.install_moe_forward(model)
             del pm, init
             gc.collect()

@@ -14,6 +14,7 @@ import torch
 from tests.bf16_judge import assert_grads_no_further, assert_loss_no_further, rel
 from training import fast_path
 from training import quant_experts as qe
+from training import packed as pk
 from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig
 
 CUDA = torch.cuda.is_available()
@@ -267,7 +268,7 @@ def test_nf4_experts_are_really_quantized_and_close_to_full_precision():
     batch = batch_for(model.config.vocab_size)
     with torch.no_grad():
         logits_ref = model(**batch).logits.float()
-    before = qe.bytes_per_param(model)
+    before = pk.bytes_per_param(model)
 
     rep = qe.quantize_experts(model, "nf4")
 
@@ -279,7 +280,7 @@ def test_nf4_experts_are_really_quantized_and_close_to_full_precision():
             assert m.down_proj_packed.q0.dtype == torch.uint8
     assert rep["quantized_tensors"] == 2 * model.config.num_hidden_layers
     assert 0.5 < rep["expert_bytes_per_param"] < 0.6  # 4 bits + double-quantized scales
-    assert rep["bytes_per_param"] == pytest.approx(qe.bytes_per_param(model))
+    assert rep["bytes_per_param"] == pytest.approx(pk.bytes_per_param(model))
     assert rep["bytes_per_param"] < before
     # NF4 error on Gaussian weights ~0.09 relative; the MoE output (two GEMMs) stays near it
     assert rel(ex.gate_up_proj_packed.dequantize(torch.float32), w_ref) < 0.12
@@ -387,7 +388,7 @@ def test_nf4_dequantization_in_torch_is_bitsandbytes_bit_for_bit():
     chunk by chunk, including sizes that are not a multiple of the 64-weight block."""
     for shape, chunk in (((6, 64, 96), 64 * 96 * 2), ((3, 10, 7), None)):
         w = torch.randn(shape, device=DEVICE, dtype=DTYPE)
-        store = qe.quantize_tensor_nf4(w, shape, device=DEVICE, compute_dtype=DTYPE, chunk_elems=chunk)
+        store = pk.quantize_tensor_nf4(w, shape, device=DEVICE, compute_dtype=DTYPE, chunk_elems=chunk)
         assert len(store.chunk_ranges()) == (3 if chunk else 1)
         for i, (e0, e1) in enumerate(store.chunk_ranges()):
             ref = store._dequantize_chunk_bnb(i, DTYPE)
@@ -395,7 +396,7 @@ def test_nf4_dequantization_in_torch_is_bitsandbytes_bit_for_bit():
             assert torch.equal(store.dequantize_chunk(i, DTYPE).reshape(-1), ref)  # compiled on CUDA
         assert rel(store.dequantize(DTYPE).float(), w.float()) < 0.12
     if CUDA:  # the compiled kernel ran (a failed compile falls back to bitsandbytes for good)
-        assert qe.DEQUANT_BACKEND == "torch" and "nf4" in qe._COMPILED
+        assert pk.DEQUANT_BACKEND == "torch" and "nf4" in pk._COMPILED
 
 
 def _packed_and_dense_twin(fmt: str = "nf4", chunk_elems: int | None = 64 * 128, **kw):
@@ -406,7 +407,7 @@ def _packed_and_dense_twin(fmt: str = "nf4", chunk_elems: int | None = 64 * 128,
     packed = copy.deepcopy(dense)
     qe.quantize_experts(packed, fmt, chunk_elems=chunk_elems)
     with torch.no_grad():
-        for (_, a), (_, b) in zip(qe._iter_experts(dense), qe._iter_experts(packed)):
+        for (_, a), (_, b) in zip(pk.iter_experts(dense), pk.iter_experts(packed)):
             for name in ("gate_up_proj", "down_proj"):
                 getattr(a, name).copy_(getattr(b, name + "_packed").dequantize(DTYPE))
     return packed, dense
@@ -419,17 +420,17 @@ def test_mxfp4_packing_round_trips_and_both_dequantizations_agree():
     negative values, zeros and the extreme scales; arbitrary weights land within MXFP4's rounding."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 64, 96, generator=g) * torch.logspace(-6, 1, 96)  # (E, in, out), wide ranges
-    store = qe.quantize_tensor_mxfp4(w, tuple(w.shape), device=DEVICE, chunk_elems=64 * 96 * 2)
+    store = pk.quantize_tensor_mxfp4(w, tuple(w.shape), device=DEVICE, chunk_elems=64 * 96 * 2)
     assert len(store.chunk_ranges()) == 2 and store.nbytes() == 3 * 96 * (64 // 2 + 64 // 32)
     back = store.dequantize(torch.float32)
     assert rel(back.cpu(), w) < 0.15
     for i, (e0, e1) in enumerate(store.chunk_ranges()):
         b, sc = getattr(store, f"blocks{i}"), getattr(store, f"scales{i}")
-        lut = qe.dequantize_mxfp4(b, sc, torch.float32)
-        assert torch.equal(qe.mxfp4_dequant_torch(b, sc, lut.numel(), torch.float32), lut.reshape(-1))
+        lut = pk.dequantize_mxfp4(b, sc, torch.float32)
+        assert torch.equal(pk.mxfp4_dequant_torch(b, sc, lut.numel(), torch.float32), lut.reshape(-1))
         assert torch.equal(store.dequantize_chunk(i, torch.float32), lut.transpose(1, 2))  # (e, in, out)
-        assert torch.equal(qe.mxfp4_dequant_torch(b, sc, lut.numel(), torch.bfloat16).float(), lut.reshape(-1))
-    again = qe.quantize_tensor_mxfp4(back, tuple(w.shape), device=DEVICE)
+        assert torch.equal(pk.mxfp4_dequant_torch(b, sc, lut.numel(), torch.bfloat16).float(), lut.reshape(-1))
+    again = pk.quantize_tensor_mxfp4(back, tuple(w.shape), device=DEVICE)
     assert torch.equal(again.dequantize(torch.float32), back)
     # any byte at typical scales, on the device in fp32 and bf16 (load_gpt_oss dequantizes an MXFP4
     # checkpoint to bf16 on the GPU with the LUT path; training uses the compiled kernel), against
@@ -437,19 +438,19 @@ def test_mxfp4_packing_round_trips_and_both_dequantizations_agree():
     # compiled bf16 kernel's output unequal to the LUT path's on random bytes; not yet localised.)
     rb = torch.randint(0, 256, (4, 64, 9, 16), dtype=torch.uint8, generator=g)
     rs = torch.randint(110, 135, (4, 64, 9), dtype=torch.uint8, generator=g)
-    cpu32 = qe.dequantize_mxfp4(rb, rs, torch.float32).reshape(-1)
-    rstore = qe.mxfp4_store(rb.to(DEVICE), rs.to(DEVICE), (4, 9 * 32, 64))
+    cpu32 = pk.dequantize_mxfp4(rb, rs, torch.float32).reshape(-1)
+    rstore = pk.mxfp4_store(rb.to(DEVICE), rs.to(DEVICE), (4, 9 * 32, 64))
     for dt in (torch.float32, torch.bfloat16):
         b, sc = rb.to(DEVICE), rs.to(DEVICE)
-        assert torch.equal(qe.dequantize_mxfp4(b, sc, dt).reshape(-1).float().cpu(), cpu32), ("LUT", dt)
-        assert torch.equal(qe.mxfp4_dequant_torch(b, sc, cpu32.numel(), dt).float().cpu(), cpu32), ("eager", dt)
+        assert torch.equal(pk.dequantize_mxfp4(b, sc, dt).reshape(-1).float().cpu(), cpu32), ("LUT", dt)
+        assert torch.equal(pk.mxfp4_dequant_torch(b, sc, cpu32.numel(), dt).float().cpu(), cpu32), ("eager", dt)
         assert torch.equal(rstore.dequantize_chunk(0, dt).transpose(1, 2).reshape(-1).float().cpu(), cpu32), dt
     # every nibble and the scale extremes
     blocks = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
     for e in (0, 1, 120, 127, 134, 254):
         scales = torch.full((1, 16), e, dtype=torch.uint8)
-        lut = qe.dequantize_mxfp4(blocks, scales, torch.float32)
-        assert torch.equal(qe.mxfp4_dequant_torch(blocks, scales, lut.numel(), torch.float32), lut.reshape(-1))
+        lut = pk.dequantize_mxfp4(blocks, scales, torch.float32)
+        assert torch.equal(pk.mxfp4_dequant_torch(blocks, scales, lut.numel(), torch.float32), lut.reshape(-1))
 
 
 def _experts_outputs_and_grads(experts, *, rows: int, routed: int) -> list[torch.Tensor]:
@@ -464,7 +465,7 @@ def _experts_outputs_and_grads(experts, *, rows: int, routed: int) -> list[torch
 
 
 def test_one_chunk_packed_experts_never_wait_for_the_host(monkeypatch):
-    """An MXFP4 weight small enough to be one chunk (the 20b shape's, quant_experts.MXFP4_CHUNK_ELEMS)
+    """An MXFP4 weight small enough to be one chunk (the 20b shape's, pk.MXFP4_CHUNK_ELEMS)
     is one grouped GEMM whose offsets stay on the device, forward and backward, eager and in
     compiled layers: no host read of the routed row counts, which stalled the GPU once per expert
     GEMM (96 times a 20b step).  Checked by making that read fail; the experts equal the dense
@@ -586,7 +587,7 @@ def _fp32_twin_of(model, top_k: int):
     """An fp32 CPU copy of a (possibly packed) tiny model: packed experts dequantized."""
     ref32 = tiny_gpt_oss(device=torch.device("cpu"), dtype=torch.float32, top_k=top_k)
     with torch.no_grad():
-        for (_, a), (_, b) in zip(qe._iter_experts(ref32), qe._iter_experts(model)):
+        for (_, a), (_, b) in zip(pk.iter_experts(ref32), pk.iter_experts(model)):
             for name in ("gate_up_proj", "down_proj"):
                 src = getattr(b, name + "_packed").dequantize(DTYPE) if hasattr(b, name + "_packed") else getattr(b, name)
                 getattr(a, name).copy_(src.float().cpu())

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from training import quant_experts as qe
+from training import packed
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -39,7 +40,7 @@ def test_twin_checkpoint_loads_like_transformers_as_nf4_and_as_mxfp4(tmp_path):
         assert torch.allclose(model(ids).logits, ref(ids).logits)
 
     nf4, rep = qe.load_gpt_oss_nf4(twin, device="cpu", dtype=torch.float32)
-    assert qe.is_quantized(nf4)
+    assert packed.is_quantized(nf4)
     assert 0.5 < rep["expert_bytes_per_param"] < 0.6
     with torch.no_grad():
         a, b = nf4(ids).logits, ref(ids).logits
@@ -49,7 +50,7 @@ def test_twin_checkpoint_loads_like_transformers_as_nf4_and_as_mxfp4(tmp_path):
     # dequantized bf16/fp32 model at a quarter of the expert memory
     mx, timing = qe.load_gpt_oss(twin, device="cpu", dtype=torch.float32, quantization="mxfp4",
                                  attn_implementation="eager")
-    assert timing["n_unused"] == 0 and qe.memory_report(mx)["expert_format"] == "mxfp4"
+    assert timing["n_unused"] == 0 and packed.memory_report(mx)["expert_format"] == "mxfp4"
     ex = mx.model.layers[0].mlp.experts
     with safe_open(str(next(twin.glob("*.safetensors"))), framework="pt") as f:
         ck = f.get_tensor("model.layers.0.mlp.experts.gate_up_proj_blocks")

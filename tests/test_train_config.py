@@ -194,7 +194,7 @@ def assert_loss_falls(model, tok, trainable, steps: int = 6) -> None:
 
 def test_nf4_really_quantizes_gpt_oss_and_trains(tiny_gpt_oss_dir):
     from training import models
-    from training.quant_experts import is_quantized
+    from training.packed import is_quantized
 
     cfg = preset("smoke").model_copy(update={"model": str(tiny_gpt_oss_dir), "quantization": "nf4",
                                              "lora_experts": True, "lora_dropout": 0.0})
@@ -219,7 +219,7 @@ def test_mxfp4_keeps_gpt_oss_experts_packed_and_trains(tmp_path, tiny_gpt_oss_di
     memory estimate counts the experts at 4.25 bits and the fast path's activations (the h200-20b
     preset's batch of 8 without recomputation fits one H200); other models are refused."""
     from training import models
-    from training.quant_experts import MXFP4Store
+    from training.packed import MXFP4Store
 
     cfg = preset("smoke").model_copy(update={"model": str(tiny_gpt_oss_dir), "quantization": "mxfp4",
                                              "lora_experts": True, "lora_dropout": 0.0})

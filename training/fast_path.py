@@ -16,15 +16,15 @@ Two entry points the training engine calls:
     factors and add ``(x @ A_e) @ B_e * scale`` with two more grouped GEMMs instead of
     materialising ``W + B A`` for every expert on every forward (what PEFT does).  Adapters stay
     PEFT's, so saving and ``PeftModel.from_pretrained`` are unchanged.  Packed experts (NF4 or
-    the checkpoint's MXFP4, ``training.quant_experts``) go through the same path, dequantized inside the GEMM's autograd
+    the checkpoint's MXFP4, ``training.packed``) go through the same path, dequantized inside the GEMM's autograd
     function one packed chunk of experts at a time (NF4 <= 512 MiB in bf16, MXFP4 <= 1.1 GiB;
     chunks nobody was routed to skipped), forward and backward, so a 120b layer's bf16 experts
     (~6 GB) never exist whole; a one-chunk weight (the 20b's in MXFP4) is one grouped GEMM with
     the routed offsets on the device, no host sync.
     A recomputed layer keeps its dequantized experts for its backward only when they fit
     ``PACKED_KEEP_MAX_BYTES``.  On CUDA the dequantization is a compiled torch kernel
-    (``quant_experts.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths, unless
-    ``quant_experts.DEQUANT_BACKEND = "bnb"``; ``mxfp4_dequant_torch``).
+    (``packed.nf4_dequant_torch``, bit-for-bit bitsandbytes' maths, unless
+    ``packed.DEQUANT_BACKEND = "bnb"``; ``mxfp4_dequant_torch``).
   - ``compile_layers``: ``torch.compile`` of every decoder layer when ``cfg.compile_layers`` (the
     default); errors fall back to eager.  With packed experts their grouped GEMM is one opaque custom
     op in the layer's graph (it reads the routed row counts on the host and calls its own kernels).
@@ -53,7 +53,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from training import quant_experts
+from training import packed
 from training.config import RunConfig
 
 # Models whose causal-LM head is a plain ``lm_head`` over ``model.model``'s last hidden state, with
@@ -573,7 +573,7 @@ def _packed_chunked_gmm(x, store, offs, dtype, *, transposed=False, kept=None, k
 
 class _FrozenPackedGMM(torch.autograd.Function):
     """x @ W_e with W dequantized from its packed store one chunk of experts at a time (NF4 chunks:
-    <= 2**28 weights, 512 MiB in bf16; MXFP4: quant_experts.MXFP4_CHUNK_ELEMS), forward and
+    <= 2**28 weights, 512 MiB in bf16; MXFP4: packed.MXFP4_CHUNK_ELEMS), forward and
     backward, so at most one chunk's bf16 copy exists (plus the kept weight, see
     PACKED_KEEP_MAX_BYTES)."""
 
@@ -607,7 +607,7 @@ def _packed_gmm_eager(x, store, offs, dtype):
 # transformers 5.24 and runs the whole layer eager.  The store goes in as its buffers (graph
 # inputs, the same for every layer of a shape, so one compiled graph serves them all) plus its
 # format and chunk layout as ints: [format index, then the format's META ints per chunk].
-_KINDS = tuple(quant_experts.STORE_KINDS)
+_KINDS = tuple(packed.STORE_KINDS)
 
 
 class _StoreView:
@@ -643,7 +643,7 @@ def _store_args(store):
 def _packed_gmm_op(x: torch.Tensor, offs: torch.Tensor, bufs: list[torch.Tensor], meta: list[int],
                    shape: list[int], dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     """x @ W_e (transposed: x @ W_e^T, the backward's GEMM), chunk by chunk as _FrozenPackedGMM."""
-    store = _StoreView(quant_experts.STORE_KINDS[_KINDS[meta[0]]], bufs, meta[1:], shape)
+    store = _StoreView(packed.STORE_KINDS[_KINDS[meta[0]]], bufs, meta[1:], shape)
     return _packed_chunked_gmm(x.contiguous(), store, offs, dtype, transposed=transposed)[0]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from data.precision import torch_dtype
-from training import quant_experts
+from training import packed, quant_experts
 from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig
 
 
@@ -157,7 +157,7 @@ def quantization_report(model) -> dict:
     packed_expert_params = 0
     formats = set()
     for mod in model.modules():  # training.quant_experts' packed expert weights
-        if isinstance(mod, quant_experts.PackedStore):
+        if isinstance(mod, packed.PackedStore):
             formats.add(mod.KIND)
             for b in mod.buffers():
                 seen.add(id(b))
