@@ -102,6 +102,13 @@ def _stored_dataset_problems(cfg: RunConfig) -> list[str]:
 
 def check_config(cfg: RunConfig) -> list[str]:
     """Problems that refuse a launch. Each message names the setting and what to change."""
+    model_problems, info = _model_problems(cfg)
+    return (_setting_problems(cfg) + _machine_problems(cfg) + _data_problems(cfg) + model_problems
+            + _memory_problems(cfg, info))
+
+
+def _setting_problems(cfg: RunConfig) -> list[str]:
+    """Settings out of their range, or that cannot go together."""
     problems: list[str] = []
     if not cfg.learning_rate > 0 or not math.isfinite(cfg.learning_rate):
         problems.append(f"learning_rate must be > 0 (got {cfg.learning_rate}); try learning_rate=2e-4")
@@ -140,7 +147,17 @@ def check_config(cfg: RunConfig) -> list[str]:
         problems.append(f"num_gpus must be >= 1 (got {cfg.num_gpus}), or none for all visible GPUs")
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         problems.append(f"hostfile {cfg.hostfile} does not exist; give a DeepSpeed hostfile or hostfile=none")
-    problems += _machine_problems(cfg)
+    if cfg.offload_optimizer and cfg.zero_stage == 0:
+        problems.append("offload_optimizer needs ZeRO: set zero_stage=2 (or offload_optimizer=false)")
+    if cfg.quantization != "none" and cfg.zero_stage == 3:
+        problems.append(f"quantization={cfg.quantization} cannot be sharded by ZeRO-3; use zero_stage=2 "
+                        "or quantization=none")
+    return problems
+
+
+def _data_problems(cfg: RunConfig) -> list[str]:
+    """Datasets that are not there: files, folders, stored datasets."""
+    problems: list[str] = []
     if not cfg.datasets:
         problems.append("no datasets: set datasets=path/to/graded.json (files, folders or db:<name>)")
     for d in cfg.datasets:
@@ -150,14 +167,13 @@ def check_config(cfg: RunConfig) -> list[str]:
         if not d.startswith(DB_PREFIX) and not Path(d).expanduser().exists():
             problems.append(f"validation dataset {d} does not exist; give a .json/.jsonl file, a folder, "
                             "or db:<name> (or validation_datasets=none to hold out eval_fraction)")
-    problems += _stored_dataset_problems(cfg)
-    if cfg.offload_optimizer and cfg.zero_stage == 0:
-        problems.append("offload_optimizer needs ZeRO: set zero_stage=2 (or offload_optimizer=false)")
-    if cfg.quantization != "none" and cfg.zero_stage == 3:
-        problems.append(f"quantization={cfg.quantization} cannot be sharded by ZeRO-3; use zero_stage=2 "
-                        "or quantization=none")
+    return problems + _stored_dataset_problems(cfg)
 
-    # The model: folder, weights, module names.
+
+def _model_problems(cfg: RunConfig) -> tuple[list[str], dict | None]:
+    """The model: its folder, weights, the LoRA targets and quantization it allows; and its shapes
+    (None when it cannot be read)."""
+    problems: list[str] = []
     folder = model_dir(cfg)
     info = None
     if cfg.model.startswith(EMBEDDED_PREFIX):
@@ -206,8 +222,13 @@ def check_config(cfg: RunConfig) -> list[str]:
     packed = (info or {}).get("quantized_checkpoint")
     if cfg.quantization != "none" and packed not in (None, "mxfp4"):  # MXFP4 GPT-OSS is dequantized on load
         problems.append(f"the checkpoint of {cfg.model} is already quantized ({packed}); set quantization=none")
+    return problems, info
 
-    # Memory: does one rank hold what it must?
+
+def _memory_problems(cfg: RunConfig, info: dict | None) -> list[str]:
+    """Does one rank hold what it must? When not: the weights alone (what would fit instead), or
+    the batch (the largest that fits, the same effective batch)."""
+    problems: list[str] = []
     if info is not None:
         est = memory.estimate_memory(cfg)
         limit = est.limit_gib
