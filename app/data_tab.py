@@ -283,6 +283,101 @@ def dataset_names() -> list[str]:
 
 
 # -- handlers ---------------------------------------------------------------------------------
+# ------------------------------------------------------------------ handlers (wired in build)
+
+
+def check(settings: Settings, file_list, model, max_len, mapping, progress, text_encoding):
+    """Validate the uploads (spreadsheets with ``mapping``, a ColumnMap or None: guessed)."""
+    from data.spreadsheet import is_spreadsheet
+
+    def rows(name: str, done: int, total: int) -> None:
+        progress(done / max(total, 1), desc=f"{name}: row {done:,} of {total:,}")
+
+    reports = read_uploads(file_list, settings.max_upload_bytes, mapping, rows, text_encoding or "auto")
+    subs = [s for r in reports if r.ok for s in r.submissions]
+    tokens: dict | str | None = None
+    if subs:
+        try:
+            tokens = token_stats(subs, model, int(max_len or 2048))
+        except Exception as exc:  # a missing model must not hide the validation report
+            tokens = f"{type(exc).__name__}: {exc}"
+    ok = bool(reports) and all(r.ok for r in reports)
+    state = ({"submissions": [s.model_dump(mode="json") for s in subs],
+              "sources": [r.file for r in reports]} if ok else None)
+    head = summary_markdown(reports)
+    if mapping is not None and any(is_spreadsheet(r.file) for r in reports):
+        head += f"\n\nSpreadsheet columns: `{mapping.describe()}`"
+    return (head, problems_table(reports), stats_markdown(subs, tokens),
+            score_figure(subs), preview_table(reports), state)
+
+def validate(settings: Settings, file_list, model, max_len, mapping_dict=None, text_encoding="auto",
+             progress=gr.Progress()):
+    from data.spreadsheet import ColumnMap
+
+    mapping = ColumnMap.model_validate(mapping_dict) if mapping_dict else None
+    return check(settings, file_list, model, max_len, mapping, progress, text_encoding)
+
+def on_upload(settings: Settings, form: MappingWidgets, file_list, model, max_len, text_encoding="auto",
+              progress=gr.Progress()):
+    """New files: the first spreadsheet's header fills the dropdowns, with guessed columns."""
+    from data.spreadsheet import guess_mapping
+
+    sheet = first_sheet(file_list, settings.max_upload_bytes, text_encoding or "auto")
+    mapping = guess_mapping(sheet) if sheet is not None else None
+    header = sheet.header if sheet is not None else []
+    updates = form.updates(mapping, header)
+    return (*check(settings, file_list, model, max_len, mapping, progress, text_encoding),
+            mapping.model_dump() if mapping else None, gr.update(visible=sheet is not None), *updates)
+
+def apply_columns(settings: Settings, form: MappingWidgets, file_list, model, max_len, *form_values,
+                  progress=gr.Progress()):
+    """Re-read the spreadsheets with the columns the form says (its values, then the encoding)."""
+    values = form.named(form_values, "encoding")
+    text_encoding = values.get("encoding") or "auto"
+    try:
+        mapping = form.mapping(values)
+    except ValueError as e:
+        return (f"### Column mapping not usable: {e}", problems_table([]), "", score_figure([]),
+                preview_table([]), None, None)
+    return (*check(settings, file_list, model, max_len, mapping, progress, text_encoding), mapping.model_dump())
+
+def on_shape(value):
+    return gr.update(visible=value != "wide"), gr.update(visible=value == "wide")
+
+def save(state, name):
+    from data.rubric import GradedSubmission
+    from data.store import Store
+
+    name = (name or "").strip()
+    if not state:
+        return "Nothing stored: upload files and fix every error first.", *refresh()
+    if not name:
+        return "Give the dataset a name.", *refresh()
+    subs = [GradedSubmission.model_validate(d) for d in state["submissions"]]
+    store = Store()
+    ds_id, created = store.import_dataset(name, subs, state["sources"])
+    stored_as = name if created else store.find_dataset(ds_id)["name"]
+    msg = (f"Stored dataset **{name}** (id {ds_id}, {len(subs)} submissions). Use it in "
+           f"Configure as `db:{name}`." if created else
+           f"Same content already stored as dataset **{stored_as}** (id {ds_id}); nothing new written. "
+           f"Use it in Configure as `db:{stored_as}`.")
+    return msg, *refresh()
+
+def refresh():
+    names = dataset_names()
+    return datasets_table(), gr.update(choices=names, value=names[0] if names else None)
+
+def delete(name):
+    from data.store import Store
+
+    st = Store()
+    ds = st.find_dataset(name) if name else None
+    if not ds:
+        return "Pick a stored dataset.", *refresh()
+    st.delete_dataset(ds["id"])
+    return f"Deleted dataset **{ds['name']}**.", *refresh()
+
+
 def build(settings: Settings) -> dict[str, Any]:
     """Create the Data tab's widgets (inside a gr.Tab context) and wire them."""
     gr.Markdown("Upload graded submissions (`.json` with one submission or a list, or `.jsonl`), or a "
@@ -360,101 +455,13 @@ def build(settings: Settings) -> dict[str, Any]:
         del_btn = gr.Button("Delete dataset", variant="stop", elem_id="data-delete")
     del_msg = gr.Markdown()
 
-    def check(file_list, model, max_len, mapping, progress, text_encoding):
-        """Validate the uploads (spreadsheets with ``mapping``, a ColumnMap or None: guessed)."""
-        from data.spreadsheet import is_spreadsheet
-
-        def rows(name: str, done: int, total: int) -> None:
-            progress(done / max(total, 1), desc=f"{name}: row {done:,} of {total:,}")
-
-        reports = read_uploads(file_list, settings.max_upload_bytes, mapping, rows, text_encoding or "auto")
-        subs = [s for r in reports if r.ok for s in r.submissions]
-        tokens: dict | str | None = None
-        if subs:
-            try:
-                tokens = token_stats(subs, model, int(max_len or 2048))
-            except Exception as exc:  # a missing model must not hide the validation report
-                tokens = f"{type(exc).__name__}: {exc}"
-        ok = bool(reports) and all(r.ok for r in reports)
-        state = ({"submissions": [s.model_dump(mode="json") for s in subs],
-                  "sources": [r.file for r in reports]} if ok else None)
-        head = summary_markdown(reports)
-        if mapping is not None and any(is_spreadsheet(r.file) for r in reports):
-            head += f"\n\nSpreadsheet columns: `{mapping.describe()}`"
-        return (head, problems_table(reports), stats_markdown(subs, tokens),
-                score_figure(subs), preview_table(reports), state)
-
-    def validate(file_list, model, max_len, mapping_dict=None, text_encoding="auto", progress=gr.Progress()):
-        from data.spreadsheet import ColumnMap
-
-        mapping = ColumnMap.model_validate(mapping_dict) if mapping_dict else None
-        return check(file_list, model, max_len, mapping, progress, text_encoding)
-
-    def on_upload(file_list, model, max_len, text_encoding="auto", progress=gr.Progress()):
-        """New files: the first spreadsheet's header fills the dropdowns, with guessed columns."""
-        from data.spreadsheet import guess_mapping
-
-        sheet = first_sheet(file_list, settings.max_upload_bytes, text_encoding or "auto")
-        mapping = guess_mapping(sheet) if sheet is not None else None
-        header = sheet.header if sheet is not None else []
-        updates = form.updates(mapping, header)
-        return (*check(file_list, model, max_len, mapping, progress, text_encoding),
-                mapping.model_dump() if mapping else None, gr.update(visible=sheet is not None), *updates)
-
-    def apply_columns(file_list, model, max_len, *form_values, progress=gr.Progress()):
-        """Re-read the spreadsheets with the columns the form says (its values, then the encoding)."""
-        values = form.named(form_values, "encoding")
-        text_encoding = values.get("encoding") or "auto"
-        try:
-            mapping = form.mapping(values)
-        except ValueError as e:
-            return (f"### Column mapping not usable: {e}", problems_table([]), "", score_figure([]),
-                    preview_table([]), None, None)
-        return (*check(file_list, model, max_len, mapping, progress, text_encoding), mapping.model_dump())
-
-    def on_shape(value):
-        return gr.update(visible=value != "wide"), gr.update(visible=value == "wide")
-
-    def save(state, name):
-        from data.rubric import GradedSubmission
-        from data.store import Store
-
-        name = (name or "").strip()
-        if not state:
-            return "Nothing stored: upload files and fix every error first.", *refresh()
-        if not name:
-            return "Give the dataset a name.", *refresh()
-        subs = [GradedSubmission.model_validate(d) for d in state["submissions"]]
-        store = Store()
-        ds_id, created = store.import_dataset(name, subs, state["sources"])
-        stored_as = name if created else store.find_dataset(ds_id)["name"]
-        msg = (f"Stored dataset **{name}** (id {ds_id}, {len(subs)} submissions). Use it in "
-               f"Configure as `db:{name}`." if created else
-               f"Same content already stored as dataset **{stored_as}** (id {ds_id}); nothing new written. "
-               f"Use it in Configure as `db:{stored_as}`.")
-        return msg, *refresh()
-
-    def refresh():
-        names = dataset_names()
-        return datasets_table(), gr.update(choices=names, value=names[0] if names else None)
-
-    def delete(name):
-        from data.store import Store
-
-        st = Store()
-        ds = st.find_dataset(name) if name else None
-        if not ds:
-            return "Pick a stored dataset.", *refresh()
-        st.delete_dataset(ds["id"])
-        return f"Deleted dataset **{ds['name']}**.", *refresh()
-
     outputs = [summary, problems, stats, plot, preview, valid_state]
-    files.upload(on_upload, [files, token_model, max_length, encoding],
+    files.upload(functools.partial(on_upload, settings, form), [files, token_model, max_length, encoding],
                  [*outputs, mapping_state, sheet_box, *form.components()], api_name="validate_upload")
-    check_btn.click(validate, [files, token_model, max_length, mapping_state, encoding], outputs, api_name="validate")
+    check_btn.click(functools.partial(validate, settings), [files, token_model, max_length, mapping_state, encoding], outputs, api_name="validate")
     # Picking an encoding (what an encoding problem asks for) reads the files again at once.
-    encoding.input(validate, [files, token_model, max_length, mapping_state, encoding], outputs, api_name=False)
-    apply_btn.click(apply_columns, [files, token_model, max_length, *form.components(), encoding],
+    encoding.input(functools.partial(validate, settings), [files, token_model, max_length, mapping_state, encoding], outputs, api_name=False)
+    apply_btn.click(functools.partial(apply_columns, settings, form), [files, token_model, max_length, *form.components(), encoding],
                     [*outputs, mapping_state], api_name="validate_mapped")
     shape.change(on_shape, [shape], [long_box, wide_box])
     save_btn.click(save, [valid_state, ds_name], [save_msg, table, del_name], api_name="store_dataset")
