@@ -246,7 +246,8 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[Repair
     """Always a valid Grade for ``rubric``: (grade, repaired, repairs).
 
     ``repaired`` is True when anything had to be fixed, guessed or filled in; ``repairs`` says what,
-    one record each. Never raises on bad text.
+    one record each. Never raises on bad text. In steps: the JSON object, its items, each item to
+    its question, each question's score, the totals and the feedback.
     """
     obj, repairs = extract_json_object(raw_text or "")
     if obj is None:
@@ -255,29 +256,45 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[Repair
             True,
             [Repair("no_json", "no JSON grade found in the model output; every question scored 0")],
         )
+    obj, items = _read_items(obj, raw_text or "", repairs)
+    assigned = _assign_items(items, obj, rubric, repairs)
+    labels = question_labels(rubric)
+    grade_items = [_grade_item(q, assigned[k], labels[k], repairs) for k, q in enumerate(rubric.questions)]
+    grade = Grade(score=_total(grade_items, obj, rubric, bool(items), repairs), max_score=rubric.max_score,
+                  items=grade_items, feedback=_feedback(obj, repairs))
+    # Notes on surrounding text alone are not repairs of the grade itself.
+    real = [r for r in repairs if r.kind not in NOTE_KINDS]
+    return grade, bool(real), repairs
 
+
+def _read_items(obj: dict, raw_text: str, repairs: list[Repair]) -> tuple[dict, list[dict] | None]:
+    """The grade object and its items; a broken items array leaves the item objects themselves
+    readable from the text."""
     items = _items_of(obj)
     if items is None:
-        # A broken array (e.g. "items" never closed) leaves the item objects themselves readable.
-        found = _item_objects(raw_text or "")
+        found = _item_objects(raw_text)
         if found:
             items = found
             obj = {k: v for k, v in obj.items() if "items" in obj or k == "feedback"}  # obj was an item
-            repairs = [r for r in repairs if r.kind != "ignored_text"]
+            repairs[:] = [r for r in repairs if r.kind != "ignored_text"]
             repairs.append(Repair("items_list_broken",
                                   f"the items list was broken; read {len(found)} item object(s) from the text"))
+    return obj, items
+
+
+def _assign_items(items: list[dict] | None, obj: dict, rubric: Rubric, repairs: list[Repair]) -> list[dict | None]:
+    """Each question's item: by label first, then the unmatched items fill the unmatched questions
+    in order; a one-question rubric answered with just a total takes the total."""
     n = len(rubric.questions)
     assigned: list[dict | None] = [None] * n
     if items is None:
-        items = []
         if n == 1 and _as_number(obj.get("score")) is not None:
-            # A one-question rubric answered with just a total.
             assigned[0] = {"score": obj.get("score")}
             repairs.append(Repair("total_as_only_score",
                                   "no items in the output; used its total as the only question's score"))
         else:
             repairs.append(Repair("no_items", "no items in the output"))
-    # By label first, then the unmatched items fill the unmatched questions in order.
+        return assigned
     unmatched: list[dict] = []
     for it in items:
         label = _item_label(it)
@@ -295,58 +312,56 @@ def parse_grade(raw_text: str, rubric: Rubric) -> tuple[Grade, bool, list[Repair
         repairs.append(Repair("matched_by_order", f"{by_order} item(s) matched to questions by order, not by label"))
     if unmatched:
         repairs.append(Repair("unmatched_items", f"ignored {len(unmatched)} item(s) that match no rubric question"))
+    return assigned
 
-    grade_items: list[GradeItem] = []
-    labels = question_labels(rubric)
-    for k, q in enumerate(rubric.questions):
-        it = assigned[k]
-        label = labels[k]
-        if it is None:
-            repairs.append(Repair("missing_item", "no item in the output; scored 0", label))
-            grade_items.append(GradeItem(question=q.question, score=0.0, max_score=q.max_score))
-            continue
-        score = None
-        for key in _SCORE_KEYS:
-            if key in it:
-                score = _as_number(it[key])
-                if score is not None:
-                    if not isinstance(it[key], (int, float)):
-                        repairs.append(Repair("score_read_from_text", f"score {it[key]!r} read as {score:g}", label))
-                    break
-        if score is None:
-            repairs.append(Repair("unreadable_score", "no readable score; scored 0", label))
-            score = 0.0
-        if score < 0 or score > q.max_score:
-            clamped = min(max(score, 0.0), q.max_score)
-            repairs.append(Repair("score_clamped", f"score {score:g} clamped to {clamped:g} (max {q.max_score:g})",
-                                  label))
-            score = clamped
-        just = None
-        for key in _JUSTIFICATION_KEYS:
-            if isinstance(it.get(key), str) and it[key].strip():
-                just = it[key]
+
+def _grade_item(q, it: dict | None, label: str, repairs: list[Repair]) -> GradeItem:
+    """One question's grade from its item: the score read (as a number, or from text), clamped to
+    0..max; 0 when there is no item or no readable score."""
+    if it is None:
+        repairs.append(Repair("missing_item", "no item in the output; scored 0", label))
+        return GradeItem(question=q.question, score=0.0, max_score=q.max_score)
+    score = None
+    for key in _SCORE_KEYS:
+        if key in it:
+            score = _as_number(it[key])
+            if score is not None:
+                if not isinstance(it[key], (int, float)):
+                    repairs.append(Repair("score_read_from_text", f"score {it[key]!r} read as {score:g}", label))
                 break
-        grade_items.append(GradeItem(question=q.question, score=score, max_score=q.max_score, justification=just))
+    if score is None:
+        repairs.append(Repair("unreadable_score", "no readable score; scored 0", label))
+        score = 0.0
+    if score < 0 or score > q.max_score:
+        clamped = min(max(score, 0.0), q.max_score)
+        repairs.append(Repair("score_clamped", f"score {score:g} clamped to {clamped:g} (max {q.max_score:g})", label))
+        score = clamped
+    just = next((it[key] for key in _JUSTIFICATION_KEYS if isinstance(it.get(key), str) and it[key].strip()), None)
+    return GradeItem(question=q.question, score=score, max_score=q.max_score, justification=just)
 
+
+def _total(grade_items: list[GradeItem], obj: dict, rubric: Rubric, had_items: bool, repairs: list[Repair]) -> float:
+    """The sum of the item scores (a stated total or maximum that differs is noted as replaced)."""
     total = sum(i.score for i in grade_items)
     stated = _as_number(obj.get("score"))
     # A total written as the format writes numbers (score_number: 3 decimals) is the sum.
-    if stated is not None and abs(stated - score_number(total)) > 1e-6 and items:
+    if stated is not None and abs(stated - score_number(total)) > 1e-6 and had_items:
         repairs.append(Repair("total_replaced", f"total {stated:g} replaced by the sum of the item scores {total:g}"))
     stated_max = _as_number(obj.get("max_score"))
     if stated_max is not None and abs(stated_max - rubric.max_score) > 1e-6:
         repairs.append(Repair("max_score_replaced",
                               f"max_score {stated_max:g} replaced by the rubric's {rubric.max_score:g}"))
+    return total
+
+
+def _feedback(obj: dict, repairs: list[Repair]) -> str:
     feedback = obj.get("feedback")
     if feedback is None:
-        feedback = ""
-    elif not isinstance(feedback, str):
-        feedback = json.dumps(feedback, ensure_ascii=False)
+        return ""
+    if not isinstance(feedback, str):
         repairs.append(Repair("feedback_not_text", "feedback was not text; kept it as JSON text"))
-    grade = Grade(score=total, max_score=rubric.max_score, items=grade_items, feedback=feedback)
-    # Notes on surrounding text alone are not repairs of the grade itself.
-    real = [r for r in repairs if r.kind not in NOTE_KINDS]
-    return grade, bool(real), repairs
+        return json.dumps(feedback, ensure_ascii=False)
+    return feedback
 
 
 def scores_read_from_output(repairs: list[Repair], rubric: Rubric) -> list[bool]:
