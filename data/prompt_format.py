@@ -558,6 +558,7 @@ class ScoreExample:
     truncated: bool = False
     n_anchors: int = 0  # teacher-graded answers of the question in the prompt (data.anchors)
     neighbour_score: float | None = None  # the score those anchors suggest (data.anchors.neighbour_score)
+    question: str | None = None  # which question it is (data.anchors.question_key), for held-out checks
 
 
 def question_rubric(rubric: Rubric, k: int) -> Rubric:
@@ -690,6 +691,7 @@ def build_score_examples(
         ex.target = soft_score_target(graders, ex.max_score)
         ex.human_score = float(item.score)
         ex.neighbour_score = suggested[n]
+        ex.question = question_key(item.question, sub.item_max_scores()[k])
         examples.append(ex)
         n_cut += ex.truncated
     if n_dropped:

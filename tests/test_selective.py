@@ -81,3 +81,17 @@ def test_validation_holds_out_whole_questions_from_several_assignments() -> None
     assert choose_split(subs, "submission", "auto") == "submissions"
     tr, va = split_submissions(subs, 0.1, seed=0)
     assert len(va) == 2 and len(tr) == 18
+
+
+def test_a_calibration_that_helps_one_question_only_is_not_applied_to_new_questions() -> None:
+    # Half the validation items are one question on which the model is squeezed (a map would help
+    # it); on eight others it is already on the scale. Checked on held-out items the map looks
+    # helpful (the squeezed question is on both sides); checked on held-out questions, as grading
+    # new questions needs, it is not.
+    rng = np.random.default_rng(0)
+    groups = ["q0"] * 200 + [f"q{q}" for q in range(1, 9) for _ in range(25)]
+    human = rng.integers(0, 6, 400).astype(float)
+    pred = np.where(np.array(groups) == "q0", 2 + 0.2 * human + rng.normal(0, 0.05, 400),
+                    np.clip(human + rng.normal(0, 0.8, 400), 0, 5))
+    assert fit_checked_calibration(pred, human, [5.0] * 400).helps is True
+    assert fit_checked_calibration(pred, human, [5.0] * 400, groups=groups).helps is False

@@ -43,8 +43,8 @@ def refused(cfg: RunConfig) -> str:
 def test_presets_are_valid_and_the_cpu_ones_launchable():
     assert set(PRESETS) == {"seed-2xh200-120b", "h200-20b", "h200-120b", "embedded-grader", "cpu-default", "smoke"}
     grader = PRESETS["embedded-grader"]  # the recipe measured on Mohler (BENCHMARKS.md), on one GPU
-    assert (grader.model, grader.example_unit, grader.lora_r, grader.epochs, grader.num_gpus) == \
-        ("embedded:gemma-3-270m", "item", 16, 5.0, 1)
+    assert (grader.model, grader.example_unit, grader.lora_r, grader.epochs, grader.num_gpus, grader.train_anchors) == \
+        ("embedded:gemma-3-270m", "item", 16, 5.0, 1, 8)
     assert grader.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     seed = PRESETS["seed-2xh200-120b"]
     assert (seed.lora_r, seed.lora_alpha, seed.per_device_batch_size, seed.gradient_accumulation_steps) == (8, 32, 3, 4)

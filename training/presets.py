@@ -35,10 +35,11 @@ PRESETS: dict[str, RunConfig] = {
     # more rows a micro-batch (BENCHMARKS.md, "Training speed, round 2").
     "h200-120b": _SEED_120B.model_copy(deep=True, update=dict(name="h200-120b", num_gpus=1, per_device_batch_size=6,
                                                               gradient_accumulation_steps=2)),
-    # The grading recipe measured on real short-answer data (BENCHMARKS.md, "Grading quality"):
-    # the embedded Gemma 3 270M on one GPU, LoRA on every projection, one question per example.
+    # The grading recipe measured on real short-answer data (BENCHMARKS.md, "Grading quality" and
+    # "Teacher anchors"): the embedded Gemma 3 270M on one GPU, LoRA on every projection, one
+    # question per example, trained to read up to 8 teacher-graded answers of the question.
     "embedded-grader": _preset(
-        "embedded-grader", max_length=1024, lora_r=16, lora_dropout=0.1,
+        "embedded-grader", max_length=1024, train_anchors=8, lora_r=16, lora_dropout=0.1,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], num_gpus=1,
         per_device_batch_size=16, gradient_accumulation_steps=1, warmup_ratio=0.05, epochs=5.0,
         gradient_checkpointing=False, save_every_steps=100000),

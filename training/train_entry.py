@@ -544,7 +544,8 @@ class Trainer:
         conf = [item_confidence(p, e.neighbour_score) for (_, p), e in zip(preds, ex)]
         m = scaled_metrics(human, pred, maxes, n_boot=0)
         review = choose_threshold(human, pred, conf, maxes, self.cfg.review_target_qwk)
-        self.fitted[step] = {"calibration": fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed),
+        calibration = fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed, groups=[e.question for e in ex])
+        self.fitted[step] = {"calibration": calibration,
                              "review": (review, coverage_curve(human, pred, conf, maxes)),
                              "anchor_blend": fit_anchor_blend(pred, [e.neighbour_score for e in ex], human, maxes)}
         scaled = [p / mx for p, mx in zip(pred, maxes)]
