@@ -74,12 +74,37 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     plus one expert tensor.  Returns (model, timings)."""
     import time
 
-    from safetensors import safe_open
+    t0 = time.perf_counter()
+    path, device = Path(path), torch.device(device)
+    model, config = _meta_model(path, dtype, attn_implementation)
+    experts = dict(iter_experts(model))
+    params = dict(model.named_parameters())  # before packing replaces the experts' parameters
+    reader = _CheckpointReader(path)
+    reader.plan(_read_order(params, experts, reader.name_to_file))
+    try:
+        _load_experts(reader, experts, device, dtype, quantization)
+        _load_other_parameters(model, config, params, reader, experts, device, dtype)
+    finally:
+        reader.close()
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # non-persistent buffers (rotary inv_freq) were left on meta: rebuild those modules on the device
+    _materialize_meta_buffers(model, config, device)
+    if quantization in STORE_KINDS:
+        fast_path.install_moe_forward(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    unused = sorted(set(reader.name_to_file) - reader.loaded)
+    return model, {"load_s": elapsed, "bytes_read": reader.bytes_read, "s_per_gb": elapsed / (reader.bytes_read / 1e9),
+                   "unused_tensors": unused[:10], "n_unused": len(unused)}
+
+
+def _meta_model(path: Path, dtype: torch.dtype, attn_implementation: str | None) -> tuple[nn.Module, Any]:
+    """The model built from the folder's config on the meta device (no memory), with the
+    checkpoint's quantization_config dropped: this module places and packs the weights itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    t0 = time.perf_counter()
-    path = Path(path)
-    device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         try:
@@ -90,105 +115,129 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, config
+
+
+def _checkpoint_names(path: Path) -> dict[str, Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors shards")
+    from safetensors import safe_open
+
     name_to_file: dict[str, Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
                 name_to_file[k] = f
-    params = dict(model.named_parameters())
-    experts_by_prefix = {n: m for n, m in iter_experts(model)}
-    bytes_read = sum(f.stat().st_size for f in files)
-    handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
+    return name_to_file
 
-    # Reads in the order they are used, a few tensors ahead on worker threads, so the disk is
-    # read while the device dequantizes/packs the previous tensor (reads release the GIL).
+
+def _read_order(params: dict[str, nn.Parameter], experts: dict[str, nn.Module], names: dict[str, Path]) -> list[str]:
+    """The checkpoint's tensors in the order loading uses them: every layer's experts (their
+    ``_blocks``/``_scales`` where the checkpoint is MXFP4), then the other parameters (a tied
+    lm_head is never read)."""
     order: list[str] = []
-    for prefix in experts_by_prefix:
+    for prefix in experts:
         for pname in GPT_OSS_EXPERT_WEIGHTS:
             full = f"{prefix}.{pname}"
-            order += [full + "_blocks", full + "_scales"] if full + "_blocks" in name_to_file else [full]
+            order += [full + "_blocks", full + "_scales"] if full + "_blocks" in names else [full]
     seen = set(order)
-    order += [n for n in params if n in name_to_file and n not in seen]
-    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-read")
-    pending: dict[str, Any] = {}
-    queue = [n for n in order if n in name_to_file]  # (a tied lm_head is never read)
-    cursor = 0
+    order += [n for n in params if n in names and n not in seen]
+    return order
 
-    def get(name: str) -> torch.Tensor:
-        nonlocal cursor
-        while cursor < len(queue) and len(pending) < 8:
-            n = queue[cursor]
-            cursor += 1
-            pending[n] = pool.submit(handles[name_to_file[n]].get_tensor, n)
-        fut = pending.pop(name, None)
-        return fut.result() if fut is not None else handles[name_to_file[name]].get_tensor(name)
 
-    loaded = set()
-    # experts first (the big ones), one tensor at a time
-    for prefix, ex in experts_by_prefix.items():
-        cdt = dtype
+class _CheckpointReader:
+    """Reads a folder's safetensors tensors in a known order, a few ahead on worker threads, so the
+    disk is read while the device dequantizes or packs the previous tensor (reads release the GIL).
+    Remembers which tensors were read."""
+
+    AHEAD = 8
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self.name_to_file = _checkpoint_names(path)
+        files = sorted(set(self.name_to_file.values()))
+        self.bytes_read = sum(f.stat().st_size for f in files)
+        self.handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-read")
+        self.queue: list[str] = []
+        self.cursor = 0
+        self.pending: dict[str, Any] = {}
+        self.loaded: set[str] = set()
+
+    def plan(self, order: list[str]) -> None:
+        """The order ``get`` will be called in, for reading ahead."""
+        self.queue, self.cursor = [n for n in order if n in self.name_to_file], 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.name_to_file
+
+    def get(self, name: str) -> torch.Tensor:
+        while self.cursor < len(self.queue) and len(self.pending) < self.AHEAD:
+            n = self.queue[self.cursor]
+            self.cursor += 1
+            self.pending[n] = self.pool.submit(self.handles[self.name_to_file[n]].get_tensor, n)
+        fut = self.pending.pop(name, None)
+        self.loaded.add(name)
+        return fut.result() if fut is not None else self.handles[self.name_to_file[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+        self.handles.clear()
+
+
+def _load_experts(reader: _CheckpointReader, experts: dict[str, nn.Module], device: torch.device,
+                  dtype: torch.dtype, quantization: str) -> None:
+    """Every layer's expert weights, one tensor at a time (the big ones, first): dequantized from
+    MXFP4 or read as they are, then packed (``quantization`` nf4/mxfp4) or kept as parameters."""
+    for prefix, ex in experts.items():
         stores = {}
         for pname in GPT_OSS_EXPERT_WEIGHTS:
             full = f"{prefix}.{pname}"
             shape = tuple(ex._parameters[pname].shape)
-            if full + "_blocks" in name_to_file:
-                blocks, scales = get(full + "_blocks").to(device), get(full + "_scales").to(device)
-                loaded.update({full + "_blocks", full + "_scales"})
+            if full + "_blocks" in reader:
+                blocks, scales = reader.get(full + "_blocks").to(device), reader.get(full + "_scales").to(device)
                 if quantization == "mxfp4":  # kept as read: the checkpoint's own weights
                     stores[pname] = mxfp4_store(blocks.reshape(shape[0], shape[2], -1, 16),
                                                 scales.reshape(shape[0], shape[2], -1), shape)
                     continue
-                w = dequantize_mxfp4(blocks, scales, cdt).transpose(1, 2).contiguous()  # (E, out, in) -> (E, in, out)
+                w = dequantize_mxfp4(blocks, scales, dtype).transpose(1, 2).contiguous()  # (E, out, in) -> (E, in, out)
                 del blocks, scales
-            elif full in name_to_file:
-                w = get(full).to(device=device, dtype=cdt)
-                loaded.add(full)
+            elif full in reader:
+                w = reader.get(full).to(device=device, dtype=dtype)
             else:
-                raise KeyError(f"{path}: no tensor for {full} (nor {full}_blocks)")
+                raise KeyError(f"{reader.path}: no tensor for {full} (nor {full}_blocks)")
             if quantization == "nf4":
-                stores[pname] = quantize_tensor_nf4(w, shape, device=device, compute_dtype=cdt)
+                stores[pname] = quantize_tensor_nf4(w, shape, device=device, compute_dtype=dtype)
             elif quantization == "mxfp4":
                 stores[pname] = quantize_tensor_mxfp4(w, shape, device=device)
             else:
                 ex._parameters[pname] = nn.Parameter(w, requires_grad=False)
             del w
         if stores:
-            pack_experts(ex, stores, cdt)
-    # everything else
+            pack_experts(ex, stores, dtype)
+
+
+def _load_other_parameters(model: nn.Module, config: Any, params: dict[str, nn.Parameter], reader: _CheckpointReader,
+                           experts: dict[str, nn.Module], device: torch.device, dtype: torch.dtype) -> None:
+    """Every parameter but the experts' in ``dtype`` (fp32 for the model's keep-in-fp32 modules)."""
+    keep_fp32_modules = getattr(model, "_keep_in_fp32_modules", None) or []
     for name, p in params.items():
         pre, _, pname = name.rpartition(".")
-        if pre in experts_by_prefix and pname in GPT_OSS_EXPERT_WEIGHTS:
+        if pre in experts and pname in GPT_OSS_EXPERT_WEIGHTS:
             continue
-        key = name if name in name_to_file else None
-        if key is None and name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-            continue
-        if key is None:
-            raise KeyError(f"{path}: checkpoint lacks {name}")
-        t = get(key)
+        if name not in reader:
+            if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+                continue
+            raise KeyError(f"{reader.path}: checkpoint lacks {name}")
         mod = model.get_submodule(pre) if pre else model
-        keep_fp32 = any(k in name for k in getattr(model, "_keep_in_fp32_modules", None) or [])
+        keep_fp32 = any(k in name for k in keep_fp32_modules)
         mod._parameters[pname] = nn.Parameter(
-            t.to(device=device, dtype=torch.float32 if keep_fp32 and dtype != torch.float32 else dtype),
+            reader.get(name).to(device=device, dtype=torch.float32 if keep_fp32 and dtype != torch.float32 else dtype),
             requires_grad=p.requires_grad)
-        loaded.add(key)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    # non-persistent buffers (rotary inv_freq) were left on meta: rebuild those modules on the device
-    _materialize_meta_buffers(model, config, device)
-    pool.shutdown(wait=True, cancel_futures=True)
-    pending.clear()
-    handles.clear()
-    if quantization in STORE_KINDS:
-        fast_path.install_moe_forward(model)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t1 = time.perf_counter()
-    unused = sorted(set(name_to_file) - loaded)
-    return model, {"load_s": t1 - t0, "bytes_read": bytes_read, "s_per_gb": (t1 - t0) / (bytes_read / 1e9),
-                   "unused_tensors": unused[:10], "n_unused": len(unused)}
 
 
 def _materialize_meta_buffers(model: nn.Module, config, device: torch.device) -> None:
