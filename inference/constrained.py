@@ -418,88 +418,22 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
     ``value_ids`` (a max score -> {token id: value} for the values 0..max, None when some value
     is not one token): read each item's score distribution as it is decoded (see the module
     docstring)."""
-    import xgrammar as xgr
-    from transformers import DynamicCache
-
-    from scoring.head import base_causal_lm
-
-    device = next(model.parameters()).device
     stops = set(stop_ids)
     quote = list(encode('"'))
     rows = [_Row(grammars, rubric, forced_opening(grammars, rubric, encode, decode),
                  max(max_new_tokens, reserve_chars(rubric)), encode, decode, quote[0] if len(quote) == 1 else None)
             for rubric in rubrics]
-    batch = len(rows)
-    bitmask = xgr.allocate_token_bitmask(batch, grammars.vocab_size)
-    config = base_causal_lm(model).config
-    window = _sliding_window(config.get_text_config() if hasattr(config, "get_text_config") else config)
-    # With sliding layers: every layer keeps its whole cache (the window is in the masks).
-    cache = DynamicCache() if window is not None else DynamicCache(config=config)
-    dtype = next(model.parameters()).dtype
-    token_bytes = grammars.token_bytes.to(device)
-    forbidden = grammars.forbidden_ids(encode).to(device)
-    longest = int(grammars.token_bytes.max())
-    cache_kw = _cache_kwarg(model)
+    feed = _Feed(model, len(rows), pad_id)
+    masker = _GrammarMasker(grammars, encode, len(rows), feed.device)
     values_of: dict[float, dict[int, int] | None] = {}
     if streamer is not None:
         streamer.put(torch.tensor(prompts[0]))
-
-    # The prefill: prompts and openings, left-padded.
-    chunks = [p + r.tokens for p, r in zip(prompts, rows)]
-    mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
+    chunks = [p + r.tokens for p, r in zip(prompts, rows)]  # the prefill: prompts and openings
     first = True
     while True:
-        width = max(len(c) for c in chunks)
-        ids = torch.full((batch, width), pad_id, dtype=torch.long)
-        step_mask = torch.zeros((batch, width), dtype=torch.long)
-        for k, c in enumerate(chunks):
-            if c:
-                ids[k, width - len(c):] = torch.tensor(c, dtype=torch.long)
-                step_mask[k, width - len(c):] = 1
-        mask = torch.cat([mask, step_mask.to(device)], dim=1)
-        positions = (mask.cumsum(-1) - 1)[:, -width:].masked_fill(mask[:, -width:] == 0, 1)
-        attention = mask if window is None else _step_masks(mask, width, window, dtype)
-        out = model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{cache_kw: cache})
-        logits = out.logits[:, -1, :].float()
-        # Score positions: the distribution over the item's values, from the raw logits.
-        reading: dict[int, tuple[int, dict[int, int], torch.Tensor]] = {}
-        if value_ids is not None:
-            for k, row in enumerate(rows):
-                i = row.score_item()
-                if i is None:
-                    continue
-                max_score = float(row.rubric.questions[i].max_score)
-                if max_score not in values_of:
-                    values_of[max_score] = value_ids(max_score)
-                values = values_of[max_score]
-                if values:
-                    reading[k] = (i, values, torch.softmax(logits[k, list(values)], dim=-1))
-        # Each live row masked to its grammar; finished and broken rows stay free.
-        xgr.reset_token_bitmask(bitmask)
-        only: dict[int, int] = {}
-        short: dict[int, int] = {}  # row -> room left in its open string, where a token may not fit
-        for k, row in enumerate(rows):
-            if row.done or row.broken:
-                continue
-            row.matcher.fill_next_token_bitmask(bitmask, k)
-            t = row.only()
-            if t is not None:
-                only[k] = t
-            elif (room := row.room()) is not None and room + (pending := row.pending()) < longest:
-                # a token's continuation bytes of a split character add no character
-                short[k] = max(room, 0) + pending
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(device), vocab_size=grammars.vocab_size)
-        logits[:, forbidden] = float("-inf")  # special tokens: plain text to the grammar, never in a grade
-        for k, room in short.items():  # the string's bound: no token longer than its room (the quote fits)
-            logits[k, : token_bytes.shape[0]].masked_fill_(token_bytes > room, float("-inf"))
-        chosen = logits.argmax(-1).tolist()
-        if only:
-            keys = list(only)
-            allowed = torch.isfinite(logits[keys, [only[k] for k in keys]]).tolist()
-            for k, ok in zip(keys, allowed):
-                if ok:  # not allowed here (e.g. a key being written): the grammar decides
-                    chosen[k] = only[k]
+        logits = feed(chunks)
+        reading = {} if value_ids is None else _score_readings(rows, logits, value_ids, values_of)
+        chosen = masker.choose(rows, logits)
         for k, (i, values, probs) in reading.items():  # kept where the score starts with a value token
             if chosen[k] in values:
                 rows[k].score_probs[i] = {v: float(p) for v, p in zip(values.values(), probs.tolist())}
@@ -516,6 +450,104 @@ def decode_grades(model, prompts: list[list[int]], rubrics: list["Rubric"], *, g
         streamer.end()
     return [DecodedGrade(tokens=row.tokens, steps=row.steps,
                          score_probs=None if value_ids is None or row.broken else row.score_probs) for row in rows]
+
+
+class _Feed:
+    """One forward step of the batch with its KV cache: new tokens of each row (any number,
+    left-padded to the longest), their positions counted in real tokens, and the attention mask
+    (with sliding-window layers, explicit masks: every layer keeps its whole cache). Returns the
+    last position's logits (fp32)."""
+
+    def __init__(self, model, batch: int, pad_id: int) -> None:
+        from transformers import DynamicCache
+
+        from scoring.head import base_causal_lm
+
+        self.model, self.batch, self.pad_id = model, batch, pad_id
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        config = base_causal_lm(model).config
+        self.window = _sliding_window(config.get_text_config() if hasattr(config, "get_text_config") else config)
+        self.cache = DynamicCache() if self.window is not None else DynamicCache(config=config)
+        self.cache_kw = _cache_kwarg(model)
+        self.mask = torch.zeros((batch, 0), dtype=torch.long, device=self.device)
+
+    def __call__(self, chunks: list[list[int]]) -> torch.Tensor:
+        width = max(len(c) for c in chunks)
+        ids = torch.full((self.batch, width), self.pad_id, dtype=torch.long)
+        step_mask = torch.zeros((self.batch, width), dtype=torch.long)
+        for k, c in enumerate(chunks):
+            if c:
+                ids[k, width - len(c):] = torch.tensor(c, dtype=torch.long)
+                step_mask[k, width - len(c):] = 1
+        self.mask = mask = torch.cat([self.mask, step_mask.to(self.device)], dim=1)
+        positions = (mask.cumsum(-1) - 1)[:, -width:].masked_fill(mask[:, -width:] == 0, 1)
+        attention = mask if self.window is None else _step_masks(mask, width, self.window, self.dtype)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
+        return out.logits[:, -1, :].float()
+
+
+def _score_readings(rows: list["_Row"], logits: torch.Tensor, value_ids: Callable[[float], dict[int, int] | None],
+                    values_of: dict[float, dict[int, int] | None]) -> dict[int, tuple[int, dict[int, int], torch.Tensor]]:
+    """For each row at an item's score: (item index, {token id: value}, the distribution over the
+    values from the raw logits). ``values_of`` caches ``value_ids`` by maximum."""
+    reading = {}
+    for k, row in enumerate(rows):
+        i = row.score_item()
+        if i is None:
+            continue
+        max_score = float(row.rubric.questions[i].max_score)
+        if max_score not in values_of:
+            values_of[max_score] = value_ids(max_score)
+        values = values_of[max_score]
+        if values:
+            reading[k] = (i, values, torch.softmax(logits[k, list(values)], dim=-1))
+    return reading
+
+
+class _GrammarMasker:
+    """Each live row's next token under its grammar: the grammar's token mask, no special tokens,
+    no token longer than the room left in a bounded string, and a forced token where only one
+    can come (jump-forward). Finished and broken rows stay free."""
+
+    def __init__(self, grammars: GradeGrammars, encode: Callable[[str], list[int]], batch: int,
+                 device: torch.device) -> None:
+        import xgrammar
+
+        self.xgr, self.grammars, self.device = xgrammar, grammars, device
+        self.bitmask = xgrammar.allocate_token_bitmask(batch, grammars.vocab_size)
+        self.token_bytes = grammars.token_bytes.to(device)
+        self.forbidden = grammars.forbidden_ids(encode).to(device)
+        self.longest = int(grammars.token_bytes.max())
+
+    def choose(self, rows: list["_Row"], logits: torch.Tensor) -> list[int]:
+        xgr = self.xgr
+        xgr.reset_token_bitmask(self.bitmask)
+        only: dict[int, int] = {}
+        short: dict[int, int] = {}  # row -> room left in its open string, where a token may not fit
+        for k, row in enumerate(rows):
+            if row.done or row.broken:
+                continue
+            row.matcher.fill_next_token_bitmask(self.bitmask, k)
+            t = row.only()
+            if t is not None:
+                only[k] = t
+            elif (room := row.room()) is not None and room + (pending := row.pending()) < self.longest:
+                # a token's continuation bytes of a split character add no character
+                short[k] = max(room, 0) + pending
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(self.device), vocab_size=self.grammars.vocab_size)
+        logits[:, self.forbidden] = float("-inf")  # special tokens: plain text to the grammar, never in a grade
+        for k, room in short.items():  # the string's bound: no token longer than its room (the quote fits)
+            logits[k, : self.token_bytes.shape[0]].masked_fill_(self.token_bytes > room, float("-inf"))
+        chosen = logits.argmax(-1).tolist()
+        if only:
+            keys = list(only)
+            allowed = torch.isfinite(logits[keys, [only[k] for k in keys]]).tolist()
+            for k, ok in zip(keys, allowed):
+                if ok:  # not allowed here (e.g. a key being written): the grammar decides
+                    chosen[k] = only[k]
+        return chosen
 
 
 def _utf8_chars(data: bytes) -> tuple[int, int]:
