@@ -194,9 +194,6 @@ def evaluate(
     Selective grading: the coverage curve of each confidence signal, and the review threshold for
     ``target_qwk`` chosen on ``validation`` data (graded the same way), else the adapter's own
     (``review.json``), applied to ``data``."""
-    from inference.adapters import grading_unit
-    from inference.results import store_grade
-
     d = load_eval_data(data)
     adapters = adapter if isinstance(adapter, list) else ([adapter] if adapter else [])
     lead = adapters[0] if adapters else None
@@ -217,18 +214,10 @@ def evaluate(
     if include_base or not adapters:
         plan.append(("base zero-shot", None))
     graded: dict[str, list[GradeResult]] = {}
-    for name, which in plan:
-        tick = _ticker(progress, name, len(d.items))
-        results = engine.grade_many(d.items, adapter=which, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                    progress=tick, scoring=scoring, unit=unit or grading_unit(which and lead))
-        if store:
-            for r, (sub_name, md, rubric) in zip(results, d.items):
-                store_grade(r, rubric, sub_name, submission_md=md)
-        graded[name] = results
-        cal = load_calibration(lead) if which is not None and len(adapters) == 1 else None
-        out["predictors"][name] = _predictor_report(results, d, n_boot, cal)
-        for row, r in zip(out["per_submission"], results):
-            row[name] = r.grade.score
+    for name, which in plan:  # the report rewritten after each, so a stopped evaluation keeps it
+        graded[name] = _grade_predictor(engine, d, out, name, which, lead=lead, ensemble=len(adapters) > 1,
+                                        progress=progress, store=store, n_boot=n_boot, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, scoring=scoring, unit=unit)
         write()
     if adapters and graded["adapter"][0].unit == "item":
         out["items"] = _item_rows(d, graded["adapter"], set())
@@ -239,12 +228,8 @@ def evaluate(
         out["selective"] = _selective(engine, d, val, plan[0][1], lead, ks if anchors else [0], anchor_draws,
                                       anchor_seed, target_qwk, batch_size, graded["adapter"], out.get("anchors"))
         write()
-    if lead is not None:  # the teacher's own corrections of this adapter's grades (Review tab)
-        from inference.teacher_agreement import format_agreement, teacher_agreement
-
-        found = teacher_agreement(adapters={str(Path(lead).resolve())}, n_boot=n_boot)
-        out["teacher_agreement"] = [a.to_dict() for a in found]
-        out["teacher_agreement_markdown"] = format_agreement(found) if found else ""
+    if lead is not None:
+        out.update(_teacher_part(lead, n_boot))
     write()
     if store:
         from data.store import Store
@@ -252,6 +237,36 @@ def evaluate(
         out["evaluation_id"] = Store().add_evaluation(base_model=base_model, adapter=out["adapter"],
                                                       data=", ".join(out["data"]), report=out)
     return out
+
+
+def _grade_predictor(engine, d: EvalData, out: dict, name: str, which: str | list[str] | None, *, lead: str | None,
+                     ensemble: bool, progress: Callable[[str, int, int], None] | None, store: bool, n_boot: int,
+                     batch_size: int, max_new_tokens: int, scoring: str, unit: str | None) -> list[GradeResult]:
+    """Grade every submission with one predictor (an adapter, an ensemble, or the base alone: None),
+    keep the grades in the store, and add its agreement and per-submission scores to ``out``."""
+    from inference.adapters import grading_unit
+    from inference.results import store_grade
+
+    results = engine.grade_many(d.items, adapter=which, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                progress=_ticker(progress, name, len(d.items)), scoring=scoring,
+                                unit=unit or grading_unit(which and lead))
+    if store:
+        for r, (sub_name, md, rubric) in zip(results, d.items):
+            store_grade(r, rubric, sub_name, submission_md=md)
+    cal = load_calibration(lead) if which is not None and not ensemble else None
+    out["predictors"][name] = _predictor_report(results, d, n_boot, cal)
+    for row, r in zip(out["per_submission"], results):
+        row[name] = r.grade.score
+    return results
+
+
+def _teacher_part(lead: str, n_boot: int) -> dict:
+    """The teacher's own corrections of this adapter's grades (Review tab), as agreement."""
+    from inference.teacher_agreement import format_agreement, teacher_agreement
+
+    found = teacher_agreement(adapters={str(Path(lead).resolve())}, n_boot=n_boot)
+    return {"teacher_agreement": [a.to_dict() for a in found],
+            "teacher_agreement_markdown": format_agreement(found) if found else ""}
 
 
 def _ticker(progress: Callable[[str, int, int], None] | None, name: str, total: int) -> Callable[[int], None]:
