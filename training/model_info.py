@@ -2,10 +2,15 @@
 is loaded or built): what the memory estimate and the checks need to know about `cfg.model`."""
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from data.model_zoo import EMBEDDED_PREFIX, ModelNotFoundError, embedded_model, resolve_model_path
+from data.paths import cache_dir
 from training.config import GPT_OSS_EXPERT_PARAMETERS, RunConfig
 
 # Module names of embedded models that may not be built yet (building Gemma takes a minute).
@@ -38,7 +43,27 @@ def model_dir(cfg: RunConfig) -> Path | None:
 
 @lru_cache(maxsize=8)
 def _inspect_folder(folder: str, trust_remote_code: bool) -> dict:
-    """Shapes and module names of the model in `folder`, from its config on the meta device."""
+    """Shapes and module names of the model in `folder`, from its config on the meta device; kept
+    in the cache folder by the config's content, since building the meta model means importing
+    the model's transformers code (several seconds before every launch otherwise)."""
+    config_text = (Path(folder) / "config.json").read_bytes()
+    version = importlib.metadata.version("transformers")
+    key = hashlib.sha256(config_text + f"|{version}|{trust_remote_code}".encode()).hexdigest()[:20]
+    cached = cache_dir() / "model_info" / f"{key}.json"
+    if cached.exists():
+        try:
+            return json.loads(cached.read_text())
+        except (OSError, ValueError):
+            pass  # written by a process that died mid-write: inspect again
+    info = _inspect_meta_model(folder, trust_remote_code)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(cached)
+    return json.loads(cached.read_text())  # the same value, hit or miss (tuples as lists)
+
+
+def _inspect_meta_model(folder: str, trust_remote_code: bool) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
