@@ -1,6 +1,7 @@
 """Small helpers shared by the tabs: choices for dropdowns, the loss figure, the adapter check."""
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,6 @@ def model_choices() -> list[str]:
 
 def dataset_choices() -> list[str]:
     """Stored datasets as `db:<name>` plus the sample folders, for the config's datasets field."""
-    import sqlite3
-
     from data.store import Store
 
     out: list[str] = []

@@ -8,6 +8,7 @@ valid by construction; a submission's grade is the sum of its questions.
 """
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections import Counter
@@ -328,8 +329,6 @@ class _AfterPrefix:
         return self.lm.get_output_embeddings()
 
     def model(self, *, input_ids, attention_mask):
-        import copy
-
         import torch
 
         cache = copy.deepcopy(self.cache)

@@ -3,6 +3,7 @@ so a resumed run sees the same order), padded batches, and packed rows (several 
 row, each keeping its own positions and attending only to itself)."""
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from typing import Any
@@ -85,8 +86,6 @@ def pack_rows(lengths: list[int], order: list[int], width: int) -> list[list[int
     """Example indices (``order``, all of them) packed into rows of at most ``width`` tokens:
     best-fit decreasing (longest first, each into the fullest row it still fits; ties keep
     ``order``). An example longer than ``width`` is an error (the encoder cuts to max_length)."""
-    import bisect
-
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row index), sorted
     smallest = min((lengths[i] for i in order), default=0)

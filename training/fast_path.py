@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -289,8 +290,6 @@ def _ce_chunk(logits: torch.Tensor, tc: torch.Tensor, need_grad: bool):
         with torch._dynamo.config.patch(suppress_errors=False):
             return fn(logits, tc, need_grad)
     except Exception as e:
-        import warnings
-
         warnings.warn(f"compiled loss chunk failed ({type(e).__name__}: {e}); using the eager one")
         _CE_COMPILED["failed"] = True
         return _ce_chunk_eager(logits, tc, need_grad)

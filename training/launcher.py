@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,8 +79,6 @@ def deepspeed_binary() -> Path:
     here = Path(sys.executable).parent / "deepspeed"
     if here.exists():
         return here
-    import shutil
-
     found = shutil.which("deepspeed")
     if found:
         return Path(found)

@@ -15,6 +15,8 @@ One function per step, called top to bottom by `training.train_entry`:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,6 @@ def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
 
 
 def _checkpoint_quant_method(folder: Path) -> str | None:
-    import json
-
     try:
         qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
@@ -183,8 +183,6 @@ def quantization_report(model) -> dict:
 
 def lora_state_hash(model) -> str:
     """sha256 over the LoRA weights (names and values), to compare replicas across ranks."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if "lora_" in name:

@@ -21,6 +21,8 @@ experts and loads GPT-OSS checkpoints into this form.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 
 import torch
 from torch import nn
@@ -96,8 +98,6 @@ def _run_compiled(name: str, fn, *args, fallback: str):
         with torch._dynamo.config.patch(suppress_errors=False):
             return compiled(*args)
     except Exception as e:  # no inductor/triton here
-        import warnings
-
         warnings.warn(f"compiled {name} dequantization failed ({type(e).__name__}: {e}); using {fallback}")
         _COMPILED[name + "_failed"] = True
         return None
@@ -422,8 +422,6 @@ def _packed_named_parameters(self, prefix: str = "", recurse: bool = True, remov
     go onto experts that were quantized first, and the adapter's layout (PEFT nests one wrapper
     per parameter, in this order) is the same as on a bf16 model.  Recursive walks from a parent
     (optimizers, ``model.parameters()``) and every other caller never see the placeholders."""
-    import sys
-
     caller = sys._getframe(1).f_globals.get("__name__", "")
     if recurse or not caller.startswith("peft."):  # only PEFT's matcher sees the placeholders
         yield from nn.Module.named_parameters(self, prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)

@@ -7,6 +7,7 @@ Not supported: ZeRO-3 partitioning of packed experts, merging expert LoRA into p
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,6 @@ def load_gpt_oss(path: str | Path, *, device: str | torch.device = "cuda", dtype
     device; with ``quantization="nf4"`` or ``"mxfp4"`` each expert tensor is packed right after it
     is read (an MXFP4 checkpoint's blocks are kept as they are), so peak memory is the final model
     plus one expert tensor.  Returns (model, timings)."""
-    import time
-
     t0 = time.perf_counter()
     path, device = Path(path), torch.device(device)
     model, config = _meta_model(path, dtype, attn_implementation)
