@@ -211,14 +211,10 @@ def harmony_encoding() -> "HarmonyEncoding":
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
-def harmony_messages(rubric: Rubric, submission_md: str, target: str | None = None, anchors: Anchors = ()) -> list[Any]:
+def _harmony_conversation(instruction_text: str, submission_md: str, target: str | None = None) -> list[Any]:
     """The harmony conversation: system, developer (instructions), user (submission) and, for
     training, the assistant's final-channel grade. No date in the system message: the prompt
     must not change from one day to the next."""
-    return _harmony_conversation(instructions(rubric, anchors), submission_md, target)
-
-
-def _harmony_conversation(instruction_text: str, submission_md: str, target: str | None = None) -> list[Any]:
     from openai_harmony import DeveloperContent, Message, ReasoningEffort, Role, SystemContent
 
     msgs = [

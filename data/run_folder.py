@@ -102,15 +102,6 @@ def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
     return step if isinstance(step, int) else None
 
 
-def is_run_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is named like a checkpoint of a run folder (checkpoint-<step>, final, best)
-    and sits in one (its parent holds config.json). Such a folder is graded only when complete."""
-    folder = Path(path)
-    named = folder.name in (FINAL, BEST) or (
-        folder.name.startswith(CHECKPOINT_PREFIX) and folder.name[len(CHECKPOINT_PREFIX):].isdigit())
-    return named and (folder.parent / CONFIG).is_file()
-
-
 def is_inside_checkpoints(path: str | Path, root: str | Path | None = None) -> bool:
     """Whether `path`, with symlinks and `..` resolved, lies inside the checkpoints folder (the
     only place the app loads adapters from)."""
