@@ -657,13 +657,14 @@ def build_score_examples(
     from data.anchors import neighbour_score, question_key, training_anchors
 
     flat = [(sub, k, item) for sub in submissions for k, item in enumerate(sub.rubric_alignment)]
+    keys = [question_key(item.question, sub.item_max_scores()[k]) for sub, k, item in flat]
     shown: list[list[tuple[str, float]]] = [[] for _ in flat]
     suggested: list[float | None] = [None] * len(flat)
     if anchors > 0:
         groups: dict[str, list[int]] = {}
-        for n, (sub, k, item) in enumerate(flat):
+        for n, (_, _, item) in enumerate(flat):
             if item.answer.strip():
-                groups.setdefault(question_key(item.question, sub.item_max_scores()[k]), []).append(n)
+                groups.setdefault(keys[n], []).append(n)
         picks = training_anchors([[flat[n][2].answer for n in members] for members in groups.values()], anchors, seed)
         for members, chosen in zip(groups.values(), picks):
             for n, pairs in zip(members, chosen):
@@ -687,7 +688,7 @@ def build_score_examples(
         ex.target = soft_score_target(graders, ex.max_score)
         ex.human_score = float(item.score)
         ex.neighbour_score = suggested[n]
-        ex.question = question_key(item.question, sub.item_max_scores()[k])
+        ex.question = keys[n]
         examples.append(ex)
         n_cut += ex.truncated
     if n_dropped:

@@ -45,10 +45,13 @@ def model_dir(cfg: RunConfig) -> Path | None:
 def _inspect_folder(folder: str, trust_remote_code: bool) -> dict:
     """Shapes and module names of the model in `folder`, from its config on the meta device; kept
     in the cache folder by the config's content, since building the meta model means importing
-    the model's transformers code (several seconds before every launch otherwise)."""
+    the model's transformers code (several seconds before every launch otherwise). Not kept for
+    remote code, which can change while its config does not."""
+    if trust_remote_code:
+        return _inspect_meta_model(folder, trust_remote_code)
     config_text = (Path(folder) / "config.json").read_bytes()
     version = importlib.metadata.version("transformers")
-    key = hashlib.sha256(config_text + f"|{version}|{trust_remote_code}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(config_text + f"|{version}".encode()).hexdigest()[:20]
     cached = cache_dir() / "model_info" / f"{key}.json"
     if cached.exists():
         try:
@@ -60,7 +63,7 @@ def _inspect_folder(folder: str, trust_remote_code: bool) -> dict:
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(info))
     tmp.replace(cached)
-    return json.loads(cached.read_text())  # the same value, hit or miss (tuples as lists)
+    return json.loads(json.dumps(info))  # the same value, hit or miss (tuples as lists)
 
 
 def _inspect_meta_model(folder: str, trust_remote_code: bool) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from training import fast_path
@@ -121,8 +122,6 @@ def _checkpoint_names(path: Path) -> dict[str, Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors shards")
-    from safetensors import safe_open
-
     name_to_file: dict[str, Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
@@ -153,8 +152,6 @@ class _CheckpointReader:
     AHEAD = 8
 
     def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
         self.path = path
         self.name_to_file = _checkpoint_names(path)
         files = sorted(set(self.name_to_file.values()))
