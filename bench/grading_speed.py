@@ -127,6 +127,7 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
             "time_split_s": split, "valid_without_repair": sum(not r.repaired for r in res),
         }
         if unit == "item":
+            row["_probs"] = [p for r in res for p in (r.score_probs or [])]
             row.update(shared_prefix=shared_prefix,
                        model_tokens=model_tokens(engine, items) if shared_prefix else prompt,
                        questions=sum(len(r.grade.items) for r in res),
@@ -140,8 +141,41 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
                              "justifications allowed, written until their bound or the budget closes them")
                        if constrained else "free decoding, no grammar")
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        if unit != "item":
+            print(json.dumps(row), flush=True)
     return rows
+
+
+def _max_diff(a: list, b: list) -> float | None:
+    """The largest difference between two runs' score probabilities, question by question."""
+    diffs = [abs(x[key] - y[key]) for x, y in zip(a, b) if x and y for key in x]
+    return round(max(diffs), 5) if diffs else None
+
+
+def profile(engine: GraderEngine, items, batch_size: int, top: int = 25) -> dict:
+    """One item-unit run under torch.profiler: the time on the host against the GPU's busy time, and
+    the ops that take the GPU's time (printed as a table)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    _sync(engine)
+    t0 = time.perf_counter()
+    with torch_profile(activities=acts) as prof:
+        res = engine.grade_many(items, adapter=None, unit="item", batch_size=batch_size, retry=False)
+        _sync(engine)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=top), flush=True)
+    gpu_busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+    split = {k: round(sum((r.timings or {}).get(k, 0.0) for r in res), 2) for k in res[0].timings or {}}
+    row = {"profile": True, "batch_size": batch_size, "wall_s_profiled": round(wall, 2),
+           "gpu_busy_s": round(gpu_busy, 2), "time_split_s": split,
+           "top_ops": [{"op": e.key, "calls": e.count, key: round(getattr(e, key) / 1e6, 3)}
+                       for e in sorted(events, key=lambda e: -getattr(e, key))[:top]]}
+    print(json.dumps({k: v for k, v in row.items() if k != "top_ops"}), flush=True)
+    return row
 
 
 def _justifications(results) -> dict:
@@ -227,6 +261,11 @@ def main(argv=None) -> int:
                          "means); constrained alone skips the baseline row when it is already recorded")
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
+    ap.add_argument("--attn", default="eager",
+                    help="GPT-OSS-shaped run: attention implementations to measure in turn, e.g. eager,flex_attention "
+                         "(each row says how far its distributions lie from the first one's)")
+    ap.add_argument("--profile", action="store_true",
+                    help="item unit: one more run of the last batch size under torch.profiler; prints where the time goes")
     ap.add_argument("--encode-only", action="store_true",
                     help="only the item path's encode step with the GPT-OSS tokenizer (harmony), no model")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -251,11 +290,31 @@ def main(argv=None) -> int:
     rows = []
     for make in engines:
         engine = make()
+        attns = [a.strip() for a in args.attn.split(",")] if "shaped" in engine.base_model else [None]
         with torch.inference_mode():
             for unit in units:
                 if unit == "item":
-                    for shared in [False, True] if args.also_unshared else [True]:
-                        rows += measure(engine, items, unit, sizes, args.max_new_tokens, shared)
+                    reference = None
+                    for attn in attns:
+                        if attn is not None:
+                            engine.model.set_attn_implementation(attn)
+                        for shared in [False, True] if args.also_unshared else [True]:
+                            try:
+                                got = measure(engine, items, unit, sizes, args.max_new_tokens, shared)
+                            except Exception as exc:  # an implementation that does not take these inputs
+                                print(json.dumps({"attn": attn, "error": f"{type(exc).__name__}: {exc}"[:2000]}), flush=True)
+                                continue
+                            for r in got:
+                                r["attn"] = attn or "default"
+                                r["experts"] = getattr(engine.model.config, "_experts_implementation", None)
+                                if reference is None:
+                                    reference = r.pop("_probs")
+                                else:
+                                    r["max_abs_prob_diff_vs_first"] = _max_diff(reference, r.pop("_probs"))
+                                print(json.dumps(r), flush=True)
+                            rows += got
+                        if args.profile:
+                            rows.append(profile(engine, items, sizes[-1]))
                 else:
                     for decoding in decodings:
                         rows += measure(engine, items, unit, sizes, args.max_new_tokens, True, decoding == "constrained")
@@ -272,10 +331,14 @@ def main(argv=None) -> int:
           "time split (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("profile"):
+            continue
         tps = r["prompt_tokens_per_s"] if r["unit"] == "item" else r["new_tokens_per_s"]
         split = ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in r["time_split_s"].items())
         unit = r["unit"] + ((", shared prefix" if r["shared_prefix"] else ", unshared") if r["unit"] == "item"
                             else ", constrained" if r["constrained"] else "")
+        if r.get("attn") not in (None, "default"):
+            unit += f", {r['attn']} attention"
         steps = f"{r['new_tokens']} / {r['model_steps']}" if r["unit"] == "submission" else "-"
         print(f"| {r['model']} | {report['device']} | {unit} | {r['batch_size']} | {r['n']} | "
               f"{r['submissions_per_min']} | {tps} | {steps} | {split} |")
