@@ -146,6 +146,19 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
     return rows
 
 
+def set_variant(engine: GraderEngine, variant: str) -> None:
+    """Put the GPT-OSS-shaped model in ``variant``'s state (see --variants)."""
+    from training import fast_path
+
+    attn, *extras = variant.split("+")
+    engine.model.set_attn_implementation(attn)
+    if "project" in extras:
+        fast_path.install_moe_forward(engine.model)
+    else:
+        fast_path.uninstall_moe_forward(engine.model)
+    fast_path.compile_layers(engine.model, enable="compile" in extras)
+
+
 def _max_diff(a: list, b: list) -> float | None:
     """The largest difference between two runs' score probabilities, question by question."""
     diffs = [abs(x[key] - y[key]) for x, y in zip(a, b) if x and y for key in x]
@@ -242,6 +255,19 @@ def encode_only(n: int, repeats: int = 3) -> dict:
     return row
 
 
+def save(args, argv, rows: list[dict]) -> dict:
+    """Write the report so far to --out (grading_speed_gpu.json or _cpu.json); returns it."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    report = {"command": "python bench/grading_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "device": torch.cuda.get_device_name(0) if dev == "gpu" else f"cpu ({torch.get_num_threads()} threads)",
+              "rows": rows}
+    (out / f"grading_speed_{dev}.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="embedded:gemma-3-270m")
@@ -261,9 +287,11 @@ def main(argv=None) -> int:
                          "means); constrained alone skips the baseline row when it is already recorded")
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
-    ap.add_argument("--attn", default="eager",
-                    help="GPT-OSS-shaped run: attention implementations to measure in turn, e.g. eager,flex_attention "
-                         "(each row says how far its distributions lie from the first one's)")
+    ap.add_argument("--variants", default="eager",
+                    help="GPT-OSS-shaped run: forward-pass variants measured in turn, comma-separated, each an "
+                         "attention implementation (eager, flex_attention) with +project (the training fast path's "
+                         "grouped-GEMM experts) and/or +compile (torch.compile per layer), e.g. "
+                         "eager,flex_attention+project; each row says how far its distributions lie from the first's")
     ap.add_argument("--profile", action="store_true",
                     help="item unit: one more run of the last batch size under torch.profiler; prints where the time goes")
     ap.add_argument("--encode-only", action="store_true",
@@ -287,25 +315,26 @@ def main(argv=None) -> int:
         engines.append(lambda: GraderEngine(args.model, device=args.device))
     if args.gpt_oss_20b_shaped:
         engines.append(lambda: gpt_oss_20b_shaped(args.device or "cuda"))
-    rows = []
+    rows: list[dict] = []
     for make in engines:
         engine = make()
-        attns = [a.strip() for a in args.attn.split(",")] if "shaped" in engine.base_model else [None]
+        variants = [v.strip() for v in args.variants.split(",")] if "shaped" in engine.base_model else [None]
         with torch.inference_mode():
             for unit in units:
                 if unit == "item":
                     reference = None
-                    for attn in attns:
-                        if attn is not None:
-                            engine.model.set_attn_implementation(attn)
+                    for variant in variants:
+                        if variant is not None:
+                            set_variant(engine, variant)
                         for shared in [False, True] if args.also_unshared else [True]:
                             try:
                                 got = measure(engine, items, unit, sizes, args.max_new_tokens, shared)
-                            except Exception as exc:  # an implementation that does not take these inputs
-                                print(json.dumps({"attn": attn, "error": f"{type(exc).__name__}: {exc}"[:2000]}), flush=True)
+                            except Exception as exc:  # a variant that does not take these inputs
+                                print(json.dumps({"variant": variant, "error": f"{type(exc).__name__}: {exc}"[:2000]}),
+                                      flush=True)
                                 continue
                             for r in got:
-                                r["attn"] = attn or "default"
+                                r["variant"] = variant or "default"
                                 r["experts"] = getattr(engine.model.config, "_experts_implementation", None)
                                 if reference is None:
                                     reference = r.pop("_probs")
@@ -313,20 +342,15 @@ def main(argv=None) -> int:
                                     r["max_abs_prob_diff_vs_first"] = _max_diff(reference, r.pop("_probs"))
                                 print(json.dumps(r), flush=True)
                             rows += got
+                            save(args, argv, rows)  # a call cut short keeps what it measured
                         if args.profile:
                             rows.append(profile(engine, items, sizes[-1]))
+                            save(args, argv, rows)
                 else:
                     for decoding in decodings:
                         rows += measure(engine, items, unit, sizes, args.max_new_tokens, True, decoding == "constrained")
         del engine
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = "gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    report = {"command": "python bench/grading_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "device": torch.cuda.get_device_name(0) if dev == "gpu" else f"cpu ({torch.get_num_threads()} threads)",
-              "rows": rows}
-    (out / f"grading_speed_{dev}.json").write_text(json.dumps(report, indent=1))
+    report = save(args, argv, rows)
     print("| model | device | unit | batch | n | submissions/min | tokens/s | new tokens / model steps | "
           "time split (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -337,8 +361,8 @@ def main(argv=None) -> int:
         split = ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in r["time_split_s"].items())
         unit = r["unit"] + ((", shared prefix" if r["shared_prefix"] else ", unshared") if r["unit"] == "item"
                             else ", constrained" if r["constrained"] else "")
-        if r.get("attn") not in (None, "default"):
-            unit += f", {r['attn']} attention"
+        if r.get("variant") not in (None, "default"):
+            unit += f", {r['variant']}"
         steps = f"{r['new_tokens']} / {r['model_steps']}" if r["unit"] == "submission" else "-"
         print(f"| {r['model']} | {report['device']} | {unit} | {r['batch_size']} | {r['n']} | "
               f"{r['submissions_per_min']} | {tps} | {steps} | {split} |")
