@@ -2,11 +2,17 @@
 reports: the QWK of the accepted grades by share accepted, for each signal, per number of anchors.
 
     python bench/selective_signals.py REPORT.json [REPORT.json ...] [--without-exact]
+    python bench/selective_signals.py REPORT.json [REPORT.json ...] --fit-on OTHER.json [--fit-k 10] [--k 5]
 
 Signals: `confidence` (the product's: the distribution's spread times the agreement with the
 anchors' suggested score), `agree*sim` (that agreement times the similarity to the nearest anchor)
 and `confidence*sim`. Rows are every anchor draw's items. An answer identical to an anchor gets the
 teacher's score at confidence 1; `--without-exact` leaves those out, to see the model's own grades.
+
+`--fit-on` checks the anchor blend offline, across runs: it fits ``scoring.calibration.fit_anchor_blend``
+(weight and spread) on OTHER's rows with ``--fit-k`` anchors (the model's expected scores, from their
+distributions, and the anchors' suggested scores) and prints each REPORT's agreement at ``--k``
+anchors with the grades it stored and with that blend instead (rows graded by the model only).
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scoring.calibration import fit_anchor_blend  # noqa: E402
+from scoring.distribution import expected_score  # noqa: E402
+from scoring.metrics import on_one_scale, point_metrics  # noqa: E402
 from scoring.selective import coverage_curve  # noqa: E402
 
 
@@ -34,11 +43,43 @@ def signals(rows: list[dict]) -> dict[str, list[float]]:
     return {"confidence": conf, "agree*sim": agree_sim, "confidence*sim": conf_sim}
 
 
+def model_rows(report: dict, k: str) -> list[tuple[float, float | None, float, float, float]]:
+    """(expected score, anchors' suggested score, human, max, stored grade) of every draw's rows
+    at ``k`` anchors that the model graded (not those identical to an anchor)."""
+    out = []
+    for run in report["anchors"]["by_k"][k]["runs"]:
+        for r in run["rows"]:
+            if r.get("probs") is None:
+                continue
+            probs = [r["probs"][str(v)] for v in range(len(r["probs"]))]
+            out.append((expected_score(probs), (r.get("anchors") or {}).get("neighbour_score"), r["human"],
+                        r["max_score"], r["model"]))
+    return out
+
+
+def cross_fit(paths: list[str], fit_on: str, fit_k: str, k: str) -> None:
+    blend = fit_anchor_blend(*zip(*[row[:4] for row in model_rows(json.loads(Path(fit_on).read_text()), fit_k)]))
+    print(f"fitted on {Path(fit_on).name}, k = {fit_k}: {blend}")
+    for path in paths:
+        rows = model_rows(json.loads(Path(path).read_text()), k)
+        human, maxes = [r[2] for r in rows], [r[3] for r in rows]
+        for name, pred in (("stored", [r[4] for r in rows]), ("refit", [blend.apply(r[0], r[1], r[3]) for r in rows])):
+            m = point_metrics(*on_one_scale(human, pred, maxes)[:4])
+            print(f"  {Path(path).name}, k = {k}, {name:6s}: n {len(rows)}  r {m['pearson_r']:.3f}  "
+                  f"QWK {m['qwk']:.3f}  MAE {m['mae']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+")
     ap.add_argument("--without-exact", action="store_true")
+    ap.add_argument("--fit-on", help="fit the anchor blend on this report's rows and apply it to the others'")
+    ap.add_argument("--fit-k", default="10")
+    ap.add_argument("--k", default="5")
     args = ap.parse_args()
+    if args.fit_on:
+        cross_fit(args.reports, args.fit_on, args.fit_k, args.k)
+        return
     for path in args.reports:
         report = json.loads(Path(path).read_text())
         for k, study in sorted((report.get("anchors") or {}).get("by_k", {}).items(), key=lambda kv: int(kv[0])):
