@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 SHAPES = {"20b": (24, 32), "120b": (36, 128), "tiny": (2, 4)}
 
 
-def twin_config(shape: str) -> dict:
+def twin_config(shape: str, vocab_size: int | None = None) -> dict:
     from transformers import GptOssConfig
 
     layers, experts = SHAPES[shape]
@@ -35,6 +35,8 @@ def twin_config(shape: str) -> dict:
     if shape == "tiny":
         kw.update(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, vocab_size=1024)
+    if vocab_size:
+        kw.update(vocab_size=vocab_size)
     cfg = GptOssConfig(**kw).to_dict()
     cfg["architectures"] = ["GptOssForCausalLM"]
     cfg["torch_dtype"] = "bfloat16"
@@ -90,12 +92,15 @@ def make(kind: str, shape, device, gen):
     raise ValueError(kind)
 
 
-def write_twin(shape: str, out: Path, *, device: str = "cpu", shard_bytes: int = 5 * 2**30, seed: int = 0) -> dict:
+def write_twin(shape: str, out: Path, *, device: str = "cpu", shard_bytes: int = 5 * 2**30, seed: int = 0,
+               vocab_size: int | None = None) -> dict:
+    """The twin's folder (config and shards); ``vocab_size`` overrides the shape's (the tiny one
+    has 1,024 tokens; the real tokenizer's ids need 201,088)."""
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = twin_config(shape)
+    cfg = twin_config(shape, vocab_size)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator(device=device).manual_seed(seed)
     specs = list(tensors_of(cfg))

@@ -59,14 +59,17 @@ class GraderEngine(WholeGrades):
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             dtype = torch_dtype(dtype, self.device)
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_path), trust_remote_code=trust_remote_code)
+            experts = None if trust_remote_code else packed_experts(self.base_path, self.device)
             try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(self.base_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-                )
+                if experts:
+                    model = load_packed_gpt_oss(self.base_path, self.device, dtype, experts)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(
+                        str(self.base_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                    ).to(self.device)
             except OSError as e:
                 raise OSError(f"cannot load base model {base_model} from {self.base_path}: {e} "
                               "(the studio loads safetensors weights only)") from e
-            model = model.to(self.device)
         else:
             if tokenizer is None:
                 raise ValueError("GraderEngine(model=...) needs the model's tokenizer too (tokenizer=...)")
@@ -209,6 +212,48 @@ class GraderEngine(WholeGrades):
 
 _ENGINES: dict[tuple, GraderEngine] = {}
 _ENGINES_LOCK = threading.Lock()
+
+
+# The share of the card's memory a dequantized (bf16) GPT-OSS may take before its MXFP4 experts
+# are kept packed instead: the rest holds the activations and KV caches of a grading batch.
+DEQUANTIZED_SHARE = 0.8
+
+
+def packed_experts(folder: Path, device) -> str | None:
+    """"mxfp4" where a GPT-OSS checkpoint's MXFP4 experts must stay packed on ``device`` to fit
+    (gpt-oss-120b's 117B parameters are 234 GB in bf16, ~65 GB packed); None where the model loads
+    as transformers loads it (CPU, other models, or a dequantized model that fits the card)."""
+    import json
+
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("model_type") != "gpt_oss" or (config.get("quantization_config") or {}).get("quant_method") != "mxfp4":
+        return None
+    from training.config import RunConfig
+    from training.model_info import inspect_model
+
+    n_params = (inspect_model(RunConfig(model=str(folder))) or {}).get("n_params", 0)
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "mxfp4" if 2 * n_params > DEQUANTIZED_SHARE * total else None
+
+
+def load_packed_gpt_oss(folder: Path, device, dtype, experts: str):
+    """GPT-OSS with its experts packed (``training.quant_experts.load_gpt_oss``, the loader training
+    uses, and its grouped-GEMM experts), with the folder's generation settings."""
+    from transformers import GenerationConfig
+
+    from training.quant_experts import load_gpt_oss
+
+    model, _ = load_gpt_oss(folder, device=device, dtype=dtype, quantization=experts)
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model
 
 
 def get_engine(base_model: str, **kw) -> GraderEngine:
