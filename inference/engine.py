@@ -219,15 +219,16 @@ _ENGINES_LOCK = threading.Lock()
 DEQUANTIZED_SHARE = 0.8
 
 
-def packed_experts(folder: Path, device) -> str | None:
+def packed_experts(folder: Path, device, card_bytes: int | None = None) -> str | None:
     """"mxfp4" where a GPT-OSS checkpoint's MXFP4 experts must stay packed on ``device`` to fit
     (gpt-oss-120b's 117B parameters are 234 GB in bf16, ~65 GB packed); None where the model loads
-    as transformers loads it (CPU, other models, or a dequantized model that fits the card)."""
+    as transformers loads it (CPU, other models, or a dequantized model that fits the card).
+    ``card_bytes``: the card's memory (default: the device's)."""
     import json
 
     import torch
 
-    if getattr(device, "type", str(device)) != "cuda":
+    if card_bytes is None and getattr(device, "type", str(device)) != "cuda":
         return None
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
@@ -239,8 +240,8 @@ def packed_experts(folder: Path, device) -> str | None:
     from training.model_info import inspect_model
 
     n_params = (inspect_model(RunConfig(model=str(folder))) or {}).get("n_params", 0)
-    total = torch.cuda.get_device_properties(device).total_memory
-    return "mxfp4" if 2 * n_params > DEQUANTIZED_SHARE * total else None
+    card_bytes = card_bytes or torch.cuda.get_device_properties(device).total_memory
+    return "mxfp4" if 2 * n_params > DEQUANTIZED_SHARE * card_bytes else None
 
 
 def load_packed_gpt_oss(folder: Path, device, dtype, experts: str):

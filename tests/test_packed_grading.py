@@ -45,3 +45,20 @@ def test_packed_mxfp4_experts_grade_as_the_dequantized_model(mxfp4_twin: Path) -
         assert [it.score for it in a.grade.items] == pytest.approx([it.score for it in b.grade.items], abs=0.011)
         for pa, pb in zip(a.score_probs, b.score_probs):
             assert [pa[k] for k in pa] == pytest.approx([pb[k] for k in pb], abs=2e-4)
+
+
+def test_experts_stay_packed_only_where_the_dequantized_model_would_not_fit_the_card(tmp_path: Path) -> None:
+    import json
+
+    from make_twin_checkpoint import twin_config
+
+    gib = 2**30
+    for shape, card_gib, want in (("120b", 141, "mxfp4"), ("120b", 80, "mxfp4"), ("20b", 141, None), ("20b", 80, None)):
+        folder = tmp_path / shape
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(twin_config(shape)))
+        assert packed_experts(folder, "cuda", card_bytes=card_gib * gib) == want, (shape, card_gib)
+    config = json.loads((tmp_path / "120b" / "config.json").read_text())
+    del config["quantization_config"]  # a bf16 checkpoint: nothing to keep packed, transformers loads it
+    (tmp_path / "120b" / "config.json").write_text(json.dumps(config))
+    assert packed_experts(tmp_path / "120b", "cuda", card_bytes=141 * gib) is None
