@@ -553,11 +553,15 @@ class Trainer:
         maxes = [e.max_score for e in ex]
         conf = [item_confidence(p, e.neighbour_score) for (_, p), e in zip(preds, ex)]
         m = scaled_metrics(human, pred, maxes, n_boot=0)
-        review = choose_threshold(human, pred, conf, maxes, self.cfg.review_target_qwk)
+        neighbours = [e.neighbour_score for e in ex]
+        blend = fit_anchor_blend(pred, neighbours, human, maxes)
+        # the threshold is chosen on the grades as grading gives them: with the anchor blend applied
+        graded = pred if blend is None else [blend.apply(p, nb, mx) for p, nb, mx in zip(pred, neighbours, maxes)]
+        review = choose_threshold(human, graded, conf, maxes, self.cfg.review_target_qwk)
         calibration = fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed, groups=[e.question for e in ex])
         self.fitted[step] = {"calibration": calibration,
-                             "review": (review, coverage_curve(human, pred, conf, maxes)),
-                             "anchor_blend": fit_anchor_blend(pred, [e.neighbour_score for e in ex], human, maxes)}
+                             "review": (review, coverage_curve(human, graded, conf, maxes)),
+                             "anchor_blend": blend}
         scaled = [p / mx for p, mx in zip(pred, maxes)]
         return {"val_n": len(ex), "val_mae": m["mae"]["value"], "val_pearson_r": m["pearson_r"]["value"],
                 "val_qwk": m["qwk"]["value"], "val_pred_sd": round(float(torch.tensor(scaled).std()), 4) if len(ex) > 1 else None,
