@@ -147,7 +147,7 @@ class AnchorBlend:
 def _spread(score, max_score, spread: float, center: float):
     """``score`` (a number or an array, out of ``max_score``) moved away from ``center`` x max by
     the factor ``spread``, kept on [0, max]."""
-    if spread == 1.0:
+    if spread == 1.0 or np.any(np.asarray(max_score) <= 0):
         return score
     frac = center + spread * (np.asarray(score, dtype=float) / max_score - center)
     out = np.clip(frac, 0.0, 1.0) * max_score
