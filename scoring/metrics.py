@@ -15,9 +15,9 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-import sklearn
-from scipy import stats
-from sklearn.metrics import cohen_kappa_score
+
+# scipy.stats and scikit-learn are imported where a figure is computed, not with this module: they
+# take ~2 s to import, and the web app, the trainer and the CLIs import this module on start-up.
 
 METRICS = ("mae", "rmse", "pearson_r", "qwk", "exact", "within_1")
 CONFIDENCE = 0.95
@@ -56,6 +56,8 @@ def pearson_r(y: np.ndarray, p: np.ndarray) -> float | None:
     # ptp, not std: a constant like 4.2638 repeated has a std of ~1e-16 from rounding.
     if len(y) < 2 or np.ptp(y) == 0 or np.ptp(p) == 0:
         return None
+    from scipy import stats
+
     return float(stats.pearsonr(y, p).statistic)
 
 
@@ -72,6 +74,8 @@ def quadratic_weighted_kappa(y_cat: np.ndarray, p_cat: np.ndarray, n_categories:
     p_int = np.asarray(p_cat, dtype=int)
     if np.ptp(y_int) == 0 and np.ptp(p_int) == 0 and y_int[0] == p_int[0]:
         return None  # no disagreement is expected: kappa is 0/0
+    from sklearn.metrics import cohen_kappa_score
+
     return float(cohen_kappa_score(y_int, p_int, labels=np.arange(n_categories), weights="quadratic"))
 
 
@@ -100,6 +104,9 @@ def _bootstrap_intervals(y: np.ndarray, p: np.ndarray, max_score: float, step: f
     metric gets the percentile interval of the resamples where it is defined, when they are at
     least half of them (and 10); otherwise no interval, rather than one from a few lucky draws.
     """
+
+    import sklearn
+    from scipy import stats
 
     def statistic(y_b: np.ndarray, p_b: np.ndarray) -> np.ndarray:
         m = point_metrics(y_b, p_b, max_score, step)

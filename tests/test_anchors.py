@@ -73,10 +73,8 @@ def test_draws_take_k_of_each_question_at_random() -> None:
     assert len(drawn & set(range(10))) == 3 and {10, 11} <= drawn
 
 
-def test_anchors_give_way_before_the_student_answer_is_cut(gpt_oss_tokenizer_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gpt_oss_tokenizer_dir))
+def test_anchors_give_way_before_the_student_answer_is_cut(gpt_oss_tokenizer) -> None:
+    tok = gpt_oss_tokenizer
     answer = "The last element pushed is the first popped. " * 3
     anchors = [(f"anchor answer number {n} " * 12, n % 6) for n in range(6)]
     plain = encode_score_prompt(tok, "harmony", RUBRIC, 0, answer)
@@ -130,10 +128,8 @@ def test_an_ensemble_of_two_adapters_is_the_mean_of_their_distributions(
     assert [r.grade.score for r in both] != [r.grade.score for r in ra]
 
 
-def test_training_prompts_show_other_answers_of_the_same_question(gpt_oss_tokenizer_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gpt_oss_tokenizer_dir))
+def test_training_prompts_show_other_answers_of_the_same_question(gpt_oss_tokenizer) -> None:
+    tok = gpt_oss_tokenizer
     subs = [GradedSubmission.model_validate({
         "submission_id": f"s{n}", "score": n % 6 + 1, "max_score": 10, "rubric_alignment": [
             {"question": "What is a stack?", "answer": f"stack answer {n}", "score": n % 6, "max_score": 5},

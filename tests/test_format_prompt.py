@@ -40,10 +40,8 @@ TOY_CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def gpt_oss_tok(gpt_oss_tokenizer_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gpt_oss_tokenizer_dir)
+def gpt_oss_tok(gpt_oss_tokenizer):
+    return gpt_oss_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,8 @@ from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(gpt_oss_tokenizer_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gpt_oss_tokenizer_dir)
+def hf_tokenizer(gpt_oss_tokenizer):
+    return gpt_oss_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -178,11 +178,12 @@ def test_every_epoch_packs_every_example_once_into_full_steps():
 
 
 def test_packed_item_run_through_the_deepspeed_launcher(tmp_path, tiny_gpt_oss_dir):
-    """The smoke preset (tiny GPT-OSS, 2 gloo ranks, ZeRO-2), item-level, packed, 3 steps."""
+    """The smoke preset (tiny GPT-OSS, 2 gloo ranks, ZeRO-2), item-level, packed, 2 steps (~8 s each on
+    2 cores: 8 rows of 1536 tokens)."""
     files = sorted(GRADED.rglob("*.json"))[::5][:6]
     cfg = apply_overrides(preset("smoke"), [
         "datasets=" + __import__("json").dumps([str(f) for f in files]), "eval_fraction=0.2", "eval_split=submissions",
-        "max_steps=3",
+        "max_steps=2",
         "save_every_steps=10", "gradient_accumulation_steps=2", "pack_sequences=on", "name=packed",
     ])
     cfg_file = tmp_path / "cfg.json"
@@ -202,11 +203,11 @@ def test_packed_item_run_through_the_deepspeed_launcher(tmp_path, tiny_gpt_oss_d
     from data.run_folder import RunFolder
 
     train = [r for r in RunFolder(run_dir).read_metrics() if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3]
+    assert [r["step"] for r in train] == [1, 2]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in train)
     # more examples per step than per_device_batch_size x ranks x accumulation (2 x 2 x 2)
-    assert train[-1]["samples"] > 3 * 8
-    assert train[-1]["epoch"] > 1  # 22 examples, fewer rows: an epoch is under 3 steps
+    assert train[-1]["samples"] > len(train) * 8
+    assert train[-1]["epoch"] > 1  # 22 examples, fewer rows: an epoch is under 2 steps
 
 
 def test_a_run_saved_before_packing_resumes_unpacked(tmp_path):

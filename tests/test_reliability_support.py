@@ -69,7 +69,7 @@ def detach_run(overrides: list[str], env: dict[str, str]) -> str:
     return first.split()[1].rstrip(":")
 
 
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 1.0):
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.25):
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,22 +20,29 @@ from training.config import save_config
 from training.overrides import apply_overrides
 from training.presets import preset
 from tests.conftest import REPO
+from tests.test_reliability_support import write_tiny_dataset
 
-GRADED = REPO / "data" / "samples" / "graded"
 
-
-def small_config(**changes):
-    """The smoke preset on a fixed set of 10 sample submissions (2 held out), 8 optimizer steps,
-    whole-submission examples: an item-level step of the tiny model takes ~0.1 s, too fast to stop a
-    run between its steps reliably (tests/test_agreement.py trains item-level runs)."""
-    files = sorted(GRADED.rglob("*.json"))[::5][:10]
-    assert len(files) == 10
+def small_config(data: Path, **changes):
+    """The smoke preset on a fixed set of 10 short one-question submissions (2 held out; tests/
+    test_reliability_support.py's tiny dataset, ~200 tokens an example instead of the samples'
+    ~1.2k: the launcher, DeepSpeed and the trainer are under test here, not the data), 8 optimizer
+    steps, whole-submission examples. A step takes well under a second on 2 cores, so the stop test
+    freezes the run before it asks it to stop (an item-level step takes ~0.1 s; tests/
+    test_agreement.py trains item-level runs)."""
     cfg = apply_overrides(preset("smoke"), [
-        "datasets=" + json.dumps([str(f) for f in files]),
+        "datasets=" + json.dumps([str(data)]),
         "eval_fraction=0.2", "max_steps=8", "save_every_steps=4", "learning_rate=1e-2",
         "lr_scheduler=constant", "lora_experts=true", "lora_dropout=0", "debug=true", "example_unit=submission",
+        "max_length=512",
     ])
     return cfg.model_copy(update=changes)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """10 graded one-question submissions (all valid), the same for every run of this module."""
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_data"), n=10)
 
 
 def train_rows(run_dir: Path) -> list[dict]:
@@ -42,12 +50,12 @@ def train_rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_gpt_oss_dir) -> dict:
+def finished_run(tmp_path_factory, tiny_gpt_oss_dir, tiny_data) -> dict:
     """One uninterrupted run through the CLI (`python -m training run --config FILE`)."""
     base = tmp_path_factory.mktemp("ds_run")
     env = dict(os.environ, GRADER_CHECKPOINTS=str(base / "checkpoints"), GRADER_DB=str(base / "studio.db"))
     cfg_file = base / "cfg.json"
-    save_config(small_config(name="ds-test"), cfg_file)
+    save_config(small_config(tiny_data, name="ds-test"), cfg_file)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "training", "run", "--config", str(cfg_file)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -125,15 +133,22 @@ def test_the_run_notes_each_phase_a_user_waits_through(finished_run):
     assert phase_text(folder.current_phase(), progress(folder.read_metrics()), "running") is None
 
 
-def test_stop_then_resume_carries_on_the_step_count_and_the_loss_curve(finished_run):
-    cfg = small_config(name="ds-stop", save_every_steps=100)
+def test_stop_then_resume_carries_on_the_step_count_and_the_loss_curve(finished_run, tiny_data):
+    cfg = small_config(tiny_data, name="ds-stop", save_every_steps=100)
     handle = launcher.launch(cfg)
     metrics = handle.run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and len(train_rows(handle.run_dir)) < 2:
         assert handle.process.poll() is None, (handle.run_dir / "train.log").read_text()[-3000:]
-        time.sleep(0.5)
-    assert launcher.stop_run(handle.run_id)
+        time.sleep(0.05)
+    # Freeze the run (SIGSTOP to its process group) while Stop is asked for: its steps are short
+    # enough that it could otherwise finish all 8 before the stop arrives.
+    pgid = int((handle.run_dir / "pid").read_text())
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        assert launcher.stop_run(handle.run_id)
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
     handle.process.wait(timeout=300)
     assert launcher.finalize(handle) == "stopped", (handle.run_dir / "train.log").read_text()[-3000:]
     stopped_at = train_rows(handle.run_dir)[-1]["step"]
@@ -155,7 +170,7 @@ def test_stop_then_resume_carries_on_the_step_count_and_the_loss_curve(finished_
         assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-3, abs=1e-3), (r["step"], stopped_at)
 
 
-def test_mxfp4_run_trains_on_the_checkpoints_own_experts(tmp_path):
+def test_mxfp4_run_trains_on_the_checkpoints_own_experts(tmp_path, tiny_data):
     """quantization=mxfp4 without recomputation (the h200-20b preset's settings) through the real
     launcher on an MXFP4 checkpoint (the published GPT-OSS layout, tiny, the real tokenizer): the
     experts stay packed as read, the loss falls, and the saved adapter on stock transformers' model
@@ -171,7 +186,7 @@ def test_mxfp4_run_trains_on_the_checkpoints_own_experts(tmp_path):
     assert json.loads((twin / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
     env = dict(os.environ, GRADER_CHECKPOINTS=str(tmp_path / "checkpoints"), GRADER_DB=str(tmp_path / "studio.db"))
     cfg_file = tmp_path / "cfg.json"
-    save_config(small_config(name="mxfp4-test", model=str(twin), quantization="mxfp4", gradient_checkpointing=False,
+    save_config(small_config(tiny_data, name="mxfp4-test", model=str(twin), quantization="mxfp4", gradient_checkpointing=False,
                              max_steps=6, save_every_steps=6), cfg_file)
     proc = subprocess.run([sys.executable, "-m", "training", "run", "--config", str(cfg_file)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -268,13 +268,13 @@ def test_upload_train_restart_and_grade_flow(app):
         return check
 
     phase("restarted app reattached; stopping")
-    status, bar, _ = wait_for(settled("stopped"), TRAIN_TIMEOUT_S, "the run to stop")
+    status, bar, _ = wait_for(settled("stopped"), TRAIN_TIMEOUT_S, "the run to stop", poll_s=0.5)
     stopped_at = int(re.search(r'data-step="(\d+)"', bar).group(1))
     assert 1 <= stopped_at < FLOW_STEPS and "checkpoints:" in status, (status, bar)
     phase("stopped; resuming")
     message, _ = client.predict(run_id, api_name="/resume")
     assert "Resuming" in message, message
-    status, bar, fig = wait_for(settled("finished"), TRAIN_TIMEOUT_S, "the resumed run to finish")
+    status, bar, fig = wait_for(settled("finished"), TRAIN_TIMEOUT_S, "the resumed run to finish", poll_s=0.5)
     assert "checkpoints:" in status and "(final)" in status, status
     assert f'data-step="{FLOW_STEPS}"' in bar and "eval loss" in str(fig)
     phase("resumed run finished; grading")
