@@ -15,6 +15,7 @@ always valid.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 from contextlib import contextmanager
@@ -224,9 +225,7 @@ def packed_experts(folder: Path, device, card_bytes: int | None = None) -> str |
     (gpt-oss-120b's 117B parameters are 234 GB in bf16, ~65 GB packed); None where the model loads
     as transformers loads it (CPU, other models, or a dequantized model that fits the card).
     ``card_bytes``: the card's memory (default: the device's)."""
-    import json
-
-    import torch
+    import torch  # lazily, as everywhere here: OMP_WAIT_POLICY must be set before torch loads
 
     if card_bytes is None and getattr(device, "type", str(device)) != "cuda":
         return None
@@ -249,7 +248,7 @@ def load_packed_gpt_oss(folder: Path, device, dtype, experts: str):
     uses, and its grouped-GEMM experts), with the folder's generation settings."""
     from transformers import GenerationConfig
 
-    from training.quant_experts import load_gpt_oss
+    from training.quant_experts import load_gpt_oss  # imports torch and the fast path: only when packing
 
     model, _ = load_gpt_oss(folder, device=device, dtype=dtype, quantization=experts)
     if (Path(folder) / "generation_config.json").is_file():
