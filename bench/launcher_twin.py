@@ -33,20 +33,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
 
-    base = a.shape
+    base, vocab = a.shape, None
     if a.shape == "tiny-vocab":
-        base_cfg = mt.twin_config("tiny")
-        base_cfg["vocab_size"] = 201088  # the real tokenizer's ids must fit the embedding
-        orig = mt.twin_config
-        mt.twin_config = lambda shape: base_cfg  # noqa: E731 - one-off override of the shape table
-        base = "tiny"
+        base, vocab = "tiny", 201088  # the real tokenizer's ids must fit the embedding
     elif a.layers:
         n_layers, experts = mt.SHAPES[a.shape]
         mt.SHAPES[a.shape] = (a.layers, experts)
     t0 = time.perf_counter()
-    info = mt.write_twin(base, Path(a.out), device=a.device)
-    if a.shape == "tiny-vocab":
-        mt.twin_config = orig
+    info = mt.write_twin(base, Path(a.out), device=a.device, vocab_size=vocab)
     import shutil
 
     from data.tokenizer_offline import build_gpt_oss_tokenizer
