@@ -15,7 +15,6 @@ always valid.
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from contextlib import contextmanager
@@ -229,18 +228,17 @@ def packed_experts(folder: Path, device, card_bytes: int | None = None) -> str |
 
     if card_bytes is None and getattr(device, "type", str(device)) != "cuda":
         return None
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if config.get("model_type") != "gpt_oss" or (config.get("quantization_config") or {}).get("quant_method") != "mxfp4":
-        return None
     from training.config import RunConfig
     from training.model_info import inspect_model
 
-    n_params = (inspect_model(RunConfig(model=str(folder))) or {}).get("n_params", 0)
+    try:
+        info = inspect_model(RunConfig(model=str(folder))) or {}
+    except Exception:  # a model this inspection cannot build: transformers loads it, or says why
+        return None
+    if info.get("model_type") != "gpt_oss" or info.get("quantized_checkpoint") != "mxfp4":
+        return None
     card_bytes = card_bytes or torch.cuda.get_device_properties(device).total_memory
-    return "mxfp4" if 2 * n_params > DEQUANTIZED_SHARE * card_bytes else None
+    return "mxfp4" if 2 * info["n_params"] > DEQUANTIZED_SHARE * card_bytes else None
 
 
 def load_packed_gpt_oss(folder: Path, device, dtype, experts: str):

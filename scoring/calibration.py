@@ -169,18 +169,18 @@ def fit_anchor_blend(predicted: Sequence[float], neighbour: Sequence[float | Non
         r = point_metrics(*on_one_scale(h, pred, m)[:4])
         return (-1.0 if r["qwk"] is None else r["qwk"]), r["mae"]
 
-    qwk = {w: scored((1 - w) * p + w * nb)[0] for w in BLEND_WEIGHTS}
-    best = max(BLEND_WEIGHTS, key=lambda w: (qwk[w], -w))
+    by_weight = {w: scored((1 - w) * p + w * nb) for w in BLEND_WEIGHTS}
+    best = max(BLEND_WEIGHTS, key=lambda w: (by_weight[w][0], -w))
     blended = (1 - best) * p + best * nb
     center = float(np.mean(blended / m))
-    mae_blend = scored(blended)[1]
-    spread_qwk = {1.0: qwk[best]}
+    mae_blend = by_weight[best][1]
+    spread_qwk = {1.0: by_weight[best][0]}
     for s in SPREADS[1:]:
         q, mae = scored(_spread(blended, m, s, center))
         if mae <= mae_blend:
             spread_qwk[s] = q
     spread = max(spread_qwk, key=lambda s: (spread_qwk[s], -s))
-    return AnchorBlend(weight=best, n=len(rows), qwk_model=round(qwk[0.0], 4), qwk_blend=round(spread_qwk[spread], 4),
+    return AnchorBlend(weight=best, n=len(rows), qwk_model=round(by_weight[0.0][0], 4), qwk_blend=round(spread_qwk[spread], 4),
                        spread=spread, center=round(center, 4))
 
 

@@ -58,7 +58,8 @@ def test_experts_stay_packed_only_where_the_dequantized_model_would_not_fit_the_
         folder.mkdir(exist_ok=True)
         (folder / "config.json").write_text(json.dumps(twin_config(shape)))
         assert packed_experts(folder, "cuda", card_bytes=card_gib * gib) == want, (shape, card_gib)
-    config = json.loads((tmp_path / "120b" / "config.json").read_text())
+    config = twin_config("120b")
     del config["quantization_config"]  # a bf16 checkpoint: nothing to keep packed, transformers loads it
-    (tmp_path / "120b" / "config.json").write_text(json.dumps(config))
-    assert packed_experts(tmp_path / "120b", "cuda", card_bytes=141 * gib) is None
+    (tmp_path / "120b-bf16").mkdir()
+    (tmp_path / "120b-bf16" / "config.json").write_text(json.dumps(config))
+    assert packed_experts(tmp_path / "120b-bf16", "cuda", card_bytes=141 * gib) is None
