@@ -4,9 +4,11 @@ reports: the QWK of the accepted grades by share accepted, for each signal, per 
     python bench/selective_signals.py REPORT.json [REPORT.json ...] [--without-exact]
     python bench/selective_signals.py REPORT.json [REPORT.json ...] --fit-on OTHER.json [--fit-k 10] [--k 5]
 
-Signals: `confidence` (the product's: the distribution's spread times the agreement with the
-anchors' suggested score), `agree*sim` (that agreement times the similarity to the nearest anchor)
-and `confidence*sim`. Rows are every anchor draw's items. An answer identical to an anchor gets the
+Signals: `confidence` (what the report stored: before 2026-12-08 the distribution's spread times
+the agreement with the anchors' suggested score; since, ``scoring.distribution.item_confidence``'s
+agreement squared times the nearest anchor's similarity), `agree*sim` (the agreement times that
+similarity), `agree^2*sim`, `spread*agree` (the stored confidence before 2026-12-08, recomputed)
+and `agree*sim*spread^.5`; the mean over REPORTs closes each k. Rows are every anchor draw's items. An answer identical to an anchor gets the
 teacher's score at confidence 1; `--without-exact` leaves those out, to see the model's own grades.
 
 `--fit-on` checks the anchor blend offline, across runs: it fits ``scoring.calibration.fit_anchor_blend``
@@ -30,17 +32,21 @@ from scoring.selective import coverage_curve  # noqa: E402
 
 
 def signals(rows: list[dict]) -> dict[str, list[float]]:
-    conf, agree_sim, conf_sim = [], [], []
+    out: dict[str, list[float]] = {"confidence": [], "spread*agree": [], "agree*sim": [], "agree^2*sim": [],
+                                   "agree*sim*spread^.5": []}
     for r in rows:
         a = r.get("anchors") or {}
         exact = r.get("probs") is None and "exact" in a
         sim = 1.0 if exact else (a.get("nearest_similarity") or 0.0)
         n = a.get("neighbour_score")
         agree = 1.0 if exact else (1 - abs(r["model"] - n) / r["max_score"] if n is not None else 0.0)
-        conf.append(r["confidence"])
-        agree_sim.append(agree * sim)
-        conf_sim.append(r["confidence"] * sim)
-    return {"confidence": conf, "agree*sim": agree_sim, "confidence*sim": conf_sim}
+        spread = 1.0 if exact else r.get("spread", r["confidence"])
+        out["confidence"].append(r["confidence"])
+        out["spread*agree"].append(spread * agree)
+        out["agree*sim"].append(agree * sim)
+        out["agree^2*sim"].append(agree * agree * sim)
+        out["agree*sim*spread^.5"].append(agree * sim * spread ** 0.5)
+    return out
 
 
 def model_rows(report: dict, k: str) -> list[tuple[float, float | None, float, float, float]]:
@@ -80,6 +86,7 @@ def main() -> None:
     if args.fit_on:
         cross_fit(args.reports, args.fit_on, args.fit_k, args.k)
         return
+    curves: dict[tuple[int, str], list[list[float]]] = {}
     for path in args.reports:
         report = json.loads(Path(path).read_text())
         for k, study in sorted((report.get("anchors") or {}).get("by_k", {}).items(), key=lambda kv: int(kv[0])):
@@ -92,7 +99,12 @@ def main() -> None:
             human, pred, maxes = [r["human"] for r in rows], [r["model"] for r in rows], [r["max_score"] for r in rows]
             for name, conf in signals(rows).items():
                 curve = coverage_curve(human, pred, conf, maxes)
-                print(f"  {name:15s} " + " ".join(f"{c['qwk']:.2f}" if c["qwk"] is not None else " n/a" for c in curve))
+                print(f"  {name:19s} " + " ".join(f"{c['qwk']:.2f}" if c["qwk"] is not None else " n/a" for c in curve))
+                curves.setdefault((int(k), name), []).append([c["qwk"] or 0.0 for c in curve])
+    for (k, name), got in sorted(curves.items()):
+        if len(got) > 1:
+            mean = [sum(col) / len(col) for col in zip(*got)]
+            print(f"mean of {len(got)}, k = {k}: {name:19s} " + " ".join(f"{x:.3f}" for x in mean))
 
 
 if __name__ == "__main__":

@@ -554,6 +554,7 @@ class ScoreExample:
     truncated: bool = False
     n_anchors: int = 0  # teacher-graded answers of the question in the prompt (data.anchors)
     neighbour_score: float | None = None  # the score those anchors suggest (data.anchors.neighbour_score)
+    nearest_similarity: float | None = None  # the most similar anchor's similarity (0..1)
     question: str | None = None  # which question it is (data.anchors.question_key), for held-out checks
 
 
@@ -660,6 +661,7 @@ def build_score_examples(
     keys = [question_key(item.question, sub.item_max_scores()[k]) for sub, k, item in flat]
     shown: list[list[tuple[str, float]]] = [[] for _ in flat]
     suggested: list[float | None] = [None] * len(flat)
+    nearest: list[float | None] = [None] * len(flat)
     if anchors > 0:
         groups: dict[str, list[int]] = {}
         for n, (_, _, item) in enumerate(flat):
@@ -670,6 +672,7 @@ def build_score_examples(
             for n, pairs in zip(members, chosen):
                 shown[n] = [(flat[members[j]][2].answer, flat[members[j]][2].score) for j, _ in pairs]
                 suggested[n] = neighbour_score([score for _, score in shown[n]], [sim for _, sim in pairs])
+                nearest[n] = max((sim for _, sim in pairs), default=None)
     examples: list[ScoreExample] = []
     n_cut = n_dropped = 0
     rubrics: dict[int, Rubric] = {}
@@ -688,6 +691,7 @@ def build_score_examples(
         ex.target = soft_score_target(graders, ex.max_score)
         ex.human_score = float(item.score)
         ex.neighbour_score = suggested[n]
+        ex.nearest_similarity = nearest[n]
         ex.question = keys[n]
         examples.append(ex)
         n_cut += ex.truncated

@@ -235,9 +235,10 @@ def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], pro
             score, c = q.choice.exact.score, 1.0
         else:
             score = expected_score(p) if p is not None else written[(i, k)]
-            c = item_confidence(p, q.choice.neighbour_score) if p is not None else None
             if blend is not None and p is not None:
                 score = blend.apply(score, q.choice.neighbour_score, max_score)
+            c = (item_confidence(p, q.choice.neighbour_score, q.choice.nearest_similarity, grade=score)
+                 if p is not None else None)
         raw.append(round(score, 3))
         if cal is not None and p is not None:
             score = cal.apply(score, max_score)

@@ -35,16 +35,22 @@ def confidence(probs: Sequence[float]) -> float:
     return round(max(0.0, 1.0 - math.sqrt(var) / (n / 2)), 4)
 
 
-def item_confidence(probs: Sequence[float], neighbour: float | None = None) -> float:
-    """How sure an item grade is: :func:`confidence` of its distribution and, where teacher anchors
-    of the question were compared (``neighbour``: the score the nearest suggest,
-    ``data.anchors.neighbour_score``), how close its expected score lies to that, 1 - |E - n| / max.
-    A grade the model is sure of but the teacher's similar answers contradict is not sure."""
-    conf = confidence(probs)
+def item_confidence(probs: Sequence[float], neighbour: float | None = None, similarity: float | None = None,
+                    grade: float | None = None) -> float:
+    """How sure an item grade is. Without teacher anchors: :func:`confidence` of its distribution.
+    Where anchors of the question were compared (``neighbour``: the score the nearest suggest,
+    ``data.anchors.neighbour_score``; ``similarity``: the nearest anchor's, 0..1): how close the
+    grade (``grade``, default the expected score) lies to that score, 1 - |g - n| / max, squared,
+    times the similarity. A grade the teacher's similar answers contradict is not sure, nor one
+    for an answer unlike any the teacher graded, however peaked the distribution: on new
+    questions this ranks wrong grades below right ones better than the distribution's spread
+    (BENCHMARKS.md, "Which grades to check")."""
     n = len(probs) - 1
     if neighbour is None or n <= 0:
-        return conf
-    return round(conf * max(0.0, 1.0 - abs(expected_score(probs) - neighbour) / n), 4)
+        return confidence(probs)
+    g = expected_score(probs) if grade is None else grade
+    agree = max(0.0, 1.0 - abs(g - neighbour) / n)
+    return round(agree * agree * (1.0 if similarity is None else max(0.0, min(1.0, similarity))), 4)
 
 
 def needs_review(conf: float | None, threshold: float = REVIEW_THRESHOLD) -> bool:

@@ -1,6 +1,8 @@
 """Choices that generalise (issue #26): the coverage curve of a known predictor, a review threshold
 chosen on validation meets its target there, a calibration is marked helpful only where it helps on
-held-out halves, anchored grades are spread back out only where that helps, and validation holds out whole questions from several assignments."""
+held-out halves, anchored grades are spread back out only where that helps, the confidence of
+an anchored grade follows the teacher's similar answers, and validation holds out whole questions
+from several assignments."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from data.rubric import GradedSubmission
 from data.split import choose_split, split_questions, split_submissions
 from scoring.calibration import AnchorBlend, fit_anchor_blend, fit_checked_calibration, load_anchor_blend
+from scoring.distribution import confidence, item_confidence
 from scoring.metrics import point_metrics
 from scoring.selective import choose_threshold, coverage_curve
 
@@ -32,6 +35,19 @@ def test_the_coverage_curve_accepts_the_surest_grades_first() -> None:
         assert pt["qwk"] == 1.0 and pt["mae"] == 0.0 and pt["threshold"] >= 0.9
     assert curve[-1]["qwk"] == pytest.approx(point_metrics(human, pred, 5, 1)["qwk"], abs=1e-3)
     assert curve[6]["qwk"] < curve[4]["qwk"]  # past half, the random grades come in
+
+
+def test_an_anchored_grade_is_as_sure_as_the_teachers_similar_answers_make_it() -> None:
+    peaked = [0.0, 0.0, 0.0, 0.02, 0.96, 0.02]  # the model is sure: 4 of 5
+    flat = [0.0, 0.1, 0.2, 0.4, 0.2, 0.1]  # the model hesitates around 3
+    assert item_confidence(peaked) == confidence(peaked) > item_confidence(flat)  # no anchors: the spread
+    # similar answers the teacher gave 1 contradict the sure 4; ones given 3 support the hesitant 3
+    assert item_confidence(peaked, neighbour=1.0, similarity=0.9) < 0.3 < item_confidence(flat, neighbour=3.0, similarity=0.9)
+    # the same agreement means less for an answer unlike any the teacher graded
+    near, far = (item_confidence(flat, neighbour=3.0, similarity=s) for s in (0.9, 0.2))
+    assert far < near and near == pytest.approx(0.9 * (1 - abs(sum(v * p for v, p in enumerate(flat)) - 3.0) / 5) ** 2, abs=1e-4)
+    # the grade as given (anchor blend and spread applied) is what is compared
+    assert item_confidence(flat, neighbour=3.0, similarity=0.9, grade=3.0) == pytest.approx(0.9)
 
 
 def test_the_threshold_chosen_on_validation_meets_its_target_there() -> None:

@@ -551,12 +551,13 @@ class Trainer:
         pred = [expected_score(p) for _, p in preds]
         human = [e.human_score for e in ex]
         maxes = [e.max_score for e in ex]
-        conf = [item_confidence(p, e.neighbour_score) for (_, p), e in zip(preds, ex)]
         m = scaled_metrics(human, pred, maxes, n_boot=0)
         neighbours = [e.neighbour_score for e in ex]
         blend = fit_anchor_blend(pred, neighbours, human, maxes)
-        # the threshold is chosen on the grades as grading gives them: with the anchor blend applied
+        # the threshold is chosen on the grades and confidences as grading gives them: blend applied
         graded = pred if blend is None else [blend.apply(p, nb, mx) for p, nb, mx in zip(pred, neighbours, maxes)]
+        conf = [item_confidence(p, e.neighbour_score, e.nearest_similarity, grade=g)
+                for (_, p), e, g in zip(preds, ex, graded)]
         review = choose_threshold(human, graded, conf, maxes, self.cfg.review_target_qwk)
         calibration = fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed, groups=[e.question for e in ex])
         self.fitted[step] = {"calibration": calibration,
