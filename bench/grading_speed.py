@@ -150,7 +150,11 @@ def set_variant(engine: GraderEngine, variant: str) -> None:
     """Put the GPT-OSS-shaped model in ``variant``'s state (see --variants)."""
     from training import fast_path
 
+    from inference.attention import SINKS_SDPA, register
+
     attn, *extras = variant.split("+")
+    if attn == SINKS_SDPA:
+        register()
     engine.model.set_attn_implementation(attn)
     if "project" in extras:
         fast_path.install_moe_forward(engine.model)
@@ -289,7 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
     ap.add_argument("--variants", default="eager",
                     help="GPT-OSS-shaped run: forward-pass variants measured in turn, comma-separated, each an "
-                         "attention implementation (eager, flex_attention) with +project (the training fast path's "
+                         "attention implementation (eager, flex_attention, fused_sinks: inference.attention) with +project (the training fast path's "
                          "grouped-GEMM experts) and/or +compile (torch.compile per layer), e.g. "
                          "eager,flex_attention+project; each row says how far its distributions lie from the first's")
     ap.add_argument("--profile", action="store_true",
