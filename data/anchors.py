@@ -30,6 +30,13 @@ ANCHOR_CHARS = 400
 NEIGHBOUR_POWER = 3
 
 
+def tfidf():
+    """The answers' vectorizer: TF-IDF over character 3-5-grams within words."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)
+
+
 def neighbour_score(scores: Sequence[float], similarity: Sequence[float]) -> float | None:
     """The anchors' scores weighted by similarity ** NEIGHBOUR_POWER: what the nearest graded
     answers suggest this answer earns (None without anchors)."""
@@ -129,10 +136,8 @@ class AnchorBank:
         if key not in self._by_question:
             return None
         if key not in self._index:
-            from sklearn.feature_extraction.text import TfidfVectorizer
-
             anchors = list(self._by_question[key].values())
-            vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)
+            vec = tfidf()
             matrix = vec.fit_transform([a.answer for a in anchors])
             self._index[key] = _Index(anchors, vec, matrix, {answer_key(a.answer): a for a in anchors})
         return self._index[key]
@@ -171,10 +176,7 @@ def pick_to_grade_first(answers: Sequence[str], k: int, graded: Sequence[int] = 
         return []
     if len(todo) <= k:
         return todo
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    m = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True).fit_transform(
-        [answers[j] for j in live])
+    m = tfidf().fit_transform([answers[j] for j in live])
     sims = (m @ m.T).toarray()
     pos = {j: n for n, j in enumerate(live)}
     taken = [pos[j] for j in graded if j in pos]
@@ -213,6 +215,33 @@ def bank_from(rows: Iterable[tuple[str, float, str, float, str]]) -> AnchorBank:
 NO_ANCHOR_SHARE = 0.25
 
 
+def _counts(answers: Sequence[str]) -> np.ndarray:
+    """The answers' n-gram counts under :func:`tfidf`'s analyzer, sublinear (1 + log tf), dense
+    (one question's answers: tens of rows)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    params = tfidf().get_params()
+    m = CountVectorizer(analyzer=params["analyzer"], ngram_range=params["ngram_range"]).fit_transform(answers)
+    m = m.toarray().astype(float)
+    seen = m > 0
+    m[seen] = 1.0 + np.log(m[seen])
+    return m
+
+
+def _pool_similarities(tf: np.ndarray, query: int, pool: Sequence[int]) -> np.ndarray:
+    """Similarity of answer ``query`` to each answer of ``pool`` as :func:`tfidf` fitted on the
+    pool measures it (its vocabulary and smoothed idf), from the question's counts ``tf``."""
+    rows = tf[list(pool)]
+    df = (rows > 0).sum(axis=0)
+    idf = np.where(df > 0, np.log((1 + len(pool)) / (1 + df)) + 1.0, 0.0)
+    a = rows * idf
+    q = tf[query] * idf
+    a_norm, q_norm = np.linalg.norm(a, axis=1), np.linalg.norm(q)
+    if q_norm == 0:
+        return np.zeros(len(pool))
+    return (a @ q) / (np.where(a_norm > 0, a_norm, 1.0) * q_norm)
+
+
 def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[list[tuple[int, float]]]]:
     """For each answer of each question (``groups``: the answers of one question), the other
     answers of that question its training prompt shows as anchors, least similar first, as
@@ -220,9 +249,8 @@ def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[li
 
     Like grading: a teacher has graded some answers of the question (a pool of 1 to 2k others,
     drawn at random; none for NO_ANCHOR_SHARE of the prompts) and the prompt shows the k most
-    similar of them. Deterministic for a seed."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
+    similar of them, the similarity measured as :meth:`AnchorBank.choose` measures it (the
+    vectorizer fitted on the graded answers). Deterministic for a seed."""
     rng = random.Random(seed)
     out: list[list[list[tuple[int, float]]]] = []
     for answers in groups:
@@ -230,8 +258,10 @@ def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[li
         if n < 2 or k <= 0:
             out.append([[] for _ in answers])
             continue
-        m = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True).fit_transform(answers)
-        sims = (m @ m.T).toarray()
+        try:
+            tf = _counts(answers)
+        except ValueError:  # not a single character n-gram in any answer (answers like "-")
+            tf = None
         picks: list[list[tuple[int, float]]] = []
         for i in range(n):
             if rng.random() < NO_ANCHOR_SHARE:
@@ -239,7 +269,8 @@ def training_anchors(groups: list[list[str]], k: int, seed: int) -> list[list[li
                 continue
             others = [j for j in range(n) if j != i]
             pool = rng.sample(others, min(len(others), rng.randint(1, 2 * k)))
-            top = sorted(pool, key=lambda j: -sims[i, j])[:k]
-            picks.append([(j, round(float(sims[i, j]), 4)) for j in sorted(top, key=lambda j: sims[i, j])])
+            sims = _pool_similarities(tf, i, pool) if tf is not None else np.zeros(len(pool))
+            top = sorted(np.argsort(-sims, kind="stable")[:k].tolist(), key=lambda c: (sims[c], -c))
+            picks.append([(pool[c], round(float(sims[c]), 4)) for c in top])
         out.append(picks)
     return out

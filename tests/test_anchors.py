@@ -152,6 +152,27 @@ def test_training_prompts_show_other_answers_of_the_same_question(gpt_oss_tokeni
     assert all(n not in [j for j, _ in p] for n, p in enumerate(picks))
 
 
+def test_training_prompts_measure_similarity_as_grading_does() -> None:
+    # the validation pass chooses the review threshold and the anchor blend on these similarities,
+    # so they must be the ones grading computes from the same graded answers
+    from data.anchors import _counts, _pool_similarities
+
+    answers = STACK_ANSWERS + ["Last in, first out: push and pop.", "A LIFO list of plates.", "-"]
+    tf = _counts(answers)
+    rng = random.Random(0)
+    for _ in range(30):
+        i = rng.randrange(len(answers))
+        pool = rng.sample([j for j in range(len(answers)) if j != i], rng.randint(1, len(answers) - 1))
+        bank = _bank([(answers[j], 1.0) for j in pool])
+        choice = bank.choose("What is a stack?", 5, answers[i], k=len(pool))
+        if choice.exact is not None:
+            continue
+        want = {a.answer: s for a, s in zip(choice.anchors, choice.similarity)}
+        got = _pool_similarities(tf, i, pool)
+        assert [round(float(got[c]), 4) for c in range(len(pool))] == pytest.approx(
+            [want[answers[j]] for j in pool], abs=1e-4)
+
+
 def test_evaluate_with_anchors_scores_only_the_other_answers_and_says_which_were_anchors(
         tiny_gpt_oss_dir: Path, item_adapters: tuple[Path, Path], tmp_path: Path) -> None:
     import subprocess
