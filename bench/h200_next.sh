@@ -8,6 +8,7 @@
 #   bash bench/h200_next.sh launcher20 # carry .whl/e: the h200-20b preset through the launcher, 24-layer twin
 #   bash bench/h200_next.sh train20mx # carry .whl/c: 20b with MXFP4 experts (the checkpoint's format), less recompute
 #   bash bench/h200_next.sh launcher120 # carry .whl/f: the h200-120b preset through the launcher, reduced 120b twin (TWIN_LAYERS, default 6)
+#   bash bench/h200_next.sh items     # carry .whl/e: item grading (#29): the GPU grading test, then the 20b shape's variants, profiled
 # Wheels (made by bench/device_wheels.sh; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
@@ -20,7 +21,7 @@
 # /root/stash (kept while the machine is warm) and installed again each call.
 set -u -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-case "${1:-}" in grading|tests|train20|train120|launcher20|train20mx|launcher120) ;; *) echo "usage: $0 grading|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;; esac
+case "${1:-}" in grading|items|tests|train20|train120|launcher20|train20mx|launcher120) ;; *) echo "usage: $0 grading|items|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stash
 for d in .whl/a .whl/b .whl/c .whl/d .whl/e .whl/f; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
 python3 -m pip install -q --no-deps --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -v -i warning | tail -3
@@ -49,6 +50,17 @@ grading)
   python3 -c "import pstats; s=pstats.Stats('$OUT/grading_20b.prof'); s.sort_stats('tottime').print_stats(25); s.sort_stats('cumtime').print_stats(40)" \
     > "$OUT/grading_20b_profile.txt" 2>&1; head -c 5000 "$OUT/grading_20b_profile.txt" | tail -c 3500
   echo "## $(date -u +%T) grading done"
+  ;;
+items)
+  # #29: batched + shared-prefix item grades equal the unbatched, unshared reference on the GPU
+  # (eager and fused sink attention, fp32), then the 20b shape's forward-pass variants
+  # (ITEM_VARIANTS) at ITEM_BATCHES, profiled (the last variant's table).
+  timeout ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_grading.py 2>&1 | tail -4
+  echo "## $(date -u +%T) grading test done"
+  timeout ${ITEM_S:-300} python3 bench/grading_speed.py --gpt-oss-20b-shaped --skip-model --unit item --n 256 \
+    --batch-sizes ${ITEM_BATCHES:-256,512} --variants ${ITEM_VARIANTS:-eager,fused_sinks} --profile --out "$OUT" \
+    2>&1 | tee "$OUT/items.log" | grep -E '^\{|Error' | cut -c1-150,250-560
+  echo "## $(date -u +%T) items done"
   ;;
 train20)
   # 20b bf16 toward 24k tokens/s at <= 44 GiB (attention) and 18k (attention + experts), same-run
