@@ -147,16 +147,16 @@ def measure(engine: GraderEngine, items, unit: str, batch_sizes, max_new_tokens:
 
 
 def set_variant(engine: GraderEngine, variant: str) -> None:
-    """Put the GPT-OSS-shaped model in ``variant``'s state (see --variants)."""
-    from training import fast_path
-
+    """Put the GPT-OSS-shaped model in ``variant``'s state (see --variants). Packed experts always
+    take the fast path's expert forward (they have no other)."""
     from inference.attention import SINKS_SDPA, register
+    from training import fast_path, packed
 
     attn, *extras = variant.split("+")
     if attn == SINKS_SDPA:
         register()
     engine.model.set_attn_implementation(attn)
-    if "project" in extras:
+    if "project" in extras or packed.is_quantized(engine.model):
         fast_path.install_moe_forward(engine.model)
     else:
         fast_path.uninstall_moe_forward(engine.model)
@@ -230,6 +230,27 @@ def gpt_oss_20b_shaped(device: str):
     return GraderEngine("gpt-oss-20b-shaped (random bf16 weights)", model=model, tokenizer=tok)
 
 
+def packed_twin(folder: str, device: str):
+    """A GPT-OSS checkpoint folder (e.g. a reduced-layer 120b twin from bench/launcher_twin.py)
+    with its MXFP4 experts kept packed, loaded as the engine loads a 120b that would not fit the
+    card dequantized (``inference.engine.load_packed_gpt_oss``), eager attention."""
+    from transformers import AutoTokenizer
+
+    from inference.engine import load_packed_gpt_oss
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model = load_packed_gpt_oss(Path(folder), dev, dtype, "mxfp4")
+    model.set_attn_implementation("eager")
+    layers = model.config.num_hidden_layers
+    print(json.dumps({"packed_twin": folder, "layers": layers, "load_s": round(time.perf_counter() - t0, 1),
+                      "gpu_mem_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if dev.type == "cuda" else None}),
+          flush=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    return GraderEngine(f"packed twin, {layers} layers ({Path(folder).name})", model=model, tokenizer=tok)
+
+
 def encode_only(n: int, repeats: int = 3) -> dict:
     """The item path's encode step alone (``inference.item_grading._encode_questions``: split the
     sections, render each question's prompt in the harmony format, tokenize) for ``n`` sample
@@ -290,6 +311,9 @@ def main(argv=None) -> int:
                     help="submission unit: free, constrained, or both (free,constrained; what --constrained "
                          "means); constrained alone skips the baseline row when it is already recorded")
     ap.add_argument("--gpt-oss-20b-shaped", action="store_true")
+    ap.add_argument("--packed-twin", metavar="FOLDER",
+                    help="also a GPT-OSS checkpoint with its MXFP4 experts kept packed (the 120b's grading path), "
+                         "e.g. a reduced-layer 120b twin: python bench/launcher_twin.py --shape 120b --layers 12 --out FOLDER")
     ap.add_argument("--skip-model", action="store_true", help="only the GPT-OSS-shaped run")
     ap.add_argument("--variants", default="eager",
                     help="GPT-OSS-shaped run: forward-pass variants measured in turn, comma-separated, each an "
@@ -319,10 +343,13 @@ def main(argv=None) -> int:
         engines.append(lambda: GraderEngine(args.model, device=args.device))
     if args.gpt_oss_20b_shaped:
         engines.append(lambda: gpt_oss_20b_shaped(args.device or "cuda"))
+    if args.packed_twin:
+        engines.append(lambda: packed_twin(args.packed_twin, args.device or "cuda"))
     rows: list[dict] = []
     for make in engines:
         engine = make()
-        variants = [v.strip() for v in args.variants.split(",")] if "shaped" in engine.base_model else [None]
+        variants = ([v.strip() for v in args.variants.split(",")] if engine.base_model.startswith(("gpt-oss-20b-shaped", "packed twin"))
+                    else [None])
         with torch.inference_mode():
             for unit in units:
                 if unit == "item":

@@ -9,6 +9,7 @@
 #   bash bench/h200_next.sh train20mx # carry .whl/c: 20b with MXFP4 experts (the checkpoint's format), less recompute
 #   bash bench/h200_next.sh launcher120 # carry .whl/f: the h200-120b preset through the launcher, reduced 120b twin (TWIN_LAYERS, default 6)
 #   bash bench/h200_next.sh items     # carry .whl/e: item grading (#29): the GPU grading test, then the 20b shape's variants, profiled
+#   bash bench/h200_next.sh items120  # carry .whl/e: item grading with a reduced-layer 120b twin, experts packed (TWIN_LAYERS, default 12)
 # Wheels (made by bench/device_wheels.sh; a call carries 64 MiB at most): .whl/a = transformers 5.24,
 # pydantic (+core, annotated-types, typing-inspection), sqlite-utils (+sqlite-fts4,
 # click-default-group), openai-harmony, quicktok-v1, xgrammar, apache-tvm-ffi; .whl/b =
@@ -21,7 +22,7 @@
 # /root/stash (kept while the machine is warm) and installed again each call.
 set -u -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-case "${1:-}" in grading|items|tests|train20|train120|launcher20|train20mx|launcher120) ;; *) echo "usage: $0 grading|items|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;; esac
+case "${1:-}" in grading|items|items120|tests|train20|train120|launcher20|train20mx|launcher120) ;; *) echo "usage: $0 grading|items|items120|tests|train20|train120|launcher20|train20mx|launcher120"; exit 2;; esac
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/stash
 for d in .whl/a .whl/b .whl/c .whl/d .whl/e .whl/f; do [ -d "$d" ] && cp "$d"/*.whl /root/stash/; done
 python3 -m pip install -q --no-deps --target /tmp/site --upgrade /root/stash/*.whl 2>&1 | grep -v -i warning | tail -3
@@ -61,6 +62,18 @@ items)
     --batch-sizes ${ITEM_BATCHES:-256,512} --variants ${ITEM_VARIANTS:-eager,fused_sinks} --profile --out "$OUT" \
     2>&1 | tee "$OUT/items.log" | grep -E '^\{|Error' | cut -c1-150,250-560
   echo "## $(date -u +%T) items done"
+  ;;
+items120)
+  # #29: the 120b's grading path (MXFP4 experts kept packed, as the engine loads a 120b on one card)
+  # on a TWIN_LAYERS-layer 120b-layout twin (the device disk cannot hold all 36); model time scales
+  # with the layers, so items/min at 36 layers ~ questions / (encode + model x 36 / TWIN_LAYERS).
+  timeout ${TWIN_S:-150} python3 bench/launcher_twin.py --shape 120b --layers ${TWIN_LAYERS:-12} --out /root/twin120 2>&1 | tail -1
+  echo "## $(date -u +%T) twin"
+  timeout ${ITEM_S:-300} python3 bench/grading_speed.py --packed-twin /root/twin120 --skip-model --unit item --n 256 \
+    --batch-sizes ${ITEM_BATCHES:-256,512} --variants ${ITEM_VARIANTS:-eager,fused_sinks} --out "$OUT" \
+    2>&1 | tee "$OUT/items120.log" | grep -E '^\{|Error' | cut -c1-150,250-560
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader
+  echo "## $(date -u +%T) items120 done"
   ;;
 train20)
   # 20b bf16 toward 24k tokens/s at <= 44 GiB (attention) and 18k (attention + experts), same-run
