@@ -21,7 +21,6 @@ import pandas as pd
 from app import jobs
 from app.common import Settings, checked_adapter, model_choices, rubric_choices, safe_display_name
 from inference.repair import repair_messages
-from scoring.distribution import REVIEW_THRESHOLD
 
 # What a teacher acts on first (the score, whether to check it) before the long texts; a width for
 # every column, so none is pushed out of the half-page table.
@@ -127,8 +126,9 @@ def review_count(result) -> str:
     if not result.confidence:
         return ""
     n, of = sum(result.needs_review), len(result.needs_review)
-    threshold = REVIEW_THRESHOLD if result.review_threshold is None else result.review_threshold
-    return (f"**{n} of {of} questions need review** (confidence below {threshold:.2g}: check them in the "
+    limits = sorted(set(result.question_thresholds()))
+    below = " or ".join(f"{t:.2g}" for t in limits)
+    return (f"**{n} of {of} questions need review** (confidence below {below}: check them in the "
             "Review tab)" if n else f"no question needs review (all {of} confident)")
 
 

@@ -171,15 +171,23 @@ def selective_view(run_id: str | None) -> tuple[str, go.Figure]:
         return "", empty_figure(title, "pick a run with a complete checkpoint")
     review, cal, blend = load_review(adapter), load_calibration(adapter), load_anchor_blend(adapter)
     lines = [f"**{RunFolder.of(run_id).path.name}/{adapter.name}**"]
+    anchored = (review or {}).get("anchored")
+    plain = "without teacher anchors: " if anchored else ""
     if review and review.get("met"):
-        lines.append(f"needs review below confidence {review['threshold']:.2f}: on the validation data that "
+        lines.append(f"{plain}needs review below confidence {review['threshold']:.2f}: on the validation data that "
                      f"accepts {review['coverage']:.0%} of grades at QWK {review['qwk']:.2f} "
                      f"(target {review['target_qwk']:g})")
     elif review:
-        lines.append(f"no confidence threshold reached QWK {review['target_qwk']:g} on the validation data: "
+        lines.append(f"{plain}no confidence threshold reached QWK {review['target_qwk']:g} on the validation data: "
                      "every grade needs review (lower review_target_qwk, or train on more data)")
     else:
         lines.append("no review threshold (item-level runs with validation data choose one); the fixed 0.5 applies")
+    if anchored:
+        lines.append(f"graded with teacher anchors: needs review below confidence {anchored['threshold']:.2f}, "
+                     f"on the validation items with anchors {anchored['coverage']:.0%} accepted at QWK "
+                     f"{anchored['qwk']:.2f}" if anchored.get("met") else
+                     "graded with teacher anchors: no confidence threshold reached the target on the validation "
+                     "items with anchors: every such grade needs review")
     if cal is not None and cal.helps is not None:
         lines.append(f"calibration {'applied' if cal.helps else 'off'}: on held-out validation it "
                      f"{'raised' if cal.helps else 'did not raise'} QWK ({cal.qwk_raw} -> {cal.qwk_calibrated})")
@@ -188,7 +196,8 @@ def selective_view(run_id: str | None) -> tuple[str, go.Figure]:
         lines.append(f"teacher anchors: the grade takes {blend.weight:.0%} from the closest anchors' scores{spread} "
                      f"(validation QWK {blend.qwk_model} -> {blend.qwk_blend})")
     fig = go.Figure()
-    curves = {"validation": (review or {}).get("curve") or []}
+    curves = {"validation": (review or {}).get("curve") or [],
+              "validation, with anchors": (anchored or {}).get("curve") or []}
     curves.update({f"test, {k} anchors/question": c for k, c in _evaluation_curves(str(adapter.resolve())).items()})
     for name, curve in curves.items():
         if curve:

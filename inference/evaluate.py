@@ -415,8 +415,12 @@ def _selective(engine, d: EvalData, val: EvalData | None, adapter, lead: str | N
                                       _signal_values(vrows, SIGNALS[0]), [r["max_score"] for r in vrows], target_qwk)
             chosen["source"] = f"validation data ({len(vrows)} items)"
         elif load_review(lead) is not None:
-            chosen = {**load_review(lead), "source": "the adapter's review.json (its validation data)"}
-            chosen.pop("curve", None)
+            review = load_review(lead)
+            with_anchors = bool(k) and isinstance(review.get("anchored"), dict)  # its own threshold
+            part = review["anchored"] if with_anchors else review
+            chosen = {**{key: v for key, v in part.items() if key not in ("curve", "anchored")},
+                      "source": "the adapter's review.json (its validation data"
+                                + (", items with anchors)" if with_anchors else ")")}
         if chosen is not None:
             accepted = [n for n, r in enumerate(rows) if r["confidence"] is not None
                         and r["confidence"] >= chosen["threshold"]]

@@ -24,7 +24,7 @@ from inference.adapters import Adapter, adapter_run_config
 from scoring.calibration import load_anchor_blend, load_calibration
 from inference.results import GradeResult
 from scoring.distribution import REVIEW_THRESHOLD, expected_score, item_confidence
-from scoring.selective import load_review
+from scoring.selective import load_review, review_thresholds
 
 # Anchors compared with an answer even where its prompt shows fewer (or none): the neighbour
 # score and the nearest similarity that confidence and reports use.
@@ -73,7 +73,8 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
     cal = load_calibration(keys[0]) if calibrate is not False and len(keys) == 1 else None
     if cal is not None and calibrate is None and not cal.helps:
         cal = None
-    threshold = (load_review(keys[0]) or {}).get("threshold", REVIEW_THRESHOLD)
+    threshold, anchored_threshold = review_thresholds(load_review(keys[0]))
+    threshold = REVIEW_THRESHOLD if threshold is None else threshold
     blend = load_anchor_blend(keys[0]) if shown else None
     # Encode every question first (cheap next to the model): the shared prefixes are found
     # over the whole call, so one computed prefix serves all the batches of its rubric.
@@ -97,7 +98,7 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
         for i in chunk:
             results[i] = _item_result(engine, items[i][2], i, questions[i], probs, written, cal, keys,
                                       {"encode_s": round(encode_s[i], 4), "model_s": round(model_share, 4)},
-                                      threshold, blend)
+                                      (threshold, anchored_threshold), blend)
             done.append((i, results[i]))
         if on_batch:
             on_batch(done)
@@ -224,9 +225,10 @@ def _written_scores(engine, chunk: list[int], questions: list[list[_Question]],
 
 
 def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], probs: dict, written: dict,
-                 cal, adapters: list[str | None], timings: dict[str, float], review_threshold: float,
-                 blend) -> GradeResult:
-    """One submission's grade from its questions' distributions (or anchors, or written numbers)."""
+                 cal, adapters: list[str | None], timings: dict[str, float],
+                 thresholds: tuple[float, float | None], blend) -> GradeResult:
+    """One submission's grade from its questions' distributions (or anchors, or written numbers);
+    ``thresholds``: the review thresholds for grades without and with anchors."""
     items, probs_out, conf, raw, used = [], [], [], [], []
     for k, q in enumerate(questions):
         p = probs.get((i, k))
@@ -255,7 +257,7 @@ def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], pro
         score_probs=probs_out, unit="item", confidence=conf, raw_scores=raw, calibrated=cal is not None,
         timings=timings, anchors=used if any(used) else None,
         ensemble=[a for a in adapters if a is not None] if len(adapters) > 1 else None,
-        review_threshold=review_threshold)
+        review_threshold=thresholds[0], anchored_review_threshold=thresholds[1])
 
 
 def _anchors_used(q: _Question) -> dict | None:

@@ -42,16 +42,27 @@ class GradeResult:
     # the adapters whose score distributions were averaged (an ensemble), else None
     ensemble: list[str] | None = None
     # a question below this confidence needs review: the adapter's, chosen on its validation data
-    # for the agreement asked (scoring.selective), else scoring.distribution.REVIEW_THRESHOLD
+    # for the agreement asked (scoring.selective), else scoring.distribution.REVIEW_THRESHOLD;
+    # questions graded with teacher anchors use the adapter's threshold for those, where it has one
     review_threshold: float | None = None
+    anchored_review_threshold: float | None = None
+
+    def question_thresholds(self) -> list[float]:
+        """Per question, the confidence below which its grade needs review."""
+        from scoring.distribution import REVIEW_THRESHOLD
+
+        plain = REVIEW_THRESHOLD if self.review_threshold is None else self.review_threshold
+        anchored = self.anchored_review_threshold
+        return [anchored if anchored is not None and self.anchors and self.anchors[i] is not None else plain
+                for i in range(len(self.grade.items))]
 
     @property
     def needs_review(self) -> list[bool]:
-        """Per question: the model was unsure (confidence below the review threshold)."""
-        from scoring.distribution import REVIEW_THRESHOLD, needs_review
+        """Per question: the model was unsure (confidence below its review threshold)."""
+        from scoring.distribution import needs_review
 
-        threshold = REVIEW_THRESHOLD if self.review_threshold is None else self.review_threshold
-        return [needs_review(c, threshold) for c in (self.confidence or [None] * len(self.grade.items))]
+        return [needs_review(c, t) for c, t in zip(self.confidence or [None] * len(self.grade.items),
+                                                    self.question_thresholds())]
 
     def to_dict(self) -> dict:
         return {
@@ -76,6 +87,7 @@ class GradeResult:
             "anchors": self.anchors,
             "ensemble": self.ensemble,
             "review_threshold": self.review_threshold,
+            "anchored_review_threshold": self.anchored_review_threshold,
         }
 
 

@@ -5,7 +5,9 @@ of them (the *coverage*) should keep the accepted part in close agreement with t
 coverage curve shows that trade; the review threshold is the confidence below which a grade
 "needs review", chosen on validation data for the agreement (QWK) the user asks for and stored
 with the adapter (``review.json``). Without one, a fixed threshold applies
-(``scoring.distribution.REVIEW_THRESHOLD``).
+(``scoring.distribution.REVIEW_THRESHOLD``). Grades compared with teacher anchors have a confidence
+of their own kind (``scoring.distribution.item_confidence``), so they get a threshold of their own,
+chosen on the validation items whose prompts showed anchors (``review.json``'s ``anchored``).
 """
 from __future__ import annotations
 
@@ -76,10 +78,25 @@ def choose_threshold(human: Sequence[float], pred: Sequence[float], conf: Sequen
     return {**best, "n": int(len(order)), "target_qwk": target_qwk}
 
 
-def save_review(folder: str | Path, choice: dict, curve: list[dict]) -> Path:
+def save_review(folder: str | Path, choice: dict, curve: list[dict], anchored: tuple[dict, list[dict]] | None = None) -> Path:
+    """The threshold and curve for grades without anchors, and ``anchored``'s (threshold, curve)
+    for grades compared with teacher anchors."""
     path = Path(folder) / REVIEW_FILE
-    path.write_text(json.dumps({**choice, "curve": curve}, indent=1))
+    data = {**choice, "curve": curve}
+    if anchored is not None:
+        data["anchored"] = {**anchored[0], "curve": anchored[1]}
+    path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def review_thresholds(review: dict | None) -> tuple[float | None, float | None]:
+    """(threshold for grades without anchors, threshold for grades compared with anchors) from a
+    stored review (:func:`load_review`); None where none was chosen."""
+    if not review:
+        return None, None
+    anchored = review.get("anchored")
+    return review["threshold"], (anchored["threshold"] if isinstance(anchored, dict)
+                                 and isinstance(anchored.get("threshold"), (int, float)) else None)
 
 
 def load_review(adapter_dir: str | Path | None) -> dict | None:

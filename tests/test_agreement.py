@@ -22,6 +22,7 @@ from data.run_folder import RunFolder, read_complete
 from scoring.calibration import fit_calibration, load_calibration
 from inference.engine import get_engine
 from scoring.distribution import REVIEW_THRESHOLD, confidence, expected_score
+from scoring.selective import load_review
 from training.config import save_config
 from training.overrides import apply_overrides
 from training.presets import preset
@@ -75,13 +76,15 @@ def test_item_level_grades_add_up_to_the_submission_grade(tiny_gpt_oss_dir: Path
 
 @pytest.fixture(scope="module")
 def validated_run(tmp_path_factory, tiny_gpt_oss_dir) -> dict:
-    """A CLI run (2 gloo ranks) with a separate validation set, evaluated every 2 steps."""
+    """A CLI run (2 gloo ranks) with a separate validation set, evaluated every 2 steps, its prompts
+    showing teacher anchors (up to 3 other graded answers of the question; some show none)."""
     base = tmp_path_factory.mktemp("agreement_run")
     env = dict(os.environ, GRADER_CHECKPOINTS=str(base / "checkpoints"), GRADER_DB=str(base / "studio.db"))
     train = [str(p) for p in sorted((GRADED / "py-functions").glob("*.json"))]
     cfg = apply_overrides(preset("smoke"), [
         "datasets=" + json.dumps(train), "validation_datasets=" + json.dumps([str(GRADED / "algebra-linear")]),
         "max_steps=8", "eval_every_steps=2", "save_every_steps=100", "learning_rate=5e-2", "lr_scheduler=constant",
+        "train_anchors=3",
     ]).model_copy(update={"name": "agreement"})
     save_config(cfg, base / "cfg.json")
     proc = subprocess.run([sys.executable, "-m", "training", "run", "--config", str(base / "cfg.json")], cwd=REPO,
@@ -104,6 +107,11 @@ def test_validation_agreement_is_logged_and_the_best_checkpoint_kept(validated_r
     assert read_complete(folder.best)["step"] == best_step
     assert folder.default_adapter() == folder.best
     assert load_calibration(folder.best) is not None  # fitted on the validation set at that step
+    # grades with and without anchors have confidences of different kinds: a review threshold each,
+    # chosen on the validation items of that kind
+    review = load_review(folder.best)
+    assert review["anchored"]["n"] > 0 and review["n"] > 0 and review["anchored"]["n"] + review["n"] == 40
+    assert isinstance(review["anchored"]["threshold"], float) and review["anchored"]["curve"]
     best_w = load_file(str(folder.best / "adapter_model.safetensors"))
     final_w = load_file(str(folder.final / "adapter_model.safetensors"))
     same = all(np.array_equal(best_w[k].numpy(), final_w[k].numpy()) for k in best_w)

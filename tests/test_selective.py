@@ -50,6 +50,27 @@ def test_an_anchored_grade_is_as_sure_as_the_teachers_similar_answers_make_it() 
     assert item_confidence(flat, neighbour=3.0, similarity=0.9, grade=3.0) == pytest.approx(0.9)
 
 
+def test_grades_with_anchors_are_checked_against_their_own_review_threshold(tmp_path) -> None:
+    from data.rubric import Grade, GradeItem
+    from inference.results import GradeResult
+    from scoring.selective import load_review, review_thresholds, save_review
+
+    # the two kinds of confidence differ in scale: each kind gets the threshold chosen on its own items
+    plain, anchored = choose_threshold(*_known_predictor(seed=2)[:3], [5.0] * 400), {"threshold": 0.3, "met": True}
+    save_review(tmp_path, plain, [], (anchored, []))
+    assert review_thresholds(load_review(tmp_path)) == (plain["threshold"], 0.3)
+    assert review_thresholds(None) == (None, None)
+    items = [GradeItem(question=q, score=1, max_score=5) for q in "abc"]
+    result = GradeResult(grade=Grade(score=3, max_score=15, items=items), raw_text="", repaired=False, repairs=[],
+                         latency_s=0.0, base_model="m", adapter=None, confidence=[0.5, 0.5, 1.0],
+                         anchors=[None, {"in_prompt": ["t1"]}, {"exact": "t2"}],
+                         review_threshold=0.9, anchored_review_threshold=0.3)
+    assert result.question_thresholds() == [0.9, 0.3, 0.3]
+    assert result.needs_review == [True, False, False]  # the same 0.5: unsure alone, sure beside the teacher's answers
+    result.anchored_review_threshold = None  # an adapter without one: the plain threshold for every grade
+    assert result.needs_review == [True, True, False]
+
+
 def test_the_threshold_chosen_on_validation_meets_its_target_there() -> None:
     human, pred, conf, maxes = _known_predictor(seed=1)
     for target in (0.8, 0.95):

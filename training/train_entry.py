@@ -558,15 +558,27 @@ class Trainer:
         graded = pred if blend is None else [blend.apply(p, nb, mx) for p, nb, mx in zip(pred, neighbours, maxes)]
         conf = [item_confidence(p, e.neighbour_score, e.nearest_similarity, grade=g)
                 for (_, p), e, g in zip(preds, ex, graded)]
-        review = choose_threshold(human, graded, conf, maxes, self.cfg.review_target_qwk)
+
+        def chosen(with_anchors: bool) -> tuple[dict, list[dict]] | None:
+            # grades compared with anchors have a confidence of their own kind: a threshold of their own
+            idx = [i for i, nb in enumerate(neighbours) if (nb is not None) == with_anchors]
+            if not idx:
+                return None
+            cols = [[col[i] for i in idx] for col in (human, graded, conf, maxes)]
+            return choose_threshold(*cols, self.cfg.review_target_qwk), coverage_curve(*cols)
+
+        review, anchored = chosen(False), chosen(True)
         calibration = fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed, groups=[e.question for e in ex])
-        self.fitted[step] = {"calibration": calibration,
-                             "review": (review, coverage_curve(human, graded, conf, maxes)),
-                             "anchor_blend": blend}
+        if review is None:  # every validation prompt showed anchors
+            review = ({"threshold": 1.01, "coverage": 0.0, "qwk": None, "met": False, "n": 0,
+                       "target_qwk": self.cfg.review_target_qwk, "why": "no validation item without anchors"}, [])
+        self.fitted[step] = {"calibration": calibration, "review": (*review, anchored), "anchor_blend": blend}
         scaled = [p / mx for p, mx in zip(pred, maxes)]
         return {"val_n": len(ex), "val_mae": m["mae"]["value"], "val_pearson_r": m["pearson_r"]["value"],
                 "val_qwk": m["qwk"]["value"], "val_pred_sd": round(float(torch.tensor(scaled).std()), 4) if len(ex) > 1 else None,
-                "val_review_threshold": review["threshold"], "val_accepted_share": review["coverage"]}
+                "val_review_threshold": review[0]["threshold"], "val_accepted_share": review[0]["coverage"],
+                **({"val_review_threshold_anchored": anchored[0]["threshold"],
+                    "val_accepted_share_anchored": anchored[0]["coverage"]} if anchored else {})}
 
     def is_better(self, row: dict) -> bool:
         """Best validation QWK so far (ties: Pearson r); a run without agreement has no best."""
