@@ -336,23 +336,33 @@ def _unlink_all(files) -> int:
 
 
 def sweep_shm_buffers() -> int:
-    """Unlink every DeepSpeed all-reduce segment of this user that no live process has mapped
-    (runs killed with -9 leave theirs). Called at each launch and after each run."""
+    """Unlink every DeepSpeed all-reduce segment of this user that no live process has mapped or
+    open (runs killed with -9 leave theirs). Called at each launch and after each run.
+
+    Open counts too: a starting rank creates its segment, fills its 64 MiB and only then maps it,
+    and the other ranks wait for that name; a sweep by a concurrent launch (another GPU set, a
+    second studio) that unlinked it in between left the run waiting forever. The creator holds
+    the segment open from the moment it exists."""
     prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
     files = list(Path("/dev/shm").glob(prefix + "*"))
     if not files:
         return 0
     in_use: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            text = maps.read_text()
-        except OSError:
+            lines = (proc / "maps").read_text().splitlines()
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # gone meanwhile, or not ours to read
             continue
-        if prefix in text:
-            for line in text.splitlines():
-                i = line.find("/dev/shm/" + prefix)
-                if i >= 0:
-                    in_use.add(line[i + len("/dev/shm/"):].split(" ")[0])
+        for fd in fds:
+            try:
+                lines.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                pass
+        for line in lines:
+            i = line.find("/dev/shm/" + prefix)
+            if i >= 0:
+                in_use.add(line[i + len("/dev/shm/"):].split(" ")[0])
     return _unlink_all(f for f in files if f.name not in in_use)
 
 
