@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from data import paths
 from data.library_noise import is_library_noise
 from data.run_folder import LAUNCH_LOCK, RunFolder
+from training import memory
 from training.checks import check_config
 from training.config import RunConfig, load_config, save_config
 
@@ -86,12 +87,7 @@ def deepspeed_binary() -> Path:
 
 
 def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return memory.gpu_count() > 0
 
 
 def build_ds_config(cfg: RunConfig) -> dict:
@@ -180,12 +176,7 @@ def device_set(cfg: RunConfig | dict[str, Any]) -> frozenset[str]:
     The deepspeed launcher takes the first `num_gpus` visible GPUs (all when None), so two GPU runs
     on one host overlap unless CUDA_VISIBLE_DEVICES differs between them.
     """
-    try:
-        import torch
-
-        n_visible = torch.cuda.device_count()
-    except Exception:  # torch missing or broken: the run could only use the CPU
-        n_visible = 0
+    n_visible = memory.gpu_count()  # 0 with torch missing or broken: the run could only use the CPU
     if n_visible == 0:
         return frozenset({"cpu"})
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
