@@ -108,3 +108,10 @@ def random_lora_adapter(base_dir: Path, out: Path, seed: int, run_config: dict,
     model.save_pretrained(str(out))
     (out / "run_config.json").write_text(json.dumps({"model": str(base_dir), "datasets": [], **run_config}))
     return out
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for `-n auto` (pytest.ini): PYTEST_XDIST_AUTO_NUM_WORKERS if set, else one per core.
+    Much of a worker's time is spent waiting for the processes it starts (training ranks, app
+    servers, browsers), which take the cores meanwhile."""
+    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or os.cpu_count() or 1)
