@@ -20,6 +20,13 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs in parallel workers (pytest.ini): each worker, and every process it starts, gets
+# its share of the cores, and torch's threads that wait sleep instead of spinning. Without this, in
+# a two-worker run on two cores, tests that run torch in-process took 9-15x their serial time.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 
