@@ -20,6 +20,13 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs in parallel workers (pytest.ini): each worker, and every process it starts, gets
+# its share of the cores, and torch's threads that wait sleep instead of spinning. With two
+# workers of two spinning threads each on two cores, in-process grading tests ran 8-15x slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 
@@ -69,12 +76,28 @@ def mohler_dir() -> Path:
     return MOHLER
 
 
+# The files whose tests start training runs, app servers or a browser, or train in-process, longest
+# first (their times in a two-worker run of the whole suite). The workers take whole files in
+# collection order, so these go first: a long file taken last would leave one worker busy and the
+# other idle at the end.
+LONGEST_FIRST = (
+    "test_train_deepspeed.py", "test_ui_client.py", "test_reliability_faults.py", "test_ui_browser.py",
+    "test_ui_teacher_loop_browser.py", "test_gpu_fast_path.py", "test_agreement.py", "test_constrained.py",
+    "test_reliability_restart.py", "test_packing.py", "test_batch_resume.py", "test_model_zoo.py",
+    "test_ui_review_browser.py", "test_infer_engine.py", "test_train_one_run_per_devices.py",
+    "test_cli_output.py", "test_reliability_upload.py", "test_anchors.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses the third-party data, so `-m needs_shared_data` selects them all
-    (tests/test_fresh_clone.py runs them without the data)."""
+    (tests/test_fresh_clone.py runs them without the data); put the LONGEST_FIRST files first
+    (the rest keep their order, and each file's tests stay together and in order)."""
     for item in items:
         if "mohler_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.needs_shared_data)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,3 +131,10 @@ def random_lora_adapter(base_dir: Path, out: Path, seed: int, run_config: dict,
     model.save_pretrained(str(out))
     (out / "run_config.json").write_text(json.dumps({"model": str(base_dir), "datasets": [], **run_config}))
     return out
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for `-n auto` (pytest.ini): PYTEST_XDIST_AUTO_NUM_WORKERS if set, else one per core.
+    Much of a worker's time is spent waiting for the processes it starts (training ranks, app
+    servers, browsers), which take the cores meanwhile."""
+    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or os.cpu_count() or 1)

@@ -27,9 +27,10 @@ def test_tests_that_need_the_shared_data_skip_without_it(tmp_path: Path) -> None
     assert len(files) >= 5, files  # loading, Markdown, store, prompt format, tokenizer
     env = {**os.environ, SHARED_DATA_ENV: str(empty)}
     # Only the tests that use the data: the rest of those files never touch it (checked below), and
-    # running them here would repeat their work.
+    # running them here would repeat their work. In this one process (-n 0): they only skip, and
+    # parallel workers would each collect the files again.
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "needs_shared_data", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-n", "0", "-m", "needs_shared_data", "-p", "no:cacheprovider",
          *map(str, files)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )

@@ -273,6 +273,20 @@ def test_deepspeed_shared_memory_of_dead_runs_is_freed_and_live_ones_kept():
     assert not live.exists()
 
 
+def test_a_segment_still_being_created_is_never_swept():
+    """A starting rank creates its segment and fills it before it maps it, while the other ranks
+    wait for the name: a concurrent launch's sweep must leave a segment some process holds open."""
+    from training.launcher import sweep_shm_buffers
+
+    creating = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_3_0")
+    with open(creating, "wb") as f:
+        f.write(b"\0" * 4096)
+        sweep_shm_buffers()
+        assert creating.exists()
+    sweep_shm_buffers()
+    assert not creating.exists()
+
+
 def test_a_killed_run_leaves_no_shared_memory_once_swept(killed_run):
     from training.launcher import sweep_shm_buffers
 

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from data import paths
 from data.library_noise import is_library_noise
 from data.run_folder import LAUNCH_LOCK, RunFolder
+from training import memory
 from training.checks import check_config
 from training.config import RunConfig, load_config, save_config
 
@@ -86,12 +87,7 @@ def deepspeed_binary() -> Path:
 
 
 def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return memory.gpu_count() > 0
 
 
 def build_ds_config(cfg: RunConfig) -> dict:
@@ -180,12 +176,7 @@ def device_set(cfg: RunConfig | dict[str, Any]) -> frozenset[str]:
     The deepspeed launcher takes the first `num_gpus` visible GPUs (all when None), so two GPU runs
     on one host overlap unless CUDA_VISIBLE_DEVICES differs between them.
     """
-    try:
-        import torch
-
-        n_visible = torch.cuda.device_count()
-    except Exception:  # torch missing or broken: the run could only use the CPU
-        n_visible = 0
+    n_visible = memory.gpu_count()  # 0 with torch missing or broken: the run could only use the CPU
     if n_visible == 0:
         return frozenset({"cpu"})
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -336,23 +327,33 @@ def _unlink_all(files) -> int:
 
 
 def sweep_shm_buffers() -> int:
-    """Unlink every DeepSpeed all-reduce segment of this user that no live process has mapped
-    (runs killed with -9 leave theirs). Called at each launch and after each run."""
+    """Unlink every DeepSpeed all-reduce segment of this user that no live process has mapped or
+    open (runs killed with -9 leave theirs). Called at each launch and after each run.
+
+    Open counts too: a starting rank creates its segment, fills its 64 MiB and only then maps it,
+    and the other ranks wait for that name; a sweep by a concurrent launch (another GPU set, a
+    second studio) that unlinked it in between left the run waiting forever. The creator holds
+    the segment open from the moment it exists."""
     prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
     files = list(Path("/dev/shm").glob(prefix + "*"))
     if not files:
         return 0
     in_use: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            text = maps.read_text()
-        except OSError:
+            lines = (proc / "maps").read_text().splitlines()
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # gone meanwhile, or not ours to read
             continue
-        if prefix in text:
-            for line in text.splitlines():
-                i = line.find("/dev/shm/" + prefix)
-                if i >= 0:
-                    in_use.add(line[i + len("/dev/shm/"):].split(" ")[0])
+        for fd in fds:
+            try:
+                lines.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                pass
+        for line in lines:
+            i = line.find("/dev/shm/" + prefix)
+            if i >= 0:
+                in_use.add(line[i + len("/dev/shm/"):].split(" ")[0])
     return _unlink_all(f for f in files if f.name not in in_use)
 
 

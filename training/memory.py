@@ -2,6 +2,7 @@
 the arithmetic behind the "does it fit" checks and the Configure tab's estimate."""
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,14 @@ _FAST_GPT_OSS_LAYER = 37
 
 
 def gpu_count() -> int:
-    """CUDA GPUs visible to this process (0 without CUDA or torch)."""
+    """CUDA GPUs visible to this process (0 without CUDA or torch). A CPU-only torch wheel
+    (version `...+cpu`, as requirements.txt pins) has none, and is not imported to say so: that
+    import (~2-3 s) was most of the start-up of `python -m training run` and of the app."""
+    try:
+        if importlib.metadata.version("torch").endswith("+cpu"):
+            return 0
+    except importlib.metadata.PackageNotFoundError:
+        pass  # not installed as a package (a source tree on the path, say): ask torch itself
     try:
         import torch
 
