@@ -28,7 +28,7 @@ DEFAULT_CPU_MODEL = "embedded:gemma-3-270m"
 EMBEDDED_PREFIX = "embedded:"
 
 # Bump when a builder's output changes, so cached folders get rebuilt.
-_TINY_VERSION = 1
+_TINY_VERSION = 2  # 2: the tokenizer files list their special tokens (faster loads)
 _GEMMA_VERSION = 1
 _MARKER = ".grader_studio_model.json"
 

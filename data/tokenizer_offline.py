@@ -52,7 +52,7 @@ EOS_TOKEN = "<|return|>"
 PAD_TOKEN = "<|endoftext|>"
 
 # Bump when the written files change shape, so cached folders get rebuilt.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 _MARKER = ".grader_studio_tokenizer.json"
 
 
@@ -185,6 +185,14 @@ def _build_into(tmp: Path) -> None:
         clean_up_tokenization_spaces=False,
     )
     tok.save_pretrained(str(tmp))
+    # The special tokens listed in the config as the published tokenizer lists them: without this
+    # transformers re-parses the 28 MB tokenizer.json in Python on every load (3.3 s against 1.2 s)
+    config_file = tmp / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["added_tokens_decoder"] = {
+        str(tid): {"content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                   "special": True} for tid, name in sorted(specials.items())}
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (tmp / _MARKER).write_text(
         json.dumps({"version": _BUILD_VERSION, "sha256": O200K_BASE_SHA256, "vocab_size": VOCAB_SIZE})
     )
