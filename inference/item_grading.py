@@ -23,7 +23,7 @@ from data.rubric import Grade, GradeItem, Rubric
 from inference.adapters import Adapter, adapter_run_config
 from scoring.calibration import load_anchor_blend, load_calibration
 from inference.results import GradeResult
-from scoring.distribution import REVIEW_THRESHOLD, expected_score, item_confidence
+from scoring.distribution import expected_score, item_confidence
 from scoring.selective import load_review, review_thresholds
 
 # Anchors compared with an answer even where its prompt shows fewer (or none): the neighbour
@@ -73,8 +73,7 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
     cal = load_calibration(keys[0]) if calibrate is not False and len(keys) == 1 else None
     if cal is not None and calibrate is None and not cal.helps:
         cal = None
-    threshold, anchored_threshold = review_thresholds(load_review(keys[0]))
-    threshold = REVIEW_THRESHOLD if threshold is None else threshold
+    thresholds = review_thresholds(load_review(keys[0]))  # None: GradeResult's default applies
     blend = load_anchor_blend(keys[0]) if shown else None
     # Encode every question first (cheap next to the model): the shared prefixes are found
     # over the whole call, so one computed prefix serves all the batches of its rubric.
@@ -98,7 +97,7 @@ def grade_items(engine, items: list[tuple[str, str, Rubric]], *, adapter: str | 
         for i in chunk:
             results[i] = _item_result(engine, items[i][2], i, questions[i], probs, written, cal, keys,
                                       {"encode_s": round(encode_s[i], 4), "model_s": round(model_share, 4)},
-                                      (threshold, anchored_threshold), blend)
+                                      thresholds, blend)
             done.append((i, results[i]))
         if on_batch:
             on_batch(done)
@@ -226,7 +225,7 @@ def _written_scores(engine, chunk: list[int], questions: list[list[_Question]],
 
 def _item_result(engine, rubric: Rubric, i: int, questions: list[_Question], probs: dict, written: dict,
                  cal, adapters: list[str | None], timings: dict[str, float],
-                 thresholds: tuple[float, float | None], blend) -> GradeResult:
+                 thresholds: tuple[float | None, float | None], blend) -> GradeResult:
     """One submission's grade from its questions' distributions (or anchors, or written numbers);
     ``thresholds``: the review thresholds for grades without and with anchors."""
     items, probs_out, conf, raw, used = [], [], [], [], []

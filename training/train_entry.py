@@ -559,19 +559,15 @@ class Trainer:
         conf = [item_confidence(p, e.neighbour_score, e.nearest_similarity, grade=g)
                 for (_, p), e, g in zip(preds, ex, graded)]
 
-        def chosen(with_anchors: bool) -> tuple[dict, list[dict]] | None:
+        def chosen(with_anchors: bool) -> tuple[dict, list[dict]]:
             # grades compared with anchors have a confidence of their own kind: a threshold of their own
             idx = [i for i, nb in enumerate(neighbours) if (nb is not None) == with_anchors]
-            if not idx:
-                return None
             cols = [[col[i] for i in idx] for col in (human, graded, conf, maxes)]
-            return choose_threshold(*cols, self.cfg.review_target_qwk), coverage_curve(*cols)
+            return choose_threshold(*cols, self.cfg.review_target_qwk), coverage_curve(*cols) if idx else []
 
-        review, anchored = chosen(False), chosen(True)
+        review = chosen(False)  # with no such items: not met, and says why
+        anchored = chosen(True) if any(nb is not None for nb in neighbours) else None
         calibration = fit_checked_calibration(pred, human, maxes, seed=self.cfg.seed, groups=[e.question for e in ex])
-        if review is None:  # every validation prompt showed anchors
-            review = ({"threshold": 1.01, "coverage": 0.0, "qwk": None, "met": False, "n": 0,
-                       "target_qwk": self.cfg.review_target_qwk, "why": "no validation item without anchors"}, [])
         self.fitted[step] = {"calibration": calibration, "review": (*review, anchored), "anchor_blend": blend}
         scaled = [p / mx for p, mx in zip(pred, maxes)]
         return {"val_n": len(ex), "val_mae": m["mae"]["value"], "val_pearson_r": m["pearson_r"]["value"],
