@@ -3,6 +3,8 @@ reports: the QWK of the accepted grades by share accepted, for each signal, per 
 
     python bench/selective_signals.py REPORT.json [REPORT.json ...] [--without-exact]
     python bench/selective_signals.py REPORT.json [REPORT.json ...] --fit-on OTHER.json [--fit-k 10] [--k 5]
+    python bench/selective_signals.py REPORT.json [REPORT.json ...] --bounds
+    python bench/selective_signals.py SEED_A.json SEED_B.json --seed-pair
 
 Signals: `confidence` (what the report stored: before 2026-12-08 the distribution's spread times
 the agreement with the anchors' suggested score; since, ``scoring.distribution.item_confidence``'s
@@ -15,6 +17,13 @@ teacher's score at confidence 1; `--without-exact` leaves those out, to see the 
 (weight and spread) on OTHER's rows with ``--fit-k`` anchors (the model's expected scores, from their
 distributions, and the anchors' suggested scores) and prints each REPORT's agreement at ``--k``
 anchors with the grades it stored and with that blend instead (rows graded by the model only).
+
+`--bounds` prints what rankings no confidence can beat, from the answers: grades ranked by their own
+error (the best any per-item signal could do), by their question's mean error (the best any
+per-question signal could do) and by how closely the two human graders agree, each draw's rows
+apart, means over draws and REPORTs. `--seed-pair` takes two runs that differ only in their seed
+(the same anchor draws): each alone, their mean grade (a two-seed ensemble) and, as confidences
+for that ensemble, the agreement of the two seeds and agree^2*sim.
 """
 from __future__ import annotations
 
@@ -75,6 +84,59 @@ def cross_fit(paths: list[str], fit_on: str, fit_k: str, k: str) -> None:
                   f"QWK {m['qwk']:.3f}  MAE {m['mae']:.3f}")
 
 
+def _curve(human, pred, conf, maxes) -> list[float]:
+    return [c["qwk"] or 0.0 for c in coverage_curve(human, pred, conf, maxes)]
+
+
+def _print_means(curves: dict[tuple[int, str], list[list[float]]]) -> None:
+    for (k, name), got in sorted(curves.items()):
+        mean = [sum(col) / len(col) for col in zip(*got)]
+        print(f"mean of {len(got)}, k = {k}: {name:24s} " + " ".join(f"{x:.3f}" for x in mean))
+
+
+def bounds(paths: list[str]) -> None:
+    curves: dict[tuple[int, str], list[list[float]]] = {}
+    for path in paths:
+        for k, study in json.loads(Path(path).read_text())["anchors"]["by_k"].items():
+            for run in study["runs"] if int(k) else ():
+                rows = run["rows"]
+                human, pred, maxes = [r["human"] for r in rows], [r["model"] for r in rows], [r["max_score"] for r in rows]
+                errors: dict[str, list[float]] = {}
+                for r in rows:
+                    errors.setdefault(r["question"], []).append(abs(r["model"] - r["human"]) / r["max_score"])
+                question_error = {q: sum(v) / len(v) for q, v in errors.items()}
+                for name, conf in (("agree^2*sim", signals(rows)["agree^2*sim"]),
+                                   ("oracle: item error", [-abs(r["model"] - r["human"]) for r in rows]),
+                                   ("oracle: question error", [-question_error[r["question"]] for r in rows]),
+                                   ("graders agree", [-abs(r["graders"][0] - r["graders"][-1]) for r in rows])):
+                    curves.setdefault((int(k), name), []).append(_curve(human, pred, conf, maxes))
+    _print_means(curves)
+
+
+def seed_pair(path_a: str, path_b: str) -> None:
+    a, b = (json.loads(Path(p).read_text())["anchors"]["by_k"] for p in (path_a, path_b))
+    for k in sorted(set(a) & set(b), key=int):
+        rows_a = [r for run in a[k]["runs"] for r in run["rows"]]
+        rows_b = [r for run in b[k]["runs"] for r in run["rows"]]
+        if [(r["submission"], r["question"], r.get("anchors")) for r in rows_a] != \
+                [(r["submission"], r["question"], r.get("anchors")) for r in rows_b]:
+            sys.exit(f"k = {k}: the two reports' anchor draws differ; --seed-pair needs the same draws")
+        human, maxes = [r["human"] for r in rows_a], [r["max_score"] for r in rows_a]
+        mean = [(x["model"] + y["model"]) / 2 for x, y in zip(rows_a, rows_b)]
+        print(f"k = {k}: {len(rows_a)} rows")
+        for name, pred in (("seed A", [r["model"] for r in rows_a]), ("seed B", [r["model"] for r in rows_b]),
+                           ("mean of the two", mean)):
+            m = point_metrics(*on_one_scale(human, pred, maxes)[:4])
+            print(f"  {name:16s} r {m['pearson_r']:.3f}  QWK {m['qwk']:.3f}  MAE {m['mae']:.3f}")
+        seeds_agree = [1 - abs(x["model"] - y["model"]) / x["max_score"] for x, y in zip(rows_a, rows_b)]
+        ensembled = [dict(r, model=g) for r, g in zip(rows_a, mean)]
+        for name, conf in (("A alone, confidence", [r["confidence"] for r in rows_a]),
+                           ("mean, agree^2*sim", signals(ensembled)["agree^2*sim"]),
+                           ("mean, seeds agree", seeds_agree)):
+            pred = [r["model"] for r in rows_a] if name.startswith("A ") else mean
+            print(f"  {name:20s} " + " ".join(f"{x:.2f}" for x in _curve(human, pred, conf, maxes)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+")
@@ -82,7 +144,15 @@ def main() -> None:
     ap.add_argument("--fit-on", help="fit the anchor blend on this report's rows and apply it to the others'")
     ap.add_argument("--fit-k", default="10")
     ap.add_argument("--k", default="5")
+    ap.add_argument("--bounds", action="store_true", help="the curves no confidence can beat")
+    ap.add_argument("--seed-pair", action="store_true", help="two runs that differ in their seed, ensembled")
     args = ap.parse_args()
+    if args.bounds:
+        bounds(args.reports)
+        return
+    if args.seed_pair:
+        seed_pair(*args.reports)
+        return
     if args.fit_on:
         cross_fit(args.reports, args.fit_on, args.fit_k, args.k)
         return
