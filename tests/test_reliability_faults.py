@@ -46,7 +46,7 @@ def killed_run(tmp_path_factory):
     data = write_tiny_dataset(root / f"data; touch {PWNED} $(touch {PWNED}) `touch {PWNED}`")
     ckpts = root / f"ckpt && touch {PWNED} ; $(touch {PWNED})"
     env = studio_env(ckpts, root / "studio.db")
-    run_id = detach_run(tiny_overrides(data, max_steps=200, save_every=2, name=name), env)
+    run_id = detach_run(tiny_overrides(data, max_steps=200, save_every=2, name=name, ranks=2), env)
     run_dir = ckpts / run_id
     pgid = launcher_pid(run_dir)
     try:

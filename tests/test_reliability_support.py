@@ -38,11 +38,15 @@ def write_tiny_dataset(folder: Path, n: int = 8) -> Path:
     return folder
 
 
-def tiny_overrides(data: Path, *, max_steps: int, save_every: int, name: str = "rel") -> list[str]:
-    """--set values: the smoke preset (tiny GPT-OSS, 2 gloo ranks, ZeRO-2) on the tiny dataset."""
+def tiny_overrides(data: Path, *, max_steps: int, save_every: int, name: str = "rel", ranks: int = 1) -> list[str]:
+    """--set values: the smoke preset (tiny GPT-OSS, ZeRO-2 on gloo) on the tiny dataset, with one
+    rank unless a test is about several: a second rank costs ~25 CPU-seconds of start-up and step
+    time on 2 cores, and the launcher, the store and the UI treat one rank as they treat two.
+    Ranks working together (sharded state, gathers, a rank killed under its peers) are under test
+    in tests/test_train_deepspeed.py, test_agreement.py, test_packing.py and the fault tests' run."""
     return [f"name={name}", f"datasets={json.dumps([str(data)])}", f"max_steps={max_steps}",
             f"save_every_steps={save_every}", "eval_fraction=0", "per_device_batch_size=1",
-            "gradient_accumulation_steps=1", "max_length=512"]
+            "gradient_accumulation_steps=1", "max_length=512", f"num_processes={ranks}"]
 
 
 def studio_env(checkpoints: Path, db: Path, **extra: str) -> dict[str, str]:

@@ -175,7 +175,8 @@ def test_mxfp4_run_trains_on_the_checkpoints_own_experts(tmp_path, tiny_data):
     launcher on an MXFP4 checkpoint (the published GPT-OSS layout, tiny, the real tokenizer): the
     experts stay packed as read, the loss falls, and the saved adapter on stock transformers' model
     (MXFP4 dequantized on load) gives the trainer's own logits, so what was trained is the
-    checkpoint's model, not a re-quantized copy."""
+    checkpoint's model, not a re-quantized copy. One rank: the experts' format is under test here,
+    the ranks' teamwork in the tests above."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
@@ -187,7 +188,7 @@ def test_mxfp4_run_trains_on_the_checkpoints_own_experts(tmp_path, tiny_data):
     env = dict(os.environ, GRADER_CHECKPOINTS=str(tmp_path / "checkpoints"), GRADER_DB=str(tmp_path / "studio.db"))
     cfg_file = tmp_path / "cfg.json"
     save_config(small_config(tiny_data, name="mxfp4-test", model=str(twin), quantization="mxfp4", gradient_checkpointing=False,
-                             max_steps=6, save_every_steps=6), cfg_file)
+                             max_steps=6, save_every_steps=6, num_processes=1), cfg_file)
     proc = subprocess.run([sys.executable, "-m", "training", "run", "--config", str(cfg_file)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

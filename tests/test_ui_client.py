@@ -28,7 +28,7 @@ from tests.test_reliability_support import listening_addresses, wait_for
 from tests.conftest import REPO
 
 DATA = REPO / "data" / "samples"
-# The run tests wait for: smoke preset (tiny GPT-OSS, 2 gloo ranks) incl. a first JIT build.
+# The run tests wait for: smoke preset (tiny GPT-OSS, one gloo rank) incl. a first JIT build.
 TRAIN_TIMEOUT_S = 900
 SMOKE_MAX_LENGTH = 1536
 # The UI tests train on one sample assignment (10 graded files): 8 train, 2 eval examples.
@@ -96,14 +96,15 @@ def kill_runs(checkpoints: Path) -> None:
 
 
 def ui_run_config(dataset: str, max_steps: int = 2):
-    """The smoke preset (tiny GPT-OSS, real DeepSpeed launcher, 2 gloo ranks) cut to a few steps:
-    enough for loss points, a checkpoint per step, an eval point and a final adapter."""
+    """The smoke preset (tiny GPT-OSS, real DeepSpeed launcher) cut to a few steps on one gloo rank:
+    enough for loss points, a checkpoint per step, an eval point and a final adapter (the UI shows
+    one rank's run as it shows two's; tests/test_reliability_support.py's tiny_overrides says why)."""
     from training.presets import PRESETS
 
     smoke = PRESETS["smoke"]
     return smoke.model_copy(update={
         "datasets": [f"db:{dataset}"], "max_steps": max_steps, "save_every_steps": 1,
-        "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
+        "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "num_processes": 1,
         # The sample data's harmony prompts are ~1.1-1.4k tokens: keep every example trainable.
         "max_length": max(smoke.max_length, SMOKE_MAX_LENGTH)})
 
