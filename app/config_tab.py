@@ -6,7 +6,6 @@ CLI uses, so the command shown is the command that runs.
 """
 from __future__ import annotations
 
-import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,13 +48,13 @@ def memory_estimate(cfg) -> tuple[Any, str]:
 
 
 def command_text(cfg) -> str:
-    from training.launcher import build_command
+    from training import launcher
 
     try:
-        cmd = build_command(cfg, paths.checkpoints_dir() / "<run id>")
+        cmd = launcher.build_command(cfg, paths.checkpoints_dir() / "<run id>")
     except Exception as exc:
         return f"# cannot build the command: {exc}"
-    return shlex.join(str(c) for c in cmd)
+    return launcher.command_text(cmd)
 
 
 def describe(form: ModelForm, values) -> tuple[str, str, str]:

@@ -281,3 +281,30 @@ def test_a_gpu_newcomer_gets_a_preset_that_runs_on_the_card_they_have(monkeypatc
         "  - lora_r must be >= 1 (got 0); r=0 trains nothing. Try lora_r=8"], err
     assert check_config(preset("embedded-grader")) == []
     assert Store().list_runs() == []
+
+
+def test_the_launch_command_gives_the_ranks_the_devices_the_run_is_booked_on(monkeypatch, tmp_path):
+    """One host: DeepSpeed's launcher gets the ranks' devices, the same ones the one-run-per-device
+    check books (CUDA_VISIBLE_DEVICES respected, num_gpus taking the first); a hostfile: the runner."""
+    from training import launcher
+
+    cpu = preset("smoke")
+    if memory.gpu_count() == 0:
+        cmd = launcher.build_command(cpu, tmp_path)
+        assert launcher.world_of(cmd) == {"localhost": [0, 1]} and launcher.device_set(cpu) == {"cpu"}
+        assert launcher.command_text(cmd).endswith("# ranks: 2 on localhost (CPU, gloo)")
+    monkeypatch.setattr(memory, "gpu_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    one = cpu.model_copy(update={"num_gpus": 1})
+    assert launcher.world_of(launcher.build_command(one, tmp_path)) == {"localhost": [2]}
+    assert launcher.device_set(one) == {"2"}
+    every = cpu.model_copy(update={"num_gpus": None})
+    assert launcher.world_of(launcher.build_command(every, tmp_path)) == {"localhost": [2, 3]}
+    assert launcher.command_text(launcher.build_command(every, tmp_path)).endswith("(GPUs 2, 3)")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert launcher.world_of(launcher.build_command(every, tmp_path)) == {"localhost": [0, 1, 2, 3]}
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node1 slots=8\nnode2 slots=8\n")
+    multi = launcher.build_command(every.model_copy(update={"hostfile": str(hosts)}), tmp_path)
+    assert Path(multi[0]).name == "deepspeed" and multi[1:3] == ["--hostfile", str(hosts)]
+    assert launcher.world_of(multi) is None

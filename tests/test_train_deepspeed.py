@@ -2,8 +2,10 @@
 with 2 gloo ranks under ZeRO-2, stopped, resumed, and its adapter reloaded with PEFT."""
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,12 +70,14 @@ def finished_run(tmp_path_factory, tiny_gpt_oss_dir, tiny_data) -> dict:
 def test_run_through_deepspeed_launcher_learns_and_saves_a_loadable_adapter(finished_run, tiny_gpt_oss_dir):
     run_dir: Path = finished_run["run_dir"]
     out = finished_run["stdout"]
-    # The exact command is printed and recorded; it is the deepspeed launcher with 2 CPU ranks.
-    assert "command: " in out and "--num_accelerators 2" in out
-    command = (run_dir / "command.txt").read_text()
-    assert "deepspeed" in command and "train_entry.py" in command
+    # The exact command is printed and recorded: DeepSpeed's launcher with 2 CPU ranks.
+    assert "command: " in out and "# ranks: 2 on localhost (CPU, gloo)" in out
+    command = shlex.split((run_dir / "command.txt").read_text().splitlines()[0])
+    assert command[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and str(launcher.ENTRY) in command
+    world = json.loads(base64.urlsafe_b64decode(command[command.index("--world_info") + 1]))
+    assert world == {"localhost": [0, 1]}
     # DeepSpeed's CPU all-reduce segments (64 MiB of RAM per rank) are gone with the run.
-    port = command.split("--master_port ")[1].split()[0]
+    port = command[command.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
 

@@ -133,7 +133,7 @@ def test_browser_flow_upload_train_grade_with_screenshots(page, artifacts_dir, t
     page.wait_for_function(
         "() => document.querySelector('#cfg-max_steps textarea, #cfg-max_steps input').value == '2'")
     wait_text(page, "#cfg-messages", r"Config is valid")
-    assert "--num_accelerators 2" in wait_text(page, "#cfg-command", r"deepspeed")
+    assert "ranks: 1 on localhost (CPU, gloo)" in wait_text(page, "#cfg-command", r"deepspeed\.launcher\.launch")
     wait_text(page, "#cfg-memory", r"GiB")
     shot(page, artifacts_dir, "tab_configure")
 

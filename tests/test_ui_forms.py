@@ -51,7 +51,7 @@ def test_configure_warns_from_the_estimate_not_from_its_own_text():
     messages, memory, command = describe(form, form.values_of(too_big))
     assert "likely out of memory" in memory and "does NOT fit in 0.25 GiB" in memory, memory
     assert "run out of GPU memory" in messages
-    assert "deepspeed" in command.split()[0]
+    assert "deepspeed.launcher.launch" in command.splitlines()[0]
     messages, memory, _ = describe(form, form.values_of(too_big.model_copy(update={"gpu_memory_gib": 80.0})))
     assert "fits in 80 GiB" in memory and "likely out of memory" not in memory, memory
     assert "run out of GPU memory" not in messages

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -58,7 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
         return 3
     print(f"run {handle.run_id}: {handle.run_dir}")
-    print(f"command: {shlex.join(handle.command)}")
+    print(f"command: {launcher.command_text(handle.command)}")
     print(f"log: {handle.folder.log}")
     if args.detach:
         print(f"detached; follow with: python -m training status {handle.run_id}  (stop: python -m training stop {handle.run_id})")

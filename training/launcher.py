@@ -3,8 +3,8 @@
 A run is a folder (`data.run_folder.RunFolder`, which owns its layout) plus a row in the store.
 `launch` refuses a run whose devices (GPUs, or the CPU) a live run already uses, then writes the
 RunConfig, the DeepSpeed JSON built here from it and the exact command into the folder, and starts
-the `deepspeed` launcher as a subprocess (no shell, its own process group) with stdout+stderr
-going to `train.log`. The launcher runs `training/train_entry.py` on every rank.
+DeepSpeed's launcher as a subprocess (no shell, its own process group) with stdout+stderr going
+to `train.log`. The launcher runs `training/train_entry.py` on every rank.
 
 Stopping is cooperative: `stop_run` drops the stop file into the run folder and sends SIGTERM to
 the rank processes; they finish the current optimizer step, save a checkpoint, mark the run
@@ -12,6 +12,7 @@ the rank processes; they finish the current optimizer step, save a checkpoint, m
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -124,20 +125,45 @@ def _free_port() -> int:
 
 
 def build_command(cfg: RunConfig, run_dir: Path, *, resume: bool = False, master_port: int | None = None) -> list[str]:
-    """The deepspeed launcher command (a list: no shell is involved)."""
-    cmd = [str(deepspeed_binary())]
+    """The launch command (a list: no shell is involved).
+
+    On one host: DeepSpeed's per-host launcher (`python -m deepspeed.launcher.launch`) told which
+    devices its ranks take, the command the `deepspeed` runner would build and start after ~4.5 s
+    of its own imports (BENCHMARKS.md, "The suite ... one rank"). It takes the GPUs `device_set`
+    names (CUDA_VISIBLE_DEVICES respected, also with num_gpus), or num_processes CPU ranks on gloo.
+    With a hostfile, the runner, which reaches the other hosts.
+    """
+    port = str(master_port or _free_port())
     if cfg.hostfile:
-        cmd += ["--hostfile", str(cfg.hostfile)]
-    elif _cuda_available():
-        if cfg.num_gpus is not None:
-            cmd += ["--num_gpus", str(cfg.num_gpus)]
+        cmd = [str(deepspeed_binary()), "--hostfile", str(cfg.hostfile), "--master_port", port]
     else:
-        cmd += ["--num_accelerators", str(cfg.num_processes)]  # CPU ranks, gloo
-    cmd += ["--master_port", str(master_port or _free_port())]
+        world = {"localhost": _gpu_ids(cfg.num_gpus) if _cuda_available() else list(range(cfg.num_processes))}
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+               "--world_info", base64.urlsafe_b64encode(json.dumps(world).encode()).decode(),
+               "--master_addr", "127.0.0.1", "--master_port", port]
     cmd += [str(ENTRY), "--run_dir", str(run_dir)]
     if resume:
         cmd.append("--resume")
     return cmd
+
+
+def world_of(command: list[str]) -> dict[str, list] | None:
+    """The hosts and devices a launch command gives its ranks ({"localhost": [0, 1]}); None for
+    the multi-host runner, whose hostfile says."""
+    if "--world_info" not in command:
+        return None
+    return json.loads(base64.urlsafe_b64decode(command[command.index("--world_info") + 1]))
+
+
+def command_text(command: list[str]) -> str:
+    """The command as a shell line, and where its ranks run in words (the world info is base64)."""
+    line = shlex.join(str(c) for c in command)
+    world = world_of([str(c) for c in command])
+    if world is None:
+        return f"{line}\n# ranks: on the hosts of the hostfile"
+    where = "; ".join(f"{len(ids)} on {host}" + (f" (GPUs {', '.join(map(str, ids))})" if _cuda_available()
+                                                 else " (CPU, gloo)") for host, ids in world.items())
+    return f"{line}\n# ranks: {where}"
 
 
 def new_run_id(cfg: RunConfig) -> str:
@@ -173,16 +199,22 @@ def _env() -> dict[str, str]:
 def device_set(cfg: RunConfig | dict[str, Any]) -> frozenset[str]:
     """The devices a run with `cfg` takes here: GPU ids, or {"cpu"} on a machine without CUDA.
 
-    The deepspeed launcher takes the first `num_gpus` visible GPUs (all when None), so two GPU runs
+    A run takes the first `num_gpus` visible GPUs (all when None; `build_command`), so two GPU runs
     on one host overlap unless CUDA_VISIBLE_DEVICES differs between them.
     """
-    n_visible = memory.gpu_count()  # 0 with torch missing or broken: the run could only use the CPU
-    if n_visible == 0:
+    if not _cuda_available():  # 0 GPUs with torch missing or broken: the run could only use the CPU
         return frozenset({"cpu"})
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n_visible)]
     num_gpus = cfg.get("num_gpus") if isinstance(cfg, dict) else cfg.num_gpus
-    return frozenset(ids[: num_gpus or len(ids)])
+    return frozenset(str(i) for i in _gpu_ids(num_gpus))
+
+
+def _gpu_ids(num_gpus: int | None) -> list:
+    """The first `num_gpus` visible GPUs (all when None), as CUDA_VISIBLE_DEVICES names them (an
+    index as an int, a UUID as given)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else list(range(memory.gpu_count()))
+    ids = [int(v) if isinstance(v, str) and v.isdigit() else v for v in ids]
+    return ids[: num_gpus or len(ids)]
 
 
 def running_runs(store=None) -> list[dict]:
@@ -386,9 +418,10 @@ def _pid_of(run_id: str) -> int | None:
 
 
 def _group_members(pgid: int) -> list:
-    """Live (non-zombie) processes of the run's process group. `launch` starts the deepspeed
-    runner with start_new_session, so its pid is the group id of the whole run: the runner,
-    launch.py and every rank. The ranks may outlive a killed runner; the group still finds them."""
+    """Live (non-zombie) processes of the run's process group. `launch` starts DeepSpeed's launcher
+    with start_new_session, so its pid is the group id of the whole run: the launcher (and, with a
+    hostfile, the runner above it) and every rank. The ranks may outlive a killed launcher; the
+    group still finds them."""
     import psutil
 
     out = []

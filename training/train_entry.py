@@ -1,6 +1,7 @@
-"""The training program the `deepspeed` launcher runs on every rank.
+"""The training program DeepSpeed's launcher runs on every rank (`training.launcher.build_command`):
 
-    deepspeed --num_accelerators 2 training/train_entry.py --run_dir RUN_DIR [--resume]
+    python -u -m deepspeed.launcher.launch --world_info W --master_addr A --master_port P \
+        training/train_entry.py --run_dir RUN_DIR [--resume]
 
 It reads top to bottom: config -> distributed -> `Trainer`: data -> model + LoRA -> DeepSpeed -> loop
 (train_step, evaluate, save_checkpoint; the best validation agreement kept as best/).
