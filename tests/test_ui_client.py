@@ -192,7 +192,7 @@ def test_configure_shows_validation_memory_warning_and_command(server):
     assert "likely out of memory" in memory and "does NOT fit in 0.25 GiB" in memory, memory
     assert "run out of GPU memory" in messages
     assert "deepspeed.launcher.launch" in command and "train_entry.py" in command
-    assert "# ranks: 1 on localhost (CPU, gloo)" in command
+    assert "# ranks: 2 on localhost (CPU, gloo)" in command
     broken = form.values_of(PRESETS["smoke"])
     broken[form.names.index("max_steps")] = "many"
     messages, _, _ = client.predict(*broken, api_name="/describe_config")
