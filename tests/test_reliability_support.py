@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -136,6 +137,33 @@ def kill_group(pgid: int | None) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
+
+
+@contextmanager
+def frozen(pgid: int, db: Path) -> Iterator[None]:
+    """The run's process group stopped (SIGSTOP) for the block, then continued: a test's way to
+    ask for something a short run could otherwise finish first. Frozen only at a moment when
+    none of its processes holds the store's write lock (a rank records metrics in it), or the
+    block's own store reads would wait for a process that cannot let go."""
+    for _ in range(200):
+        os.killpg(pgid, signal.SIGSTOP)
+        try:
+            conn = sqlite3.connect(str(db), timeout=0.05)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.rollback()
+                break
+            finally:
+                conn.close()
+        except sqlite3.OperationalError:  # locked: let it finish that write, try again
+            os.killpg(pgid, signal.SIGCONT)
+            time.sleep(0.02)
+    else:
+        raise AssertionError(f"the run (process group {pgid}) held the store's lock at every try")
+    try:
+        yield
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
 
 
 def launcher_pid(run_dir: Path) -> int:

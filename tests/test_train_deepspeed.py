@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from training.config import save_config
 from training.overrides import apply_overrides
 from training.presets import preset
 from tests.conftest import REPO
-from tests.test_reliability_support import write_tiny_dataset
+from tests.test_reliability_support import frozen, write_tiny_dataset
 
 
 def small_config(data: Path, **changes):
@@ -147,12 +146,8 @@ def test_stop_then_resume_carries_on_the_step_count_and_the_loss_curve(finished_
         time.sleep(0.05)
     # Freeze the run (SIGSTOP to its process group) while Stop is asked for: its steps are short
     # enough that it could otherwise finish all 8 before the stop arrives.
-    pgid = int((handle.run_dir / "pid").read_text())
-    os.killpg(pgid, signal.SIGSTOP)
-    try:
+    with frozen(int((handle.run_dir / "pid").read_text()), Store().path):
         assert launcher.stop_run(handle.run_id)
-    finally:
-        os.killpg(pgid, signal.SIGCONT)
     handle.process.wait(timeout=300)
     assert launcher.finalize(handle) == "stopped", (handle.run_dir / "train.log").read_text()[-3000:]
     stopped_at = train_rows(handle.run_dir)[-1]["step"]

@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 
 from scoring.distribution import REVIEW_THRESHOLD
 
-from tests.test_reliability_support import listening_addresses, wait_for
+from tests.test_reliability_support import frozen, listening_addresses, wait_for
 from tests.conftest import REPO
 
 DATA = REPO / "data" / "samples"
@@ -245,9 +244,7 @@ def test_upload_train_restart_and_grade_flow(app):
 
     # Freeze the run (SIGSTOP to its process group) across the app restart: on a fast machine its
     # few steps could otherwise end before Stop arrives. Its processes stay alive, as a long run's do.
-    pgid = int((app.workdir / "checkpoints" / run_id / "pid").read_text())
-    os.killpg(pgid, signal.SIGSTOP)
-    try:
+    with frozen(int((app.workdir / "checkpoints" / run_id / "pid").read_text()), app.workdir / "studio.db"):
         # Restart the app while the run trains: the new app shows the same run (reattached)...
         app.stop()
         app.start()
@@ -257,8 +254,6 @@ def test_upload_train_restart_and_grade_flow(app):
         assert run_id in status and "running" in status, status
         # ...and controls it: Stop finishes the step and saves; Resume continues from that checkpoint.
         assert "Stopping" in client.predict(run_id, api_name="/stop")
-    finally:
-        os.killpg(pgid, signal.SIGCONT)
 
     def settled(state):
         def check():
