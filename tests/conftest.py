@@ -134,8 +134,9 @@ def random_lora_adapter(base_dir: Path, out: Path, seed: int, run_config: dict,
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Workers for `-n auto` (pytest.ini): PYTEST_XDIST_AUTO_NUM_WORKERS if set, else one more than
-    the cores. Much of the suite waits (processes starting, app servers, a browser, polls), and a
-    waiting worker leaves its core to the spare one: on 2 cores, 3 workers ran the suite in 729 s,
-    2 in 892 s, 4 in 872 s (BENCHMARKS.md, "The suite ... one rank")."""
-    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or (os.cpu_count() or 1) + 1)
+    """Workers for `-n auto` (pytest.ini): PYTEST_XDIST_AUTO_NUM_WORKERS if set, else one per core.
+    Much of a worker's time is spent waiting for the processes it starts (training ranks, app
+    servers, browsers), which take the cores meanwhile. A third worker on 2 cores was faster in a
+    warm worktree (729 s against 892 s) but not from a fresh clone (881 and 966 s against 853 s for
+    two workers; BENCHMARKS.md, "The suite ... one rank")."""
+    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") or os.cpu_count() or 1)
