@@ -89,7 +89,10 @@ def _curve(human, pred, conf, maxes) -> list[float]:
 
 
 def _print_means(curves: dict[tuple[int, str], list[list[float]]]) -> None:
+    """The mean curve of each (k, signal) seen in more than one report or draw."""
     for (k, name), got in sorted(curves.items()):
+        if len(got) < 2:
+            continue
         mean = [sum(col) / len(col) for col in zip(*got)]
         print(f"mean of {len(got)}, k = {k}: {name:24s} " + " ".join(f"{x:.3f}" for x in mean))
 
@@ -98,7 +101,9 @@ def bounds(paths: list[str]) -> None:
     curves: dict[tuple[int, str], list[list[float]]] = {}
     for path in paths:
         for k, study in json.loads(Path(path).read_text())["anchors"]["by_k"].items():
-            for run in study["runs"] if int(k) else ():
+            if k == "0":  # no anchors: no agree^2*sim to compare
+                continue
+            for run in study["runs"]:
                 rows = run["rows"]
                 human, pred, maxes = [r["human"] for r in rows], [r["model"] for r in rows], [r["max_score"] for r in rows]
                 errors: dict[str, list[float]] = {}
@@ -130,10 +135,9 @@ def seed_pair(path_a: str, path_b: str) -> None:
             print(f"  {name:16s} r {m['pearson_r']:.3f}  QWK {m['qwk']:.3f}  MAE {m['mae']:.3f}")
         seeds_agree = [1 - abs(x["model"] - y["model"]) / x["max_score"] for x, y in zip(rows_a, rows_b)]
         ensembled = [dict(r, model=g) for r, g in zip(rows_a, mean)]
-        for name, conf in (("A alone, confidence", [r["confidence"] for r in rows_a]),
-                           ("mean, agree^2*sim", signals(ensembled)["agree^2*sim"]),
-                           ("mean, seeds agree", seeds_agree)):
-            pred = [r["model"] for r in rows_a] if name.startswith("A ") else mean
+        for name, pred, conf in (("A alone, confidence", [r["model"] for r in rows_a], [r["confidence"] for r in rows_a]),
+                                 ("mean, agree^2*sim", mean, signals(ensembled)["agree^2*sim"]),
+                                 ("mean, seeds agree", mean, seeds_agree)):
             print(f"  {name:20s} " + " ".join(f"{x:.2f}" for x in _curve(human, pred, conf, maxes)))
 
 
@@ -171,10 +175,7 @@ def main() -> None:
                 curve = coverage_curve(human, pred, conf, maxes)
                 print(f"  {name:19s} " + " ".join(f"{c['qwk']:.2f}" if c["qwk"] is not None else " n/a" for c in curve))
                 curves.setdefault((int(k), name), []).append([c["qwk"] or 0.0 for c in curve])
-    for (k, name), got in sorted(curves.items()):
-        if len(got) > 1:
-            mean = [sum(col) / len(col) for col in zip(*got)]
-            print(f"mean of {len(got)}, k = {k}: {name:19s} " + " ".join(f"{x:.3f}" for x in mean))
+    _print_means(curves)
 
 
 if __name__ == "__main__":

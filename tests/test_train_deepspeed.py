@@ -2,7 +2,6 @@
 with 2 gloo ranks under ZeRO-2, stopped, resumed, and its adapter reloaded with PEFT."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shlex
@@ -73,8 +72,7 @@ def test_run_through_deepspeed_launcher_learns_and_saves_a_loadable_adapter(fini
     assert "command: " in out and "# ranks: 2 on localhost (CPU, gloo)" in out
     command = shlex.split((run_dir / "command.txt").read_text().splitlines()[0])
     assert command[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and str(launcher.ENTRY) in command
-    world = json.loads(base64.urlsafe_b64decode(command[command.index("--world_info") + 1]))
-    assert world == {"localhost": [0, 1]}
+    assert launcher.world_of(command) == {"localhost": [0, 1]}
     # DeepSpeed's CPU all-reduce segments (64 MiB of RAM per rank) are gone with the run.
     port = command[command.index("--master_port") + 1]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))

@@ -157,13 +157,13 @@ def world_of(command: list[str]) -> dict[str, list] | None:
 
 def command_text(command: list[str]) -> str:
     """The command as a shell line, and where its ranks run in words (the world info is base64)."""
-    line = shlex.join(str(c) for c in command)
-    world = world_of([str(c) for c in command])
+    world = world_of(command)
     if world is None:
-        return f"{line}\n# ranks: on the hosts of the hostfile"
-    where = "; ".join(f"{len(ids)} on {host}" + (f" (GPUs {', '.join(map(str, ids))})" if _cuda_available()
-                                                 else " (CPU, gloo)") for host, ids in world.items())
-    return f"{line}\n# ranks: {where}"
+        return f"{shlex.join(command)}\n# ranks: on the hosts of the hostfile"
+    gpus = _cuda_available()
+    where = "; ".join(f"{len(ids)} on {host} " + (f"(GPUs {', '.join(map(str, ids))})" if gpus else "(CPU, gloo)")
+                      for host, ids in world.items())
+    return f"{shlex.join(command)}\n# ranks: {where}"
 
 
 def new_run_id(cfg: RunConfig) -> str:
@@ -211,9 +211,8 @@ def device_set(cfg: RunConfig | dict[str, Any]) -> frozenset[str]:
 def _gpu_ids(num_gpus: int | None) -> list:
     """The first `num_gpus` visible GPUs (all when None), as CUDA_VISIBLE_DEVICES names them (an
     index as an int, a UUID as given)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else list(range(memory.gpu_count()))
-    ids = [int(v) if isinstance(v, str) and v.isdigit() else v for v in ids]
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    ids = [int(v) if v.isdigit() else v for v in visible] or list(range(memory.gpu_count()))
     return ids[: num_gpus or len(ids)]
 
 
